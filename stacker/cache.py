@@ -1,0 +1,224 @@
+"""HDF5 cache of pooled features, and a keyed store for learner outputs.
+
+Features: one HDF5 file per *model key* (backbone config, weights checksum, input
+size, preprocessing, pipeline code). Inside, one row per image: its fingerprint
+(path, size, mtime), id, label, path and pooled feature vector. Rows are appended
+chunk by chunk as they are computed; the attribute ``n_complete`` moves forward only
+after a chunk is flushed, so an interrupted run resumes from the last complete chunk
+and a half-written chunk is never read. Any change to a key part gives another file;
+any change to an image file gives another fingerprint: stale features are never
+served. Files are opened only under an inter-process lock, so two runs sharing a
+cache wait for each other instead of corrupting it.
+
+:class:`ResultStore` keeps small keyed results (out-of-fold probabilities, fold
+models, test probabilities) in directories that appear atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+
+import h5py
+import numpy as np
+from filelock import FileLock
+
+__all__ = ["FeatureCache", "FeatureEntry", "ResultStore", "stable_hash"]
+
+_FP_DTYPE = "S40"  # sha1 hex fingerprints
+
+
+def stable_hash(obj) -> str:
+    """sha256 of a JSON-serialisable object, independent of dict order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class FeatureEntry:
+    """The features of one model key: an HDF5 file of appended rows."""
+
+    def __init__(self, path: str, meta: dict, dim: int, dtype: str = "float32"):
+        self.path = path
+        self.meta = meta
+        self.dim = int(dim)
+        self.dtype = np.dtype(dtype)
+        self.lock = FileLock(path + ".lock")
+        self._index: dict | None = None
+        self._index_n = -1
+
+    # -- file handling -------------------------------------------------------------
+    def _open(self, mode: str):
+        try:
+            return h5py.File(self.path, mode)
+        except OSError as exc:
+            if mode == "r" and not os.path.exists(self.path):
+                raise
+            bad = f"{self.path}.corrupt-{int(time.time())}"
+            os.replace(self.path, bad)
+            warnings.warn(f"feature cache {self.path} could not be opened ({exc}); moved to {bad}, starting afresh")
+            return h5py.File(self.path, "a" if mode != "r" else "w")
+
+    def _create(self, f) -> None:
+        str_dt = h5py.string_dtype()
+        f.create_dataset("fingerprints", (0,), maxshape=(None,), dtype=_FP_DTYPE, chunks=(4096,))
+        f.create_dataset("features", (0, self.dim), maxshape=(None, self.dim), dtype=self.dtype,
+                         chunks=(max(1, min(1024, (1 << 20) // max(1, self.dim * self.dtype.itemsize))), self.dim))
+        for name in ("ids", "labels", "paths"):
+            f.create_dataset(name, (0,), maxshape=(None,), dtype=str_dt, chunks=(4096,))
+        f.attrs["meta"] = json.dumps(self.meta, sort_keys=True, default=str)
+        f.attrs["n_complete"] = 0
+
+    def n_complete(self) -> int:
+        if not os.path.exists(self.path):
+            return 0
+        with self.lock, self._open("r") as f:
+            return int(f.attrs.get("n_complete", 0))
+
+    # -- reading ------------------------------------------------------------------
+    def lookup(self, fingerprints) -> np.ndarray:
+        """Row of each fingerprint in the file, or -1 where it is not cached."""
+        if not os.path.exists(self.path):
+            return np.full(len(fingerprints), -1, dtype=np.int64)
+        with self.lock, self._open("r") as f:
+            n = int(f.attrs.get("n_complete", 0))
+            if self._index is None or self._index_n != n:
+                fps = f["fingerprints"][:n]
+                self._index = {fp.decode(): i for i, fp in enumerate(fps)}
+                self._index_n = n
+        return np.array([self._index.get(fp, -1) for fp in fingerprints], dtype=np.int64)
+
+    def read(self, rows) -> np.ndarray:
+        """Feature rows, in the order given (rows must be cached)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return np.zeros((0, self.dim), dtype=self.dtype)
+        if (rows < 0).any():
+            raise KeyError("asked for features that are not cached")
+        order = np.argsort(rows, kind="stable")
+        uniq, inverse = np.unique(rows[order], return_inverse=True)
+        with self.lock, self._open("r") as f:
+            if uniq[-1] >= int(f.attrs["n_complete"]):
+                raise KeyError("asked for rows beyond the complete part of the cache")
+            data = _read_rows(f["features"], uniq)
+        out = np.empty((rows.size, self.dim), dtype=self.dtype)
+        out[order] = data[inverse]
+        return out
+
+    # -- writing ------------------------------------------------------------------
+    def append(self, fingerprints, features, ids, labels, paths) -> None:
+        """Append one complete chunk of rows; visible only once fully written."""
+        features = np.asarray(features)
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"features of shape {features.shape} do not fit dim {self.dim}")
+        if not np.isfinite(features).all():
+            raise FloatingPointError("the backbone produced NaN/inf features; not caching them")
+        k = len(fingerprints)
+        with self.lock:
+            with self._open("a") as f:
+                if "features" not in f:
+                    self._create(f)
+                n = int(f.attrs["n_complete"])
+                for name, values in (
+                    ("fingerprints", np.array(fingerprints, dtype=_FP_DTYPE)),
+                    ("features", features.astype(self.dtype)),
+                    ("ids", [str(v) for v in ids]),
+                    ("labels", ["" if v is None else str(v) for v in labels]),
+                    ("paths", [str(v) for v in paths]),
+                ):
+                    ds = f[name]
+                    ds.resize(n + k, axis=0)  # rows past n_complete from a killed run are overwritten
+                    ds[n : n + k] = values
+                f.flush()
+                f.attrs["n_complete"] = n + k
+                f.flush()
+
+
+def _read_rows(ds, rows: np.ndarray) -> np.ndarray:
+    """Read sorted unique rows, as contiguous slices where they run together."""
+    if rows.size == rows[-1] - rows[0] + 1:
+        return ds[int(rows[0]) : int(rows[-1]) + 1]
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    parts = [ds[int(r[0]) : int(r[-1]) + 1] for r in np.split(rows, breaks)]
+    return np.concatenate(parts, axis=0)
+
+
+class FeatureCache:
+    """A folder of :class:`FeatureEntry` files, one per model key.
+
+    Parameters
+    ----------
+    directory : path-like
+        Where the HDF5 files live (created when needed).
+    """
+
+    def __init__(self, directory):
+        self.directory = os.fspath(directory)
+
+    def entry(self, meta: dict, dim: int, dtype: str = "float32") -> FeatureEntry:
+        key = stable_hash({**meta, "dtype": np.dtype(dtype).name})
+        name = f"{meta.get('backbone', 'features')}-{key[:16]}.h5"
+        os.makedirs(os.path.join(self.directory, "features"), exist_ok=True)
+        return FeatureEntry(os.path.join(self.directory, "features", name), meta, dim, dtype)
+
+    def entries(self) -> list[dict]:
+        """Every feature file with its size, row count and key parts (for ``stacker cache ls``)."""
+        folder = os.path.join(self.directory, "features")
+        out = []
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if not name.endswith(".h5"):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                with FileLock(path + ".lock"), h5py.File(path, "r") as f:
+                    out.append({"file": path, "rows": int(f.attrs.get("n_complete", 0)),
+                                "bytes": os.path.getsize(path), "meta": json.loads(f.attrs.get("meta", "{}"))})
+            except OSError as exc:
+                out.append({"file": path, "rows": None, "bytes": os.path.getsize(path), "error": str(exc)})
+        return out
+
+
+class ResultStore:
+    """Keyed result directories that appear atomically (written aside, then renamed).
+
+    ``store.get(key)`` is the directory of a complete result or None;
+    ``with store.put(key) as tmp:`` writes into ``tmp`` and publishes it on success.
+    """
+
+    def __init__(self, directory):
+        self.directory = os.fspath(directory)
+
+    def path(self, key: str) -> str:
+        return os.path.join(self.directory, key)
+
+    def get(self, key: str) -> str | None:
+        p = self.path(key)
+        return p if os.path.isfile(os.path.join(p, "COMPLETE")) else None
+
+    def put(self, key: str):
+        return _AtomicDir(self.path(key))
+
+
+class _AtomicDir:
+    def __init__(self, final: str):
+        self.final = final
+
+    def __enter__(self) -> str:
+        parent = os.path.dirname(self.final)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        with open(os.path.join(self.tmp, "COMPLETE"), "w") as f:
+            f.write("ok\n")
+        if os.path.isdir(self.final):
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+        return False

@@ -1,0 +1,265 @@
+"""Pooled CNN features of images, computed once and cached.
+
+:class:`FeatureExtractor` is the only place where a CNN forward pass over images
+happens. It asks the HDF5 cache first, decodes and runs only the images it lacks,
+and appends their features chunk by chunk, so a second run does no forward pass and
+a killed run resumes from its last complete chunk. The cache key is derived from the
+backbone config, the sha256 of the weights, the input size, the preprocessing and the
+source code of the pixel pipeline and model builders.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import backbones as _backbones
+from . import images as _images
+from .cache import FeatureCache
+from .torch_checkpoint import sha256_file
+
+__all__ = ["FeatureExtractor", "Features", "forward_pass_count"]
+
+_FORWARD_IMAGES = 0  # images passed through any backbone in this process (tests assert on it)
+
+
+def forward_pass_count() -> int:
+    """Images that went through a CNN forward pass in this process so far."""
+    return _FORWARD_IMAGES
+
+
+@functools.lru_cache(maxsize=None)
+def _code_fingerprint() -> str:
+    """Hash of the code that decides feature values; changing it invalidates cached features.
+
+    It covers the pixel pipeline, the preprocessing layer, the model builders and the
+    forward call -- not docstrings elsewhere -- so unrelated edits keep caches valid.
+    """
+    import inspect
+
+    from . import efficientnet_lite
+
+    parts = [_images._decode, _images._orient, _images.resize_pixels, _images.pixel_batches,
+             _images.array_batches, _images._as_rgb_array, _backbones._preprocessing_layer_class,
+             _backbones.build, FeatureExtractor._run, efficientnet_lite]
+    h = hashlib.sha256()
+    for obj in parts:
+        h.update(inspect.getsource(obj).encode())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def tf_float32(pixels):
+    import tensorflow as tf
+
+    return tf.cast(pixels, tf.float32)
+
+
+@dataclass
+class Features:
+    """Features of an image set: ``values[i]`` belongs to ``kept[i]``; ``skipped`` maps row -> reason."""
+
+    values: np.ndarray
+    kept: np.ndarray
+    skipped: dict = field(default_factory=dict)
+
+
+class FeatureExtractor:
+    """Pooled features of one backbone, through the cache.
+
+    Parameters
+    ----------
+    backbone : str
+        A registered backbone name.
+    weights : {"imagenet", None} or path
+        As for :func:`stacker.backbones.build`.
+    input_size : int, optional
+        Square input resolution (default: the backbone's).
+    batch_size : int
+        Images per forward pass.
+    feature_dtype : {"float32", "float16"}
+        Storage type in the cache; float16 halves disk and memory.
+    cache_dir : path, optional
+        Cache folder; without one, features live only in memory.
+    weights_dir : path, optional
+        Folder of offline weight files.
+    chunk_size : int
+        Rows written to the cache at a time (the unit of resume).
+    on_bad_image : {"raise", "skip"}
+        What to do with a file that is not a usable image.
+    verbose : int
+        0 silent, 1 progress bar.
+    model : keras.Model, optional
+        A ready model (e.g. loaded from a saved ensemble) with ``weights_id``.
+    weights_id : str, optional
+        Identity of ``model``'s weights for the cache key.
+    """
+
+    def __init__(self, backbone, weights="imagenet", input_size=None, batch_size=32, feature_dtype="float32",
+                 cache_dir=None, weights_dir=None, chunk_size=256, on_bad_image="raise", verbose=1,
+                 model=None, weights_id=None):
+        if on_bad_image not in ("raise", "skip"):
+            raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
+        if np.dtype(feature_dtype) not in (np.float16, np.float32):
+            raise ValueError(f"feature_dtype must be float16 or float32, got {feature_dtype!r}")
+        self.backbone = backbone
+        self.weights = weights
+        self.input_size = input_size
+        self.batch_size = int(batch_size)
+        self.feature_dtype = np.dtype(feature_dtype).name
+        self.cache_dir = cache_dir
+        self.weights_dir = weights_dir
+        self.chunk_size = int(chunk_size)
+        self.on_bad_image = on_bad_image
+        self.verbose = verbose
+        self.cfg = _backbones.get_cfg(backbone)
+        self.size = int(input_size or self.cfg.input_size)
+        self._model = model
+        self._weights_id = weights_id
+        self._forward = None
+
+    # -- identity ---------------------------------------------------------------------
+    @property
+    def weights_id(self) -> str:
+        """sha256 of the weight file, or of the weight values when there is no file."""
+        if self._weights_id is None:
+            source = _backbones.resolve_weights(self.cfg, self.weights, self.weights_dir)
+            if source is not None and os.path.isfile(source):
+                st = os.stat(source)
+                self._weights_id = "file:" + _file_sha256(os.path.abspath(source), st.st_size, st.st_mtime_ns)
+            else:
+                self._weights_id = "values:" + _backbones.weights_fingerprint(self.model)
+        return self._weights_id
+
+    def key_meta(self) -> dict:
+        return {
+            "backbone": self.cfg.name,
+            "cfg": self.cfg.to_dict(),
+            "input_size": self.size,
+            "preprocessing": self.cfg.preprocessing,
+            "weights": self.weights_id,
+            "pipeline": "decode-rgb|exif|bilinear-antialias|float32",
+            "code": _code_fingerprint(),
+        }
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = _backbones.build(self.cfg.name, weights=self.weights, input_size=self.size,
+                                           weights_dir=self.weights_dir)
+        return self._model
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model.output_shape[-1]) if self._model is not None else self.cfg.feature_dim
+
+    def _run(self, pixels) -> np.ndarray:
+        global _FORWARD_IMAGES
+        if self._forward is None:
+            import tensorflow as tf
+
+            model = self.model
+            spec = tf.TensorSpec([None, self.size, self.size, 3], tf.float32)
+            self._forward = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        out = self._forward(tf_float32(pixels)).numpy()
+        _FORWARD_IMAGES += int(out.shape[0])
+        return out
+
+    # -- features ---------------------------------------------------------------------
+    def extract(self, images) -> Features:
+        """Features for every usable image of ``images`` (an ImageSet or a list of paths)."""
+        images = images if isinstance(images, _images.ImageSet) else _images.ImageSet(list(images), list(images))
+        n = len(images)
+        fps = _images.file_fingerprints(images.paths) if n else []
+        entry = None
+        if self.cache_dir is not None:
+            entry = FeatureCache(self.cache_dir).entry(self.key_meta(), self.cfg.feature_dim, self.feature_dtype)
+            found = entry.lookup(fps)
+        else:
+            found = np.full(n, -1, dtype=np.int64)
+        todo = np.flatnonzero(found < 0)
+        computed: dict = {}
+        skipped: dict = {}
+        if todo.size:
+            computed, skipped = self._compute(images, todo, fps, entry)
+        if skipped and self.on_bad_image == "raise":
+            row, reason = next(iter(sorted(skipped.items())))
+            more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+            raise _images.BadImageError(f"{images.paths[row]}: {reason}{more}; pass on_bad_image='skip' to leave such files out")
+        kept = np.array([i for i in range(n) if i not in skipped], dtype=np.int64)
+        if entry is not None:
+            rows = entry.lookup([fps[i] for i in kept])
+            values = entry.read(rows)
+        else:
+            values = np.stack([computed[i] for i in kept]).astype(self.feature_dtype) if kept.size else \
+                np.zeros((0, self.cfg.feature_dim), self.feature_dtype)
+        return Features(values, kept, skipped)
+
+    def transform(self, images) -> np.ndarray:
+        """Feature matrix ``(n, feature_dim)``; raises if any image is unusable."""
+        feats = self.extract(images)
+        if feats.skipped:
+            raise _images.BadImageError(f"{len(feats.skipped)} images could not be used")
+        return feats.values
+
+    def transform_arrays(self, arrays) -> np.ndarray:
+        """Features of in-memory images (NumPy arrays or PIL images); not cached."""
+        out = [self._run(batch) for batch in _images.array_batches(arrays, self.size, self.batch_size)]
+        return np.concatenate(out).astype(self.feature_dtype) if out else np.zeros((0, self.cfg.feature_dim))
+
+    def _compute(self, images, todo, fps, entry):
+        import keras
+
+        orientations, bad = _images.scan_images([images.paths[i] for i in todo])
+        skipped = {int(todo[i]): reason for i, reason in bad.items()}
+        good = np.array([r for r in todo if int(r) not in skipped], dtype=np.int64)
+        computed: dict = {}
+        if good.size == 0:
+            return computed, skipped
+        orient = np.array([orientations[i] for i, r in enumerate(todo) if int(r) not in skipped], dtype=np.int32)
+        ds = _images.pixel_batches([images.paths[i] for i in good], self.size, self.batch_size, orient, rows=good)
+        bar = keras.utils.Progbar(good.size, unit_name="image") if self.verbose else None
+        if bar is not None:
+            print(f"{self.cfg.name}: extracting features of {good.size} images at {self.size}px")
+        pending_rows, pending_feats = [], []
+        seen = set()
+
+        def flush():
+            if not pending_rows:
+                return
+            rows = np.concatenate(pending_rows)
+            feats = np.concatenate(pending_feats)
+            if entry is not None:
+                labels = images.labels
+                entry.append([fps[i] for i in rows], feats, [images.ids[i] for i in rows],
+                             [None if labels is None else labels[i] for i in rows], [images.paths[i] for i in rows])
+            else:
+                computed.update({int(r): f for r, f in zip(rows, feats)})
+            pending_rows.clear()
+            pending_feats.clear()
+
+        done = 0
+        for rows, pixels in ds:
+            rows = rows.numpy()
+            feats = self._run(pixels)
+            pending_rows.append(rows)
+            pending_feats.append(feats)
+            seen.update(int(r) for r in rows)
+            done += rows.size
+            if bar is not None:
+                bar.update(done)
+            if sum(r.size for r in pending_rows) >= self.chunk_size:
+                flush()
+        flush()
+        for r in good:
+            if int(r) not in seen:
+                skipped[int(r)] = _images.decode_failure_reason(images.paths[r])
+        return computed, skipped

@@ -1,0 +1,390 @@
+"""Where images come from, and how they become pixel batches.
+
+Sources: class sub-folders, Kaggle-style names (``cat.12.jpg``), a CSV of
+``path,label``, and unlabelled Kaggle test folders (``17.jpg`` -> id 17). Each gives an
+:class:`ImageSet`. Pixels come from a ``tf.data`` pipeline: files are read, decoded
+(JPEG/PNG/BMP/GIF/WebP, any mode -> RGB; 16-bit scaled to 8-bit), turned upright by
+their EXIF orientation, and resized in parallel with prefetching, so decoding
+overlaps with the CNN's forward pass.
+
+Before pixels are decoded, :func:`scan_images` reads each file's header (cheap) to
+catch files that are not images, empty or absurdly large; a file that passes the scan
+but fails to decode (a truncated JPEG) is caught in the pipeline. Either way the file
+is reported by name under the ``on_bad_image`` policy: ``"raise"`` or ``"skip"``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BadImageError",
+    "ImageSet",
+    "file_fingerprints",
+    "from_csv",
+    "from_folder",
+    "from_kaggle_names",
+    "from_test_folder",
+    "load_images",
+    "pixel_batches",
+    "scan_images",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (about 0.25 GB of RGBA)
+_KAGGLE_NAME = re.compile(r"^(?P<label>[^.]+)\.(?P<id>[^.]+)\.[A-Za-z]+$")
+
+
+class BadImageError(ValueError):
+    """An image file cannot be used; the message names the file and the reason."""
+
+
+@dataclass
+class ImageSet:
+    """Image files with optional labels: what every stacker step takes.
+
+    Attributes
+    ----------
+    paths : list of str
+        Image files.
+    ids : list
+        One id per image (Kaggle ids for test folders; relative paths otherwise).
+    labels : list of str or None
+        Class name per image, or None for unlabelled sets.
+    classes : list of str or None
+        Sorted class names; ``y`` indexes into it.
+    """
+
+    paths: list
+    ids: list
+    labels: list | None = None
+    classes: list | None = None
+    skipped: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.paths = [os.fspath(p) for p in self.paths]
+        if len(self.ids) != len(self.paths):
+            raise ValueError(f"{len(self.ids)} ids for {len(self.paths)} images")
+        if len(set(self.ids)) != len(self.ids):
+            dup = sorted({str(i) for i in self.ids if self.ids.count(i) > 1})[:5]
+            raise ValueError(f"duplicate image ids: {', '.join(dup)}")
+        if self.labels is not None:
+            if len(self.labels) != len(self.paths):
+                raise ValueError(f"{len(self.labels)} labels for {len(self.paths)} images")
+            self.labels = [str(v) for v in self.labels]
+            if self.classes is None:
+                self.classes = sorted(set(self.labels))
+            unknown = sorted(set(self.labels) - set(self.classes))
+            if unknown:
+                raise ValueError(f"labels {unknown[:5]} are not among the classes {self.classes[:10]}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def y(self) -> np.ndarray:
+        """Integer class index per image (labelled sets only)."""
+        if self.labels is None:
+            raise ValueError("this image set has no labels")
+        index = {c: i for i, c in enumerate(self.classes)}
+        return np.array([index[v] for v in self.labels], dtype=np.int64)
+
+    def subset(self, rows) -> "ImageSet":
+        rows = list(rows)
+        return ImageSet(
+            [self.paths[i] for i in rows], [self.ids[i] for i in rows],
+            None if self.labels is None else [self.labels[i] for i in rows], self.classes,
+        )
+
+    def head(self, n: int, seed: int = 0) -> "ImageSet":
+        """A class-stratified sample of ``n`` images (all when ``n >= len``), in stable order."""
+        if n >= len(self):
+            return self
+        rng = np.random.default_rng(seed)
+        if self.labels is None:
+            return self.subset(sorted(rng.choice(len(self), n, replace=False)))
+        from sklearn.model_selection import train_test_split
+
+        rows, _ = train_test_split(np.arange(len(self)), train_size=n, stratify=self.y, random_state=seed)
+        return self.subset(sorted(rows))
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _require_dir(root) -> str:
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    return root
+
+
+def from_folder(root, classes: list | None = None, ignore: tuple = ("BACKGROUND_Google",)) -> ImageSet:
+    """Images in class sub-folders: ``root/<class>/<image>`` (Keras's ``image_dataset_from_directory`` layout)."""
+    root = _require_dir(root)
+    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d not in ignore)
+    if classes is not None:
+        missing = sorted(set(classes) - set(found))
+        if missing:
+            raise ValueError(f"class folders {missing} are not in {root}")
+        found = list(classes)
+    paths, labels = [], []
+    for c in found:
+        files = sorted(f for f in os.listdir(os.path.join(root, c)) if _is_image(f))
+        paths += [os.path.join(root, c, f) for f in files]
+        labels += [c] * len(files)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
+    empty = [c for c in found if c not in set(labels)]
+    if empty:
+        raise ValueError(f"class folders without images: {empty[:10]}")
+    ids = [os.path.relpath(p, root) for p in paths]
+    return ImageSet(paths, ids, labels, sorted(found))
+
+
+def from_kaggle_names(root) -> ImageSet:
+    """Labelled images whose file name starts with the label: ``cat.12.jpg``, ``dog.7.jpg``."""
+    root = _require_dir(root)
+    files = sorted(f for f in os.listdir(root) if _is_image(f))
+    if not files:
+        raise ValueError(f"no images in {root}")
+    labels, bad = [], []
+    for f in files:
+        m = _KAGGLE_NAME.match(f)
+        (labels.append(m.group("label")) if m else bad.append(f))
+    if bad:
+        raise ValueError(f"file names without a '<label>.<id>.<ext>' form in {root}: {bad[:5]}")
+    order = sorted(range(len(files)), key=lambda i: (labels[i], _natural_key(files[i])))
+    files = [files[i] for i in order]
+    return ImageSet([os.path.join(root, f) for f in files], files, [labels[i] for i in order])
+
+
+def from_csv(csv_path, root=None, path_column: str = "path", label_column: str = "label") -> ImageSet:
+    """Images listed in a CSV with ``path`` and ``label`` columns (paths relative to ``root`` or the CSV)."""
+    csv_path = os.fspath(csv_path)
+    root = os.fspath(root) if root else os.path.dirname(os.path.abspath(csv_path))
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{csv_path} has no rows")
+    for col in (path_column, label_column):
+        if col not in rows[0]:
+            raise ValueError(f"{csv_path} has no column {col!r} (columns: {list(rows[0])})")
+    paths = [os.path.join(root, r[path_column]) for r in rows]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} files listed in {csv_path} do not exist, e.g. {missing[:3]}")
+    return ImageSet(paths, [r[path_column] for r in rows], [r[label_column] for r in rows])
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def from_test_folder(root) -> ImageSet:
+    """Unlabelled images; ids are the file stems (``17.jpg`` -> 17), numeric ids sorted numerically."""
+    root = _require_dir(root)
+    files = sorted((f for f in os.listdir(root) if _is_image(f)), key=_natural_key)
+    if not files:
+        raise ValueError(f"no images in {root}")
+    stems = [os.path.splitext(f)[0] for f in files]
+    ids = [int(s) for s in stems] if all(s.isdigit() for s in stems) else stems
+    order = sorted(range(len(files)), key=lambda i: ids[i])
+    return ImageSet([os.path.join(root, files[i]) for i in order], [ids[i] for i in order])
+
+
+def load_images(source, labelled: bool = True) -> ImageSet:
+    """An :class:`ImageSet` from a folder, a CSV file or an existing set, by what it holds.
+
+    A CSV -> :func:`from_csv`; a folder with class sub-folders -> :func:`from_folder`;
+    a folder of ``label.id.ext`` files -> :func:`from_kaggle_names`; otherwise (or with
+    ``labelled=False``) an unlabelled :func:`from_test_folder`.
+    """
+    if isinstance(source, ImageSet):
+        return source
+    source = os.fspath(source)
+    if os.path.isfile(source) and source.lower().endswith(".csv"):
+        return from_csv(source)
+    root = _require_dir(source)
+    if not labelled:
+        return from_test_folder(root)
+    entries = os.listdir(root)
+    if any(os.path.isdir(os.path.join(root, d)) for d in entries) and not any(_is_image(f) for f in entries):
+        return from_folder(root)
+    images = [f for f in entries if _is_image(f)]
+    if images and all(_KAGGLE_NAME.match(f) for f in images):
+        return from_kaggle_names(root)
+    if not images:
+        raise ValueError(f"{root} holds neither images nor class folders")
+    return from_test_folder(root)
+
+
+# --------------------------------------------------------------------------- file checks
+
+
+def file_fingerprints(paths) -> list[str]:
+    """One hex digest per file from its absolute path, size and modification time.
+
+    Cheap (one ``stat``), and any rewrite of a file changes it, so cached features are
+    never served for a changed image.
+    """
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append(hashlib.sha1(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest())
+    return out
+
+
+def _scan_one(path: str) -> tuple[int, str | None]:
+    """(EXIF orientation, reason it is unusable or None) from the file header."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            return 1, "empty file (0 bytes)"
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                return 1, f"{w}x{h} pixels exceeds the {MAX_PIXELS}-pixel limit (decompression bomb?)"
+            if im.format not in ("JPEG", "PNG", "BMP", "GIF", "WEBP", "MPO"):
+                return 1, f"{im.format} images are not supported (JPEG, PNG, BMP, GIF, WebP are)"
+            orientation = int(im.getexif().get(0x0112, 1)) if im.format in ("JPEG", "MPO", "WEBP", "PNG") else 1
+            return (orientation if 1 <= orientation <= 8 else 1), None
+    except FileNotFoundError:
+        return 1, "file not found"
+    except UnidentifiedImageError:
+        return 1, "not an image file (unknown format)"
+    except Image.DecompressionBombError as exc:
+        return 1, f"decompression bomb: {exc}"
+    except Exception as exc:  # noqa: BLE001 - any header error means the file is unusable
+        return 1, f"unreadable header ({type(exc).__name__}: {exc})"
+
+
+def scan_images(paths, workers: int = 8) -> tuple[np.ndarray, dict]:
+    """Read every file's header in threads.
+
+    Returns ``(orientations, bad)``: the EXIF orientation (1..8) per file, and
+    ``{row: reason}`` for files that cannot be used.
+    """
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(_scan_one, paths, chunksize=64))
+    orientations = np.array([r[0] for r in results], dtype=np.int32)
+    bad = {i: r[1] for i, r in enumerate(results) if r[1] is not None}
+    return orientations, bad
+
+
+def decode_failure_reason(path: str) -> str:
+    """Why a file that passed the header scan failed to decode (for the error message)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return "the image data could not be decoded"
+    except Exception as exc:  # noqa: BLE001
+        return f"corrupt or truncated image data ({type(exc).__name__}: {exc})"
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _decode(tf, contents):
+    """Bytes -> uint8 RGB tensor; JPEGs with the accurate DCT, others via ``decode_image``."""
+    return tf.cond(
+        tf.io.is_jpeg(contents),
+        lambda: tf.io.decode_jpeg(contents, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False),
+    )
+
+
+def _orient(tf, image, orientation):
+    """Apply an EXIF orientation (1..8) so the image is upright."""
+    branches = [
+        lambda: image,
+        lambda: image,
+        lambda: tf.image.flip_left_right(image),
+        lambda: tf.image.rot90(image, 2),
+        lambda: tf.image.flip_up_down(image),
+        lambda: tf.image.transpose(image),
+        lambda: tf.image.rot90(image, 3),
+        lambda: tf.image.rot90(tf.image.transpose(image), 2),
+        lambda: tf.image.rot90(image, 1),
+    ]
+    return tf.switch_case(orientation, branches)
+
+
+def resize_pixels(tf, image, size: int):
+    """The one resize every path uses: bilinear, antialiased when shrinking, float32 in [0, 255]."""
+    image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def pixel_batches(paths, size: int, batch_size: int = 32, orientations=None, rows=None):
+    """A ``tf.data.Dataset`` of ``(row, pixels)`` batches for ``paths``.
+
+    ``pixels`` is float32 ``(batch, size, size, 3)`` in [0, 255]. Files that fail to
+    decode are dropped from the stream (``ignore_errors``); compare the ``row``
+    values with what was asked to find them.
+    """
+    import tensorflow as tf
+
+    n = len(paths)
+    rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    orientations = np.ones(n, dtype=np.int32) if orientations is None else np.asarray(orientations, np.int32)
+    ds = tf.data.Dataset.from_tensor_slices((rows, list(map(str, paths)), orientations))
+
+    def load(row, path, orientation):
+        image = _decode(tf, tf.io.read_file(path))
+        image = _orient(tf, image, orientation)
+        return row, resize_pixels(tf, image, size)
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors()
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def array_batches(images, size: int, batch_size: int = 32):
+    """Yield float32 batches from in-memory images (NumPy arrays or PIL images), resized like files."""
+    import tensorflow as tf
+
+    batch = []
+    for img in images:
+        arr = _as_rgb_array(img)
+        batch.append(resize_pixels(tf, tf.convert_to_tensor(arr), size).numpy())
+        if len(batch) == batch_size:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)
+
+
+def _as_rgb_array(img) -> np.ndarray:
+    """One in-memory image -> uint8/float ``(h, w, 3)`` RGB array."""
+    try:
+        from PIL import Image
+
+        if isinstance(img, Image.Image):
+            img = np.asarray(img.convert("RGB"))
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        pass
+    arr = np.asarray(img)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"an image array must be (h, w), (h, w, 1|3|4); got shape {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    if arr.dtype == np.uint16:
+        arr = arr.astype(np.float32) / 257.0
+    return arr.astype(np.float32)

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny synthetic image folders and a small, fast backbone.
+
+Tests never download anything. Real photos and weights come from ../shared when it
+is present; tests that need them skip with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(REPO, "..", "shared")
+DOGS_VS_CATS = os.path.join(SHARED, "data", "dogs-vs-cats")
+WEIGHTS_DIR = os.path.join(SHARED, "weights")
+
+import tinynet  # noqa: E402,F401 - registers the "tiny_cnn" test backbone
+
+# A small registered backbone with random weights at a tiny input size: fast, deterministic, offline.
+TINY = {"backbone": "tiny_cnn", "input_size": 32, "weights": None}
+
+
+def make_image(path, color, size=(24, 20), mode="RGB", fmt=None, seed=0):
+    """Write a small image of a dominant colour with noise, in any PIL mode/format."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(color)[None, None, :] + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255)
+    img = Image.fromarray(arr.astype("uint8"), "RGB")
+    if mode == "I;16":
+        img = Image.fromarray((np.asarray(img.convert("L")).astype(np.uint16) * 257))
+    elif mode != "RGB":
+        img = img.convert(mode)
+    img.save(path, format=fmt)
+    return path
+
+
+COLORS = {"cat": (200, 60, 50), "dog": (50, 80, 200), "owl": (60, 190, 60)}
+
+
+@pytest.fixture
+def class_folders(tmp_path):
+    """root/<class>/<n>.png with two well separated classes, 12 images each."""
+    root = tmp_path / "folders"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(12):
+            make_image(root / c / f"{i}.png", COLORS[c], seed=hash((c, i)) % 1000)
+    return root
+
+
+@pytest.fixture
+def kaggle_dir(tmp_path):
+    """A Kaggle-style competition folder: train/cat.N.jpg, test/N.jpg, sample_submission.csv."""
+    root = tmp_path / "kaggle"
+    (root / "train").mkdir(parents=True)
+    (root / "test").mkdir()
+    for c in ("cat", "dog"):
+        for i in range(10):
+            make_image(root / "train" / f"{c}.{i}.jpg", COLORS[c], seed=i + (50 if c == "dog" else 0))
+    for i in range(1, 13):
+        make_image(root / "test" / f"{i}.jpg", COLORS["cat" if i % 2 else "dog"], seed=100 + i)
+    with open(root / "sample_submission.csv", "w") as f:
+        f.write("id,label\n" + "".join(f"{i},0.5\n" for i in range(1, 13)))
+    return root
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return tmp_path / "cache"
+
+
+def shared_or_skip(path):
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is not present (the shared data/weights folder lives beside the repository)")
+    return path

@@ -1,0 +1,139 @@
+"""Feature cache: hits do no forward pass, interrupted runs resume, changes invalidate."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from conftest import TINY, make_image
+from stacker import images as im
+from stacker.features import FeatureExtractor, forward_pass_count
+
+
+def extractor(cache_dir, **kw):
+    args = dict(weights=TINY["weights"], input_size=TINY["input_size"], batch_size=4, chunk_size=4,
+                cache_dir=cache_dir, verbose=0)
+    args.update(kw)
+    return FeatureExtractor(TINY["backbone"], **args)
+
+
+def test_second_run_does_no_forward_pass(class_folders, cache_dir):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    data = im.load_images(class_folders)
+    first = extractor(cache_dir)
+    before = forward_pass_count()
+    f1 = first.transform(data)
+    assert forward_pass_count() - before == len(data)
+    assert f1.shape == (len(data), 16) and np.isfinite(f1).all()
+
+    # a new extractor with the same weights file hits the cache: zero images through the CNN
+    weights = os.path.join(str(cache_dir), "w.weights.h5")
+    first.model.save_weights(weights)
+    second = extractor(cache_dir, weights=weights)
+    f_new = second.transform(data)  # weights given as a file: a new key, computed once
+    before = forward_pass_count()
+    third = extractor(cache_dir, weights=weights)
+    f3 = third.transform(data)
+    assert forward_pass_count() == before, "a warm cache must not run the CNN"
+    np.testing.assert_array_equal(f3, f_new)
+    np.testing.assert_allclose(f_new, f1, rtol=1e-5, atol=1e-5)
+    # rows come back in the order asked for, whatever order they were cached in
+    rev = data.subset(range(len(data) - 1, -1, -1))
+    np.testing.assert_array_equal(third.transform(rev), f3[::-1])
+    assert forward_pass_count() == before
+
+
+def test_interrupted_extraction_resumes_from_last_complete_chunk(class_folders, cache_dir):
+    data = im.load_images(class_folders)
+    ext = extractor(cache_dir)
+    ext.model  # build once so the interrupted and resumed runs share the weights
+    calls = {"n": 0}
+    real_run = ext._run
+
+    def dying_run(pixels):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated kill during batch 4")
+        return real_run(pixels)
+
+    ext._run = dying_run
+    with pytest.raises(KeyboardInterrupt):
+        ext.transform(data)
+    key = ext.key_meta()
+    from stacker.cache import FeatureCache
+
+    entry = FeatureCache(cache_dir).entry(key, 16)
+    assert entry.n_complete() == 12  # three complete chunks of 4 survived
+    ext._run = real_run
+    before = forward_pass_count()
+    resumed = ext.transform(data)
+    assert forward_pass_count() - before == len(data) - 12, "only the missing images are computed"
+    fresh = FeatureExtractor(TINY["backbone"], weights=None, input_size=32, verbose=0, model=ext.model,
+                             weights_id="x").transform(data)
+    np.testing.assert_allclose(resumed, fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_changed_image_file_is_recomputed(class_folders, cache_dir):
+    data = im.load_images(class_folders)
+    ext = extractor(cache_dir)
+    f1 = ext.transform(data)
+    time.sleep(0.01)
+    make_image(data.paths[3], (255, 255, 0), seed=99)  # rewritten in place: same path, new content
+    before = forward_pass_count()
+    f2 = ext.transform(data)
+    assert forward_pass_count() - before == 1
+    assert not np.allclose(f1[3], f2[3], rtol=1e-3, atol=0)
+    np.testing.assert_array_equal(np.delete(f1, 3, 0), np.delete(f2, 3, 0))
+
+
+def test_changed_weights_give_a_new_entry(class_folders, cache_dir, tmp_path):
+    import keras
+
+    data = im.load_images(class_folders).subset(range(6))
+    keras.utils.set_random_seed(1)
+    a = extractor(cache_dir)
+    wa = str(tmp_path / "a.weights.h5")
+    a.model.save_weights(wa)
+    keras.utils.set_random_seed(2)
+    b = extractor(cache_dir)
+    wb = str(tmp_path / "b.weights.h5")
+    b.model.save_weights(wb)
+    fa = extractor(cache_dir, weights=wa).transform(data)
+    before = forward_pass_count()
+    fb = extractor(cache_dir, weights=wb).transform(data)
+    assert forward_pass_count() - before == len(data), "other weights must not reuse cached features"
+    assert not np.allclose(fa, fb, rtol=1e-3, atol=0)
+    # and a change of input size is another key too
+    before = forward_pass_count()
+    extractor(cache_dir, weights=wa, input_size=40).transform(data)
+    assert forward_pass_count() - before == len(data)
+
+
+def test_float16_storage_halves_the_file(class_folders, tmp_path):
+    data = im.load_images(class_folders)
+    ext32 = extractor(tmp_path / "c32")
+    f32 = ext32.transform(data)
+    f16 = FeatureExtractor(TINY["backbone"], weights=None, input_size=32, batch_size=4, cache_dir=tmp_path / "c16",
+                           feature_dtype="float16", verbose=0, model=ext32.model,
+                           weights_id=ext32.weights_id).transform(data)
+    assert f16.dtype == np.float16
+    np.testing.assert_allclose(f16.astype(np.float32), f32, rtol=2e-3, atol=2e-3)
+
+
+def test_bad_images_raise_or_skip_and_nothing_is_lost(class_folders, cache_dir):
+    data = im.load_images(class_folders)
+    bad = class_folders / "cat" / "broken.png"
+    bad.write_text("this is text")
+    data = im.load_images(class_folders)
+    first = extractor(cache_dir)
+    with pytest.raises(im.BadImageError, match="broken.png: not an image"):
+        first.transform(data)
+    before = forward_pass_count()
+    feats = extractor(cache_dir, on_bad_image="skip", model=first.model, weights_id=first.weights_id).extract(data)
+    assert forward_pass_count() == before, "good images were cached before the error"
+    row = data.paths.index(str(bad))
+    assert list(feats.skipped) == [row] and row not in feats.kept
+    assert len(feats.values) == len(data) - 1

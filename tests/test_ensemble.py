@@ -1,0 +1,185 @@
+"""The ensemble: honest out-of-fold stacking, meta-learners, save/load and stacker.predict."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.ensemble import RandomForestClassifier
+
+import stacker
+from conftest import TINY, make_image
+from stacker import images as im
+from stacker.ensemble import Ensemble, ModelIntegrityError
+from stacker.features import forward_pass_count
+
+
+def tiny_ensemble(cache_dir, weights, **kw):
+    args = dict(backbones=[{**TINY, "weights": weights},
+                           {**TINY, "input_size": 40, "head": "logistic", "weights": weights}],
+                cv=3, random_state=0, cache_dir=cache_dir, verbose=0, meta="logistic")
+    args.update(kw)
+    return Ensemble(**args)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    import keras
+
+    from stacker.backbones import build
+
+    root = tmp_path_factory.mktemp("ens")
+    for c, color in (("cat", (200, 60, 50)), ("dog", (50, 80, 200))):
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(12):
+            make_image(root / "train" / c / f"{i}.png", color, seed=i + (0 if c == "cat" else 40))
+    keras.utils.set_random_seed(0)
+    weights = str(root / "tiny.weights.h5")
+    build("tiny_cnn", weights=None, input_size=32).save_weights(weights)
+    data = im.load_images(root / "train")
+    ens = tiny_ensemble(str(root / "cache"), weights, meta="dense").fit(data)
+    ens.weights_file = weights
+    return ens, data, root
+
+
+def test_out_of_fold_predictions_never_come_from_a_model_that_saw_the_image(fitted):
+    ens, data, _ = fitted
+    n = len(data)
+    val_rows = np.concatenate([va for _, va in ens.folds_])
+    assert sorted(val_rows) == list(range(n)), "every image is validated exactly once"
+    for tr, va in ens.folds_:
+        assert not set(tr) & set(va)
+    name = ens.specs_[0]["name"]
+    X = ens.extractors_[name].transform(data)
+    for i, (tr, va) in enumerate(ens.folds_):
+        fold_model = ens.learners_[name][i]
+        np.testing.assert_allclose(ens.oof_proba_[name][va], fold_model.predict_proba(X[va]), atol=1e-6)
+        # the fold model that predicted these rows was trained on exactly the other rows
+        other = ens.learners_[name][(i + 1) % len(ens.folds_)]
+        assert not np.allclose(other.predict_proba(X[va]), ens.oof_proba_[name][va], atol=1e-9)
+    assert ens.meta_oof_proba_.shape == (n, 2)
+
+
+def test_scores_and_leaderboard(fitted):
+    ens, data, _ = fitted
+    scores = ens.evaluate()
+    assert set(scores) == {s["name"] for s in ens.specs_} | {"ensemble"}
+    for s in scores.values():
+        assert 0 <= s["accuracy"] <= 1 and s["log_loss"] > 0
+    assert scores["ensemble"]["accuracy"] >= 0.75  # two colours: easy even for random conv features
+    board = ens.leaderboard()
+    assert "ensemble" in board and "log_loss" in board
+    on_train = ens.evaluate(data)
+    assert on_train["ensemble"]["accuracy"] >= scores["ensemble"]["accuracy"] - 0.25
+
+
+def test_save_load_identical_predictions_and_predict_api(fitted, tmp_path):
+    ens, data, root = fitted
+    model_dir = tmp_path / "model"
+    ens.save(model_dir)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["classes"] == ["cat", "dog"]
+    assert any(f.endswith(".keras") for f in manifest["files"])
+    expected = ens.predict_proba(data.paths)
+    loaded = Ensemble.load(model_dir)
+    np.testing.assert_allclose(loaded.predict_proba(data.paths), expected, atol=1e-6)
+
+    # stacker.predict on paths, a folder, arrays and PIL images
+    res = stacker.predict(data.paths[:5], model=model_dir)
+    assert res.classes == ["cat", "dog"] and res.proba.shape == (5, 2)
+    np.testing.assert_allclose(res.proba, expected[:5], atol=1e-6)
+    assert res.labels == [["cat", "dog"][i] for i in expected[:5].argmax(1)]
+    folder = root / "train" / "dog"
+    res_dir = stacker.predict(folder, model=model_dir)
+    assert len(res_dir) == 12 and res_dir.ids == list(range(12))
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in data.paths[:4]]
+    res_arr = stacker.predict(np.stack(arrays), model=model_dir)
+    np.testing.assert_allclose(res_arr.proba, expected[:4], atol=1e-4)
+    res_pil = stacker.predict([Image.open(p) for p in data.paths[:4]], model=model_dir)
+    np.testing.assert_allclose(res_pil.proba, res_arr.proba, atol=1e-6)
+    one = stacker.predict(data.paths[0], model=model_dir)
+    assert one.proba.shape == (1, 2)
+    # the second call reuses the loaded ensemble
+    assert stacker.load(model_dir) is stacker.load(model_dir)
+
+
+def test_tampered_model_is_refused(fitted, tmp_path):
+    ens, data, _ = fitted
+    model_dir = tmp_path / "model"
+    ens.save(model_dir)
+    target = next(p for p in sorted((model_dir / "learners").iterdir()))
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    with pytest.raises(ModelIntegrityError, match="does not match its sha256"):
+        Ensemble.load(model_dir)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelIntegrityError, match="format version 99"):
+        Ensemble.load(model_dir)
+
+
+def test_save_refuses_to_overwrite_a_foreign_directory(fitted, tmp_path):
+    ens, _, _ = fitted
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a stacker model directory"):
+        ens.save(tmp_path)
+    model_dir = tmp_path / "m"
+    ens.save(model_dir)
+    (model_dir / "submission.csv").write_text("id,label\n")
+    ens.save(model_dir)  # re-saving keeps the user's other files
+    assert (model_dir / "submission.csv").exists()
+
+
+@pytest.mark.parametrize("meta,meta_inputs", [
+    ("mean", "proba"), ("logistic", "both"), (RandomForestClassifier(n_estimators=20), "features"),
+])
+def test_meta_learners_and_inputs(fitted, meta, meta_inputs):
+    first, data, root = fitted
+    ens = tiny_ensemble(str(root / "cache"), first.weights_file, meta=meta, meta_inputs=meta_inputs).fit(data)
+    proba = ens.predict_proba(data.paths[:6])
+    assert proba.shape == (6, 2)
+    np.testing.assert_allclose(proba.sum(1), 1, atol=1e-6)
+    if meta == "mean":
+        names = [s["name"] for s in ens.specs_]
+        oof_mean = np.mean([ens.oof_proba_[n] for n in names], axis=0)
+        np.testing.assert_allclose(ens.meta_.predict_proba(np.hstack([ens.oof_proba_[n] for n in names])),
+                                   oof_mean)
+
+
+def test_second_fit_is_served_from_the_cache(fitted):
+    ens, data, root = fitted
+    before = forward_pass_count()
+    refit = tiny_ensemble(str(root / "cache"), ens.weights_file, meta="dense").fit(data)
+    assert forward_pass_count() == before, "a second fit must not run any CNN forward pass"
+    for name in ens.oof_proba_:
+        np.testing.assert_array_equal(refit.oof_proba_[name], ens.oof_proba_[name])
+    np.testing.assert_allclose(refit.meta_oof_proba_, ens.meta_oof_proba_, atol=1e-6)
+
+
+def test_seed_makes_fits_repeatable(fitted):
+    _, data, root = fitted
+    ens, _, _ = fitted
+    a = tiny_ensemble(None, ens.weights_file, meta="dense")
+    b = tiny_ensemble(None, ens.weights_file, meta="dense")
+    a.fit(data)
+    b.fit(data)
+    np.testing.assert_allclose(a.meta_oof_proba_, b.meta_oof_proba_, atol=1e-6)
+
+
+def test_data_problems_give_clear_errors(fitted, tmp_path):
+    ens, data, _ = fitted
+    w = ens.weights_file
+    few = data.subset(list(range(12)) + [12, 13])  # 12 cats, 2 dogs, cv=3
+    with pytest.raises(ValueError, match="fewer images than cv=3"):
+        tiny_ensemble(None, w).fit(few)
+    one = data.subset(range(12))
+    one.classes = ["cat"]
+    with pytest.raises(ValueError, match="only one class"):
+        tiny_ensemble(None, w).fit(one)
+    with pytest.raises(ValueError, match="meta_inputs"):
+        tiny_ensemble(None, w, meta_inputs="logits").fit(data)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        tiny_ensemble(None, w).predict(data.paths)

@@ -1,0 +1,127 @@
+"""Data sources, odd image modes, EXIF orientation and bad-image handling."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import COLORS, make_image
+from stacker import images as im
+
+
+def test_class_folders(class_folders):
+    data = im.load_images(class_folders)
+    assert data.classes == ["cat", "dog"]
+    assert len(data) == 24
+    assert np.bincount(data.y).tolist() == [12, 12]
+    assert data.ids[0] == os.path.join("cat", "0.png")
+
+
+def test_kaggle_names(kaggle_dir):
+    data = im.load_images(kaggle_dir / "train")
+    assert data.classes == ["cat", "dog"]
+    assert data.labels[:2] == ["cat", "cat"] and data.labels[-1] == "dog"
+    assert data.ids[:3] == ["cat.0.jpg", "cat.1.jpg", "cat.2.jpg"]
+
+
+def test_csv_source(tmp_path, class_folders):
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\ncat/0.png,cat\ndog/3.png,dog\ncat/1.png,cat\n")
+    data = im.from_csv(csv, root=class_folders)
+    assert data.labels == ["cat", "dog", "cat"] and data.classes == ["cat", "dog"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\ncat/0.png,cat\nnope.png,dog\n")
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        im.from_csv(bad, root=class_folders)
+    with pytest.raises(ValueError, match="no column"):
+        (tmp_path / "cols.csv").write_text("file,y\na,b\n")
+        im.from_csv(tmp_path / "cols.csv")
+
+
+def test_test_folder_ids_sorted_numerically(kaggle_dir):
+    data = im.load_images(kaggle_dir / "test", labelled=False)
+    assert data.ids == list(range(1, 13))
+    assert data.labels is None
+    assert os.path.basename(data.paths[9]) == "10.jpg"
+
+
+def test_errors_are_clear(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="neither images nor class folders"):
+        im.load_images(empty)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        im.load_images(tmp_path / "missing")
+    (empty / "cat").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        im.from_folder(empty)
+    with pytest.raises(ValueError, match="duplicate image ids"):
+        im.ImageSet(["a.jpg", "b.jpg"], [1, 1])
+    with pytest.raises(ValueError, match="not among the classes"):
+        im.ImageSet(["a.jpg"], [0], ["zebra"], ["cat", "dog"])
+    with pytest.raises(ValueError, match="2 ids for 1 images"):
+        im.ImageSet(["a.jpg"], [0, 1])
+
+
+@pytest.mark.parametrize("mode,fmt,ext", [
+    ("RGB", "JPEG", "jpg"), ("L", "JPEG", "jpg"), ("CMYK", "JPEG", "jpg"), ("RGBA", "PNG", "png"),
+    ("P", "PNG", "png"), ("LA", "PNG", "png"), ("I;16", "PNG", "png"), ("RGB", "BMP", "bmp"),
+    ("P", "GIF", "gif"), ("RGB", "PNG", "jpg"),  # a PNG named .jpg
+])
+def test_any_mode_decodes_to_rgb(tmp_path, mode, fmt, ext):
+    path = make_image(tmp_path / f"x.{ext}", COLORS["dog"], size=(24, 20), mode=mode, fmt=fmt)
+    (rows, pixels), = list(im.pixel_batches([str(path)], 24, 4))
+    assert rows.numpy().tolist() == [0]
+    px = pixels.numpy()[0]
+    assert px.shape == (24, 24, 3) and px.dtype == np.float32
+    assert 0 <= px.min() and px.max() <= 255
+    ref = Image.open(path)
+    if mode == "I;16":  # TensorFlow scales 16-bit to 8-bit (PIL's convert would clip)
+        ref = Image.fromarray((np.asarray(ref).astype(np.float64) / 257).round().astype(np.uint8))
+    ref = np.asarray(ref.convert("RGB").resize((24, 24), Image.BILINEAR), dtype=np.float32)
+    assert np.abs(px.mean(axis=(0, 1)) - ref.mean(axis=(0, 1))).max() < 6  # same colours, any mode
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    arr = np.zeros((10, 30, 3), dtype=np.uint8)
+    arr[:, :10] = 255  # white stripe on the left of a wide image
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the upright image is tall, stripe on top
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif, quality=95)
+    orient, bad = im.scan_images([str(path)])
+    assert orient.tolist() == [6] and not bad
+    (_, pixels), = list(im.pixel_batches([str(path)], 30, 1, orient))
+    px = pixels.numpy()[0].mean(axis=2)
+    assert px[:8].mean() > 200 and px[-8:].mean() < 50
+
+
+def test_scan_finds_bad_files(tmp_path):
+    good = make_image(tmp_path / "good.jpg", COLORS["cat"])
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    orient, bad = im.scan_images([str(good), str(tmp_path / "zero.jpg"), str(tmp_path / "text.jpg")])
+    assert set(bad) == {1, 2}
+    assert "empty" in bad[1] and "not an image" in bad[2]
+
+
+def test_truncated_jpeg_is_dropped_from_the_stream(tmp_path):
+    good = make_image(tmp_path / "good.jpg", COLORS["cat"], size=(64, 64))
+    data = open(good, "rb").read()
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
+    rows = [r for batch, _ in im.pixel_batches([str(good), str(tmp_path / "trunc.jpg")], 16, 4)
+            for r in batch.numpy()]
+    assert rows == [0]
+    assert "truncated" in im.decode_failure_reason(str(tmp_path / "trunc.jpg"))
+
+
+def test_arrays_and_pil_images_resize_like_files(tmp_path):
+    path = make_image(tmp_path / "a.png", COLORS["owl"], size=(40, 30))
+    (_, from_file), = list(im.pixel_batches([str(path)], 16, 1))
+    pil = Image.open(path)
+    from_pil = next(im.array_batches([pil], 16))
+    from_arr = next(im.array_batches([np.asarray(pil)], 16))
+    np.testing.assert_allclose(from_file.numpy(), from_pil, atol=1e-4)
+    np.testing.assert_allclose(from_pil, from_arr, atol=1e-4)

@@ -1,0 +1,30 @@
+"""A tiny registered backbone for tests (and an example of registering your own).
+
+Importing this module registers ``tiny_cnn``; recipes and the CLI pick it up through
+``STACKER_PLUGINS=tinynet``.
+"""
+
+from stacker.backbones import BackboneCfg, register_backbone
+
+
+def build_tiny_cnn(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg", classes=1000):
+    """A two-conv network with the keras.applications signature."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(input_shape)
+    x = layers.Conv2D(8, 3, strides=2, padding="same", name="conv1")(inputs)
+    x = layers.BatchNormalization(name="bn1")(x)
+    x = layers.ReLU(name="relu1")(x)
+    x = layers.Conv2D(16, 3, strides=2, padding="same", name="conv2")(x)
+    x = layers.ReLU(name="relu2")(x)
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x) if pooling == "avg" or include_top else x
+    if include_top:
+        x = layers.Dense(classes, activation="softmax", name="predictions")(x)
+    model = keras.Model(inputs, x, name="tiny_cnn_net")
+    if weights is not None:
+        model.load_weights(weights)
+    return model
+
+
+register_backbone(BackboneCfg("tiny_cnn", "tinynet:build_tiny_cnn", 32, "tf", 16), overwrite=True)

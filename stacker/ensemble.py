@@ -262,6 +262,16 @@ class Ensemble:
             self.meta_oof_proba_[va] = _align(m, m.predict_proba(Z[va]), k)
         self.meta_ = make_meta(self.meta, len(names), self.random_state).fit(Z, y)
         timings["ensemble"] = {"train_s": time.perf_counter() - t0}
+        blocks = _meta_blocks(names, [self.oof_proba_[n].shape[1] for n in names],
+                              [X[n].shape[1] for n in names], self.meta_inputs)
+        self.meta_importance_ = _permutation_importance(self.meta_, Z, y, blocks, k, self.random_state)
+        self.train_paths_ = list(data.paths)
+        self.config_ = {"backbones": [{k2: (v if isinstance(v, (str, int, float, type(None))) else _describe(v))
+                                       for k2, v in s.items()} for s in specs],
+                        "head": _describe(self.head), "meta": _describe(self.meta), "meta_inputs": self.meta_inputs,
+                        "cv": self.cv, "random_state": self.random_state, "feature_dtype": self.feature_dtype,
+                        "n_train": len(y), "data_fingerprint": dataset_fingerprint(data.paths)}
+        self.environment_ = environment()
 
         self.scores_ = {}
         for n in names:
@@ -408,9 +418,12 @@ class Ensemble:
                              "weights_id": ext.weights_id, "backbone_file": bb_file, "folds": folds,
                              "head": _describe(s["head"]), "learner_key": self.learner_keys_.get(n)})
         save_estimator(self.meta_, os.path.join(tmp, "meta"))
+        names = [s["name"] for s in self.specs_]
+        np.savez_compressed(os.path.join(tmp, "oof.npz"), y=self.y_, ensemble=self.meta_oof_proba_,
+                            **{f"learner_{i}": self.oof_proba_[n] for i, n in enumerate(names)})
         files = {}
-        for root, _dirs, names in os.walk(tmp):
-            for f in names:
+        for root, _dirs, file_names in os.walk(tmp):
+            for f in file_names:
                 full = os.path.join(root, f)
                 files[os.path.relpath(full, tmp)] = sha256_file(full)
         manifest = {
@@ -419,6 +432,9 @@ class Ensemble:
             "meta_inputs": self.meta_inputs, "cv": self.cv, "random_state": self.random_state,
             "feature_dtype": self.feature_dtype, "batch_size": self.batch_size,
             "scores": self.scores_, "skipped": self.skipped_, "files": files,
+            "meta_importance": self.meta_importance_, "config": self.config_, "environment": self.environment_,
+            "train_ids": [str(i) for i in self.train_ids_], "train_paths": self.train_paths_,
+            "histories": {n: [getattr(est, "history_", None) for est in self.learners_[n]] for n in names},
         }
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, default=_json_default)
@@ -469,6 +485,17 @@ class Ensemble:
         ens.meta_ = load_estimator(os.path.join(directory, "meta"))
         ens.scores_ = manifest.get("scores", {})
         ens.skipped_ = manifest.get("skipped", {})
+        ens.meta_importance_ = manifest.get("meta_importance", {})
+        ens.config_ = manifest.get("config", {})
+        ens.environment_ = manifest.get("environment", {})
+        ens.train_ids_ = manifest.get("train_ids", [])
+        ens.train_paths_ = manifest.get("train_paths", [])
+        oof_path = os.path.join(directory, "oof.npz")
+        if os.path.exists(oof_path):
+            with np.load(oof_path, allow_pickle=False) as oof:
+                ens.y_ = oof["y"]
+                ens.meta_oof_proba_ = oof["ensemble"]
+                ens.oof_proba_ = {lr["name"]: oof[f"learner_{i}"] for i, lr in enumerate(manifest["learners"])}
         return ens
 
 
@@ -506,6 +533,55 @@ def read_manifest(directory) -> dict:
             f"{directory} was saved in format version {version}; this stacker ({__version__}) reads version "
             f"{FORMAT_VERSION}. Refit the ensemble or use the stacker release that wrote it.")
     return manifest
+
+
+def _meta_blocks(names, proba_dims, feature_dims, meta_inputs) -> dict:
+    """Column indices of each learner's inputs in the meta matrix (see ``meta_matrix``)."""
+    blocks = {n: [] for n in names}
+    col = 0
+    if meta_inputs in ("proba", "both"):
+        for n, d in zip(names, proba_dims):
+            blocks[n] += list(range(col, col + d))
+            col += d
+    if meta_inputs in ("features", "both"):
+        for n, d in zip(names, feature_dims):
+            blocks[n] += list(range(col, col + d))
+            col += d
+    return blocks
+
+
+def _permutation_importance(meta, Z, y, blocks: dict, k: int, seed: int, repeats: int = 3) -> dict:
+    """How much the meta-learner's log loss grows when one learner's inputs are shuffled across rows."""
+    rng = np.random.default_rng(seed)
+    base = log_loss(y, _clip(_align(meta, meta.predict_proba(Z), k)), labels=np.arange(k))
+    out = {}
+    for name, cols in blocks.items():
+        losses = []
+        for _ in range(repeats):
+            Zp = Z.copy()
+            Zp[:, cols] = Z[rng.permutation(len(Z))][:, cols]
+            losses.append(log_loss(y, _clip(_align(meta, meta.predict_proba(Zp), k)), labels=np.arange(k)))
+        out[name] = float(np.mean(losses) - base)
+    return out
+
+
+def environment() -> dict:
+    """Versions of what decides the numbers (for reports and manifests)."""
+    import platform
+
+    import h5py
+    import keras
+    import sklearn
+
+    try:
+        import tensorflow as tf
+
+        tf_version = tf.__version__
+    except ImportError:  # pragma: no cover - tensorflow is a dependency
+        tf_version = None
+    return {"stacker": __version__, "python": platform.python_version(), "platform": platform.platform(),
+            "tensorflow": tf_version, "keras": keras.__version__, "numpy": np.__version__,
+            "scikit-learn": sklearn.__version__, "h5py": h5py.__version__}
 
 
 def _align(est, proba, k: int) -> np.ndarray:

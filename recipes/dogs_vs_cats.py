@@ -100,6 +100,9 @@ def main(argv=None) -> int:
             positive="dog" if "dog" in ens.classes_ else None, eps=args.eps, expected_ids=expected,
             sample_submission=sample if (os.path.exists(sample) and not args.quick) else None)
         print(f"submission: {path} ({len(test)} rows, P({'dog' if 'dog' in ens.classes_ else ens.classes_[1]}))")
+    from stacker.report import report
+
+    print(f"report: {report(args.out)}")
     t_total = time.perf_counter() - t_start
     with open(os.path.join(args.out, "run.json"), "w") as f:
         json.dump({"fit_s": t_fit, "total_s": t_total, "backbones": backbones, "folds": folds,

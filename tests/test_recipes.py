@@ -27,7 +27,7 @@ def test_dogs_vs_cats_quick_end_to_end(kaggle_dir, tmp_path):
             "--meta", "logistic", "--folds", "3"]
     stdout = run("dogs_vs_cats.py", *args)
     assert "Out-of-fold leaderboard" in stdout and "ensemble" in stdout
-    assert (out / "manifest.json").exists()
+    assert (out / "manifest.json").exists() and (out / "report.html").exists()
     with open(out / "submission.csv", newline="") as f:
         sub = list(csv.reader(f))
     assert sub[0] == ["id", "label"] and [r[0] for r in sub[1:]] == [str(i) for i in range(1, 13)]

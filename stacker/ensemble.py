@@ -69,8 +69,12 @@ def _clip(proba) -> np.ndarray:
 
 def _score(y, proba, n_classes) -> dict:
     proba = _clip(proba)
-    return {"accuracy": float(accuracy_score(y, proba.argmax(1))),
-            "log_loss": float(log_loss(y, proba, labels=np.arange(n_classes)))}
+    out = {"accuracy": float(accuracy_score(y, proba.argmax(1))),
+           "log_loss": float(log_loss(y, proba, labels=np.arange(n_classes)))}
+    if n_classes > 5:
+        top5 = np.argsort(-proba, axis=1)[:, :5]
+        out["top5_accuracy"] = float((top5 == np.asarray(y)[:, None]).any(axis=1).mean())
+    return out
 
 
 class Ensemble:
@@ -105,6 +109,8 @@ class Ensemble:
         Offline weight files (default ``$STACKER_WEIGHTS_DIR``).
     on_bad_image : {"raise", "skip"}
         Policy for unusable image files.
+    resize : {"bilinear", "bicubic"}
+        How images are resized to each backbone's input size.
     verbose : int
 
     Attributes
@@ -132,7 +138,8 @@ class Ensemble:
 
     def __init__(self, backbones=("efficientnet_lite0",), weights="imagenet", head="dense", meta="dense",
                  meta_inputs="proba", cv=5, random_state=0, input_size=None, batch_size=32,
-                 feature_dtype="float32", cache_dir=None, weights_dir=None, on_bad_image="raise", verbose=1):
+                 feature_dtype="float32", cache_dir=None, weights_dir=None, on_bad_image="raise", resize="bilinear",
+                 verbose=1):
         self.backbones = backbones
         self.weights = weights
         self.head = head
@@ -146,6 +153,7 @@ class Ensemble:
         self.cache_dir = cache_dir
         self.weights_dir = weights_dir
         self.on_bad_image = on_bad_image
+        self.resize = resize
         self.verbose = verbose
 
     # ------------------------------------------------------------------ helpers
@@ -161,7 +169,7 @@ class Ensemble:
         return FeatureExtractor(spec["backbone"], weights=spec["weights"], input_size=spec["input_size"],
                                 batch_size=self.batch_size, feature_dtype=self.feature_dtype,
                                 cache_dir=self.cache_dir, weights_dir=self.weights_dir,
-                                on_bad_image=self.on_bad_image, verbose=self.verbose)
+                                on_bad_image=self.on_bad_image, resize=self.resize, verbose=self.verbose)
 
     def _validate(self, data: _images.ImageSet):
         if self.meta_inputs not in META_INPUTS:
@@ -210,7 +218,8 @@ class Ensemble:
             n_fwd = forward_pass_count() - before
             dt = time.perf_counter() - t0
             timings[s["name"]] = {"extract_s": dt, "forward_images": n_fwd,
-                                  "s_per_image": dt / n_fwd if n_fwd else None}
+                                  "s_per_image": dt / n_fwd if n_fwd else None,
+                                  "inference_s_per_image": self.extractors_[s["name"]].seconds_per_image()}
             feats[s["name"]] = f
             skipped.update({data.paths[r]: reason for r, reason in f.skipped.items()})
             kept = np.intersect1d(kept, f.kept)
@@ -242,15 +251,27 @@ class Ensemble:
             if cached:
                 folds = [load_estimator(os.path.join(cached, f"fold{i}")) for i in range(self.cv)]
                 oof = np.load(os.path.join(cached, "oof.npy"))
+                timing_file = os.path.join(cached, "timing.json")
+                first_fit_s = None
+                if os.path.exists(timing_file):
+                    with open(timing_file) as f:
+                        first_fit_s = json.load(f).get("train_s")
                 self._log(f"{name}: out-of-fold predictions from the cache")
             else:
                 folds, oof = self._fit_folds(name, s["head"], X[name], y, k)
+                first_fit_s = time.perf_counter() - t0
                 if store:
                     with store.put(key) as tmp:
                         for i, est in enumerate(folds):
                             save_estimator(est, os.path.join(tmp, f"fold{i}"))
                         np.save(os.path.join(tmp, "oof.npy"), oof)
+                        with open(os.path.join(tmp, "timing.json"), "w") as f:
+                            json.dump({"train_s": first_fit_s}, f)
             timings[name]["train_s"] = time.perf_counter() - t0
+            epochs = sum(len((getattr(est, "history_", None) or {}).get("loss", [])) for est in folds)
+            timings[name]["head_fit_s"] = first_fit_s
+            timings[name]["epochs"] = epochs
+            timings[name]["s_per_epoch"] = first_fit_s / epochs if epochs and first_fit_s else None
             self.learners_[name], self.oof_proba_[name] = folds, oof
 
         t0 = time.perf_counter()
@@ -430,7 +451,7 @@ class Ensemble:
             "format": "stacker-ensemble", "format_version": FORMAT_VERSION, "stacker_version": __version__,
             "classes": self.classes_, "learners": learners, "meta": _describe(self.meta),
             "meta_inputs": self.meta_inputs, "cv": self.cv, "random_state": self.random_state,
-            "feature_dtype": self.feature_dtype, "batch_size": self.batch_size,
+            "feature_dtype": self.feature_dtype, "batch_size": self.batch_size, "resize": self.resize,
             "scores": self.scores_, "skipped": self.skipped_, "files": files,
             "meta_importance": self.meta_importance_, "config": self.config_, "environment": self.environment_,
             "train_ids": [str(i) for i in self.train_ids_], "train_paths": self.train_paths_,
@@ -464,7 +485,8 @@ class Ensemble:
                              for lr in manifest["learners"]],
                   meta=manifest["meta"], meta_inputs=manifest["meta_inputs"], cv=manifest["cv"],
                   random_state=manifest["random_state"], feature_dtype=manifest["feature_dtype"],
-                  batch_size=manifest.get("batch_size", 32), cache_dir=cache_dir, verbose=verbose)
+                  batch_size=manifest.get("batch_size", 32), cache_dir=cache_dir, verbose=verbose,
+                  resize=manifest.get("resize", "bilinear"))
         ens.classes_ = manifest["classes"]
         ens.specs_ = []
         ens.extractors_, ens.learners_, ens.learner_keys_ = {}, {}, {}
@@ -478,7 +500,7 @@ class Ensemble:
             ens.extractors_[lr["name"]] = FeatureExtractor(
                 lr["backbone"], weights=None, input_size=lr["input_size"], batch_size=ens.batch_size,
                 feature_dtype=ens.feature_dtype, cache_dir=cache_dir, verbose=verbose, model=model,
-                weights_id=lr["weights_id"], on_bad_image=ens.on_bad_image)
+                weights_id=lr["weights_id"], on_bad_image=ens.on_bad_image, resize=ens.resize)
             ens.learners_[lr["name"]] = [load_estimator(os.path.join(directory, stem)) for stem in lr["folds"]]
             if lr.get("learner_key"):
                 ens.learner_keys_[lr["name"]] = lr["learner_key"]
@@ -638,13 +660,15 @@ def _as_image_set(images, labelled: bool = False) -> _images.ImageSet:
 
 def format_leaderboard(scores: dict) -> str:
     """Text table of accuracy, log loss and timings per learner and for the ensemble."""
-    rows = [("learner", "accuracy", "log_loss", "extract_s", "ms/image", "train_s", "dim")]
+    top5 = any("top5_accuracy" in s for s in scores.values())
+    rows = [("learner", "accuracy") + (("top5",) if top5 else ()) + ("log_loss", "extract_s", "ms/image",
+                                                                      "train_s", "dim")]
     for name, s in scores.items():
         spi = s.get("s_per_image")
-        rows.append((name, f"{s['accuracy']:.4f}", f"{s['log_loss']:.4f}",
-                     f"{s['extract_s']:.1f}" if "extract_s" in s else "",
-                     f"{spi * 1000:.1f}" if spi else "cached" if "extract_s" in s else "",
-                     f"{s.get('train_s', 0):.1f}", str(s.get("feature_dim", ""))))
+        rows.append((name, f"{s['accuracy']:.4f}") + ((f"{s.get('top5_accuracy', 0):.4f}",) if top5 else ()) + (
+            f"{s['log_loss']:.4f}", f"{s['extract_s']:.1f}" if "extract_s" in s else "",
+            f"{spi * 1000:.1f}" if spi else "cached" if "extract_s" in s else "",
+            f"{s.get('train_s', 0):.1f}", str(s.get("feature_dim", ""))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]

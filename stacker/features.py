@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,6 +98,8 @@ class FeatureExtractor:
         What to do with a file that is not a usable image.
     verbose : int
         0 silent, 1 progress bar.
+    resize : {"bilinear", "bicubic"}
+        How images are resized to the input size (antialiased).
     model : keras.Model, optional
         A ready model (e.g. loaded from a saved ensemble) with ``weights_id``.
     weights_id : str, optional
@@ -105,11 +108,14 @@ class FeatureExtractor:
 
     def __init__(self, backbone, weights="imagenet", input_size=None, batch_size=32, feature_dtype="float32",
                  cache_dir=None, weights_dir=None, chunk_size=256, on_bad_image="raise", verbose=1,
-                 model=None, weights_id=None):
+                 model=None, weights_id=None, resize="bilinear"):
         if on_bad_image not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
         if np.dtype(feature_dtype) not in (np.float16, np.float32):
             raise ValueError(f"feature_dtype must be float16 or float32, got {feature_dtype!r}")
+        if resize not in _images.RESIZE_METHODS:
+            raise ValueError(f"resize must be one of {_images.RESIZE_METHODS}, got {resize!r}")
+        self.resize = resize
         self.backbone = backbone
         self.weights = weights
         self.input_size = input_size
@@ -146,7 +152,7 @@ class FeatureExtractor:
             "input_size": self.size,
             "preprocessing": self.cfg.preprocessing,
             "weights": self.weights_id,
-            "pipeline": "decode-rgb|exif|bilinear-antialias|float32",
+            "pipeline": f"decode-rgb|exif|{self.resize}-antialias|float32",
             "code": _code_fingerprint(),
         }
 
@@ -203,6 +209,12 @@ class FeatureExtractor:
                 np.zeros((0, self.cfg.feature_dim), self.feature_dtype)
         return Features(values, kept, skipped)
 
+    def seconds_per_image(self) -> float | None:
+        """Measured decode + forward time per image, from when the cached features were computed."""
+        if self.cache_dir is None:
+            return None
+        return FeatureCache(self.cache_dir).entry(self.key_meta(), self.cfg.feature_dim, self.feature_dtype).timing()
+
     def transform(self, images) -> np.ndarray:
         """Feature matrix ``(n, feature_dim)``; raises if any image is unusable."""
         feats = self.extract(images)
@@ -212,7 +224,7 @@ class FeatureExtractor:
 
     def transform_arrays(self, arrays) -> np.ndarray:
         """Features of in-memory images (NumPy arrays or PIL images); not cached."""
-        out = [self._run(batch) for batch in _images.array_batches(arrays, self.size, self.batch_size)]
+        out = [self._run(batch) for batch in _images.array_batches(arrays, self.size, self.batch_size, self.resize)]
         return np.concatenate(out).astype(self.feature_dtype) if out else np.zeros((0, self.cfg.feature_dim))
 
     def _compute(self, images, todo, fps, entry):
@@ -225,12 +237,14 @@ class FeatureExtractor:
         if good.size == 0:
             return computed, skipped
         orient = np.array([orientations[i] for i, r in enumerate(todo) if int(r) not in skipped], dtype=np.int32)
-        ds = _images.pixel_batches([images.paths[i] for i in good], self.size, self.batch_size, orient, rows=good)
+        ds = _images.pixel_batches([images.paths[i] for i in good], self.size, self.batch_size, orient, rows=good,
+                                   method=self.resize)
         bar = keras.utils.Progbar(good.size, unit_name="image") if self.verbose else None
         if bar is not None:
             print(f"{self.cfg.name}: extracting features of {good.size} images at {self.size}px")
         pending_rows, pending_feats = [], []
         seen = set()
+        clock = [time.perf_counter()]
 
         def flush():
             if not pending_rows:
@@ -239,8 +253,11 @@ class FeatureExtractor:
             feats = np.concatenate(pending_feats)
             if entry is not None:
                 labels = images.labels
+                now = time.perf_counter()
                 entry.append([fps[i] for i in rows], feats, [images.ids[i] for i in rows],
-                             [None if labels is None else labels[i] for i in rows], [images.paths[i] for i in rows])
+                             [None if labels is None else labels[i] for i in rows], [images.paths[i] for i in rows],
+                             seconds=now - clock[0])
+                clock[0] = now
             else:
                 computed.update({int(r): f for r, f in zip(rows, feats)})
             pending_rows.clear()

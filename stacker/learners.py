@@ -45,6 +45,9 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
     label_smoothing : float
     l2 : float
         L2 penalty on the dense kernels.
+    batch_norm : bool
+        Batch normalisation before each dropout (the ResNet50 tutorial's head:
+        BN -> dropout -> dense 512 -> BN -> dropout -> softmax).
     random_state : int
         Seeds weight initialisation, dropout, shuffling and the validation split.
     verbose : int
@@ -58,8 +61,10 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, hidden=(), dropout=0.2, epochs=200, batch_size=64, learning_rate=1e-3, patience=10,
-                 validation_fraction=0.1, label_smoothing=0.0, l2=1e-4, random_state=0, verbose=0):
+                 validation_fraction=0.1, label_smoothing=0.0, l2=1e-4, batch_norm=False, random_state=0,
+                 verbose=0):
         self.hidden = hidden
+        self.batch_norm = batch_norm
         self.dropout = dropout
         self.epochs = epochs
         self.batch_size = batch_size
@@ -79,9 +84,13 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         x = layers.Normalization(mean=X.mean(axis=0), variance=X.var(axis=0), name="standardize")(inputs)
         reg = keras.regularizers.L2(self.l2) if self.l2 else None
         for i, width in enumerate(self.hidden):
+            if self.batch_norm:
+                x = layers.BatchNormalization(name=f"bn{i}")(x)
             if self.dropout:
                 x = layers.Dropout(self.dropout, seed=self.random_state + i, name=f"dropout{i}")(x)
             x = layers.Dense(width, activation="relu", kernel_regularizer=reg, name=f"dense{i}")(x)
+        if self.batch_norm:
+            x = layers.BatchNormalization(name="bn_top")(x)
         if self.dropout:
             x = layers.Dropout(self.dropout, seed=self.random_state + 99, name="dropout_top")(x)
         outputs = layers.Dense(n_classes, activation="softmax", kernel_regularizer=reg, name="softmax")(x)
@@ -168,13 +177,15 @@ def _jsonable(params: dict) -> dict:
 
 
 def make_head(spec="dense", random_state: int = 0):
-    """A fresh base-learner estimator from ``"dense"``, ``"logistic"`` or a scikit-learn classifier."""
+    """A fresh base-learner estimator from ``"dense"``, ``"resnet"``, ``"logistic"`` or a scikit-learn classifier."""
     if isinstance(spec, str):
         if spec == "dense":
             return DenseClassifier(random_state=random_state)
+        if spec == "resnet":
+            return DenseClassifier(hidden=(512,), batch_norm=True, dropout=0.5, random_state=random_state)
         if spec == "logistic":
             return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-        raise ValueError(f"unknown head {spec!r}; use 'dense', 'logistic' or a scikit-learn classifier")
+        raise ValueError(f"unknown head {spec!r}; use 'dense', 'resnet', 'logistic' or a scikit-learn classifier")
     if not hasattr(spec, "fit") or not hasattr(spec, "predict_proba"):
         raise TypeError(f"a head must have fit and predict_proba; got {type(spec).__name__}")
     est = clone(spec)

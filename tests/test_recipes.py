@@ -38,3 +38,121 @@ def test_dogs_vs_cats_quick_end_to_end(kaggle_dir, tmp_path):
 
 def test_recipe_help():
     assert "--quick" in run("dogs_vs_cats.py", "--help")
+
+
+TINY_ARGS = ["--backbones", "tiny_cnn", "--image-size", "32", "--weights", "none", "--head", "logistic",
+             "--meta", "logistic", "--quick"]
+
+
+def test_caltech101_quick(tmp_path):
+    from conftest import make_image
+
+    root = tmp_path / "101_ObjectCategories"
+    for j, c in enumerate(["accordion", "BACKGROUND_Google", "camera", "dolphin", "Faces"]):
+        (root / c).mkdir(parents=True)
+        for i in range(8 + j):
+            make_image(root / c / f"image_{i:04d}.jpg", (40 * j, 200 - 30 * j, 90), seed=i + 10 * j)
+    out = tmp_path / "out"
+    stdout = run("caltech101.py", "--data", str(root), "--out", str(out), "--cache", str(tmp_path / "c"),
+                 *TINY_ARGS)
+    assert "top5" not in stdout.split("Out-of-fold leaderboard")[0]
+    info = json.loads((out / "run.json").read_text())
+    assert info["n_train"] == 8 + 10 + 11 + 12  # BACKGROUND_Google ignored
+    import stacker
+
+    res = stacker.predict([str(root / "camera" / "image_0000.jpg")], model=out)
+    assert res.classes == ["Faces", "accordion", "camera", "dolphin"]
+    assert (out / "report.html").exists()
+
+
+def _write_cifar100(root, n_train=60, n_test=20, classes=4):
+    """A tiny CIFAR-100 in the exact official python format (pickled dicts with bytes keys)."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    names = [f"class{i:02d}".encode() for i in range(100)]
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = [i % classes for i in range(n)]
+        base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]], dtype=np.float64)
+        pix = np.clip(base[labels][:, :, None] + rng.normal(0, 20, (n, 3, 1024)), 0, 255).astype(np.uint8)
+        with open(root / split, "wb") as f:
+            pickle.dump({b"filenames": [f"img{i}.png".encode() for i in range(n)], b"batch_label": split.encode(),
+                         b"fine_labels": labels, b"coarse_labels": [0] * n, b"data": pix.reshape(n, 3072)}, f,
+                        protocol=2)
+    with open(root / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": names, b"coarse_label_names": [b"x"] * 20}, f, protocol=2)
+
+
+def test_cifar100_quick_on_the_official_format(tmp_path):
+    root = tmp_path / "cifar-100-python"
+    _write_cifar100(root)
+    out = tmp_path / "out"
+    stdout = run("cifar100.py", "--data", str(root), "--out", str(out), "--cache", str(tmp_path / "c"), *TINY_ARGS)
+    assert "validation: accuracy" in stdout and "test: accuracy" in stdout
+    holdout = json.loads((out / "holdout.json").read_text())
+    assert 0 <= holdout["test"]["accuracy"] <= 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resize"] == "bicubic" and manifest["classes"] == ["class00", "class01", "class02", "class03"]
+
+
+def test_cifar100_refuses_a_crafted_pickle(tmp_path):
+    import pickle
+
+    sys.path.insert(0, RECIPES)
+    try:
+        import cifar100
+    finally:
+        sys.path.remove(RECIPES)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (tmp_path / "meta").write_bytes(pickle.dumps({b"fine_label_names": Evil()}))
+    import pytest
+
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        cifar100.read_split(str(tmp_path / "meta"))
+
+
+def test_stanford_dogs_quick(tmp_path):
+    from conftest import make_image
+
+    root = tmp_path / "Images"
+    for j, c in enumerate(["n02085620-Chihuahua", "n02085782-Japanese_spaniel", "n02086240-Shih-Tzu"]):
+        (root / c).mkdir(parents=True)
+        for i in range(9):
+            make_image(root / c / f"{c.split('-')[0]}_{i}.jpg", (60 * j, 100, 200 - 60 * j), seed=i + 20 * j)
+    out = tmp_path / "out"
+    stdout = run("stanford_dogs.py", "--data", str(root), "--out", str(out), "--cache", str(tmp_path / "c"),
+                 *TINY_ARGS)
+    assert "subset of ImageNet" in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["classes"] == ["Chihuahua", "Japanese_spaniel", "Shih-Tzu"]
+    assert "optimistic" in run("stanford_dogs.py", "--help")
+
+
+def test_top5_quick(tmp_path):
+    from conftest import make_image
+
+    photos = [make_image(tmp_path / f"p{i}.jpg", (50 * i, 100, 150), size=(40, 30), seed=i) for i in range(2)]
+    out = tmp_path / "out"
+    stdout = run("top5.py", *map(str, photos), "--models", "tiny_cnn,tiny_cnn", "--weights", "none",
+                 "--out", str(out), "--quick")
+    assert "tiny_cnn:" in stdout
+    report = json.loads((out / "top5.json").read_text())
+    assert len(report) == 2 and len(report[0]["tiny_cnn"]) == 5
+    from PIL import Image
+
+    with Image.open(out / "top5.png") as img:
+        assert img.format == "PNG" and img.size[0] > 400
+
+
+def test_every_recipe_has_help_data_out_quick():
+    for script in ("dogs_vs_cats.py", "caltech101.py", "cifar100.py", "stanford_dogs.py", "top5.py"):
+        text = run(script, "--help")
+        for flag in ("--data", "--out", "--quick"):
+            assert flag in text, (script, flag)

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""ImageNet top-5 of photos with two pretrained models side by side, as text and a bar chart.
+
+    python recipes/top5.py photo1.jpg photo2.jpg
+    python recipes/top5.py --models efficientnet_lite0,efficientnet_lite2 --out artifacts/top5 photos/
+
+No training: each model's 1000-class ImageNet softmax, its five most probable classes
+with human-readable names. Writes OUT/top5.png (one row per photo: the photo, then one
+bar chart per model) and OUT/top5.json.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from stacker.recipe import REPO, SHARED
+
+DEFAULT_PHOTOS = [os.path.join(SHARED, "data", "dogs-vs-cats", "train", f) for f in ("dog.1.jpg", "cat.1.jpg")]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="*", default=DEFAULT_PHOTOS, help="photos or folders")
+    p.add_argument("--data", default=None, help="a folder of photos (same as giving it as an argument)")
+    p.add_argument("--models", default="efficientnet_lite0,efficientnet_lite2")
+    p.add_argument("--out", default=os.path.join(REPO, "artifacts", "top5"))
+    p.add_argument("--weights", default="imagenet", help="'imagenet' or 'none' (random weights, for tests)")
+    p.add_argument("--weights-dir", default=os.path.join(SHARED, "weights"))
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="at most four photos")
+    args = p.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from stacker.cli import _expand
+    from stacker.pretrained import top_k
+
+    paths = _expand(([args.data] if args.data else []) + list(args.images))
+    if args.quick:
+        paths = paths[:4]
+    models = args.models.split(",")
+    weights = None if args.weights == "none" else args.weights
+    results = {m: top_k(paths, backbone=m, k=args.k, weights=weights, weights_dir=args.weights_dir) for m in models}
+    os.makedirs(args.out, exist_ok=True)
+    report = []
+    for i, path in enumerate(paths):
+        print(path)
+        entry = {"path": path}
+        for m in models:
+            rows = results[m].rows(i)
+            entry[m] = [{"id": int(c), "name": n, "probability": float(q)} for c, n, q in rows]
+            print(f"  {m}: " + ", ".join(f"{n} {q:.3f}" for _, n, q in rows))
+        report.append(entry)
+    with open(os.path.join(args.out, "top5.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    fig, axes = plt.subplots(len(paths), 1 + len(models), figsize=(4 + 4.5 * len(models), 2.6 * len(paths)),
+                             squeeze=False)
+    for i, path in enumerate(paths):
+        with Image.open(path) as img:
+            axes[i][0].imshow(np.asarray(img.convert("RGB")))
+        axes[i][0].set_title(os.path.basename(path), fontsize=9)
+        axes[i][0].axis("off")
+        for j, m in enumerate(models, start=1):
+            rows = results[m].rows(i)
+            ax = axes[i][j]
+            ax.barh([n for _, n, _ in rows], [q for _, _, q in rows], color="#1f77b4")
+            ax.invert_yaxis()
+            ax.set_xlim(0, 1)
+            ax.set_title(m, fontsize=9)
+            ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "top5.png"), dpi=90)
+    print(f"wrote {os.path.join(args.out, 'top5.png')} and top5.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -186,8 +186,13 @@ def make_head(spec="dense", random_state: int = 0):
         if spec == "logistic":
             return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
         raise ValueError(f"unknown head {spec!r}; use 'dense', 'resnet', 'logistic' or a scikit-learn classifier")
+    return fresh_estimator(spec, random_state, "a head")
+
+
+def fresh_estimator(spec, random_state: int, role: str):
+    """An unfitted, re-seeded copy of a user's scikit-learn-style classifier."""
     if not hasattr(spec, "fit") or not hasattr(spec, "predict_proba"):
-        raise TypeError(f"a head must have fit and predict_proba; got {type(spec).__name__}")
+        raise TypeError(f"{role} must have fit and predict_proba; got {type(spec).__name__}")
     est = clone(spec)
     if "random_state" in est.get_params():
         est.set_params(random_state=random_state)

@@ -11,13 +11,13 @@ scikit-learn classifier.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
-from .learners import DenseClassifier
+from .learners import DenseClassifier, fresh_estimator
 
 __all__ = ["MeanClassifier", "make_meta", "meta_matrix", "META_INPUTS"]
 
@@ -66,12 +66,7 @@ def make_meta(spec="dense", n_learners: int = 1, random_state: int = 0):
         if spec == "mean":
             return MeanClassifier(n_learners=n_learners)
         raise ValueError(f"unknown meta-learner {spec!r}; use 'dense', 'logistic', 'mean' or an estimator")
-    if not hasattr(spec, "fit") or not hasattr(spec, "predict_proba"):
-        raise TypeError(f"a meta-learner must have fit and predict_proba; got {type(spec).__name__}")
-    est = clone(spec)
-    if "random_state" in est.get_params():
-        est.set_params(random_state=random_state)
-    return est
+    return fresh_estimator(spec, random_state, "a meta-learner")
 
 
 def meta_matrix(probas: list, features: list, meta_inputs: str) -> np.ndarray:

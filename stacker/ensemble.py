@@ -27,7 +27,7 @@ from . import __version__
 from . import backbones as _backbones
 from . import images as _images
 from .cache import ResultStore, stable_hash
-from .features import FeatureExtractor
+from .features import FeatureExtractor, forward_pass_count
 from .learners import load_estimator, make_head, save_estimator
 from .meta import META_INPUTS, make_meta, meta_matrix
 from .torch_checkpoint import sha256_file
@@ -211,8 +211,6 @@ class Ensemble:
         kept = np.arange(len(data))
         for s in specs:
             t0 = time.perf_counter()
-            from .features import forward_pass_count
-
             before = forward_pass_count()
             f = self.extractors_[s["name"]].extract(data)
             n_fwd = forward_pass_count() - before

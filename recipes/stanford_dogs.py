@@ -17,7 +17,7 @@ this machine (as in the Keras fine-tuning example), else EfficientNet-Lite0/1/2.
 import os
 import sys
 
-from stacker.recipe import REPO, SHARED, common_parser, fit_and_save
+from stacker.recipe import SHARED, common_parser, fit_and_save
 
 
 def from_breed_folders(root):

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from stacker.recipe import REPO, SHARED
+from stacker.recipe import REPO, SHARED, weights_arg
 
 DEFAULT_PHOTOS = [os.path.join(SHARED, "data", "dogs-vs-cats", "train", f) for f in ("dog.1.jpg", "cat.1.jpg")]
 
@@ -46,8 +46,8 @@ def main(argv=None) -> int:
     if args.quick:
         paths = paths[:4]
     models = args.models.split(",")
-    weights = None if args.weights == "none" else args.weights
-    results = {m: top_k(paths, backbone=m, k=args.k, weights=weights, weights_dir=args.weights_dir) for m in models}
+    results = {m: top_k(paths, backbone=m, k=args.k, weights=weights_arg(args.weights), weights_dir=args.weights_dir)
+               for m in models}
     os.makedirs(args.out, exist_ok=True)
     report = []
     for i, path in enumerate(paths):

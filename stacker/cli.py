@@ -107,9 +107,9 @@ def _expand(paths) -> list[str]:
 
 def cmd_fit(args) -> int:
     import stacker
+    from stacker.recipe import weights_arg
 
-    weights = None if args.weights.lower() == "none" else args.weights
-    ens = stacker.Ensemble(args.backbones.split(","), weights=weights, head=args.head, meta=args.meta,
+    ens = stacker.Ensemble(args.backbones.split(","), weights=weights_arg(args.weights), head=args.head, meta=args.meta,
                            meta_inputs=args.meta_inputs, cv=args.folds, random_state=args.seed,
                            input_size=args.image_size, cache_dir=args.cache, weights_dir=args.weights_dir,
                            on_bad_image=args.on_bad_image, verbose=0 if args.quiet else 1)

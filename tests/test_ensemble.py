@@ -1,7 +1,6 @@
 """The ensemble: honest out-of-fold stacking, meta-learners, save/load and stacker.predict."""
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -12,6 +12,11 @@ optimistic compared with truly new dog photos.
 Class names are the folder names without their WordNet id (``n02085620-Chihuahua`` ->
 ``Chihuahua``). The default backbone is EfficientNetB0 when its ImageNet weights are on
 this machine (as in the Keras fine-tuning example), else EfficientNet-Lite0/1/2.
+
+Like the Keras example, each base learner is fine-tuned in two phases (a new head on the
+frozen network, then the top blocks unfrozen with a small learning rate, BatchNorm
+frozen), out of fold and on a cut-point cache; the --finetune-* options tune it and
+--frozen switches it off.
 """
 
 import os
@@ -50,7 +55,10 @@ def main(argv=None) -> int:
     p = common_parser(__doc__, os.path.join(SHARED, "data", "stanford-dogs", "Images"), "stanford_dogs", "auto",
                       "efficientnet_lite0", meta="logistic")
     p.add_argument("--tfds", action="store_true", help="read tensorflow_datasets' stanford_dogs (already downloaded)")
+    p.add_argument("--frozen", action="store_true",
+                   help="heads on frozen features only (default: two-phase fine-tuning, as the Keras example)")
     args = p.parse_args(argv)
+    args.finetune = not args.frozen
     root = export_tfds(os.path.join(args.cache, "stanford_dogs_images")) if args.tfds else args.data
     if not os.path.isdir(root):
         raise SystemExit(f"{root} does not exist: pass --data PATH/Images (breed folders) or --tfds")

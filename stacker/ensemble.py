@@ -8,6 +8,11 @@ score is cross-validated over the same folds (the meta-learner is refitted per f
 out-of-fold inputs), so the leaderboard shows honest numbers for every row.
 
 For new images each base learner averages its fold models' probabilities.
+
+A base learner is either a head on frozen pooled features (the default) or, with
+``finetune``, a fine-tuned network (:mod:`stacker.finetune`): then the cached inputs
+are the activations at the cut point, one HDF5 entry per view, and each fold's model
+is the backbone's top blocks plus a head, fine-tuned on the other folds only.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import shutil
 import time
 import warnings
 
+import h5py
 import numpy as np
 from sklearn.metrics import accuracy_score, log_loss
 from sklearn.model_selection import StratifiedKFold
@@ -28,6 +34,7 @@ from . import backbones as _backbones
 from . import images as _images
 from .cache import ResultStore, stable_hash
 from .features import FeatureExtractor, forward_pass_count
+from .finetune import CutPointExtractor, FineTunedClassifier, finetune_params
 from .learners import load_estimator, make_head, save_estimator
 from .meta import META_INPUTS, make_meta, meta_matrix
 from .torch_checkpoint import sha256_file
@@ -42,14 +49,18 @@ class ModelIntegrityError(ValueError):
     """A saved ensemble's files do not match its manifest (tampered, truncated or foreign)."""
 
 
-def _learner_specs(backbones, input_size, weights, head) -> list[dict]:
+def _learner_specs(backbones, input_size, weights, head, finetune=None) -> list[dict]:
     specs = []
     for b in ([backbones] if isinstance(backbones, (str, dict)) else list(backbones)):
         spec = {"backbone": b} if isinstance(b, str) else dict(b)
         spec.setdefault("input_size", input_size)
         spec.setdefault("weights", weights)
         spec.setdefault("head", head)
+        spec["finetune"] = finetune_params(spec.get("finetune", finetune))
         cfg = _backbones.get_cfg(spec["backbone"])
+        if spec["finetune"] and not cfg.block_pattern:
+            raise ValueError(f"backbone {cfg.name} cannot be fine-tuned by blocks (no block_pattern registered); "
+                             "fine-tune another backbone or give this one finetune=None in its spec")
         spec["backbone"] = cfg.name
         size = spec["input_size"] or cfg.input_size
         spec["name"] = spec.get("name") or (cfg.name if not spec["input_size"] else f"{cfg.name}@{size}")
@@ -111,6 +122,12 @@ class Ensemble:
         Policy for unusable image files.
     resize : {"bilinear", "bicubic"}
         How images are resized to each backbone's input size.
+    finetune : None, True or dict
+        Fine-tune every base learner (two phases on a cut-point cache, see
+        :mod:`stacker.finetune`): ``True`` uses CPU defaults
+        (:data:`stacker.finetune.DEFAULT_FINETUNE`); a dict overrides them (``blocks``,
+        ``epochs``, ``learning_rate``, ``batch_size``, ``label_smoothing``, ``mode``,
+        ``tta``, ``train_views``, ``tta_meta``...). A backbone dict may set its own.
     verbose : int
 
     Attributes
@@ -139,7 +156,7 @@ class Ensemble:
     def __init__(self, backbones=("efficientnet_lite0",), weights="imagenet", head="dense", meta="dense",
                  meta_inputs="proba", cv=5, random_state=0, input_size=None, batch_size=32,
                  feature_dtype="float32", cache_dir=None, weights_dir=None, on_bad_image="raise", resize="bilinear",
-                 verbose=1):
+                 finetune=None, verbose=1):
         self.backbones = backbones
         self.weights = weights
         self.head = head
@@ -154,6 +171,7 @@ class Ensemble:
         self.weights_dir = weights_dir
         self.on_bad_image = on_bad_image
         self.resize = resize
+        self.finetune = finetune
         self.verbose = verbose
 
     # ------------------------------------------------------------------ helpers
@@ -165,11 +183,25 @@ class Ensemble:
         if not hasattr(self, "meta_"):
             raise RuntimeError("this Ensemble is not fitted yet: call fit(images) or Ensemble.load(dir)")
 
-    def _extractor(self, spec) -> FeatureExtractor:
-        return FeatureExtractor(spec["backbone"], weights=spec["weights"], input_size=spec["input_size"],
-                                batch_size=self.batch_size, feature_dtype=self.feature_dtype,
-                                cache_dir=self.cache_dir, weights_dir=self.weights_dir,
-                                on_bad_image=self.on_bad_image, resize=self.resize, verbose=self.verbose)
+    def _extractor(self, spec, model=None, weights_id=None) -> FeatureExtractor:
+        kwargs = dict(weights=spec["weights"], input_size=spec["input_size"], batch_size=self.batch_size,
+                      cache_dir=self.cache_dir, weights_dir=self.weights_dir, on_bad_image=self.on_bad_image,
+                      resize=self.resize, verbose=self.verbose, model=model, weights_id=weights_id)
+        ft = spec.get("finetune")
+        if ft:
+            return CutPointExtractor(spec["backbone"], blocks=ft["blocks"], feature_dtype=ft["cut_dtype"], **kwargs)
+        return FeatureExtractor(spec["backbone"], feature_dtype=self.feature_dtype, **kwargs)
+
+    def _views(self, name) -> dict:
+        """View name -> extractor of a learner's cached inputs (only ``original`` unless fine-tuned)."""
+        ext = self.extractors_[name]
+        ft = self._spec(name).get("finetune")
+        views = ["original"] if not ft else list(dict.fromkeys(ft["tta"] + ft["train_views"]))
+        cache = self.__dict__.setdefault("_view_extractors", {})
+        return {v: ext if v == "original" else cache.setdefault((name, v), ext.with_view(v)) for v in views}
+
+    def _spec(self, name) -> dict:
+        return next(s for s in self.specs_ if s["name"] == name)
 
     def _validate(self, data: _images.ImageSet):
         if self.meta_inputs not in META_INPUTS:
@@ -200,8 +232,8 @@ class Ensemble:
         self
         """
         data = _images.load_images(images)
+        specs = _learner_specs(self.backbones, self.input_size, self.weights, self.head, self.finetune)
         self._validate(data)
-        specs = _learner_specs(self.backbones, self.input_size, self.weights, self.head)
         self.classes_ = list(data.classes)
         self.specs_ = specs
         self.extractors_ = {s["name"]: self._extractor(s) for s in specs}
@@ -212,21 +244,24 @@ class Ensemble:
         for s in specs:
             t0 = time.perf_counter()
             before = forward_pass_count()
-            f = self.extractors_[s["name"]].extract(data)
+            for view, ext in self._views(s["name"]).items():
+                f = ext.extract(data)
+                feats[(s["name"], view)] = f
+                skipped.update({data.paths[r]: reason for r, reason in f.skipped.items()})
+                kept = np.intersect1d(kept, f.kept)
             n_fwd = forward_pass_count() - before
             dt = time.perf_counter() - t0
             timings[s["name"]] = {"extract_s": dt, "forward_images": n_fwd,
                                   "s_per_image": dt / n_fwd if n_fwd else None,
                                   "inference_s_per_image": self.extractors_[s["name"]].seconds_per_image()}
-            feats[s["name"]] = f
-            skipped.update({data.paths[r]: reason for r, reason in f.skipped.items()})
-            kept = np.intersect1d(kept, f.kept)
         if skipped:
             warnings.warn(f"{len(skipped)} training images were skipped as unusable; see Ensemble.skipped_")
         self.skipped_ = skipped
         data = data.subset(kept)
         self._validate(data)
-        X = {n: f.values[np.searchsorted(f.kept, kept)] for n, f in feats.items()}
+        inputs = {key: f.values[np.searchsorted(f.kept, kept)] for key, f in feats.items()}
+        del feats
+        X = {s["name"]: inputs[(s["name"], "original")] for s in specs}
         y = data.y
         k = len(self.classes_)
         splitter = StratifiedKFold(n_splits=self.cv, shuffle=True, random_state=self.random_state)
@@ -234,21 +269,26 @@ class Ensemble:
         self.train_ids_ = list(data.ids)
         self.y_ = y
 
-        self.learners_, self.oof_proba_ = {}, {}
+        self.learners_, self.oof_proba_, self.meta_oof_inputs_ = {}, {}, {}
         fp_hash = stable_hash([_images.file_fingerprints(data.paths), data.labels])
         store = ResultStore(os.path.join(self.cache_dir, "learners")) if self.cache_dir else None
         self.learner_keys_ = {}
         for s in specs:
             name = s["name"]
+            ft = s["finetune"]
             key = stable_hash({"features": self.extractors_[name].key_meta(), "images": fp_hash,
                                "head": _describe(s["head"]), "cv": self.cv, "seed": self.random_state,
-                               "stacker": __version__, "dtype": self.feature_dtype})[:24]
+                               "stacker": __version__, "dtype": self.feature_dtype,
+                               **({"finetune": ft, "finetune_code": _finetune_code()} if ft else {})})[:24]
             self.learner_keys_[name] = key
             t0 = time.perf_counter()
             cached = store.get(key) if store else None
+            outputs = None
             if cached:
                 folds = [load_estimator(os.path.join(cached, f"fold{i}")) for i in range(self.cv)]
                 oof = np.load(os.path.join(cached, "oof.npy"))
+                if ft:
+                    outputs = _read_outputs(os.path.join(cached, "outputs.h5"))
                 timing_file = os.path.join(cached, "timing.json")
                 first_fit_s = None
                 if os.path.exists(timing_file):
@@ -256,13 +296,20 @@ class Ensemble:
                         first_fit_s = json.load(f).get("train_s")
                 self._log(f"{name}: out-of-fold predictions from the cache")
             else:
-                folds, oof = self._fit_folds(name, s["head"], X[name], y, k)
+                if ft:
+                    folds, outputs = self._finetune_folds(name, ft, {v: inputs[(name, v)] for v in self._views(name)},
+                                                          y, k, data)
+                    oof = outputs["oof_proba"]
+                else:
+                    folds, oof = self._fit_folds(name, s["head"], X[name], y, k)
                 first_fit_s = time.perf_counter() - t0
                 if store:
                     with store.put(key) as tmp:
                         for i, est in enumerate(folds):
                             save_estimator(est, os.path.join(tmp, f"fold{i}"))
                         np.save(os.path.join(tmp, "oof.npy"), oof)
+                        if ft:
+                            _write_outputs(os.path.join(tmp, "outputs.h5"), outputs)
                         with open(os.path.join(tmp, "timing.json"), "w") as f:
                             json.dump({"train_s": first_fit_s}, f)
             timings[name]["train_s"] = time.perf_counter() - t0
@@ -271,18 +318,30 @@ class Ensemble:
             timings[name]["epochs"] = epochs
             timings[name]["s_per_epoch"] = first_fit_s / epochs if epochs and first_fit_s else None
             self.learners_[name], self.oof_proba_[name] = folds, oof
+            if ft:
+                meta_p = np.concatenate([outputs[f"oof_proba_{v}"] for v in ft["tta"]], axis=1) \
+                    if ft["tta_meta"] == "views" else oof
+                self.meta_oof_inputs_[name] = (meta_p, outputs["oof_features"])
+                timings[name].update({f"phase1_{m}": v for m, v in _score(y, outputs["phase1_oof_proba"], k).items()})
+                timings[name]["phase2_kept"] = sum(bool(getattr(est, "phase2_kept_", False)) for est in folds)
+                timings[name]["views"] = list(ft["tta"])
+            else:
+                self.meta_oof_inputs_[name] = (oof, X[name])
+        del inputs
 
         t0 = time.perf_counter()
         names = [s["name"] for s in specs]
-        Z = meta_matrix([self.oof_proba_[n] for n in names], [X[n] for n in names], self.meta_inputs)
+        meta_p = [self.meta_oof_inputs_[n][0] for n in names]
+        meta_f = [self.meta_oof_inputs_[n][1] for n in names]
+        n_blocks = sum(p.shape[1] // k for p in meta_p)
+        Z = meta_matrix(meta_p, meta_f, self.meta_inputs)
         self.meta_oof_proba_ = np.zeros((len(y), k))
         for i, (tr, va) in enumerate(self.folds_):
-            m = make_meta(self.meta, len(names), self.random_state + i).fit(Z[tr], y[tr])
+            m = make_meta(self.meta, n_blocks, self.random_state + i).fit(Z[tr], y[tr])
             self.meta_oof_proba_[va] = _align(m, m.predict_proba(Z[va]), k)
-        self.meta_ = make_meta(self.meta, len(names), self.random_state).fit(Z, y)
+        self.meta_ = make_meta(self.meta, n_blocks, self.random_state).fit(Z, y)
         timings["ensemble"] = {"train_s": time.perf_counter() - t0}
-        blocks = _meta_blocks(names, [self.oof_proba_[n].shape[1] for n in names],
-                              [X[n].shape[1] for n in names], self.meta_inputs)
+        blocks = _meta_blocks(names, [p.shape[1] for p in meta_p], [f.shape[1] for f in meta_f], self.meta_inputs)
         self.meta_importance_ = _permutation_importance(self.meta_, Z, y, blocks, k, self.random_state)
         self.train_paths_ = list(data.paths)
         self.config_ = {"backbones": [{k2: (v if isinstance(v, (str, int, float, type(None))) else _describe(v))
@@ -295,7 +354,7 @@ class Ensemble:
         self.scores_ = {}
         for n in names:
             self.scores_[n] = {**_score(y, self.oof_proba_[n], k), **timings[n],
-                               "feature_dim": int(X[n].shape[1])}
+                               "feature_dim": int(self.meta_oof_inputs_[n][1].shape[1])}
         self.scores_["ensemble"] = {**_score(y, self.meta_oof_proba_, k), **timings["ensemble"],
                                     "meta": _describe(self.meta), "meta_inputs": self.meta_inputs}
         return self
@@ -311,44 +370,99 @@ class Ensemble:
                       f"{log_loss(y[va], _clip(oof[va]), labels=np.arange(k)):.4f}")
         return folds, oof
 
+    def _finetune_folds(self, name, ft, views, y, k, data):
+        """Fine-tune one model per fold on the other folds; collect out-of-fold outputs per view."""
+        ext = self.extractors_[name]
+        X = views["original"]
+        shape = ext.cut_shape
+        top = ext.frozen_top()
+        pooled = np.concatenate([np.asarray(top(X[i : i + 256].astype(np.float32).reshape((-1,) + shape),
+                                                training=False)) for i in range(0, len(X), 256)])
+        params = {p: v for p, v in ft.items() if p in FineTunedClassifier().get_params()}
+        out = {f"oof_proba_{v}": np.zeros((len(y), k)) for v in ft["tta"]}
+        out["phase1_oof_proba"] = np.zeros((len(y), k))
+        out["oof_features"] = np.zeros((len(y), pooled.shape[1]), dtype=np.float32)
+        folds = []
+        for i, (tr, va) in enumerate(self.folds_):
+            est = FineTunedClassifier(**{**params, "backbone": ext.cfg.name, "weights": self._spec(name)["weights"],
+                                         "input_size": ext.size, "weights_dir": self.weights_dir,
+                                         "random_state": self.random_state + i,
+                                         "verbose": 2 if self.verbose else 0})
+            extra = [views[v][tr] for v in ft["train_views"] if v != "original"]
+            self._log(f"{name}: fine-tuning fold {i + 1}/{self.cv} ({len(tr)} images, views {ft['train_views']})")
+            paths = [data.paths[r] for r in tr]
+            orient = _images.scan_images(paths)[0] if ft.get("mode") == "full" else None
+            est.fit(X[tr], y[tr], views=extra, pooled=pooled[tr], paths=paths, orientations=orient, top=top,
+                    bottom=ext.model)
+            for v in ft["tta"]:
+                out[f"oof_proba_{v}"][va] = _align(est, est.predict_proba(views[v][va]), k)
+            out["phase1_oof_proba"][va] = _align(est.head_, est.head_.predict_proba(pooled[va]), k)
+            out["oof_features"][va] = est.transform(X[va])
+            folds.append(est)
+            mean = np.mean([out[f"oof_proba_{v}"][va] for v in ft["tta"]], axis=0)
+            labels = np.arange(k)
+            self._log(f"{name}: fold {i + 1}/{self.cv} log loss frozen head "
+                      f"{log_loss(y[va], _clip(out['phase1_oof_proba'][va]), labels=labels):.4f} -> fine-tuned "
+                      f"{log_loss(y[va], _clip(mean), labels=labels):.4f}"
+                      f"{'' if est.phase2_kept_ else ' (phase 2 did not improve; phase 1 kept)'}")
+        out["oof_proba"] = np.mean([out[f"oof_proba_{v}"] for v in ft["tta"]], axis=0)
+        return folds, out
+
     # ------------------------------------------------------------------ predict
     def _base_probas(self, images):
-        """Per-learner fold-averaged probabilities and features for ``images``."""
+        """Per learner: fold-averaged probabilities, and the meta-learner's inputs, for ``images``.
+
+        Returns ``(probas, meta_probas, meta_features, kept, skipped)``.
+        """
         self._check_fitted()
         names = [s["name"] for s in self.specs_]
-        if _is_in_memory(images):
+        in_memory = _is_in_memory(images)
+        if in_memory:
             arrays = list(images)
-            probas, feats = [], []
+            kept, skipped = np.arange(len(arrays)), {}
+            inputs = {(n, v): ext.transform_arrays(arrays) for n in names for v, ext in self._views(n).items()}
+            paths = None
+        else:
+            data = _as_image_set(images)
+            kept, skipped, per = np.arange(len(data)), {}, {}
             for n in names:
-                F = self.extractors_[n].transform_arrays(arrays)
-                feats.append(F)
-                probas.append(self._fold_average(n, F))
-            return probas, feats, np.arange(len(arrays)), {}
-        data = _as_image_set(images)
-        probas, feats, kept, skipped = [], [], np.arange(len(data)), {}
-        per = {}
+                for v, ext in self._views(n).items():
+                    f = ext.extract(data)
+                    per[(n, v)] = f
+                    skipped.update(f.skipped)
+                    kept = np.intersect1d(kept, f.kept)
+            inputs = {key: f.values[np.searchsorted(f.kept, kept)] for key, f in per.items()}
+            paths = [data.paths[i] for i in kept]
+        probas, meta_p, meta_f = [], [], []
         for n in names:
-            f = self.extractors_[n].extract(data)
-            per[n] = f
-            skipped.update(f.skipped)
-            kept = np.intersect1d(kept, f.kept)
-        for n in names:
-            f = per[n]
-            F = f.values[np.searchsorted(f.kept, kept)]
-            feats.append(F)
-            probas.append(self._cached_test_proba(n, F, [data.paths[i] for i in kept]))
-        return probas, feats, kept, skipped
+            ft = self._spec(n).get("finetune")
+            per_view = {v: self._cached_test_proba(n, inputs[(n, v)], paths, v) for v in self._tta(n)}
+            proba = np.mean(list(per_view.values()), axis=0)
+            probas.append(proba)
+            meta_p.append(np.concatenate([per_view[v] for v in ft["tta"]], axis=1)
+                          if ft and ft["tta_meta"] == "views" else proba)
+            if self.meta_inputs == "proba":
+                meta_f.append(np.zeros((len(kept), 0), np.float32))
+            elif ft:
+                meta_f.append(np.mean([est.transform(inputs[(n, "original")]) for est in self.learners_[n]], axis=0))
+            else:
+                meta_f.append(inputs[(n, "original")])
+        return probas, meta_p, meta_f, kept, skipped
+
+    def _tta(self, name) -> tuple:
+        ft = self._spec(name).get("finetune")
+        return ft["tta"] if ft else ("original",)
 
     def _fold_average(self, name, F):
         k = len(self.classes_)
         return np.mean([_align(est, est.predict_proba(F), k) for est in self.learners_[name]], axis=0)
 
-    def _cached_test_proba(self, name, F, paths):
+    def _cached_test_proba(self, name, F, paths, view="original"):
         key = getattr(self, "learner_keys_", {}).get(name)
         if not self.cache_dir or key is None or not paths:
             return self._fold_average(name, F)
         store = ResultStore(os.path.join(self.cache_dir, "test_proba"))
-        pkey = stable_hash([key, _images.file_fingerprints(paths)])[:24]
+        pkey = stable_hash([key, _images.file_fingerprints(paths)] + ([view] if view != "original" else []))[:24]
         hit = store.get(pkey)
         if hit:
             return np.load(os.path.join(hit, "proba.npy"))
@@ -363,11 +477,11 @@ class Ensemble:
         ``images``: an ImageSet, a folder, a list of paths, or in-memory images. Rows
         of images skipped under ``on_bad_image="skip"`` are NaN.
         """
-        probas, feats, kept, skipped = self._base_probas(images)
+        _probas, meta_p, meta_f, kept, skipped = self._base_probas(images)
         n = len(kept) + len(skipped)
         out = np.full((n, len(self.classes_)), np.nan)
         if len(kept):
-            Z = meta_matrix(probas, feats, self.meta_inputs)
+            Z = meta_matrix(meta_p, meta_f, self.meta_inputs)
             out[kept] = _align(self.meta_, self.meta_.predict_proba(Z), len(self.classes_))
         self.last_skipped_ = skipped
         return out
@@ -397,11 +511,11 @@ class Ensemble:
         if unknown:
             raise ValueError(f"labels {unknown[:5]} were not among the classes this ensemble was trained on")
         index = {c: i for i, c in enumerate(self.classes_)}
-        probas, feats, kept, _ = self._base_probas(data)
+        probas, meta_p, meta_f, kept, _ = self._base_probas(data)
         y = np.array([index[data.labels[i]] for i in kept])
         k = len(self.classes_)
         out = {s["name"]: _score(y, p, k) for s, p in zip(self.specs_, probas)}
-        Z = meta_matrix(probas, feats, self.meta_inputs)
+        Z = meta_matrix(meta_p, meta_f, self.meta_inputs)
         out["ensemble"] = _score(y, _align(self.meta_, self.meta_.predict_proba(Z), k), k)
         return out
 
@@ -435,11 +549,13 @@ class Ensemble:
                 save_estimator(est, os.path.join(tmp, stem))
             learners.append({"name": n, "backbone": s["backbone"], "input_size": ext.size,
                              "weights_id": ext.weights_id, "backbone_file": bb_file, "folds": folds,
-                             "head": _describe(s["head"]), "learner_key": self.learner_keys_.get(n)})
+                             "head": _describe(s["head"]), "learner_key": self.learner_keys_.get(n),
+                             "finetune": s.get("finetune")})
         save_estimator(self.meta_, os.path.join(tmp, "meta"))
         names = [s["name"] for s in self.specs_]
         np.savez_compressed(os.path.join(tmp, "oof.npz"), y=self.y_, ensemble=self.meta_oof_proba_,
                             **{f"learner_{i}": self.oof_proba_[n] for i, n in enumerate(names)})
+        _write_curves(os.path.join(tmp, "curves.csv"), {n: self.learners_[n] for n in names})
         files = {}
         for root, _dirs, file_names in os.walk(tmp):
             for f in file_names:
@@ -493,12 +609,9 @@ class Ensemble:
             model = keras.saving.load_model(os.path.join(directory, lr["backbone_file"]), safe_mode=True,
                                             compile=False, custom_objects=custom)
             spec = {"backbone": lr["backbone"], "input_size": lr["input_size"], "name": lr["name"],
-                    "weights": None, "head": lr["head"]}
+                    "weights": None, "head": lr["head"], "finetune": finetune_params(lr.get("finetune"))}
             ens.specs_.append(spec)
-            ens.extractors_[lr["name"]] = FeatureExtractor(
-                lr["backbone"], weights=None, input_size=lr["input_size"], batch_size=ens.batch_size,
-                feature_dtype=ens.feature_dtype, cache_dir=cache_dir, verbose=verbose, model=model,
-                weights_id=lr["weights_id"], on_bad_image=ens.on_bad_image, resize=ens.resize)
+            ens.extractors_[lr["name"]] = ens._extractor(spec, model=model, weights_id=lr["weights_id"])
             ens.learners_[lr["name"]] = [load_estimator(os.path.join(directory, stem)) for stem in lr["folds"]]
             if lr.get("learner_key"):
                 ens.learner_keys_[lr["name"]] = lr["learner_key"]
@@ -517,6 +630,47 @@ class Ensemble:
                 ens.meta_oof_proba_ = oof["ensemble"]
                 ens.oof_proba_ = {lr["name"]: oof[f"learner_{i}"] for i, lr in enumerate(manifest["learners"])}
         return ens
+
+
+def _finetune_code() -> str:
+    """Hash of the fine-tuning code: a learner cache made by other training code is not reused."""
+    import inspect
+
+    from . import finetune
+
+    return hashlib.sha256(inspect.getsource(finetune).encode()).hexdigest()[:16]
+
+
+def _write_outputs(path: str, outputs: dict) -> None:
+    """A fine-tuned learner's out-of-fold outputs (per-view probabilities, pooled features) as HDF5."""
+    with h5py.File(path, "w") as f:
+        for name, values in outputs.items():
+            f.create_dataset(name, data=values, compression="gzip" if values.size > 65536 else None)
+
+
+def _read_outputs(path: str) -> dict:
+    with h5py.File(path, "r") as f:
+        return {name: f[name][()] for name in f}
+
+
+def _write_curves(path: str, learners: dict) -> None:
+    """Every fold's per-epoch training curves as one CSV (learner, fold, phase, epoch, metrics)."""
+    import csv
+
+    rows = []
+    for name, folds in learners.items():
+        for i, est in enumerate(folds):
+            h = getattr(est, "history_", None) or {}
+            n = len(h.get("loss", []))
+            split = int(h.get("phase1_epochs", n))
+            for e in range(n):
+                rows.append({"learner": name, "fold": i, "phase": "head" if e < split else "finetune",
+                             "epoch": e + 1, **{m: h[m][e] for m in ("loss", "accuracy", "val_loss", "val_accuracy")
+                                                 if m in h and e < len(h[m]) and h[m][e] is not None}})
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, ["learner", "fold", "phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"])
+        w.writeheader()
+        w.writerows(rows)
 
 
 def _publish(tmp: str, directory: str) -> None:

@@ -148,7 +148,8 @@ class FeatureExtractor:
     def key_meta(self) -> dict:
         return {
             "backbone": self.cfg.name,
-            "cfg": self.cfg.to_dict(),
+            # block_pattern only matters for fine-tuning, not for feature values
+            "cfg": {k: v for k, v in self.cfg.to_dict().items() if k != "block_pattern"},
             "input_size": self.size,
             "preprocessing": self.cfg.preprocessing,
             "weights": self.weights_id,
@@ -162,6 +163,10 @@ class FeatureExtractor:
             self._model = _backbones.build(self.cfg.name, weights=self.weights, input_size=self.size,
                                            weights_dir=self.weights_dir)
         return self._model
+
+    def row_dim(self) -> int:
+        """Width of one cached row."""
+        return self.cfg.feature_dim
 
     @property
     def feature_dim(self) -> int:
@@ -187,7 +192,7 @@ class FeatureExtractor:
         fps = _images.file_fingerprints(images.paths) if n else []
         entry = None
         if self.cache_dir is not None:
-            entry = FeatureCache(self.cache_dir).entry(self.key_meta(), self.cfg.feature_dim, self.feature_dtype)
+            entry = FeatureCache(self.cache_dir).entry(self.key_meta(), self.row_dim(), self.feature_dtype)
             found = entry.lookup(fps)
         else:
             found = np.full(n, -1, dtype=np.int64)
@@ -206,14 +211,14 @@ class FeatureExtractor:
             values = entry.read(rows)
         else:
             values = np.stack([computed[i] for i in kept]).astype(self.feature_dtype) if kept.size else \
-                np.zeros((0, self.cfg.feature_dim), self.feature_dtype)
+                np.zeros((0, self.row_dim()), self.feature_dtype)
         return Features(values, kept, skipped)
 
     def seconds_per_image(self) -> float | None:
         """Measured decode + forward time per image, from when the cached features were computed."""
         if self.cache_dir is None:
             return None
-        return FeatureCache(self.cache_dir).entry(self.key_meta(), self.cfg.feature_dim, self.feature_dtype).timing()
+        return FeatureCache(self.cache_dir).entry(self.key_meta(), self.row_dim(), self.feature_dtype).timing()
 
     def transform(self, images) -> np.ndarray:
         """Feature matrix ``(n, feature_dim)``; raises if any image is unusable."""
@@ -225,7 +230,7 @@ class FeatureExtractor:
     def transform_arrays(self, arrays) -> np.ndarray:
         """Features of in-memory images (NumPy arrays or PIL images); not cached."""
         out = [self._run(batch) for batch in _images.array_batches(arrays, self.size, self.batch_size, self.resize)]
-        return np.concatenate(out).astype(self.feature_dtype) if out else np.zeros((0, self.cfg.feature_dim))
+        return np.concatenate(out).astype(self.feature_dtype) if out else np.zeros((0, self.row_dim()))
 
     def _compute(self, images, todo, fps, entry):
         import keras

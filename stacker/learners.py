@@ -200,8 +200,8 @@ def fresh_estimator(spec, random_state: int, role: str):
 
 
 def save_estimator(est, path_stem: str) -> list[str]:
-    """Save a fitted estimator: Keras-backed ones as ``.keras`` + JSON, others with joblib."""
-    if isinstance(est, DenseClassifier):
+    """Save a fitted estimator: Keras-backed ones (with ``save``/``load``) as ``.keras`` + JSON, others with joblib."""
+    if hasattr(est, "save") and hasattr(type(est), "load"):
         return est.save(path_stem)
     joblib.dump(est, path_stem + ".joblib")
     return [path_stem + ".joblib"]
@@ -210,5 +210,11 @@ def save_estimator(est, path_stem: str) -> list[str]:
 def load_estimator(path_stem: str):
     """Load what :func:`save_estimator` wrote. Only call on files whose checksums were verified."""
     if os.path.exists(path_stem + ".keras"):
+        with open(path_stem + ".json") as f:
+            info = json.load(f)
+        if info.get("estimator") == "FineTunedClassifier":
+            from .finetune import FineTunedClassifier  # finetune builds on this module
+
+            return FineTunedClassifier.load(path_stem, info)
         return DenseClassifier.load(path_stem)
     return joblib.load(path_stem + ".joblib")

@@ -11,7 +11,7 @@ import json
 import os
 import time
 
-__all__ = ["REPO", "SHARED", "common_parser", "fit_and_save", "weights_arg"]
+__all__ = ["REPO", "SHARED", "common_parser", "finetune_arg", "fit_and_save", "weights_arg"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(REPO, "..", "shared")
@@ -41,12 +41,58 @@ def common_parser(doc: str, data: str, out: str, backbones: str, quick_backbones
     p.add_argument("--quick", action="store_true", help="a few hundred images, small backbones, 3 folds")
     p.add_argument("--train-limit", type=int, default=None, help="use a stratified sample of this many images")
     p.add_argument("--quiet", action="store_true")
+    ft = p.add_argument_group("fine-tuning (--finetune: two phases on a cut-point cache; see stacker.finetune)")
+    ft.add_argument("--finetune", action="store_true",
+                    help="fine-tune every base learner (CPU defaults: last 2 blocks, 8 epochs, flip view + TTA)")
+    ft.add_argument("--finetune-blocks", type=int, default=None, help="whole blocks to unfreeze from the top")
+    ft.add_argument("--finetune-epochs", type=int, default=None, help="phase-2 epochs (early stopping may end sooner)")
+    ft.add_argument("--finetune-lr", type=float, default=None, help="phase-2 learning rate")
+    ft.add_argument("--finetune-batch-size", type=int, default=None)
+    ft.add_argument("--label-smoothing", type=float, default=None)
+    ft.add_argument("--finetune-mode", choices=["cached", "full"], default=None,
+                    help="'cached' (default): train on cached cut-point activations; 'full': run the whole "
+                         "network every epoch with random augmentation (slower)")
+    ft.add_argument("--tta", default=None,
+                    help="comma-separated views averaged at test time and cached for training, "
+                         "from original,flip,center_crop (default original,flip)")
     p.set_defaults(default_backbones=backbones, quick_backbones=quick_backbones)
     return p
 
 
 def weights_arg(value: str):
     return None if value.lower() == "none" else value
+
+
+def finetune_arg(args):
+    """The ``Ensemble(finetune=...)`` value the fine-tuning options describe (None without --finetune)."""
+    if not getattr(args, "finetune", False):
+        return None
+    options = {"blocks": args.finetune_blocks, "epochs": args.finetune_epochs, "learning_rate": args.finetune_lr,
+               "batch_size": args.finetune_batch_size, "label_smoothing": args.label_smoothing,
+               "mode": args.finetune_mode}
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.tta:
+        views = tuple(v.strip() for v in args.tta.split(",") if v.strip())
+        options["tta"] = options["train_views"] = views
+    if args.quick:
+        options.setdefault("epochs", 2)
+        options.setdefault("head_epochs", 30)
+    return options or True
+
+
+def finetune_table(scores: dict) -> str:
+    """Frozen-head versus fine-tuned out-of-fold scores of every fine-tuned learner ('' if none)."""
+    rows = [(n, s) for n, s in scores.items() if "phase1_log_loss" in s]
+    if not rows:
+        return ""
+    head = f"{'learner':20s} {'frozen_ll':>9s} {'tuned_ll':>9s} {'frozen_acc':>10s} {'tuned_acc':>9s} " \
+           f"{'kept':>5s} {'extract_s':>9s} {'train_s':>8s}"
+    lines = [head, "-" * len(head)]
+    for n, s in rows:
+        lines.append(f"{n:20s} {s['phase1_log_loss']:9.4f} {s['log_loss']:9.4f} {s['phase1_accuracy']:10.4f} "
+                     f"{s['accuracy']:9.4f} {s.get('phase2_kept', 0):5d} {s.get('extract_s', 0):9.1f} "
+                     f"{s.get('train_s', 0):8.1f}")
+    return "\n".join(lines)
 
 
 def fit_and_save(args, train, quick_limit: int = 200, extra: dict | None = None):
@@ -67,15 +113,19 @@ def fit_and_save(args, train, quick_limit: int = 200, extra: dict | None = None)
     ens = stacker.Ensemble(backbones, weights=weights_arg(args.weights), head=args.head, meta=args.meta,
                            meta_inputs=args.meta_inputs, cv=folds, random_state=args.seed,
                            input_size=args.image_size, cache_dir=args.cache, weights_dir=args.weights_dir,
-                           feature_dtype=args.feature_dtype, resize=args.resize, verbose=0 if args.quiet else 1)
+                           feature_dtype=args.feature_dtype, resize=args.resize, finetune=finetune_arg(args),
+                           verbose=0 if args.quiet else 1)
     ens.fit(train)
     fit_s = time.perf_counter() - t0
     board = ens.leaderboard()
     print("\nOut-of-fold leaderboard:\n" + board)
+    tuned = finetune_table(ens.scores_)
+    if tuned:
+        print("\nFine-tuning (out-of-fold; frozen head = phase 1 alone):\n" + tuned)
     os.makedirs(args.out, exist_ok=True)
     ens.save(args.out)
     with open(os.path.join(args.out, "leaderboard.txt"), "w") as f:
-        f.write(board + "\n")
+        f.write(board + "\n" + (f"\n{tuned}\n" if tuned else ""))
     print(f"report: {report(args.out)}")
     info = {"fit_s": fit_s, "backbones": backbones, "folds": folds, "n_train": len(train), "scores": ens.scores_,
             **(extra or {})}

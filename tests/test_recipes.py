@@ -24,9 +24,11 @@ def test_dogs_vs_cats_quick_end_to_end(kaggle_dir, tmp_path):
     out = tmp_path / "out"
     args = ["--data", str(kaggle_dir), "--out", str(out), "--cache", str(tmp_path / "cache"), "--quick",
             "--backbones", "tiny_cnn", "--image-size", "32", "--weights", "none", "--head", "logistic",
-            "--meta", "logistic", "--folds", "3"]
+            "--meta", "logistic", "--folds", "3", "--finetune", "--finetune-blocks", "1"]
     stdout = run("dogs_vs_cats.py", *args)
     assert "Out-of-fold leaderboard" in stdout and "ensemble" in stdout
+    assert "Fine-tuning (out-of-fold" in stdout and "frozen_ll" in (out / "leaderboard.txt").read_text()
+    assert (out / "curves.csv").exists() and (out / "curves.png").exists()
     assert (out / "manifest.json").exists() and (out / "report.html").exists()
     with open(out / "submission.csv", newline="") as f:
         sub = list(csv.reader(f))
@@ -129,8 +131,9 @@ def test_stanford_dogs_quick(tmp_path):
     out = tmp_path / "out"
     stdout = run("stanford_dogs.py", "--data", str(root), "--out", str(out), "--cache", str(tmp_path / "c"),
                  *TINY_ARGS)
-    assert "subset of ImageNet" in stdout
+    assert "subset of ImageNet" in stdout and "Fine-tuning (out-of-fold" in stdout
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["learners"][0]["finetune"]["blocks"] == 2
     assert manifest["classes"] == ["Chihuahua", "Japanese_spaniel", "Shih-Tzu"]
     assert "optimistic" in run("stanford_dogs.py", "--help")
 

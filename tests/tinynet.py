@@ -1,23 +1,24 @@
 """A tiny registered backbone for tests (and an example of registering your own).
 
 Importing this module registers ``tiny_cnn``; recipes and the CLI pick it up through
-``STACKER_PLUGINS=tinynet``.
+``STACKER_PLUGINS=tinynet``. Its layers are named ``block<i>_...`` so that fine-tuning
+can unfreeze whole blocks (``block_pattern``).
 """
 
 from stacker.backbones import BackboneCfg, register_backbone
 
 
 def build_tiny_cnn(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg", classes=1000):
-    """A two-conv network with the keras.applications signature."""
+    """A three-block network with the keras.applications signature."""
     import keras
     from keras import layers
 
     inputs = keras.Input(input_shape)
-    x = layers.Conv2D(8, 3, strides=2, padding="same", name="conv1")(inputs)
-    x = layers.BatchNormalization(name="bn1")(x)
-    x = layers.ReLU(name="relu1")(x)
-    x = layers.Conv2D(16, 3, strides=2, padding="same", name="conv2")(x)
-    x = layers.ReLU(name="relu2")(x)
+    x = inputs
+    for i, (filters, stride) in enumerate(((8, 2), (16, 2), (16, 1)), start=1):
+        x = layers.Conv2D(filters, 3, strides=stride, padding="same", name=f"block{i}_conv")(x)
+        x = layers.BatchNormalization(name=f"block{i}_bn")(x)
+        x = layers.ReLU(name=f"block{i}_relu")(x)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x) if pooling == "avg" or include_top else x
     if include_top:
         x = layers.Dense(classes, activation="softmax", name="predictions")(x)
@@ -27,4 +28,5 @@ def build_tiny_cnn(include_top=False, weights=None, input_shape=(32, 32, 3), poo
     return model
 
 
-register_backbone(BackboneCfg("tiny_cnn", "tinynet:build_tiny_cnn", 32, "tf", 16), overwrite=True)
+register_backbone(BackboneCfg("tiny_cnn", "tinynet:build_tiny_cnn", 32, "tf", 16, block_pattern=r"^(block\d+)_"),
+                  overwrite=True)

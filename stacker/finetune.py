@@ -1,0 +1,578 @@
+"""Fine-tuned base learners: two-phase transfer learning on a cut-point cache.
+
+The Keras guides fine-tune in two phases: train a new head on the frozen backbone,
+then unfreeze the top blocks and train on with a small learning rate, BatchNorm
+kept in inference mode. On a CPU the expensive part is the frozen bottom of the
+network, and it gives the same activations every epoch. So stacker cuts the backbone
+at the input of the first unfrozen block (:func:`split_backbone`), caches those
+activations in HDF5 once (:class:`CutPointExtractor`, one forward pass of the bottom
+per image and *view*), and trains only the top on them (:class:`FineTunedClassifier`).
+
+What that costs: pixel-level random augmentation cannot pass through a frozen part
+that is not run. Instead, each cached *view* (``"flip"``, ``"center_crop"``) is an
+exact augmented copy of the input, and training picks one at random per image and
+epoch; the same views serve test-time augmentation. ``mode="full"`` is the
+alternative: every epoch runs the whole network on pixels through Keras random
+augmentation layers (flip, zoom, rotation, contrast), several times slower.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import inspect
+import json
+import re
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import train_test_split
+from sklearn.utils.validation import check_is_fitted
+
+from . import backbones as _backbones
+from .features import FeatureExtractor, tf_float32
+from .learners import DenseClassifier
+
+__all__ = ["CutPointExtractor", "FineTunedClassifier", "VIEWS", "split_backbone", "view_pixels",
+           "DEFAULT_FINETUNE", "finetune_params"]
+
+VIEWS = ("original", "flip", "center_crop")
+AUGMENTATIONS = ("flip", "zoom", "rotation", "contrast", "translation")
+
+# What `--finetune` means on a CPU: the last two blocks unfrozen, a few epochs, flip as the cached view.
+# ``tta``: views averaged at prediction; ``train_views``: cached views drawn from in training;
+# ``tta_meta``: "mean" (one probability block per learner) or "views" (one per view) for the
+# meta-learner; ``cut_dtype``: storage of cut-point activations (float16 halves disk and memory).
+DEFAULT_FINETUNE = {"blocks": 2, "epochs": 8, "learning_rate": 1e-4, "tta": ("original", "flip"),
+                    "train_views": ("original", "flip"), "tta_meta": "mean", "cut_dtype": "float16"}
+
+
+def finetune_params(spec) -> dict | None:
+    """Normalise an ``Ensemble(finetune=...)`` value: None/False, True (CPU defaults) or a dict of overrides."""
+    if spec is None or spec is False:
+        return None
+    params = dict(DEFAULT_FINETUNE)
+    if spec is not True:
+        if not isinstance(spec, dict):
+            raise TypeError(f"finetune must be None, True or a dict of options, got {type(spec).__name__}")
+        unknown = set(spec) - set(DEFAULT_FINETUNE) - set(FineTunedClassifier().get_params())
+        if unknown:
+            raise ValueError(f"unknown finetune options {sorted(unknown)}")
+        params.update(spec)
+    for key in ("tta", "train_views"):
+        params[key] = tuple(params[key])
+        bad = [v for v in params[key] if v not in VIEWS]
+        if bad:
+            raise ValueError(f"finetune {key} views must be among {VIEWS}, got {bad}")
+    if params["tta_meta"] not in ("mean", "views"):
+        raise ValueError(f"tta_meta must be 'mean' or 'views', got {params['tta_meta']!r}")
+    if not params["tta"] or params["tta"][0] != "original":
+        params["tta"] = ("original",) + tuple(v for v in params["tta"] if v != "original")
+    return params
+
+
+# --------------------------------------------------------------------------- cutting
+
+
+def _inner_network(model):
+    """The bare network inside a :func:`stacker.backbones.build` wrapper (or the model itself)."""
+    import keras
+
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return nested[-1] if nested else model
+
+
+def split_backbone(model, blocks: int, block_pattern: str):
+    """Cut a built backbone before its last ``blocks`` blocks.
+
+    Parameters
+    ----------
+    model : keras.Model
+        From :func:`stacker.backbones.build` (pixels in [0, 255] -> pooled features).
+    blocks : int
+        How many whole blocks, counted from the top, go above the cut. Layers after the
+        last block (e.g. EfficientNet's ``top_conv``) are always above it.
+    block_pattern : str
+        Regular expression whose first group is a layer's block id.
+
+    Returns
+    -------
+    bottom : keras.Model
+        Pixels -> activations at the cut (frozen, run once per image and view).
+    top : keras.Model
+        Activations at the cut -> pooled features. Shares its layers with ``model``.
+    cut_layer : str
+        Name of the first layer above the cut.
+    """
+    import keras
+
+    if not block_pattern:
+        raise ValueError(f"backbone {model.name!r} has no block structure registered (block_pattern), "
+                         "so it cannot be fine-tuned by blocks")
+    net = _inner_network(model)
+    regex = re.compile(block_pattern)
+    ids: list[str] = []
+    first: dict = {}
+    for layer in net.layers:
+        m = regex.match(layer.name)
+        if m and m.group(1) not in first:
+            ids.append(m.group(1))
+            first[m.group(1)] = layer
+    if not isinstance(blocks, (int, np.integer)) or not 1 <= blocks <= len(ids):
+        raise ValueError(f"blocks must be an integer between 1 and {len(ids)} for {model.name}, got {blocks!r}")
+    cut_layer = first[ids[-int(blocks)]]
+    cut = cut_layer.input
+    if isinstance(cut, (list, tuple)):
+        raise ValueError(f"cannot cut {model.name} before {cut_layer.name}: that layer has several inputs")
+    try:
+        top = keras.Model(cut, net.output, name=f"{model.name}_top{blocks}")
+    except ValueError as exc:
+        raise ValueError(f"cannot cut {model.name} before block {ids[-int(blocks)]}: layers above the cut "
+                         f"use tensors from below it ({exc})") from exc
+    bottom_net = keras.Model(net.input, cut, name=f"{model.name}_bottom{blocks}")
+    inputs = keras.Input(model.input_shape[1:], name="pixels")
+    x = inputs
+    for layer in model.layers[1:]:
+        if layer is net:
+            break
+        x = layer(x)  # the preprocessing layer(s) in front of the network
+    bottom = keras.Model(inputs, bottom_net(x, training=False), name=f"{model.name}_bottom{blocks}_pixels")
+    bottom.trainable = False
+    return bottom, top, cut_layer.name
+
+
+def set_finetune_trainable(top) -> None:
+    """Unfreeze every layer above the cut except BatchNorm (kept in inference mode with its statistics)."""
+    import keras
+
+    top.trainable = True
+    for layer in top.layers:  # each layer explicitly: clones keep their source's trainable=False
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+
+
+# --------------------------------------------------------------------------- views
+
+
+def view_pixels(pixels, view: str):
+    """An exact, deterministic variant of a pixel batch (for cached augmentation and TTA)."""
+    import tensorflow as tf
+
+    if view == "original":
+        return pixels
+    if view == "flip":
+        return tf.reverse(pixels, axis=[2])
+    if view == "center_crop":
+        size = int(pixels.shape[1])
+        crop = int(round(size * 0.875))
+        off = (size - crop) // 2
+        crop_px = pixels[:, off : off + crop, off : off + crop, :]
+        return tf.clip_by_value(tf.image.resize(crop_px, (size, size), method="bilinear", antialias=True), 0.0, 255.0)
+    raise ValueError(f"unknown view {view!r}; use one of {VIEWS}")
+
+
+@functools.lru_cache(maxsize=None)
+def _cut_code_fingerprint() -> str:
+    """Hash of the code that decides cut-point values (split, views), on top of the feature code's."""
+    parts = [split_backbone, _inner_network, view_pixels, CutPointExtractor._run]
+    return hashlib.sha256("".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:16]
+
+
+class CutPointExtractor(FeatureExtractor):
+    """Activations at a backbone's cut point (flattened rows), cached like pooled features.
+
+    Parameters
+    ----------
+    backbone, weights, input_size, ... :
+        As for :class:`stacker.features.FeatureExtractor`.
+    blocks : int
+        Blocks above the cut (see :func:`split_backbone`).
+    view : str
+        One of :data:`VIEWS`; applied to the pixels before the network.
+    """
+
+    def __init__(self, backbone, blocks=1, view="original", **kwargs):
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+        self.blocks = int(blocks)
+        self.view = view
+        bottom = kwargs.pop("model", None)
+        super().__init__(backbone, **kwargs)
+        self._bottom = bottom
+        self._cut_layer = None
+
+    def _split(self):
+        full = _backbones.build(self.cfg.name, weights=self.weights, input_size=self.size,
+                                weights_dir=self.weights_dir)
+        bottom, self._top, self._cut_layer = split_backbone(full, self.blocks, self.cfg.block_pattern)
+        return bottom
+
+    def frozen_top(self):
+        """The pretrained (not fine-tuned) layers above the cut: cut activations -> pooled features."""
+        if getattr(self, "_top", None) is None:
+            self._bottom = self._split()
+        return self._top
+
+    @property
+    def model(self):
+        if self._bottom is None:
+            self._bottom = self._split()
+        return self._bottom
+
+    def with_view(self, view: str) -> "CutPointExtractor":
+        """The same extractor (shared network) for another view."""
+        self.model  # build once here: a copy that built its own could differ (random init) and costs time
+        self.weights_id
+        other = copy.copy(self)
+        other.view = view
+        other._forward = None
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+        return other
+
+    @property
+    def cut_shape(self) -> tuple:
+        return tuple(int(d) for d in self.model.output_shape[1:])
+
+    def row_dim(self) -> int:
+        return int(np.prod(self.cut_shape))
+
+    def key_meta(self) -> dict:
+        return {**super().key_meta(), "output": "cut-activations", "blocks": self.blocks, "view": self.view,
+                "cut_code": _cut_code_fingerprint()}
+
+    def _run(self, pixels) -> np.ndarray:
+        out = super()._run(view_pixels(tf_float32(pixels), self.view))
+        return out.reshape(len(out), -1)
+
+
+# --------------------------------------------------------------------------- the learner
+
+
+class _ViewBatches:
+    """Training batches that draw one cached view per image per epoch (seeded)."""
+
+    def __init__(self, views, Y, batch_size, shape, seed):
+        import keras
+
+        class _Seq(keras.utils.PyDataset):
+            def __init__(inner):
+                super().__init__()
+                inner.rng = np.random.default_rng(seed)
+                inner._shuffle()
+
+            def _shuffle(inner):
+                inner.order = inner.rng.permutation(len(Y))
+                inner.pick = inner.rng.integers(0, len(views), len(Y))
+
+            def __len__(inner):
+                return int(np.ceil(len(Y) / batch_size))
+
+            def __getitem__(inner, i):
+                rows = inner.order[i * batch_size : (i + 1) * batch_size]
+                x = np.empty((len(rows),) + shape, dtype=np.float32)
+                for v, V in enumerate(views):
+                    sel = inner.pick[rows] == v
+                    if sel.any():
+                        x[sel] = V[rows[sel]].reshape((-1,) + shape)
+                return x, Y[rows]
+
+            def on_epoch_end(inner):
+                inner._shuffle()
+
+        self.dataset = _Seq()
+
+
+class FineTunedClassifier(ClassifierMixin, BaseEstimator):
+    """A backbone's top blocks plus a softmax head, trained in two phases on cut-point activations.
+
+    Phase 1 trains the head (:class:`~stacker.learners.DenseClassifier`) on the frozen
+    top's pooled features; phase 2 unfreezes the top blocks (BatchNorm layers stay frozen
+    and in inference mode) and trains head and blocks together with a small learning
+    rate, EarlyStopping and ReduceLROnPlateau on the same stratified validation split.
+    If phase 2 never beats phase 1 on validation loss, phase 1's weights are kept.
+
+    Parameters
+    ----------
+    backbone : str
+        Registered backbone.
+    weights, input_size, weights_dir :
+        As for :func:`stacker.backbones.build`.
+    blocks : int
+        Whole blocks to unfreeze, counted from the top.
+    mode : {"cached", "full"}
+        ``"cached"`` trains on cached cut-point activations (views as augmentation);
+        ``"full"`` runs the whole network on pixels every epoch through random
+        augmentation layers (needs ``paths`` in :meth:`fit`).
+    augment : tuple of str
+        Random augmentations of ``mode="full"``: any of ``flip``, ``zoom``, ``rotation``,
+        ``contrast``, ``translation``.
+    head_epochs, epochs : int
+        Upper bounds on phase-1 and phase-2 epochs (early stopping ends sooner).
+    head_learning_rate, learning_rate : float
+        Adam learning rates of phase 1 and phase 2.
+    batch_size : int
+    label_smoothing : float
+        Phase-2 label smoothing.
+    patience : int
+        Phase-2 epochs without validation improvement before stopping (best weights kept).
+    validation_fraction : float
+    dropout : float
+        Dropout before the softmax.
+    random_state : int
+    verbose : int
+
+    Attributes
+    ----------
+    model_ : keras.Model
+        Cut-point activations -> class probabilities.
+    classes_ : ndarray
+    cut_layer_ : str
+    history_ : dict
+        Per-epoch loss/accuracy (train and validation) of phase 1 then phase 2;
+        ``phase1_epochs`` tells where phase 2 starts.
+    head_ : DenseClassifier
+        The phase-1 head on frozen features (not saved; for comparisons).
+    phase2_kept_ : bool
+        Whether phase 2 improved on phase 1 and was kept.
+    """
+
+    def __init__(self, backbone="efficientnet_lite0", weights="imagenet", input_size=None, weights_dir=None,
+                 blocks=1, mode="cached", augment=("flip", "zoom", "rotation", "contrast"), head_epochs=200,
+                 epochs=6, head_learning_rate=1e-3, learning_rate=1e-4, batch_size=32, label_smoothing=0.0,
+                 patience=2, validation_fraction=0.1, dropout=0.2, random_state=0, verbose=0):
+        self.backbone = backbone
+        self.weights = weights
+        self.input_size = input_size
+        self.weights_dir = weights_dir
+        self.blocks = blocks
+        self.mode = mode
+        self.augment = augment
+        self.head_epochs = head_epochs
+        self.epochs = epochs
+        self.head_learning_rate = head_learning_rate
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.label_smoothing = label_smoothing
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.dropout = dropout
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # -- building ---------------------------------------------------------------------
+    def _split(self, top=None, bottom=None):
+        """Bottom (frozen) and a trainable copy of the top: from the given networks, else built afresh."""
+        import keras
+
+        if top is None or (self.mode == "full" and bottom is None):
+            cfg = _backbones.get_cfg(self.backbone)
+            full = _backbones.build(cfg.name, weights=self.weights, input_size=self.input_size,
+                                    weights_dir=self.weights_dir)
+            bottom, top, _ = split_backbone(full, int(self.blocks), cfg.block_pattern)
+        copy_of_top = keras.models.clone_model(top)
+        copy_of_top.set_weights(top.get_weights())
+        set_finetune_trainable(copy_of_top)
+        cut_layer = next(layer.name for layer in copy_of_top.layers if not isinstance(layer, keras.layers.InputLayer))
+        return bottom, copy_of_top, cut_layer
+
+    def _augmenter(self, seed):
+        import keras
+        from keras import layers
+
+        unknown = set(self.augment) - set(AUGMENTATIONS)
+        if unknown:
+            raise ValueError(f"unknown augmentations {sorted(unknown)}; use {AUGMENTATIONS}")
+        make = {"flip": lambda: layers.RandomFlip("horizontal", seed=seed),
+                "zoom": lambda: layers.RandomZoom(0.1, seed=seed + 1),
+                "rotation": lambda: layers.RandomRotation(0.05, seed=seed + 2),
+                "contrast": lambda: layers.RandomContrast(0.1, value_range=(0, 255), seed=seed + 3),
+                "translation": lambda: layers.RandomTranslation(0.1, 0.1, seed=seed + 4)}
+        return keras.Sequential([make[a]() for a in self.augment], name="augmentation")
+
+    # -- fitting ----------------------------------------------------------------------
+    def fit(self, X, y, views=(), pooled=None, paths=None, orientations=None, top=None, bottom=None):
+        """Two-phase fit.
+
+        Parameters
+        ----------
+        X : ndarray (n, d)
+            Flattened cut-point activations of the training images (original view).
+        y : array (n,)
+        views : sequence of ndarray (n, d)
+            Extra cached views of the same rows, drawn at random as augmentation
+            (``mode="cached"``).
+        pooled : ndarray (n, feature_dim), optional
+            The frozen top's pooled features of ``X`` if already computed (phase 1 then
+            runs no CNN layer at all).
+        paths, orientations : optional
+            Image files of the rows (``mode="full"`` reads pixels from them).
+        top, bottom : keras.Model, optional
+            The pretrained networks above and below the cut (from
+            :class:`CutPointExtractor`); ``top`` is copied, never changed. Without them
+            the backbone is built from ``weights``.
+        """
+        import keras
+
+        if self.mode not in ("cached", "full"):
+            raise ValueError(f"mode must be 'cached' or 'full', got {self.mode!r}")
+        X = np.asarray(X)
+        y = np.asarray(y)
+        if X.ndim != 2 or len(X) != len(y):
+            raise ValueError(f"X must be (n, d) with one label per row; got {X.shape} and {y.shape}")
+        if self.mode == "full" and paths is None:
+            raise ValueError("mode='full' needs the image paths of the rows (fit(..., paths=...))")
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        k = len(self.classes_)
+        if k < 2:
+            raise ValueError("need at least two classes to train a classifier")
+        keras.utils.set_random_seed(int(self.random_state))
+        bottom, top, self.cut_layer_ = self._split(top, bottom)
+        shape = tuple(int(d) for d in top.input_shape[1:])
+        if int(np.prod(shape)) != X.shape[1]:
+            raise ValueError(f"X has {X.shape[1]} columns but the cut before {self.cut_layer_} gives {shape}")
+        self.cut_shape_ = shape
+
+        if np.bincount(y_idx).min() < 2:
+            raise ValueError("fine-tuning needs at least 2 training images of every class (one for its "
+                             "validation split); add images or lower cv")
+        n_val = max(int(np.ceil(self.validation_fraction * len(X))), k)  # at least one per class
+        tr, va = train_test_split(np.arange(len(X)), test_size=n_val, stratify=y_idx, random_state=self.random_state)
+        if pooled is None:
+            pooled = _batched(lambda b: top(b.reshape((-1,) + shape), training=False), X)
+        # phase 1: the head alone on frozen features, with the split phase 2 uses
+        head = DenseClassifier(dropout=self.dropout, epochs=self.head_epochs,
+                               learning_rate=self.head_learning_rate, validation_fraction=self.validation_fraction,
+                               random_state=self.random_state).fit(pooled, y)
+        self.head_ = copy.copy(head)
+        self.head_.model_ = keras.models.clone_model(head.model_)
+        self.head_.model_.set_weights(head.model_.get_weights())
+
+        inputs = keras.Input(shape, name="cut")
+        outputs = head.model_(top(inputs, training=False))
+        model = keras.Model(inputs, outputs, name=f"{self.backbone}_finetuned")
+        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
+                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=self.label_smoothing),
+                      metrics=["accuracy"])
+        Y = keras.utils.to_categorical(y_idx, k).astype(np.float32)
+        Xva = X[va].reshape((-1,) + shape).astype(np.float32)
+        before = model.evaluate(Xva, Y[va], verbose=0, batch_size=self.batch_size, return_dict=True)["loss"]
+        start = model.get_weights()
+        callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience,
+                                                   restore_best_weights=True),
+                     keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=1, min_lr=1e-6)]
+        if self.mode == "cached":
+            train = _ViewBatches([X[tr]] + [np.asarray(V)[tr] for V in views], Y[tr], self.batch_size, shape,
+                                 self.random_state).dataset
+            hist = model.fit(train, validation_data=(Xva, Y[va]), epochs=self.epochs, callbacks=callbacks,
+                             verbose=self.verbose)
+        else:
+            hist = self._fit_full(model, bottom, top, head, shape, paths, orientations, Y, tr, va, callbacks)
+        phase2 = {key: [float(v) for v in vals] for key, vals in hist.history.items() if key != "learning_rate"}
+        self.phase2_kept_ = bool(phase2.get("val_loss")) and min(phase2["val_loss"]) < before
+        if not self.phase2_kept_:
+            model.set_weights(start)
+        self.model_ = model
+        p1 = head.history_
+        n1, n2 = len(p1.get("loss", [])), len(phase2.get("loss", []))
+        # one list per metric over both phases, None where a phase did not measure it
+        self.history_ = {key: p1.get(key, [None] * n1) + phase2.get(key, [None] * n2)
+                         for key in sorted(set(p1) | set(phase2))}
+        self.history_["phase1_epochs"] = n1
+        return self
+
+    def _fit_full(self, model, bottom, top, head, shape, paths, orientations, Y, tr, va, callbacks):
+        """Phase 2 on pixels: augmentation -> frozen bottom -> top -> head, every epoch."""
+        import keras
+        import tensorflow as tf
+
+        from . import images as _images
+
+        size = int(bottom.input_shape[1])
+        pixels_in = keras.Input((size, size, 3), name="pixels")
+        x = self._augmenter(int(self.random_state))(pixels_in)
+        x = bottom(x, training=False)
+        full = keras.Model(pixels_in, head.model_(top(x, training=False)), name=f"{self.backbone}_finetune_full")
+        full.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
+                     loss=keras.losses.CategoricalCrossentropy(label_smoothing=self.label_smoothing),
+                     metrics=["accuracy"])
+        paths = np.asarray(paths, dtype=object)
+        orientations = np.ones(len(paths), np.int32) if orientations is None else np.asarray(orientations)
+        Yt = tf.constant(Y)
+
+        def dataset(rows, shuffle):
+            rows = np.random.default_rng(self.random_state).permutation(rows) if shuffle else rows
+            ds = _images.pixel_batches(list(paths[rows]), size, self.batch_size, orientations[rows], rows=rows)
+            ds = ds.map(lambda r, px: (px, tf.gather(Yt, r)))
+            # the rows' images decoded before (their activations are cached), so the batch count is known
+            ds = ds.apply(tf.data.experimental.assert_cardinality(-(-len(rows) // self.batch_size)))
+            return ds.shuffle(64, seed=self.random_state, reshuffle_each_iteration=True) if shuffle else ds
+
+        return full.fit(dataset(tr, True), validation_data=dataset(va, False), epochs=self.epochs,
+                        callbacks=callbacks, verbose=self.verbose, shuffle=False)
+
+    # -- using ------------------------------------------------------------------------
+    def _inputs(self, X):
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != int(np.prod(self.cut_shape_)):
+            raise ValueError(f"expected flattened cut-point activations with {int(np.prod(self.cut_shape_))} "
+                             f"columns, got shape {X.shape}")
+        return X
+
+    def predict_proba(self, X):
+        check_is_fitted(self, "model_")
+        X = self._inputs(X)
+        proba = _batched(lambda b: self.model_(b.reshape((-1,) + self.cut_shape_), training=False), X)
+        proba = proba.astype(np.float64)
+        return proba / proba.sum(axis=1, keepdims=True)
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def transform(self, X):
+        """Pooled features of the fine-tuned network (its frozen outputs, for caches and meta-learners)."""
+        import keras
+
+        check_is_fitted(self, "model_")
+        X = self._inputs(X)
+        if getattr(self, "_features_model", None) is None:
+            top = next(layer for layer in self.model_.layers if isinstance(layer, keras.Model))
+            inputs = keras.Input(self.cut_shape_)
+            self._features_model = keras.Model(inputs, top(inputs, training=False))
+        return _batched(lambda b: self._features_model(b.reshape((-1,) + self.cut_shape_), training=False), X)
+
+    # -- persistence ------------------------------------------------------------------
+    def save(self, path_stem: str) -> list[str]:
+        check_is_fitted(self, "model_")
+        self.model_.save(path_stem + ".keras")
+        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()}
+        with open(path_stem + ".json", "w") as f:
+            json.dump({"estimator": "FineTunedClassifier", "params": params, "classes": self.classes_.tolist(),
+                       "history": self.history_, "cut_layer": self.cut_layer_, "cut_shape": list(self.cut_shape_),
+                       "phase2_kept": self.phase2_kept_}, f, default=str)
+        return [path_stem + ".keras", path_stem + ".json"]
+
+    @classmethod
+    def load(cls, path_stem: str, info: dict | None = None) -> "FineTunedClassifier":
+        import keras
+
+        if info is None:
+            with open(path_stem + ".json") as f:
+                info = json.load(f)
+        params = dict(info["params"])
+        params["augment"] = tuple(params.get("augment", ()))
+        est = cls(**params)
+        est.model_ = keras.saving.load_model(path_stem + ".keras", safe_mode=True, compile=False,
+                                             custom_objects=_backbones.custom_objects())
+        est.classes_ = np.array(info["classes"])
+        est.history_ = info.get("history", {})
+        est.cut_layer_ = info["cut_layer"]
+        est.cut_shape_ = tuple(info["cut_shape"])
+        est.phase2_kept_ = info.get("phase2_kept")
+        return est
+
+
+def _batched(fn, X, batch: int = 256) -> np.ndarray:
+    """Apply a Keras call to row chunks of ``X`` (direct calls: no per-model predict retracing)."""
+    X = np.asarray(X, dtype=np.float32)
+    return np.concatenate([np.asarray(fn(X[i : i + batch])) for i in range(0, len(X), batch)])

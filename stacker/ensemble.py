@@ -128,6 +128,9 @@ class Ensemble:
         (:data:`stacker.finetune.DEFAULT_FINETUNE`); a dict overrides them (``blocks``,
         ``epochs``, ``learning_rate``, ``batch_size``, ``label_smoothing``, ``mode``,
         ``tta``, ``train_views``, ``tta_meta``...). A backbone dict may set its own.
+    chunk_size : int
+        Images whose features are written to the cache at a time: the unit of resume
+        after a crash.
     verbose : int
 
     Attributes
@@ -156,7 +159,7 @@ class Ensemble:
     def __init__(self, backbones=("efficientnet_lite0",), weights="imagenet", head="dense", meta="dense",
                  meta_inputs="proba", cv=5, random_state=0, input_size=None, batch_size=32,
                  feature_dtype="float32", cache_dir=None, weights_dir=None, on_bad_image="raise", resize="bilinear",
-                 finetune=None, verbose=1):
+                 finetune=None, chunk_size=256, verbose=1):
         self.backbones = backbones
         self.weights = weights
         self.head = head
@@ -172,6 +175,7 @@ class Ensemble:
         self.on_bad_image = on_bad_image
         self.resize = resize
         self.finetune = finetune
+        self.chunk_size = chunk_size
         self.verbose = verbose
 
     # ------------------------------------------------------------------ helpers
@@ -186,7 +190,8 @@ class Ensemble:
     def _extractor(self, spec, model=None, weights_id=None) -> FeatureExtractor:
         kwargs = dict(weights=spec["weights"], input_size=spec["input_size"], batch_size=self.batch_size,
                       cache_dir=self.cache_dir, weights_dir=self.weights_dir, on_bad_image=self.on_bad_image,
-                      resize=self.resize, verbose=self.verbose, model=model, weights_id=weights_id)
+                      resize=self.resize, verbose=self.verbose, model=model, weights_id=weights_id,
+                      chunk_size=self.chunk_size)
         ft = spec.get("finetune")
         if ft:
             return CutPointExtractor(spec["backbone"], blocks=ft["blocks"], feature_dtype=ft["cut_dtype"], **kwargs)
@@ -298,10 +303,10 @@ class Ensemble:
             else:
                 if ft:
                     folds, outputs = self._finetune_folds(name, ft, {v: inputs[(name, v)] for v in self._views(name)},
-                                                          y, k, data)
+                                                          y, k, data, key)
                     oof = outputs["oof_proba"]
                 else:
-                    folds, oof = self._fit_folds(name, s["head"], X[name], y, k)
+                    folds, oof = self._fit_folds(name, s["head"], X[name], y, k, key)
                 first_fit_s = time.perf_counter() - t0
                 if store:
                     with store.put(key) as tmp:
@@ -312,6 +317,7 @@ class Ensemble:
                             _write_outputs(os.path.join(tmp, "outputs.h5"), outputs)
                         with open(os.path.join(tmp, "timing.json"), "w") as f:
                             json.dump({"train_s": first_fit_s}, f)
+                    self._drop_fold_checkpoints(key)
             timings[name]["train_s"] = time.perf_counter() - t0
             epochs = sum(len((getattr(est, "history_", None) or {}).get("loss", [])) for est in folds)
             timings[name]["head_fit_s"] = first_fit_s
@@ -359,18 +365,46 @@ class Ensemble:
                                     "meta": _describe(self.meta), "meta_inputs": self.meta_inputs}
         return self
 
-    def _fit_folds(self, name, head, X, y, k):
+    def _fold(self, key, i, fit):
+        """Fold ``i`` of learner ``key``: ``fit() -> (estimator, arrays)``, checkpointed in the cache.
+
+        A run killed during fold 3 restarts at fold 3: every finished fold's model and
+        out-of-fold arrays are published atomically under ``cache_dir/folds``.
+        """
+        store = ResultStore(os.path.join(self.cache_dir, "folds")) if self.cache_dir else None
+        hit = store.get(f"{key}-fold{i}") if store else None
+        if hit:
+            with np.load(os.path.join(hit, "arrays.npz"), allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+            return load_estimator(os.path.join(hit, "model")), arrays, True
+        est, arrays = fit()
+        if store:
+            with store.put(f"{key}-fold{i}") as tmp:
+                save_estimator(est, os.path.join(tmp, "model"))
+                np.savez(os.path.join(tmp, "arrays.npz"), **arrays)
+        return est, arrays, False
+
+    def _drop_fold_checkpoints(self, key):
+        folder = os.path.join(self.cache_dir, "folds")
+        for i in range(self.cv):
+            shutil.rmtree(os.path.join(folder, f"{key}-fold{i}"), ignore_errors=True)
+
+    def _fit_folds(self, name, head, X, y, k, key=None):
         oof = np.zeros((len(y), k))
         folds = []
         for i, (tr, va) in enumerate(self.folds_):
-            est = make_head(head, self.random_state + i).fit(X[tr], y[tr])
-            oof[va] = _align(est, est.predict_proba(X[va]), k)
+            def fit(i=i, tr=tr, va=va):
+                est = make_head(head, self.random_state + i).fit(X[tr], y[tr])
+                return est, {"proba": _align(est, est.predict_proba(X[va]), k)}
+
+            est, arrays, _ = self._fold(key, i, fit)
+            oof[va] = arrays["proba"]
             folds.append(est)
             self._log(f"{name}: fold {i + 1}/{self.cv} log loss "
                       f"{log_loss(y[va], _clip(oof[va]), labels=np.arange(k)):.4f}")
         return folds, oof
 
-    def _finetune_folds(self, name, ft, views, y, k, data):
+    def _finetune_folds(self, name, ft, views, y, k, data, key=None):
         """Fine-tune one model per fold on the other folds; collect out-of-fold outputs per view."""
         ext = self.extractors_[name]
         X = views["original"]
@@ -384,20 +418,28 @@ class Ensemble:
         out["oof_features"] = np.zeros((len(y), pooled.shape[1]), dtype=np.float32)
         folds = []
         for i, (tr, va) in enumerate(self.folds_):
-            est = FineTunedClassifier(**{**params, "backbone": ext.cfg.name, "weights": self._spec(name)["weights"],
-                                         "input_size": ext.size, "weights_dir": self.weights_dir,
-                                         "random_state": self.random_state + i,
-                                         "verbose": 2 if self.verbose else 0})
-            extra = [views[v][tr] for v in ft["train_views"] if v != "original"]
-            self._log(f"{name}: fine-tuning fold {i + 1}/{self.cv} ({len(tr)} images, views {ft['train_views']})")
-            paths = [data.paths[r] for r in tr]
-            orient = _images.scan_images(paths)[0] if ft.get("mode") == "full" else None
-            est.fit(X[tr], y[tr], views=extra, pooled=pooled[tr], paths=paths, orientations=orient, top=top,
-                    bottom=ext.model)
-            for v in ft["tta"]:
-                out[f"oof_proba_{v}"][va] = _align(est, est.predict_proba(views[v][va]), k)
-            out["phase1_oof_proba"][va] = _align(est.head_, est.head_.predict_proba(pooled[va]), k)
-            out["oof_features"][va] = est.transform(X[va])
+            def fit(i=i, tr=tr, va=va):
+                est = FineTunedClassifier(**{**params, "backbone": ext.cfg.name, "weights": self._spec(name)["weights"],
+                                             "input_size": ext.size, "weights_dir": self.weights_dir,
+                                             "random_state": self.random_state + i,
+                                             "verbose": 2 if self.verbose else 0})
+                extra = [views[v][tr] for v in ft["train_views"] if v != "original"]
+                self._log(f"{name}: fine-tuning fold {i + 1}/{self.cv} ({len(tr)} images, "
+                          f"views {ft['train_views']})")
+                paths = [data.paths[r] for r in tr]
+                orient = _images.scan_images(paths)[0] if ft.get("mode") == "full" else None
+                est.fit(X[tr], y[tr], views=extra, pooled=pooled[tr], paths=paths, orientations=orient, top=top,
+                        bottom=ext.model)
+                arrays = {f"oof_proba_{v}": _align(est, est.predict_proba(views[v][va]), k) for v in ft["tta"]}
+                arrays["phase1_oof_proba"] = _align(est.head_, est.head_.predict_proba(pooled[va]), k)
+                arrays["oof_features"] = est.transform(X[va])
+                return est, arrays
+
+            est, arrays, resumed = self._fold(key, i, fit)
+            if resumed:
+                self._log(f"{name}: fold {i + 1}/{self.cv} fine-tuned model from the cache")
+            for name_, values in arrays.items():
+                out[name_][va] = values
             folds.append(est)
             mean = np.mean([out[f"oof_proba_{v}"][va] for v in ft["tta"]], axis=0)
             labels = np.arange(k)

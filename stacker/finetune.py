@@ -44,7 +44,7 @@ AUGMENTATIONS = ("flip", "zoom", "rotation", "contrast", "translation")
 # ``tta``: views averaged at prediction; ``train_views``: cached views drawn from in training;
 # ``tta_meta``: "mean" (one probability block per learner) or "views" (one per view) for the
 # meta-learner; ``cut_dtype``: storage of cut-point activations (float16 halves disk and memory).
-DEFAULT_FINETUNE = {"blocks": 2, "epochs": 8, "learning_rate": 1e-4, "tta": ("original", "flip"),
+DEFAULT_FINETUNE = {"blocks": 2, "epochs": 4, "learning_rate": 1e-5, "tta": ("original", "flip"),
                     "train_views": ("original", "flip"), "tta_meta": "mean", "cut_dtype": "float16"}
 
 
@@ -283,6 +283,27 @@ class _ViewBatches:
         self.dataset = _Seq()
 
 
+def _EpochTimer():  # noqa: N802 - a Keras callback factory (keras is imported lazily)
+    import time
+
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        """Wall seconds of each training epoch, validation included (for reports and benchmarks)."""
+
+        def __init__(self):
+            super().__init__()
+            self.seconds = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self._t0)
+
+    return EpochTimer()
+
+
 class FineTunedClassifier(ClassifierMixin, BaseEstimator):
     """A backbone's top blocks plus a softmax head, trained in two phases on cut-point activations.
 
@@ -329,8 +350,8 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
     classes_ : ndarray
     cut_layer_ : str
     history_ : dict
-        Per-epoch loss/accuracy (train and validation) of phase 1 then phase 2;
-        ``phase1_epochs`` tells where phase 2 starts.
+        Per-epoch loss/accuracy (train and validation) of phase 1 then phase 2, and
+        phase 2's ``epoch_seconds``; ``phase1_epochs`` tells where phase 2 starts.
     head_ : DenseClassifier
         The phase-1 head on frozen features (not saved; for comparisons).
     phase2_kept_ : bool
@@ -338,8 +359,8 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, backbone="efficientnet_lite0", weights="imagenet", input_size=None, weights_dir=None,
-                 blocks=1, mode="cached", augment=("flip", "zoom", "rotation", "contrast"), head_epochs=200,
-                 epochs=6, head_learning_rate=1e-3, learning_rate=1e-4, batch_size=32, label_smoothing=0.0,
+                 blocks=2, mode="cached", augment=("flip", "zoom", "rotation", "contrast"), head_epochs=200,
+                 epochs=4, head_learning_rate=1e-3, learning_rate=1e-5, batch_size=32, label_smoothing=0.0,
                  patience=2, validation_fraction=0.1, dropout=0.2, random_state=0, verbose=0):
         self.backbone = backbone
         self.weights = weights
@@ -461,6 +482,8 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience,
                                                    restore_best_weights=True),
                      keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=1, min_lr=1e-6)]
+        timer = _EpochTimer()
+        callbacks.append(timer)
         if self.mode == "cached":
             train = _ViewBatches([X[tr]] + [np.asarray(V)[tr] for V in views], Y[tr], self.batch_size, shape,
                                  self.random_state).dataset
@@ -469,6 +492,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         else:
             hist = self._fit_full(model, bottom, top, head, shape, paths, orientations, Y, tr, va, callbacks)
         phase2 = {key: [float(v) for v in vals] for key, vals in hist.history.items() if key != "learning_rate"}
+        phase2["epoch_seconds"] = timer.seconds[: len(phase2.get("loss", []))]
         self.phase2_kept_ = bool(phase2.get("val_loss")) and min(phase2["val_loss"]) < before
         if not self.phase2_kept_:
             model.set_weights(start)

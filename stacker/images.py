@@ -265,6 +265,10 @@ def _scan_one(path: str) -> tuple[int, str | None]:
         return 1, "not an image file (unknown format)"
     except Image.DecompressionBombError as exc:
         return 1, f"decompression bomb: {exc}"
+    except OSError as exc:
+        if "truncat" in str(exc).lower():
+            return 1, f"truncated file ({exc})"
+        return 1, f"unreadable header ({type(exc).__name__}: {exc})"
     except Exception as exc:  # noqa: BLE001 - any header error means the file is unusable
         return 1, f"unreadable header ({type(exc).__name__}: {exc})"
 

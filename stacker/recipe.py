@@ -43,7 +43,7 @@ def common_parser(doc: str, data: str, out: str, backbones: str, quick_backbones
     p.add_argument("--quiet", action="store_true")
     ft = p.add_argument_group("fine-tuning (--finetune: two phases on a cut-point cache; see stacker.finetune)")
     ft.add_argument("--finetune", action="store_true",
-                    help="fine-tune every base learner (CPU defaults: last 2 blocks, 8 epochs, flip view + TTA)")
+                    help="fine-tune every base learner (CPU defaults: last 2 blocks, 4 epochs at 1e-5, flip view + TTA)")
     ft.add_argument("--finetune-blocks", type=int, default=None, help="whole blocks to unfreeze from the top")
     ft.add_argument("--finetune-epochs", type=int, default=None, help="phase-2 epochs (early stopping may end sooner)")
     ft.add_argument("--finetune-lr", type=float, default=None, help="phase-2 learning rate")

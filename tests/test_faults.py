@@ -1,0 +1,92 @@
+"""Fault injection: a run SIGKILLed at any step resumes and ends exactly where an uninterrupted one does.
+
+``pytest -m faults`` runs this module alone. Every case starts a child process
+(``tests/fault_child.py``) that fits, saves, reloads and predicts with a tiny
+ensemble; the faulty child kills itself with SIGKILL at one point, and a second child
+with the same cache must finish with the predictions of a run that was never killed,
+having redone only the step that was cut short.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, make_image
+
+pytestmark = pytest.mark.faults
+CHILD = os.path.join(REPO, "tests", "fault_child.py")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    import keras
+
+    import tinynet  # noqa: F401
+    from stacker.backbones import build
+
+    root = tmp_path_factory.mktemp("faults")
+    for c, color in (("cat", (200, 60, 50)), ("dog", (50, 80, 200))):
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(9):
+            make_image(root / "train" / c / f"{i}.png", color, seed=i + (0 if c == "cat" else 40))
+    (root / "test").mkdir()
+    for i in range(4):
+        make_image(root / "test" / f"{i}.png", (200, 60, 50) if i % 2 else (50, 80, 200), seed=90 + i)
+    keras.utils.set_random_seed(0)
+    build("tiny_cnn", weights=None, input_size=32).save_weights(str(root / "tiny.weights.h5"))
+    return root
+
+
+def child(config, data_dir, cache, out, result, point=None):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.path.join(REPO, "tests")}
+    args = [sys.executable, CHILD, config, str(data_dir), str(cache), str(out), str(result)] + ([point] if point else [])
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+
+
+def finished(proc, result):
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with open(str(result) + ".json") as f:
+        return np.load(str(result) + ".npy"), json.load(f)
+
+
+_REFERENCE = {}
+
+
+def reference(config, data_dir, tmp_path_factory):
+    """The uninterrupted run of a config (once per module)."""
+    if config not in _REFERENCE:
+        d = tmp_path_factory.mktemp(f"ref-{config}")
+        _REFERENCE[config] = finished(child(config, data_dir, d / "cache", d / "model", d / "result"), d / "result")
+    return _REFERENCE[config]
+
+
+@pytest.mark.parametrize("config,point", [("frozen", "extract"), ("frozen", "head"), ("frozen", "meta"),
+                                          ("frozen", "save"), ("finetune", "finetune")])
+def test_killed_run_resumes_to_the_same_result(config, point, data_dir, tmp_path, tmp_path_factory):
+    ref_proba, ref = reference(config, data_dir, tmp_path_factory)
+    cache, out, result = tmp_path / "cache", tmp_path / "model", tmp_path / "result"
+    killed = child(config, data_dir, cache, out, result, point)
+    assert killed.returncode == -9, f"the child should have been SIGKILLed at {point}: {killed.stderr[-2000:]}"
+    assert not os.path.exists(str(result) + ".npy")
+    if point == "save":
+        assert not (out / "manifest.json").exists(), "a killed save must not leave a manifest behind"
+    proba, info = finished(child(config, data_dir, cache, out, result), result)
+    np.testing.assert_allclose(proba, ref_proba, atol=1e-6)
+    for name, oof in ref["oof"].items():
+        np.testing.assert_allclose(info["oof"][name], oof, atol=1e-6)
+    np.testing.assert_allclose(info["meta_oof"], ref["meta_oof"], atol=1e-6)
+    # only the interrupted step was redone
+    if point == "extract":
+        assert 0 < info["forward"] < ref["forward"]
+    else:
+        assert info["forward"] == 0, "features were cached before the kill"
+    if point == "head":
+        assert info["dense_fits"] == ref["dense_fits"] - 1  # fold 1 came from its checkpoint
+    if point in ("meta", "save"):
+        assert info["dense_fits"] == 4  # base learners from the cache; only the meta-learner refits
+    if point == "finetune":
+        assert info["finetune_fits"] == ref["finetune_fits"] - 1

@@ -1,25 +1,35 @@
 #!/usr/bin/env python
 """Pooled-feature extraction: the tutorial way versus stacker, cold and warm, in one process.
 
-    python benchmarks/extract.py [--n 512] [--backbones efficientnet_lite0,mobilenet_025]
+    python benchmarks/extract.py [--n 256] [--backbones efficientnet_lite0,mobilenet]
+    python benchmarks/extract.py --scale        # peak memory at N and 4N, in fresh processes
 
 For each backbone, over the same N images of dogs-vs-cats/train:
 (a) the tutorial way: a Python generator opens each file with Pillow, resizes it,
     stacks a batch and calls ``model.predict`` batch by batch;
-(b) stacker's FeatureExtractor as shipped, cold cache (decode/resize in tf.data, in
-    parallel with inference, results streamed to HDF5);
+(b) stacker's FeatureExtractor as shipped, cold cache (Pillow decode/resize in parallel
+    tf.data threads overlapping inference, the default engine, results streamed to HDF5);
 (c) stacker again, warm cache (no forward pass).
 It prints images/second, the ratios b/a and c/a, the process's peak resident memory
 after each step, and the largest relative difference between (a) and (b) features
-(per image: max |a - b| / max |a|). The last line is machine-readable.
+(per image: max |a - b| / max |a|). Then (b)'s speed with each inference engine
+(Keras, XLA-compiled Keras, ONNX Runtime) and its difference from Keras's features.
+The last line is machine-readable:
+``first_vs_tutorial=<b/a> warm_vs_tutorial=<c/a> max_rel_diff=<d>`` (first backbone).
+
+``--scale`` extracts N and then 4N images (the file list repeated, cold cache each time)
+in two fresh processes and prints both peaks: extraction streams, so memory stays flat.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -50,7 +60,11 @@ def tutorial_features(model, paths, size: int, batch_size: int) -> np.ndarray:
     return np.concatenate([model.predict(b, verbose=0) for b in batches()])
 
 
-def run(backbone: str, paths, batch_size: int, weights_dir) -> dict:
+def _rel(x, ref) -> float:
+    return float((np.abs(x - ref).max(axis=1) / np.maximum(np.abs(ref).max(axis=1), 1e-12)).max())
+
+
+def run(backbone: str, paths, batch_size: int, weights_dir, engines=()) -> dict:
     from stacker.features import FeatureExtractor, forward_pass_count
     from stacker.images import ImageSet
 
@@ -60,7 +74,7 @@ def run(backbone: str, paths, batch_size: int, weights_dir) -> dict:
         ext = FeatureExtractor(backbone, batch_size=batch_size, cache_dir=cache, weights_dir=weights_dir, verbose=0)
         model = ext.model
         model.predict(np.zeros((2, ext.size, ext.size, 3), np.float32), verbose=0)  # warm-up: tracing
-        ext.transform_arrays([np.zeros((8, 8, 3), np.uint8)])
+        ext.transform_arrays([np.zeros((8, 8, 3), np.uint8)])  # warm-up: engine set-up (ONNX export) not timed
         t = time.perf_counter()
         a = tutorial_features(model, paths, ext.size, batch_size)
         ta = time.perf_counter() - t
@@ -76,30 +90,91 @@ def run(backbone: str, paths, batch_size: int, weights_dir) -> dict:
         tc = time.perf_counter() - t
         assert forward_pass_count() == before, "the warm run must not run the CNN"
         np.testing.assert_array_equal(b, c)
-        rel = float((np.abs(a - b).max(axis=1) / np.maximum(np.abs(a).max(axis=1), 1e-12)).max())
-        return {"backbone": backbone, "n": len(paths), "a": len(paths) / ta, "b": len(paths) / tb,
-                "c": len(paths) / tc, "mem_a": mem_a, "mem_b": mem_b, "mem_c": peak_mib(), "rel": rel}
+        out = {"backbone": backbone, "n": len(paths), "a": len(paths) / ta, "b": len(paths) / tb,
+               "c": len(paths) / tc, "mem_a": mem_a, "mem_b": mem_b, "mem_c": peak_mib(), "rel": _rel(b, a),
+               "engine": ext.engine, "resize": ext.resize, "engines": {}}
+        keras_feats = b if ext.engine == "keras" else None
+        for engine in engines:
+            d = tempfile.mkdtemp(prefix="stacker-bench-", dir=cache)
+            e = FeatureExtractor(backbone, batch_size=batch_size, cache_dir=d, weights_dir=weights_dir, verbose=0,
+                                 engine=engine)
+            e.transform_arrays([np.zeros((8, 8, 3), np.uint8)])
+            t = time.perf_counter()
+            f = e.transform(data)
+            out["engines"][engine] = {"img_s": len(paths) / (time.perf_counter() - t), "feats": f}
+            if engine == "keras":
+                keras_feats = f
+        for engine, r in out["engines"].items():
+            r["rel_keras"] = _rel(r.pop("feats"), keras_feats) if keras_feats is not None else float("nan")
+        return out
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def scale_child(backbone: str, paths, batch_size: int, weights_dir) -> None:
+    """Extract ``paths`` into a fresh cache and print peak memory as JSON (run in its own process)."""
+    from stacker.features import FeatureExtractor
+    from stacker.images import ImageSet
+
+    cache = tempfile.mkdtemp(prefix="stacker-scale-")
+    try:
+        ext = FeatureExtractor(backbone, batch_size=batch_size, cache_dir=cache, weights_dir=weights_dir, verbose=0)
+        start = peak_mib()
+        t = time.perf_counter()
+        feats = ext.extract(ImageSet(paths, list(range(len(paths)))))
+        print(json.dumps({"n": len(paths), "rows": int(len(feats.kept)), "s": time.perf_counter() - t,
+                          "peak_mib": peak_mib(), "start_mib": start}))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def scale(args, paths) -> None:
+    backbone = args.backbones.split(",")[0]
+    rows = []
+    for factor in (1, 4):
+        cmd = [sys.executable, os.path.abspath(__file__), "--scale-child", str(factor), "--n", str(args.n),
+               "--backbones", backbone, "--data", args.data, "--batch-size", str(args.batch_size),
+               "--weights-dir", args.weights_dir]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"{'images':>7s} {'seconds':>8s} {'peak MiB':>9s} {'(after model load)':>19s}")
+    for r in rows:
+        print(f"{r['n']:7d} {r['s']:8.1f} {r['peak_mib']:9.0f} {r['start_mib']:19.0f}")
+    print(f"peak_4n_vs_n={rows[1]['peak_mib'] / rows[0]['peak_mib']:.3f}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data", "dogs-vs-cats", "train"))
-    p.add_argument("--n", type=int, default=512)
+    p.add_argument("--n", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--backbones", default="efficientnet_lite0,mobilenet_025")
+    p.add_argument("--backbones", default="efficientnet_lite0,mobilenet")
     p.add_argument("--weights-dir", default=os.path.join(REPO, "..", "shared", "weights"))
+    p.add_argument("--engines", default="keras,xla,onnx", help="engines to compare for (b) ('' to skip)")
+    p.add_argument("--scale", action="store_true", help="peak memory at N and 4N images, in fresh processes")
+    p.add_argument("--scale-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     from stacker.images import load_images
 
     paths = load_images(args.data).head(args.n, seed=0).paths
-    rows = [run(b, paths, args.batch_size, args.weights_dir) for b in args.backbones.split(",")]
+    if args.scale_child:
+        return scale_child(args.backbones.split(",")[0], paths * args.scale_child, args.batch_size, args.weights_dir)
+    if args.scale:
+        return scale(args, paths)
+    engines = [e for e in args.engines.split(",") if e]
+    rows = [run(b, paths, args.batch_size, args.weights_dir, engines) for b in args.backbones.split(",")]
     print(f"{'backbone':20s} {'n':>5s} {'(a) img/s':>10s} {'(b) img/s':>10s} {'(c) img/s':>10s} {'b/a':>6s} "
           f"{'c/a':>8s} {'peak MiB a/b/c':>18s} {'max rel diff':>13s}")
     for r in rows:
         print(f"{r['backbone']:20s} {r['n']:5d} {r['a']:10.1f} {r['b']:10.1f} {r['c']:10.1f} {r['b'] / r['a']:6.2f} "
               f"{r['c'] / r['a']:8.1f} {r['mem_a']:6.0f}/{r['mem_b']:5.0f}/{r['mem_c']:5.0f} {r['rel']:13.2e}")
+    print(f"\n(b) per inference engine (as shipped: engine={rows[0]['engine']}, resize={rows[0]['resize']})")
+    print(f"{'backbone':20s} {'engine':8s} {'img/s':>8s} {'vs keras':>9s} {'rel diff vs keras':>18s}")
+    for r in rows:
+        base = r["engines"].get("keras", {}).get("img_s")
+        for engine, e in r["engines"].items():
+            print(f"{r['backbone']:20s} {engine:8s} {e['img_s']:8.1f} "
+                  f"{e['img_s'] / base if base else float('nan'):9.2f} {e['rel_keras']:18.2e}")
     first = rows[0]
     print(f"first_vs_tutorial={first['b'] / first['a']:.3f} warm_vs_tutorial={first['c'] / first['a']:.1f} "
           f"max_rel_diff={first['rel']:.3e}")

@@ -151,6 +151,10 @@ class FeatureEntry:
                 f.flush()
 
 
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _read_rows(ds, rows: np.ndarray) -> np.ndarray:
     """Read sorted unique rows, as contiguous slices where they run together."""
     if rows.size == rows[-1] - rows[0] + 1:
@@ -177,6 +181,43 @@ class FeatureCache:
         name = f"{meta.get('backbone', 'features')}-{key[:16]}.h5"
         os.makedirs(os.path.join(self.directory, "features"), exist_ok=True)
         return FeatureEntry(os.path.join(self.directory, "features", name), meta, dim, dtype)
+
+    def merge(self, sources) -> dict:
+        """Copy into this cache the rows of other caches (e.g. shards made on other machines).
+
+        Entries are matched by file name, which is the hash of their key (backbone, weights,
+        size, code...), so only features of the same model meet; rows already here (same
+        image fingerprint) are skipped. Returns ``{file name: rows added}``.
+        """
+        added: dict = {}
+        for source in sources:
+            folder = os.path.join(os.fspath(source), "features")
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"{source} is not a stacker cache (no features/ folder)")
+            for name in sorted(os.listdir(folder)):
+                if not name.endswith(".h5"):
+                    continue
+                path = os.path.join(folder, name)
+                with FileLock(path + ".lock"), h5py.File(path, "r") as f:
+                    n = int(f.attrs.get("n_complete", 0))
+                    meta = json.loads(f.attrs["meta"])
+                    dim, dtype = f["features"].shape[1], f["features"].dtype
+                    seconds, timed = float(f.attrs.get("compute_seconds", 0.0)), int(f.attrs.get("timed_rows", 0))
+                    rows = {k: f[k][:n] for k in ("fingerprints", "features", "ids", "labels", "paths")}
+                target = self.entry(meta, dim, dtype.name)
+                if os.path.basename(target.path) != name:
+                    raise ValueError(f"{path}: its key does not match its file name; not merging it")
+                fps = [fp.decode() for fp in rows["fingerprints"]]
+                new = np.flatnonzero(target.lookup(fps) < 0)
+                new = new[np.unique(np.array(fps, dtype=object)[new], return_index=True)[1]] if new.size else new
+                new.sort()
+                for start in range(0, new.size, 4096):
+                    part = new[start : start + 4096]
+                    target.append([fps[i] for i in part], rows["features"][part],
+                                  *[[_text(v) for v in rows[k][part]] for k in ("ids", "labels", "paths")],
+                                  seconds=seconds * part.size / timed if timed else None)
+                added[name] = added.get(name, 0) + int(new.size)
+        return added
 
     def entries(self) -> list[dict]:
         """Every feature file with its size, row count and key parts (for ``stacker cache ls``)."""

@@ -5,7 +5,9 @@
     stacker submit MODEL TEST_FOLDER --out submission.csv [--sample sample_submission.csv]
     stacker report RUN_DIR
     stacker top5 IMAGE... [--backbone efficientnet_lite0]
+    stacker extract DATA --backbones a,b [--shard i/n] [--cache DIR]
     stacker cache ls|rm|prune [--cache DIR]
+    stacker cache merge SHARD_CACHE... [--cache DIR]
 
 Exit codes: 0 success, 2 usage error, 1 failure (one line saying why; ``--debug`` for the
 traceback).
@@ -81,10 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_common(p)
 
-    p = sub.add_parser("cache", help="inspect or clean the feature cache")
-    p.add_argument("action", choices=["ls", "rm", "prune"],
+    p = sub.add_parser("extract", help="fill the feature cache (one shard of it with --shard i/n)")
+    p.add_argument("data", help="class folders, Kaggle-named files, a test folder or a CSV")
+    p.add_argument("--backbones", default="efficientnet_lite0", help="comma-separated registered backbones")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--weights", default="imagenet", help="'imagenet', 'none' or a weights file")
+    p.add_argument("--weights-dir", default=None)
+    p.add_argument("--cache", default=DEFAULT_CACHE)
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="only part I of N contiguous parts of the image list (0-based), e.g. 0/4 on machine 1")
+    p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--on-bad-image", default="skip", choices=["raise", "skip"])
+    _add_common(p)
+
+    p = sub.add_parser("cache", help="inspect, clean or merge feature caches")
+    p.add_argument("action", choices=["ls", "rm", "prune", "merge"],
                    help="ls: entries; rm: delete entries matching --backbone (or all); "
-                        "prune: delete entries whose code fingerprint is not the current one")
+                        "prune: delete entries whose code fingerprint is not the current one; "
+                        "merge: copy the rows of SOURCES (shard caches) into --cache")
+    p.add_argument("sources", nargs="*", help="for merge: cache directories made by `stacker extract --shard`")
     p.add_argument("--cache", default=DEFAULT_CACHE)
     p.add_argument("--backbone", default=None)
     _add_common(p)
@@ -189,10 +207,51 @@ def cmd_top5(args) -> int:
     return 0
 
 
+def _parse_shard(text):
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    return i, n
+
+
+def cmd_extract(args) -> int:
+    from .features import FeatureExtractor
+    from .images import load_images
+    from .recipe import weights_arg
+
+    try:
+        data = load_images(args.data)
+    except ValueError:
+        data = load_images(args.data, labelled=False)
+    part = ""
+    if args.shard:
+        i, n = _parse_shard(args.shard)
+        data = data.shard(i, n, align=args.batch_size)  # same batches as an unsharded run
+        part = f" (shard {i}/{n})"
+    for name in args.backbones.split(","):
+        ext = FeatureExtractor(name.strip(), weights=weights_arg(args.weights), input_size=args.image_size,
+                               batch_size=args.batch_size, feature_dtype=args.feature_dtype, cache_dir=args.cache,
+                               weights_dir=args.weights_dir, on_bad_image=args.on_bad_image,
+                               verbose=0 if args.quiet else 1)
+        feats = ext.extract(data)
+        print(f"{name}: {len(feats.kept)} images cached in {args.cache}{part}"
+              + (f", {len(feats.skipped)} unusable" if feats.skipped else ""))
+    return 0
+
+
 def cmd_cache(args) -> int:
     from .cache import FeatureCache
     from .features import _code_fingerprint
 
+    if args.action == "merge":
+        if not args.sources:
+            raise ValueError("cache merge needs one or more source cache directories")
+        added = FeatureCache(args.cache).merge(args.sources)
+        for name, n in added.items():
+            print(f"{name}: {n} rows added")
+        print(f"merged {len(args.sources)} caches into {args.cache}: {sum(added.values())} rows")
+        return 0
     entries = FeatureCache(args.cache).entries()
     if args.backbone:
         entries = [e for e in entries if e.get("meta", {}).get("backbone") == args.backbone]
@@ -218,7 +277,7 @@ def cmd_cache(args) -> int:
 
 
 COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "submit": cmd_submit, "report": cmd_report,
-            "top5": cmd_top5, "cache": cmd_cache}
+            "top5": cmd_top5, "extract": cmd_extract, "cache": cmd_cache}
 
 
 def main(argv=None) -> int:

@@ -120,8 +120,9 @@ class Ensemble:
         Offline weight files (default ``$STACKER_WEIGHTS_DIR``).
     on_bad_image : {"raise", "skip"}
         Policy for unusable image files.
-    resize : {"bilinear", "bicubic"}
-        How images are resized to each backbone's input size.
+    resize : {"pil", "bilinear", "bicubic"}
+        How images are decoded and resized to each backbone's input size: ``"pil"``
+        (Pillow, as a Pillow script would) or TensorFlow's antialiased bilinear/bicubic.
     finetune : None, True or dict
         Fine-tune every base learner (two phases on a cut-point cache, see
         :mod:`stacker.finetune`): ``True`` uses CPU defaults
@@ -131,6 +132,8 @@ class Ensemble:
     chunk_size : int
         Images whose features are written to the cache at a time: the unit of resume
         after a crash.
+    engine : {"auto", "keras", "xla", "onnx"}
+        What runs CNN forward passes (:mod:`stacker.engines`).
     verbose : int
 
     Attributes
@@ -158,8 +161,8 @@ class Ensemble:
 
     def __init__(self, backbones=("efficientnet_lite0",), weights="imagenet", head="dense", meta="dense",
                  meta_inputs="proba", cv=5, random_state=0, input_size=None, batch_size=32,
-                 feature_dtype="float32", cache_dir=None, weights_dir=None, on_bad_image="raise", resize="bilinear",
-                 finetune=None, chunk_size=256, verbose=1):
+                 feature_dtype="float32", cache_dir=None, weights_dir=None, on_bad_image="raise", resize="pil",
+                 finetune=None, chunk_size=256, engine="auto", verbose=1):
         self.backbones = backbones
         self.weights = weights
         self.head = head
@@ -176,6 +179,7 @@ class Ensemble:
         self.resize = resize
         self.finetune = finetune
         self.chunk_size = chunk_size
+        self.engine = engine
         self.verbose = verbose
 
     # ------------------------------------------------------------------ helpers
@@ -191,7 +195,7 @@ class Ensemble:
         kwargs = dict(weights=spec["weights"], input_size=spec["input_size"], batch_size=self.batch_size,
                       cache_dir=self.cache_dir, weights_dir=self.weights_dir, on_bad_image=self.on_bad_image,
                       resize=self.resize, verbose=self.verbose, model=model, weights_id=weights_id,
-                      chunk_size=self.chunk_size)
+                      chunk_size=self.chunk_size, engine=getattr(self, "engine", "auto"))
         ft = spec.get("finetune")
         if ft:
             return CutPointExtractor(spec["backbone"], blocks=ft["blocks"], feature_dtype=ft["cut_dtype"], **kwargs)

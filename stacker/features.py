@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import backbones as _backbones
+from . import engines as _engines
 from . import images as _images
 from .cache import FeatureCache
 from .torch_checkpoint import sha256_file
@@ -45,8 +46,9 @@ def _code_fingerprint() -> str:
     from . import efficientnet_lite
 
     parts = [_images._decode, _images._orient, _images.resize_pixels, _images.pixel_batches,
-             _images.array_batches, _images._as_rgb_array, _backbones._preprocessing_layer_class,
-             _backbones.build, FeatureExtractor._run, efficientnet_lite]
+             _images.array_batches, _images._as_rgb_array, _images._pil_rgb, _images._pil_pixels,
+             _backbones._preprocessing_layer_class, _backbones.build, FeatureExtractor._run, efficientnet_lite,
+             _engines.forward_function, _engines._onnx_session]
     h = hashlib.sha256()
     for obj in parts:
         h.update(inspect.getsource(obj).encode())
@@ -98,17 +100,21 @@ class FeatureExtractor:
         What to do with a file that is not a usable image.
     verbose : int
         0 silent, 1 progress bar.
-    resize : {"bilinear", "bicubic"}
-        How images are resized to the input size (antialiased).
+    resize : {"pil", "bilinear", "bicubic"}
+        How images are decoded and resized: Pillow (the pixels of a Pillow script), or
+        TensorFlow's antialiased bilinear/bicubic.
     model : keras.Model, optional
         A ready model (e.g. loaded from a saved ensemble) with ``weights_id``.
     weights_id : str, optional
         Identity of ``model``'s weights for the cache key.
+    engine : {"auto", "keras", "xla", "onnx"}
+        What runs the forward pass (:mod:`stacker.engines`); ``"auto"`` is ONNX Runtime
+        when installed (about 3x faster on a CPU), else Keras. Part of the cache key.
     """
 
     def __init__(self, backbone, weights="imagenet", input_size=None, batch_size=32, feature_dtype="float32",
                  cache_dir=None, weights_dir=None, chunk_size=256, on_bad_image="raise", verbose=1,
-                 model=None, weights_id=None, resize="bilinear"):
+                 model=None, weights_id=None, resize="pil", engine="auto"):
         if on_bad_image not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
         if np.dtype(feature_dtype) not in (np.float16, np.float32):
@@ -116,6 +122,7 @@ class FeatureExtractor:
         if resize not in _images.RESIZE_METHODS:
             raise ValueError(f"resize must be one of {_images.RESIZE_METHODS}, got {resize!r}")
         self.resize = resize
+        self.engine = _engines.resolve(engine)
         self.backbone = backbone
         self.weights = weights
         self.input_size = input_size
@@ -154,6 +161,7 @@ class FeatureExtractor:
             "preprocessing": self.cfg.preprocessing,
             "weights": self.weights_id,
             "pipeline": f"decode-rgb|exif|{self.resize}-antialias|float32",
+            "engine": self.engine,
             "code": _code_fingerprint(),
         }
 
@@ -175,12 +183,9 @@ class FeatureExtractor:
     def _run(self, pixels) -> np.ndarray:
         global _FORWARD_IMAGES
         if self._forward is None:
-            import tensorflow as tf
-
-            model = self.model
-            spec = tf.TensorSpec([None, self.size, self.size, 3], tf.float32)
-            self._forward = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-        out = self._forward(tf_float32(pixels)).numpy()
+            self._forward = _engines.forward_function(
+                self.model, self.engine, self.cache_dir, identity=f"{self.weights_id}|{_code_fingerprint()}")
+        out = self._forward(pixels)
         _FORWARD_IMAGES += int(out.shape[0])
         return out
 

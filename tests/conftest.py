@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Tiny test models run as plain Keras: an ONNX export per throwaway model would only cost time.
+# tests/test_engines.py covers the ONNX Runtime and XLA engines explicitly.
+os.environ.setdefault("STACKER_ENGINE", "keras")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(REPO, "..", "shared")

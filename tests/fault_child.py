@@ -104,11 +104,12 @@ def main(config, data_dir, cache, out, result, point=None):
     weights = os.path.join(data_dir, "tiny.weights.h5")
     tiny = {"backbone": "tiny_cnn", "input_size": 32, "weights": weights}
     common = dict(cv=3, random_state=0, cache_dir=cache, verbose=0, batch_size=4, chunk_size=4)
-    if config == "frozen":
-        ens = Ensemble([tiny, {**tiny, "input_size": 40, "head": "logistic"}], meta="dense", **common)
+    if config == "frozen":  # short-lived dense nets keep each child process to seconds
+        ens = Ensemble([tiny, {**tiny, "input_size": 40, "head": "logistic"}], head=DenseClassifier(epochs=15),
+                       meta=DenseClassifier(hidden=(8,), epochs=15), **common)
     else:
         ens = Ensemble([tiny], meta="logistic", head="logistic",
-                       finetune={"blocks": 1, "epochs": 2, "head_epochs": 5, "tta": ("original", "flip")}, **common)
+                       finetune={"blocks": 1, "epochs": 2, "head_epochs": 5, "learning_rate": 1e-3, "tta": ("original", "flip")}, **common)
     train = im.load_images(os.path.join(data_dir, "train"))
     ens.fit(train)
     fit_forward = forward_pass_count()

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import TINY, make_image
 from stacker import images as im
+from stacker.cache import FeatureCache
 from stacker.features import FeatureExtractor, forward_pass_count
 
 
@@ -137,3 +138,36 @@ def test_bad_images_raise_or_skip_and_nothing_is_lost(class_folders, cache_dir):
     row = data.paths.index(str(bad))
     assert list(feats.skipped) == [row] and row not in feats.kept
     assert len(feats.values) == len(data) - 1
+
+
+def test_shards_merged_give_exactly_the_features_of_one_unsharded_run(tmp_path, class_folders):
+    """`stacker extract --shard i/n` on three "machines", `stacker cache merge`, then zero forward passes."""
+    import keras
+
+    from stacker import cli
+    from stacker.backbones import build
+    from stacker.images import load_images
+
+    keras.utils.set_random_seed(0)
+    weights = str(tmp_path / "tiny.weights.h5")
+    build("tiny_cnn", weights=None, input_size=32).save_weights(weights)
+    common = ["--backbones", "tiny_cnn", "--image-size", "32", "--weights", weights, "--batch-size", "5", "--quiet"]
+    assert cli.main(["extract", str(class_folders), "--cache", str(tmp_path / "whole"), *common]) == 0
+    for i in range(3):
+        assert cli.main(["extract", str(class_folders), "--cache", str(tmp_path / f"shard{i}"),
+                         "--shard", f"{i}/3", *common]) == 0
+    shard_rows = [FeatureCache(tmp_path / f"shard{i}").entries()[0]["rows"] for i in range(3)]
+    assert shard_rows == [10, 5, 9]  # cut at multiples of the batch size
+    assert cli.main(["cache", "merge", *(str(tmp_path / f"shard{i}") for i in range(3)),
+                     "--cache", str(tmp_path / "merged")]) == 0
+    assert cli.main(["cache", "merge", str(tmp_path / "shard0"), "--cache", str(tmp_path / "merged")]) == 0
+
+    data = load_images(class_folders)
+    ext = dict(backbone="tiny_cnn", input_size=32, weights=weights, verbose=0)
+    whole = FeatureExtractor(**ext, cache_dir=tmp_path / "whole").transform(data)
+    before = forward_pass_count()
+    merged = FeatureExtractor(**ext, cache_dir=tmp_path / "merged").transform(data)
+    assert forward_pass_count() == before, "the merged cache must hold every image"
+    np.testing.assert_array_equal(merged, whole)
+    assert FeatureCache(tmp_path / "merged").entries()[0]["rows"] == len(data)  # merging twice adds nothing
+    assert cli.main(["extract", str(class_folders), "--shard", "3/3", *common]) == 1

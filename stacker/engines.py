@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["ENGINES", "available", "forward_function", "resolve"]
+__all__ = ["ENGINES", "available", "forward_function", "resolve", "strategy_scope"]
 
 ENGINES = ("auto", "keras", "xla", "onnx")
 ENGINE_ENV = "STACKER_ENGINE"  # what "auto" means when set (e.g. keras on a machine without ONNX Runtime)
@@ -47,7 +47,14 @@ def resolve(engine: str) -> str:
     return engine
 
 
-def forward_function(model, engine: str, cache_dir=None, identity: str = ""):
+def strategy_scope(strategy):
+    """``strategy.scope()``, or a no-op without a strategy."""
+    import contextlib
+
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def forward_function(model, engine: str, cache_dir=None, identity: str = "", strategy=None):
     """A function ``pixels (n, h, w, 3) float32 -> outputs ndarray`` running ``model`` on ``engine``.
 
     Parameters
@@ -59,8 +66,14 @@ def forward_function(model, engine: str, cache_dir=None, identity: str = ""):
         Where an ONNX export is kept for next time.
     identity : str
         What identifies the model's weights and code (part of the export's file name).
+    strategy : tf.distribute.Strategy, optional
+        Split every batch over the strategy's replicas (e.g. MirroredStrategy over GPUs);
+        the model must have been built in its scope. Runs on Keras.
     """
     import tensorflow as tf
+
+    if strategy is not None:
+        return lambda pixels: np.asarray(model.predict_on_batch(np.asarray(pixels, dtype=np.float32)))
 
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="pixels")
     keras_fn = tf.function(lambda x: model(x, training=False), input_signature=[spec],

@@ -134,6 +134,9 @@ class Ensemble:
         after a crash.
     engine : {"auto", "keras", "xla", "onnx"}
         What runs CNN forward passes (:mod:`stacker.engines`).
+    strategy : tf.distribute.Strategy, optional
+        Extraction, Keras heads, fine-tuning and the dense meta-learner are built and run
+        in its scope (``tf.distribute.MirroredStrategy()`` for several GPUs). Not saved.
     verbose : int
 
     Attributes
@@ -162,7 +165,7 @@ class Ensemble:
     def __init__(self, backbones=("efficientnet_lite0",), weights="imagenet", head="dense", meta="dense",
                  meta_inputs="proba", cv=5, random_state=0, input_size=None, batch_size=32,
                  feature_dtype="float32", cache_dir=None, weights_dir=None, on_bad_image="raise", resize="pil",
-                 finetune=None, chunk_size=256, engine="auto", verbose=1):
+                 finetune=None, chunk_size=256, engine="auto", strategy=None, verbose=1):
         self.backbones = backbones
         self.weights = weights
         self.head = head
@@ -180,6 +183,7 @@ class Ensemble:
         self.finetune = finetune
         self.chunk_size = chunk_size
         self.engine = engine
+        self.strategy = strategy
         self.verbose = verbose
 
     # ------------------------------------------------------------------ helpers
@@ -195,7 +199,8 @@ class Ensemble:
         kwargs = dict(weights=spec["weights"], input_size=spec["input_size"], batch_size=self.batch_size,
                       cache_dir=self.cache_dir, weights_dir=self.weights_dir, on_bad_image=self.on_bad_image,
                       resize=self.resize, verbose=self.verbose, model=model, weights_id=weights_id,
-                      chunk_size=self.chunk_size, engine=getattr(self, "engine", "auto"))
+                      chunk_size=self.chunk_size, engine=getattr(self, "engine", "auto"),
+                      strategy=getattr(self, "strategy", None))
         ft = spec.get("finetune")
         if ft:
             return CutPointExtractor(spec["backbone"], blocks=ft["blocks"], feature_dtype=ft["cut_dtype"], **kwargs)
@@ -208,6 +213,12 @@ class Ensemble:
         views = ["original"] if not ft else list(dict.fromkeys(ft["tta"] + ft["train_views"]))
         cache = self.__dict__.setdefault("_view_extractors", {})
         return {v: ext if v == "original" else cache.setdefault((name, v), ext.with_view(v)) for v in views}
+
+    def _with_strategy(self, est):
+        """Hand the ensemble's tf.distribute strategy to estimators that take one (Keras-backed)."""
+        if self.strategy is not None and "strategy" in getattr(est, "get_params", dict)():
+            est.set_params(strategy=self.strategy)
+        return est
 
     def _spec(self, name) -> dict:
         return next(s for s in self.specs_ if s["name"] == name)
@@ -347,9 +358,9 @@ class Ensemble:
         Z = meta_matrix(meta_p, meta_f, self.meta_inputs)
         self.meta_oof_proba_ = np.zeros((len(y), k))
         for i, (tr, va) in enumerate(self.folds_):
-            m = make_meta(self.meta, n_blocks, self.random_state + i).fit(Z[tr], y[tr])
+            m = self._with_strategy(make_meta(self.meta, n_blocks, self.random_state + i)).fit(Z[tr], y[tr])
             self.meta_oof_proba_[va] = _align(m, m.predict_proba(Z[va]), k)
-        self.meta_ = make_meta(self.meta, n_blocks, self.random_state).fit(Z, y)
+        self.meta_ = self._with_strategy(make_meta(self.meta, n_blocks, self.random_state)).fit(Z, y)
         timings["ensemble"] = {"train_s": time.perf_counter() - t0}
         blocks = _meta_blocks(names, [p.shape[1] for p in meta_p], [f.shape[1] for f in meta_f], self.meta_inputs)
         self.meta_importance_ = _permutation_importance(self.meta_, Z, y, blocks, k, self.random_state)
@@ -398,7 +409,7 @@ class Ensemble:
         folds = []
         for i, (tr, va) in enumerate(self.folds_):
             def fit(i=i, tr=tr, va=va):
-                est = make_head(head, self.random_state + i).fit(X[tr], y[tr])
+                est = self._with_strategy(make_head(head, self.random_state + i)).fit(X[tr], y[tr])
                 return est, {"proba": _align(est, est.predict_proba(X[va]), k)}
 
             est, arrays, _ = self._fold(key, i, fit)
@@ -425,7 +436,7 @@ class Ensemble:
             def fit(i=i, tr=tr, va=va):
                 est = FineTunedClassifier(**{**params, "backbone": ext.cfg.name, "weights": self._spec(name)["weights"],
                                              "input_size": ext.size, "weights_dir": self.weights_dir,
-                                             "random_state": self.random_state + i,
+                                             "random_state": self.random_state + i, "strategy": self.strategy,
                                              "verbose": 2 if self.verbose else 0})
                 extra = [views[v][tr] for v in ft["train_views"] if v != "original"]
                 self._log(f"{name}: fine-tuning fold {i + 1}/{self.cv} ({len(tr)} images, "

@@ -110,11 +110,14 @@ class FeatureExtractor:
     engine : {"auto", "keras", "xla", "onnx"}
         What runs the forward pass (:mod:`stacker.engines`); ``"auto"`` is ONNX Runtime
         when installed (about 3x faster on a CPU), else Keras. Part of the cache key.
+    strategy : tf.distribute.Strategy, optional
+        Build the backbone in its scope and split every batch over its replicas
+        (MirroredStrategy for several GPUs); implies the Keras engine.
     """
 
     def __init__(self, backbone, weights="imagenet", input_size=None, batch_size=32, feature_dtype="float32",
                  cache_dir=None, weights_dir=None, chunk_size=256, on_bad_image="raise", verbose=1,
-                 model=None, weights_id=None, resize="pil", engine="auto"):
+                 model=None, weights_id=None, resize="pil", engine="auto", strategy=None):
         if on_bad_image not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
         if np.dtype(feature_dtype) not in (np.float16, np.float32):
@@ -122,7 +125,8 @@ class FeatureExtractor:
         if resize not in _images.RESIZE_METHODS:
             raise ValueError(f"resize must be one of {_images.RESIZE_METHODS}, got {resize!r}")
         self.resize = resize
-        self.engine = _engines.resolve(engine)
+        self.strategy = strategy
+        self.engine = "keras" if strategy is not None else _engines.resolve(engine)
         self.backbone = backbone
         self.weights = weights
         self.input_size = input_size
@@ -168,8 +172,9 @@ class FeatureExtractor:
     @property
     def model(self):
         if self._model is None:
-            self._model = _backbones.build(self.cfg.name, weights=self.weights, input_size=self.size,
-                                           weights_dir=self.weights_dir)
+            with _engines.strategy_scope(self.strategy):
+                self._model = _backbones.build(self.cfg.name, weights=self.weights, input_size=self.size,
+                                               weights_dir=self.weights_dir)
         return self._model
 
     def row_dim(self) -> int:
@@ -184,7 +189,8 @@ class FeatureExtractor:
         global _FORWARD_IMAGES
         if self._forward is None:
             self._forward = _engines.forward_function(
-                self.model, self.engine, self.cache_dir, identity=f"{self.weights_id}|{_code_fingerprint()}")
+                self.model, self.engine, self.cache_dir, identity=f"{self.weights_id}|{_code_fingerprint()}",
+                strategy=self.strategy)
         out = self._forward(pixels)
         _FORWARD_IMAGES += int(out.shape[0])
         return out

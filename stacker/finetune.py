@@ -202,8 +202,11 @@ class CutPointExtractor(FeatureExtractor):
         self._cut_layer = None
 
     def _split(self):
-        full = _backbones.build(self.cfg.name, weights=self.weights, input_size=self.size,
-                                weights_dir=self.weights_dir)
+        from .engines import strategy_scope
+
+        with strategy_scope(self.strategy):
+            full = _backbones.build(self.cfg.name, weights=self.weights, input_size=self.size,
+                                    weights_dir=self.weights_dir)
         bottom, self._top, self._cut_layer = split_backbone(full, self.blocks, self.cfg.block_pattern)
         return bottom
 
@@ -342,6 +345,8 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         Dropout before the softmax.
     random_state : int
     verbose : int
+    strategy : tf.distribute.Strategy, optional
+        Build and train in its scope (MirroredStrategy: data-parallel over GPUs).
 
     Attributes
     ----------
@@ -361,7 +366,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
     def __init__(self, backbone="efficientnet_lite0", weights="imagenet", input_size=None, weights_dir=None,
                  blocks=2, mode="cached", augment=("flip", "zoom", "rotation", "contrast"), head_epochs=200,
                  epochs=4, head_learning_rate=1e-3, learning_rate=1e-5, batch_size=32, label_smoothing=0.0,
-                 patience=2, validation_fraction=0.1, dropout=0.2, random_state=0, verbose=0):
+                 patience=2, validation_fraction=0.1, dropout=0.2, random_state=0, verbose=0, strategy=None):
         self.backbone = backbone
         self.weights = weights
         self.input_size = input_size
@@ -380,6 +385,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         self.dropout = dropout
         self.random_state = random_state
         self.verbose = verbose
+        self.strategy = strategy
 
     # -- building ---------------------------------------------------------------------
     def _split(self, top=None, bottom=None):
@@ -448,6 +454,16 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         if k < 2:
             raise ValueError("need at least two classes to train a classifier")
         keras.utils.set_random_seed(int(self.random_state))
+        from .engines import strategy_scope
+
+        with strategy_scope(self.strategy):  # the top's copy, the head and the phase-2 model live in it
+            return self._fit(X, y, views, pooled, paths, orientations, top, bottom)
+
+    def _fit(self, X, y, views, pooled, paths, orientations, top, bottom):
+        import keras
+
+        k = len(self.classes_)
+        y_idx = np.searchsorted(self.classes_, y)
         bottom, top, self.cut_layer_ = self._split(top, bottom)
         shape = tuple(int(d) for d in top.input_shape[1:])
         if int(np.prod(shape)) != X.shape[1]:
@@ -464,7 +480,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         # phase 1: the head alone on frozen features, with the split phase 2 uses
         head = DenseClassifier(dropout=self.dropout, epochs=self.head_epochs,
                                learning_rate=self.head_learning_rate, validation_fraction=self.validation_fraction,
-                               random_state=self.random_state).fit(pooled, y)
+                               random_state=self.random_state, strategy=self.strategy).fit(pooled, y)
         self.head_ = copy.copy(head)
         self.head_.model_ = keras.models.clone_model(head.model_)
         self.head_.model_.set_weights(head.model_.get_weights())
@@ -569,7 +585,8 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
     def save(self, path_stem: str) -> list[str]:
         check_is_fitted(self, "model_")
         self.model_.save(path_stem + ".keras")
-        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()}
+        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()
+                  if k != "strategy"}  # a run-time choice, not part of the model
         with open(path_stem + ".json", "w") as f:
             json.dump({"estimator": "FineTunedClassifier", "params": params, "classes": self.classes_.tolist(),
                        "history": self.history_, "cut_layer": self.cut_layer_, "cut_shape": list(self.cut_shape_),

@@ -51,6 +51,8 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
     random_state : int
         Seeds weight initialisation, dropout, shuffling and the validation split.
     verbose : int
+    strategy : tf.distribute.Strategy, optional
+        Build and train in its scope (MirroredStrategy: data-parallel over GPUs).
 
     Attributes
     ----------
@@ -62,7 +64,7 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
 
     def __init__(self, hidden=(), dropout=0.2, epochs=200, batch_size=64, learning_rate=1e-3, patience=10,
                  validation_fraction=0.1, label_smoothing=0.0, l2=1e-4, batch_norm=False, random_state=0,
-                 verbose=0):
+                 verbose=0, strategy=None):
         self.hidden = hidden
         self.batch_norm = batch_norm
         self.dropout = dropout
@@ -75,6 +77,7 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         self.l2 = l2
         self.random_state = random_state
         self.verbose = verbose
+        self.strategy = strategy
 
     def _build(self, n_features: int, n_classes: int, X):
         import keras
@@ -125,7 +128,10 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
             tr, va = train_test_split(np.arange(len(X)), test_size=self.validation_fraction, stratify=y_idx,
                                       random_state=self.random_state)
             fit_X, fit_Y, val = X[tr], Y[tr], (X[va], Y[va])
-        self.model_ = self._build(X.shape[1], len(self.classes_), fit_X)
+        from .engines import strategy_scope
+
+        with strategy_scope(self.strategy):
+            self.model_ = self._build(X.shape[1], len(self.classes_), fit_X)
         # too few rows to hold any out: stop when the training loss stops improving instead
         monitor = "val_loss" if val is not None else "loss"
         callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=self.patience,
@@ -153,7 +159,8 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "model_")
         self.model_.save(path_stem + ".keras")
         with open(path_stem + ".json", "w") as f:
-            json.dump({"params": _jsonable(self.get_params()), "classes": self.classes_.tolist(),
+            params = {k: v for k, v in self.get_params().items() if k != "strategy"}  # run-time, not model
+            json.dump({"params": _jsonable(params), "classes": self.classes_.tolist(),
                        "history": self.history_}, f)
         return [path_stem + ".keras", path_stem + ".json"]
 
@@ -176,13 +183,14 @@ def _jsonable(params: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
 
 
-def make_head(spec="dense", random_state: int = 0):
+def make_head(spec="dense", random_state: int = 0, strategy=None):
     """A fresh base-learner estimator from ``"dense"``, ``"resnet"``, ``"logistic"`` or a scikit-learn classifier."""
     if isinstance(spec, str):
         if spec == "dense":
-            return DenseClassifier(random_state=random_state)
+            return DenseClassifier(random_state=random_state, strategy=strategy)
         if spec == "resnet":
-            return DenseClassifier(hidden=(512,), batch_norm=True, dropout=0.5, random_state=random_state)
+            return DenseClassifier(hidden=(512,), batch_norm=True, dropout=0.5, random_state=random_state,
+                                   strategy=strategy)
         if spec == "logistic":
             return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
         raise ValueError(f"unknown head {spec!r}; use 'dense', 'resnet', 'logistic' or a scikit-learn classifier")

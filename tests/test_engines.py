@@ -83,3 +83,35 @@ def test_pil_resize_gives_exactly_the_pixels_of_a_pillow_script(tmp_path, photos
     assert 60 < deep.mean() < 200, "16-bit greys are scaled to 8 bits, not clipped to white"
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in photos]
     np.testing.assert_array_equal(np.concatenate(list(im.array_batches(arrays, 24, method="pil"))), got)
+
+
+def test_a_tf_distribute_strategy_runs_extraction_heads_and_fine_tuning(tmp_path, photos, weights):
+    """MirroredStrategy (one CPU replica here, GPUs in real use): same features, models built in its scope."""
+    import tensorflow as tf
+
+    from stacker.ensemble import Ensemble
+    from stacker.learners import DenseClassifier
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    common = dict(backbone="tiny_cnn", input_size=32, weights=weights, verbose=0)
+    plain = FeatureExtractor(**common, engine="keras").transform(photos)
+    ext = FeatureExtractor(**common, strategy=strategy)
+    np.testing.assert_allclose(ext.transform(photos), plain, rtol=1e-5, atol=1e-7)
+    assert ext.engine == "keras" and strategy.extended.variable_created_in_scope(ext.model.weights[0].value)
+
+    head = DenseClassifier(epochs=3, strategy=strategy).fit(plain, [0, 1] * 3)
+    assert strategy.extended.variable_created_in_scope(head.model_.weights[0].value)
+    head.save(str(tmp_path / "head"))  # the strategy is a run-time choice: not saved with the model
+
+    root = tmp_path / "train"
+    for c, color in (("cat", (200, 60, 50)), ("dog", (50, 80, 200))):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            make_image(root / c / f"{i}.png", color, seed=i + (0 if c == "cat" else 30))
+    ens = Ensemble([{**TINY, "weights": weights}], cv=2, meta="logistic", strategy=strategy, verbose=0,
+                   finetune={"blocks": 1, "epochs": 1, "head_epochs": 2, "tta": ("original",),
+                             "train_views": ("original",)})
+    ens.fit(root)
+    fold = ens.learners_[ens.specs_[0]["name"]][0]
+    assert strategy.extended.variable_created_in_scope(fold.model_.weights[0].value)
+    assert np.isfinite(ens.predict_proba(im.load_images(root))).all()

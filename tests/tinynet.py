@@ -9,16 +9,16 @@ from stacker.backbones import BackboneCfg, register_backbone
 
 
 def build_tiny_cnn(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg", classes=1000):
-    """A three-block network with the keras.applications signature."""
+    """A two-block network with the keras.applications signature."""
     import keras
     from keras import layers
 
     inputs = keras.Input(input_shape)
     x = inputs
-    for i, (filters, stride) in enumerate(((8, 2), (16, 2), (16, 1)), start=1):
-        x = layers.Conv2D(filters, 3, strides=stride, padding="same", name=f"block{i}_conv")(x)
-        x = layers.BatchNormalization(name=f"block{i}_bn")(x)
+    for i, filters in enumerate((8, 16), start=1):
+        x = layers.Conv2D(filters, 3, strides=2, padding="same", name=f"block{i}_conv")(x)
         x = layers.ReLU(name=f"block{i}_relu")(x)
+        x = layers.BatchNormalization(name=f"block{i}_bn")(x)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x) if pooling == "avg" or include_top else x
     if include_top:
         x = layers.Dense(classes, activation="softmax", name="predictions")(x)

@@ -45,6 +45,26 @@ def make_image(path, color, size=(24, 20), mode="RGB", fmt=None, seed=0):
 COLORS = {"cat": (200, 60, 50), "dog": (50, 80, 200), "owl": (60, 190, 60)}
 
 
+def make_class_folders(root, n: int, seed_step: int = 40):
+    """root/cat/<i>.png and root/dog/<i>.png: two well separated colours, n images each."""
+    for j, c in enumerate(("cat", "dog")):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            make_image(root / c / f"{i}.png", COLORS[c], seed=i + j * seed_step)
+    return root
+
+
+def save_tiny_weights(path) -> str:
+    """Fixed 'pretrained' weights for tiny_cnn at 32 px, so every build is the same network."""
+    import keras
+
+    from stacker.backbones import build
+
+    keras.utils.set_random_seed(0)
+    build("tiny_cnn", weights=None, input_size=32).save_weights(str(path))
+    return str(path)
+
+
 @pytest.fixture
 def class_folders(tmp_path):
     """root/<class>/<n>.png with two well separated classes, 12 images each."""

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, make_image
+from conftest import TINY, make_class_folders, make_image
 from stacker import images as im
 from stacker.ensemble import Ensemble
 from stacker.features import FeatureExtractor
@@ -127,11 +127,7 @@ def test_broken_images_raise_with_name_and_reason_or_are_skipped(tmp_path, kind)
 
 
 def test_ensemble_skips_every_broken_file_and_reports_it(tmp_path):
-    root = tmp_path / "train"
-    for c, color in (("cat", (200, 60, 50)), ("dog", (50, 80, 200))):
-        (root / c).mkdir(parents=True)
-        for i in range(6):
-            make_image(root / c / f"{i}.png", color, seed=i + (0 if c == "cat" else 30))
+    root = make_class_folders(tmp_path / "train", 6, seed_step=30)
     broken = {}
     for kind in BROKEN:
         path, reason = write_broken(kind, root / "cat" / f"bad_{kind}")

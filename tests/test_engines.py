@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, make_image
+from conftest import TINY, make_class_folders, make_image, save_tiny_weights
 from stacker import engines
 from stacker import images as im
 from stacker.features import FeatureExtractor
@@ -20,14 +20,7 @@ def photos(tmp_path):
 
 @pytest.fixture
 def weights(tmp_path):
-    import keras
-
-    from stacker.backbones import build
-
-    keras.utils.set_random_seed(0)
-    path = str(tmp_path / "tiny.weights.h5")
-    build("tiny_cnn", weights=None, input_size=32).save_weights(path)
-    return path
+    return save_tiny_weights(tmp_path / "tiny.weights.h5")
 
 
 @pytest.mark.skipif(not engines.available("onnx"), reason="onnxruntime/tf2onnx not installed")
@@ -103,11 +96,7 @@ def test_a_tf_distribute_strategy_runs_extraction_heads_and_fine_tuning(tmp_path
     assert strategy.extended.variable_created_in_scope(head.model_.weights[0].value)
     head.save(str(tmp_path / "head"))  # the strategy is a run-time choice: not saved with the model
 
-    root = tmp_path / "train"
-    for c, color in (("cat", (200, 60, 50)), ("dog", (50, 80, 200))):
-        (root / c).mkdir(parents=True)
-        for i in range(6):
-            make_image(root / c / f"{i}.png", color, seed=i + (0 if c == "cat" else 30))
+    root = make_class_folders(tmp_path / "train", 6, seed_step=30)
     ens = Ensemble([{**TINY, "weights": weights}], cv=2, meta="logistic", strategy=strategy, verbose=0,
                    finetune={"blocks": 1, "epochs": 1, "head_epochs": 2, "tta": ("original",),
                              "train_views": ("original",)})

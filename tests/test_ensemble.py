@@ -8,7 +8,7 @@ from PIL import Image
 from sklearn.ensemble import RandomForestClassifier
 
 import stacker
-from conftest import TINY, make_image
+from conftest import TINY, make_class_folders, save_tiny_weights
 from stacker import images as im
 from stacker.ensemble import Ensemble, ModelIntegrityError
 from stacker.features import forward_pass_count
@@ -24,18 +24,9 @@ def tiny_ensemble(cache_dir, weights, **kw):
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    import keras
-
-    from stacker.backbones import build
-
     root = tmp_path_factory.mktemp("ens")
-    for c, color in (("cat", (200, 60, 50)), ("dog", (50, 80, 200))):
-        (root / "train" / c).mkdir(parents=True)
-        for i in range(12):
-            make_image(root / "train" / c / f"{i}.png", color, seed=i + (0 if c == "cat" else 40))
-    keras.utils.set_random_seed(0)
-    weights = str(root / "tiny.weights.h5")
-    build("tiny_cnn", weights=None, input_size=32).save_weights(weights)
+    make_class_folders(root / "train", 12)
+    weights = save_tiny_weights(root / "tiny.weights.h5")
     data = im.load_images(root / "train")
     ens = tiny_ensemble(str(root / "cache"), weights, meta="dense").fit(data)
     ens.weights_file = weights

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, make_image
+from conftest import COLORS, REPO, make_class_folders, make_image, save_tiny_weights
 
 pytestmark = pytest.mark.faults
 CHILD = os.path.join(REPO, "tests", "fault_child.py")
@@ -23,21 +23,12 @@ CHILD = os.path.join(REPO, "tests", "fault_child.py")
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    import keras
-
-    import tinynet  # noqa: F401
-    from stacker.backbones import build
-
     root = tmp_path_factory.mktemp("faults")
-    for c, color in (("cat", (200, 60, 50)), ("dog", (50, 80, 200))):
-        (root / "train" / c).mkdir(parents=True)
-        for i in range(9):
-            make_image(root / "train" / c / f"{i}.png", color, seed=i + (0 if c == "cat" else 40))
+    make_class_folders(root / "train", 9)
     (root / "test").mkdir()
     for i in range(4):
-        make_image(root / "test" / f"{i}.png", (200, 60, 50) if i % 2 else (50, 80, 200), seed=90 + i)
-    keras.utils.set_random_seed(0)
-    build("tiny_cnn", weights=None, input_size=32).save_weights(str(root / "tiny.weights.h5"))
+        make_image(root / "test" / f"{i}.png", COLORS["cat" if i % 2 else "dog"], seed=90 + i)
+    save_tiny_weights(root / "tiny.weights.h5")
     return root
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, make_image
+from conftest import TINY, make_image, save_tiny_weights
 from stacker import images as im
 from stacker.backbones import build
 from stacker.cache import FeatureCache
@@ -105,11 +105,8 @@ def test_unfrozen_layers_change_and_frozen_ones_do_not(tmp_path, tiny_model, mod
 
 
 @pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory, tiny_model):
-    """Fixed 'pretrained' weights, so that every build of the backbone is the same network."""
-    path = str(tmp_path_factory.mktemp("weights") / "tiny.weights.h5")
-    tiny_model.save_weights(path)
-    return path
+def tiny_weights(tmp_path_factory):
+    return save_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny.weights.h5")
 
 
 def _ensemble(cache_dir, weights, **kw):

@@ -207,6 +207,48 @@ def fresh_estimator(spec, random_state: int, role: str):
     return est
 
 
+# What a pickled scikit-learn model may name. A joblib file is a pickle, and a pickle can
+# call any function it names (os.system...), so stacker refuses every other global: the
+# defence behind the manifest checksums, for when a whole model directory was forged.
+_SAFE_ROOTS = ("sklearn", "numpy", "scipy", "joblib", "stacker", "collections", "copyreg")
+_SAFE_BUILTINS = {"slice", "set", "frozenset", "complex", "bytearray", "range", "object", "tuple", "list", "dict",
+                  "int", "float", "bool", "str", "bytes", "getattr"}
+TRUSTED_MODULES_ENV = "STACKER_TRUSTED_MODULES"  # extra module roots (your own estimators), comma-separated
+
+
+def _allowed(module: str, name: str) -> bool:
+    root = module.split(".")[0]
+    extra = tuple(m.strip() for m in os.environ.get(TRUSTED_MODULES_ENV, "").split(",") if m.strip())
+    if root in _SAFE_ROOTS + extra:
+        return not (root == "numpy" and any(part in module for part in ("testing", "distutils", "f2py")))
+    if module == "builtins":
+        return name in _SAFE_BUILTINS and name != "getattr"
+    return (module, name) in {("functools", "partial"), ("_codecs", "encode")}
+
+
+def _load_joblib(path: str):
+    """``joblib.load`` through an unpickler that refuses globals outside scikit-learn/NumPy/SciPy/stacker."""
+    import pickle
+
+    from joblib import numpy_pickle
+
+    class AllowlistUnpickler(numpy_pickle.NumpyUnpickler):
+        def find_class(self, module, name):
+            if not _allowed(module, name):
+                raise pickle.UnpicklingError(
+                    f"refusing to load {path}: it names {module}.{name}, which is not a scikit-learn, NumPy or "
+                    f"SciPy object (a crafted file?). If it is your own estimator class, add its module to "
+                    f"${TRUSTED_MODULES_ENV}.")
+            return super().find_class(module, name)
+
+    with open(path, "rb") as f:
+        unpickler = AllowlistUnpickler(path, f, ensure_native_byte_order="auto")
+        try:
+            return unpickler.load()
+        except UnicodeDecodeError:  # pragma: no cover - Python 2 pickles are not written by stacker
+            raise pickle.UnpicklingError(f"{path} is not a stacker joblib file") from None
+
+
 def save_estimator(est, path_stem: str) -> list[str]:
     """Save a fitted estimator: Keras-backed ones (with ``save``/``load``) as ``.keras`` + JSON, others with joblib."""
     if hasattr(est, "save") and hasattr(type(est), "load"):
@@ -225,4 +267,4 @@ def load_estimator(path_stem: str):
 
             return FineTunedClassifier.load(path_stem, info)
         return DenseClassifier.load(path_stem)
-    return joblib.load(path_stem + ".joblib")
+    return _load_joblib(path_stem + ".joblib")

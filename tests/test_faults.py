@@ -81,3 +81,28 @@ def test_killed_run_resumes_to_the_same_result(config, point, data_dir, tmp_path
         assert info["dense_fits"] == 4  # base learners from the cache; only the meta-learner refits
     if point == "finetune":
         assert info["finetune_fits"] == ref["finetune_fits"] - 1
+
+
+def test_two_processes_filling_one_cache_at_once_corrupt_nothing(data_dir, tmp_path):
+    """Two concurrent `stacker extract` runs on one cache: both finish, every row is whole and right."""
+    from stacker.features import FeatureExtractor, forward_pass_count
+    from stacker.images import load_images
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.path.join(REPO, "tests"),
+           "STACKER_PLUGINS": "tinynet"}
+    weights = str(data_dir / "tiny.weights.h5")
+    cmd = [sys.executable, "-m", "stacker", "extract", str(data_dir / "train"), "--backbones", "tiny_cnn",
+           "--image-size", "32", "--weights", weights, "--cache", str(tmp_path / "shared"), "--batch-size", "2",
+           "--quiet"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    data = load_images(data_dir / "train")
+    ext = dict(backbone="tiny_cnn", input_size=32, weights=weights, verbose=0, batch_size=2)
+    before = forward_pass_count()
+    shared = FeatureExtractor(**ext, cache_dir=tmp_path / "shared").transform(data)
+    assert forward_pass_count() == before
+    alone = FeatureExtractor(**ext).transform(data)
+    np.testing.assert_allclose(shared, alone, rtol=1e-5, atol=1e-7)

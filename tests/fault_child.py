@@ -23,7 +23,7 @@ KILL_POINTS = {
     "extract": ("h5py write", 7),          # inside the 2nd cached chunk: 5 datasets per chunk
     "head": ("DenseClassifier.fit", 2),    # base head of fold 2 (fold 1 is checkpointed)
     "finetune": ("FineTunedClassifier.fit", 2),  # fine-tuning fold 2
-    "meta": ("DenseClassifier.fit", 5),    # the meta-learner's 2nd cross-validation fold
+    "meta": ("DenseClassifier.fit", 4),    # the meta-learner's 2nd cross-validation fold (2 folds + 2 CV)
     "save": ("save_estimator", 3),         # writing the model directory
 }
 
@@ -103,7 +103,7 @@ def main(config, data_dir, cache, out, result, point=None):
         install(point)
     weights = os.path.join(data_dir, "tiny.weights.h5")
     tiny = {"backbone": "tiny_cnn", "input_size": 32, "weights": weights}
-    common = dict(cv=3, random_state=0, cache_dir=cache, verbose=0, batch_size=4, chunk_size=4)
+    common = dict(cv=2, random_state=0, cache_dir=cache, verbose=0, batch_size=4, chunk_size=4)
     if config == "frozen":  # short-lived dense nets keep each child process to seconds
         ens = Ensemble([tiny, {**tiny, "input_size": 40, "head": "logistic"}], head=DenseClassifier(epochs=15),
                        meta=DenseClassifier(hidden=(8,), epochs=15), **common)

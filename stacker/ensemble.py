@@ -17,6 +17,7 @@ is the backbone's top blocks plus a head, fine-tuned on the other folds only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -689,8 +690,12 @@ class Ensemble:
         return ens
 
 
+@functools.lru_cache(maxsize=None)
 def _finetune_code() -> str:
-    """Hash of the fine-tuning code: a learner cache made by other training code is not reused."""
+    """Hash of the fine-tuning code: a learner cache made by other training code is not reused.
+
+    Computed once per process, from the code that is running (not from a file edited since).
+    """
     import inspect
 
     from . import finetune

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pooled-feature extraction: the tutorial way versus stacker, cold and warm, in one process.
 
-    python benchmarks/extract.py [--n 256] [--backbones efficientnet_lite0,mobilenet]
+    python benchmarks/extract.py [--n 256] [--backbones efficientnet_lite0,mobilenet_025]
     python benchmarks/extract.py --scale        # peak memory at N and 4N, in fresh processes
 
 For each backbone, over the same N images of dogs-vs-cats/train:
@@ -148,7 +148,7 @@ def main() -> None:
     p.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data", "dogs-vs-cats", "train"))
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--backbones", default="efficientnet_lite0,mobilenet")
+    p.add_argument("--backbones", default="efficientnet_lite0,mobilenet_025")
     p.add_argument("--weights-dir", default=os.path.join(REPO, "..", "shared", "weights"))
     p.add_argument("--engines", default="keras,xla,onnx", help="engines to compare for (b) ('' to skip)")
     p.add_argument("--scale", action="store_true", help="peak memory at N and 4N images, in fresh processes")

@@ -530,7 +530,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
 
         size = int(bottom.input_shape[1])
         pixels_in = keras.Input((size, size, 3), name="pixels")
-        x = self._augmenter(int(self.random_state))(pixels_in)
+        x = self._augmenter(int(self.random_state))(pixels_in) if self.augment else pixels_in
         x = bottom(x, training=False)
         full = keras.Model(pixels_in, head.model_(top(x, training=False)), name=f"{self.backbone}_finetune_full")
         full.compile(optimizer=keras.optimizers.Adam(self.learning_rate),

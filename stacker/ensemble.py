@@ -424,10 +424,8 @@ class Ensemble:
         """Fine-tune one model per fold on the other folds; collect out-of-fold outputs per view."""
         ext = self.extractors_[name]
         X = views["original"]
-        shape = ext.cut_shape
         top = ext.frozen_top()
-        pooled = np.concatenate([np.asarray(top(X[i : i + 256].astype(np.float32).reshape((-1,) + shape),
-                                                training=False)) for i in range(0, len(X), 256)])
+        pooled = ext.frozen_pooled(X)
         params = {p: v for p, v in ft.items() if p in FineTunedClassifier().get_params()}
         out = {f"oof_proba_{v}": np.zeros((len(y), k)) for v in ft["tta"]}
         out["phase1_oof_proba"] = np.zeros((len(y), k))

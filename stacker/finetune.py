@@ -216,6 +216,10 @@ class CutPointExtractor(FeatureExtractor):
             self._bottom = self._split()
         return self._top
 
+    def frozen_pooled(self, X) -> np.ndarray:
+        """Pooled features of the pretrained top over cached cut-point rows (phase 1's inputs)."""
+        return _pooled(self.frozen_top(), X, self.cut_shape)
+
     @property
     def model(self):
         if self._bottom is None:
@@ -457,13 +461,12 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         from .engines import strategy_scope
 
         with strategy_scope(self.strategy):  # the top's copy, the head and the phase-2 model live in it
-            return self._fit(X, y, views, pooled, paths, orientations, top, bottom)
+            return self._fit(X, y, y_idx, views, pooled, paths, orientations, top, bottom)
 
-    def _fit(self, X, y, views, pooled, paths, orientations, top, bottom):
+    def _fit(self, X, y, y_idx, views, pooled, paths, orientations, top, bottom):
         import keras
 
         k = len(self.classes_)
-        y_idx = np.searchsorted(self.classes_, y)
         bottom, top, self.cut_layer_ = self._split(top, bottom)
         shape = tuple(int(d) for d in top.input_shape[1:])
         if int(np.prod(shape)) != X.shape[1]:
@@ -476,7 +479,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         n_val = max(int(np.ceil(self.validation_fraction * len(X))), k)  # at least one per class
         tr, va = train_test_split(np.arange(len(X)), test_size=n_val, stratify=y_idx, random_state=self.random_state)
         if pooled is None:
-            pooled = _batched(lambda b: top(b.reshape((-1,) + shape), training=False), X)
+            pooled = _pooled(top, X, shape)
         # phase 1: the head alone on frozen features, with the split phase 2 uses
         head = DenseClassifier(dropout=self.dropout, epochs=self.head_epochs,
                                learning_rate=self.head_learning_rate, validation_fraction=self.validation_fraction,
@@ -611,6 +614,11 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         est.cut_shape_ = tuple(info["cut_shape"])
         est.phase2_kept_ = info.get("phase2_kept")
         return est
+
+
+def _pooled(top, X, shape) -> np.ndarray:
+    """Run a top network (cut activations -> pooled features) over flattened rows."""
+    return _batched(lambda b: top(b.reshape((-1,) + tuple(shape)), training=False), X)
 
 
 def _batched(fn, X, batch: int = 256) -> np.ndarray:

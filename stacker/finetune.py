@@ -199,7 +199,6 @@ class CutPointExtractor(FeatureExtractor):
         bottom = kwargs.pop("model", None)
         super().__init__(backbone, **kwargs)
         self._bottom = bottom
-        self._cut_layer = None
 
     def _split(self):
         from .engines import strategy_scope
@@ -207,7 +206,7 @@ class CutPointExtractor(FeatureExtractor):
         with strategy_scope(self.strategy):
             full = _backbones.build(self.cfg.name, weights=self.weights, input_size=self.size,
                                     weights_dir=self.weights_dir)
-        bottom, self._top, self._cut_layer = split_backbone(full, self.blocks, self.cfg.block_pattern)
+        bottom, self._top, _ = split_backbone(full, self.blocks, self.cfg.block_pattern)
         return bottom
 
     def frozen_top(self):

@@ -2,7 +2,7 @@
 """Caltech-101: an ensemble of pretrained backbones on 101 very unbalanced object classes.
 
     python recipes/caltech101.py                      # ../shared/data/caltech101 -> artifacts/caltech101
-    python recipes/caltech101.py --head resnet        # the ResNet50 tutorial's head
+    python recipes/caltech101.py --models resnet      # the ResNet50 tutorial's head
     python recipes/caltech101.py --quick --out /tmp/c101
 
 Reads the original ``101_ObjectCategories`` layout (one folder per class;
@@ -27,7 +27,7 @@ BACKBONES = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
 
 def main(argv=None) -> int:
     args = common_parser(__doc__, os.path.join(SHARED, "data", "caltech101"), "caltech101", BACKBONES,
-                         "efficientnet_lite0", meta="logistic").parse_args(argv)
+                         "efficientnet_lite0").parse_args(argv)
     from stacker.images import from_folder
 
     train = from_folder(args.data, ignore=("BACKGROUND_Google",))

@@ -82,7 +82,7 @@ def default_backbone(weights_dir) -> str:
 
 def main(argv=None) -> int:
     p = common_parser(__doc__, os.path.join(SHARED, "data", "cifar-100-python"), "cifar100", "auto",
-                      "efficientnet_lite0", meta="logistic")
+                      "efficientnet_lite0")
     p.add_argument("--download", action="store_true", help="fetch CIFAR-100 with keras.datasets (online)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.set_defaults(resize="bicubic")

@@ -12,7 +12,7 @@ and writes OUT/submission.csv for DATA/test in the format of DATA/sample_submiss
 CNN forward pass.
 
 Then, as the Kaggle article did, it compares an ensemble of "classic" backbones with
-one of EfficientNets (both from the cached features): time per epoch of each head,
+one of EfficientNets (both from the cached features): time per epoch of each learner,
 inference time per image, log loss and accuracy for every base learner and both
 ensembles (OUT/comparison.txt).
 
@@ -37,32 +37,35 @@ def comparison(ens, train, args) -> str:
     """Fit a classic-backbone and an EfficientNet ensemble from the cache and tabulate both."""
     import stacker
 
-    names = [s["name"] for s in ens.specs_]
-    groups = {"classic": [s for s in ens.specs_ if s["backbone"] in CLASSIC],
-              "efficientnet": [s for s in ens.specs_ if s["backbone"].startswith("efficientnet")]}
-    header = f"{'group':13s} {'learner':20s} {'s/epoch':>8s} {'ms/image':>9s} {'log_loss':>9s} {'accuracy':>9s}"
+    bases = {}
+    for s in ens.specs_:
+        bases.setdefault(s["base"], {"backbone": s["backbone"], "input_size": s["input_size"], "weights": s["weights"],
+                                     "name": s["base"], "finetune": s.get("finetune")})
+    groups = {"classic": [b for b in bases.values() if b["backbone"] in CLASSIC],
+              "efficientnet": [b for b in bases.values() if b["backbone"].startswith("efficientnet")]}
+    header = f"{'group':13s} {'learner':32s} {'s/epoch':>8s} {'ms/image':>9s} {'log_loss':>9s} {'accuracy':>9s}"
     lines = [header, "-" * len(header)]
-    for group, specs in groups.items():
-        if not specs:
+    for group, entries in groups.items():
+        if not entries:
             lines.append(f"{group:13s} (no backbone of this group in --backbones)")
             continue
-        sub = stacker.Ensemble([dict(s) for s in specs], weights=weights_arg(args.weights),
-                               meta=args.meta, meta_inputs=args.meta_inputs, cv=ens.cv, random_state=args.seed,
+        sub = stacker.Ensemble(entries, models=args.models, meta=args.meta, meta_inputs=args.meta_inputs,
+                               calibration=not args.no_calibration, cv=ens.cv, random_state=args.seed,
                                cache_dir=args.cache, weights_dir=args.weights_dir, feature_dtype=args.feature_dtype,
-                               verbose=0)
+                               resize=args.resize, engine=args.engine, verbose=0)
         sub.fit(train)
-        for s in specs:
-            sc = sub.scores_[s["name"]]
+        for name in sub.learners_:
+            sc = sub.scores_[name]
             spe = sc.get("s_per_epoch")
             inf = sc.get("inference_s_per_image")
-            lines.append(f"{group:13s} {s['name']:20s} {spe if spe is None else f'{spe:.3f}':>8} "
+            lines.append(f"{group:13s} {name:32s} {'' if spe is None else f'{spe:.3f}':>8s} "
                          f"{'' if inf is None else f'{inf * 1000:.1f}':>9s} {sc['log_loss']:9.4f} {sc['accuracy']:9.4f}")
         e = sub.scores_["ensemble"]
-        lines.append(f"{group:13s} {'ENSEMBLE (' + str(len(specs)) + ')':20s} {'':>8s} {'':>9s} "
-                     f"{e['log_loss']:9.4f} {e['accuracy']:9.4f}")
+        lines.append(f"{group:13s} {'ENSEMBLE (' + str(len(sub.learners_)) + ', ' + e['combiner'] + ')':32s} "
+                     f"{'':>8s} {'':>9s} {e['log_loss']:9.4f} {e['accuracy']:9.4f}")
     e = ens.scores_["ensemble"]
-    lines.append(f"{'all':13s} {'ENSEMBLE (' + str(len(names)) + ')':20s} {'':>8s} {'':>9s} "
-                 f"{e['log_loss']:9.4f} {e['accuracy']:9.4f}")
+    lines.append(f"{'all':13s} {'ENSEMBLE (' + str(len(ens.learners_)) + ', ' + e['combiner'] + ')':32s} "
+                 f"{'':>8s} {'':>9s} {e['log_loss']:9.4f} {e['accuracy']:9.4f}")
     return "\n".join(lines)
 
 

@@ -53,7 +53,7 @@ def export_tfds(out_dir: str) -> str:
 
 def main(argv=None) -> int:
     p = common_parser(__doc__, os.path.join(SHARED, "data", "stanford-dogs", "Images"), "stanford_dogs", "auto",
-                      "efficientnet_lite0", meta="logistic")
+                      "efficientnet_lite0")
     p.add_argument("--tfds", action="store_true", help="read tensorflow_datasets' stanford_dogs (already downloaded)")
     p.add_argument("--frozen", action="store_true",
                    help="heads on frozen features only (default: two-phase fine-tuning, as the Keras example)")

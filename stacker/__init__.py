@@ -1,7 +1,8 @@
 """stacker: stacked ensembles of pretrained CNNs for image classification.
 
-Images -> pretrained backbones -> cached HDF5 features -> out-of-fold heads -> a
-meta-learner -> predictions and Kaggle submissions.
+Images -> pretrained backbones -> cached HDF5 features -> out-of-fold learners (a zoo of
+models per backbone) -> level 2 (selected by cross-validated log loss, calibrated) ->
+predictions and Kaggle submissions.
 """
 
 __version__ = "0.1.0"
@@ -10,6 +11,7 @@ import os as _os
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
+from . import finetune as _finetune  # noqa: E402,F401 - registers the fine-tuned learner kind
 from .ensemble import Ensemble  # noqa: E402
 from .images import ImageSet, load_images  # noqa: E402
 from .predict import Prediction, load, predict  # noqa: E402

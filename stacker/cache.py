@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 from filelock import FileLock
 
-__all__ = ["FeatureCache", "FeatureEntry", "ResultStore", "stable_hash"]
+__all__ = ["FeatureCache", "FeatureEntry", "ResultStore", "stable_hash", "result_store", "STORES"]
 
 _FP_DTYPE = "S40"  # sha1 hex fingerprints
 
@@ -255,6 +255,20 @@ class ResultStore:
 
     def put(self, key: str):
         return _AtomicDir(self.path(key))
+
+
+# The cache folder's layout, in one place: features/ (HDF5, FeatureCache), onnx/ (exported
+# graphs, stacker.engines) and these keyed result stores.
+STORES = {
+    "learners": "learners",      # a learner's fold models, out-of-fold arrays and timing, once complete
+    "folds": "folds",            # one finished fold of a learner still in training (resume point)
+    "test_proba": "test_proba",  # a learner's fold-averaged probabilities for a set of images
+}
+
+
+def result_store(cache_dir, kind: str) -> ResultStore | None:
+    """The :class:`ResultStore` of one kind of result in ``cache_dir`` (None without a cache)."""
+    return ResultStore(os.path.join(os.fspath(cache_dir), STORES[kind])) if cache_dir else None
 
 
 class _AtomicDir:

@@ -1,6 +1,6 @@
 """The ``stacker`` command line (also ``python -m stacker``).
 
-    stacker fit DATA --out DIR [--backbones a,b] [--meta dense] [--folds 5] [--image-size N]
+    stacker fit DATA --out DIR [--backbones a,b] [--models default] [--meta auto] [--folds 5] [--image-size N]
     stacker predict MODEL IMAGE_OR_FOLDER... [--json | --csv FILE]
     stacker submit MODEL TEST_FOLDER --out submission.csv [--sample sample_submission.csv]
     stacker report RUN_DIR
@@ -37,8 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="class folders, a folder of label.id.jpg files, or a CSV of path,label")
     p.add_argument("--out", required=True, help="directory for the saved ensemble")
     p.add_argument("--backbones", default="efficientnet_lite0", help="comma-separated registered backbones")
-    p.add_argument("--head", default="dense", choices=["dense", "logistic"])
-    p.add_argument("--meta", default="dense", choices=["dense", "logistic", "mean"])
+    p.add_argument("--models", "--head", dest="models", default="default",
+                   help="models per backbone: a preset (default, fast, best, dense) or names from "
+                        "logistic,prototype,dense,resnet (default: %(default)s)")
+    p.add_argument("--meta", default="auto",
+                   help="level 2: auto (best cross-validated log loss), or greedy, logit, mean, best, dense, "
+                        "logistic, or a comma-separated list to choose from (default: %(default)s)")
+    p.add_argument("--no-calibration", action="store_true", help="do not try a temperature/floor calibration")
     p.add_argument("--meta-inputs", default="proba", choices=["proba", "features", "both"])
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--image-size", type=int, default=None)
@@ -127,9 +132,9 @@ def cmd_fit(args) -> int:
     import stacker
     from stacker.recipe import weights_arg
 
-    ens = stacker.Ensemble(args.backbones.split(","), weights=weights_arg(args.weights), head=args.head, meta=args.meta,
+    ens = stacker.Ensemble(args.backbones.split(","), weights=weights_arg(args.weights), models=args.models, meta=args.meta,
                            meta_inputs=args.meta_inputs, cv=args.folds, random_state=args.seed,
-                           input_size=args.image_size, cache_dir=args.cache, weights_dir=args.weights_dir,
+                           calibration=not args.no_calibration, input_size=args.image_size, cache_dir=args.cache, weights_dir=args.weights_dir,
                            on_bad_image=args.on_bad_image, verbose=0 if args.quiet else 1)
     ens.fit(args.data)
     ens.save(args.out)

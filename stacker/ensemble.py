@@ -1,23 +1,14 @@
-"""The stacked ensemble: backbones -> cached features -> out-of-fold heads -> meta-learner.
+"""The stacked ensemble: wires feature sources, base learners and level 2 together.
 
-:class:`Ensemble` is the only module that knows about folds. One stratified splitter,
-seeded by ``random_state``, gives the folds every base learner uses; each training
-image's base probabilities come from the fold model that did not see it, and the
-meta-learner learns only from those out-of-fold probabilities. The ensemble's own
-score is cross-validated over the same folds (the meta-learner is refitted per fold on
-out-of-fold inputs), so the leaderboard shows honest numbers for every row.
-
-For new images each base learner averages its fold models' probabilities.
-
-A base learner is either a head on frozen pooled features (the default) or, with
-``finetune``, a fine-tuned network (:mod:`stacker.finetune`): then the cached inputs
-are the activations at the cut point, one HDF5 entry per view, and each fold's model
-is the backbone's top blocks plus a head, fine-tuned on the other folds only.
+:class:`Ensemble` validates its parameters, builds one learner per (backbone, model)
+(:mod:`stacker.learners`), extracts every source's cached inputs once, makes one set of
+stratified folds, lets every learner fit out of fold on them, then fits level 2
+(:mod:`stacker.meta`) on the out-of-fold outputs only and scores everything on the same
+folds. It knows nothing of how a learner trains (frozen head or fine-tuned network).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -25,24 +16,26 @@ import shutil
 import time
 import warnings
 
-import h5py
 import numpy as np
-from sklearn.metrics import accuracy_score, log_loss
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedKFold
+from sklearn.utils.validation import check_is_fitted
 
 from . import __version__
-from . import backbones as _backbones
+from . import engines as _engines
 from . import images as _images
-from .cache import ResultStore, stable_hash
-from .features import FeatureExtractor, forward_pass_count
-from .finetune import CutPointExtractor, FineTunedClassifier, finetune_params
-from .learners import load_estimator, make_head, save_estimator
-from .meta import META_INPUTS, make_meta, meta_matrix
+from .cache import stable_hash
+from .features import forward_pass_count
+from .learners import LEARNER_KINDS, Settings, describe, learner_specs, make_learners
+from .meta import (META_INPUTS, PROBABILITY_COMBINERS, Level2, combiner_names, fit_level2, meta_matrix,
+                   score)
+from .persist import load_estimator, load_unfitted, save_estimator, save_unfitted
 from .torch_checkpoint import sha256_file
 
 __all__ = ["Ensemble", "FORMAT_VERSION", "format_leaderboard", "ModelIntegrityError"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -50,65 +43,35 @@ class ModelIntegrityError(ValueError):
     """A saved ensemble's files do not match its manifest (tampered, truncated or foreign)."""
 
 
-def _learner_specs(backbones, input_size, weights, head, finetune=None) -> list[dict]:
-    specs = []
-    for b in ([backbones] if isinstance(backbones, (str, dict)) else list(backbones)):
-        spec = {"backbone": b} if isinstance(b, str) else dict(b)
-        spec.setdefault("input_size", input_size)
-        spec.setdefault("weights", weights)
-        spec.setdefault("head", head)
-        spec["finetune"] = finetune_params(spec.get("finetune", finetune))
-        cfg = _backbones.get_cfg(spec["backbone"])
-        if spec["finetune"] and not cfg.block_pattern:
-            raise ValueError(f"backbone {cfg.name} cannot be fine-tuned by blocks (no block_pattern registered); "
-                             "fine-tune another backbone or give this one finetune=None in its spec")
-        spec["backbone"] = cfg.name
-        size = spec["input_size"] or cfg.input_size
-        spec["name"] = spec.get("name") or (cfg.name if not spec["input_size"] else f"{cfg.name}@{size}")
-        specs.append(spec)
-    names = [s["name"] for s in specs]
-    if not specs:
-        raise ValueError("an ensemble needs at least one backbone")
-    if len(set(names)) != len(names):
-        raise ValueError(f"base learner names must be unique, got {names}")
-    return specs
-
-
-def _clip(proba) -> np.ndarray:
-    proba = np.clip(proba, 1e-15, 1.0)
-    return proba / proba.sum(axis=1, keepdims=True)
-
-
-def _score(y, proba, n_classes) -> dict:
-    proba = _clip(proba)
-    out = {"accuracy": float(accuracy_score(y, proba.argmax(1))),
-           "log_loss": float(log_loss(y, proba, labels=np.arange(n_classes)))}
-    if n_classes > 5:
-        top5 = np.argsort(-proba, axis=1)[:, :5]
-        out["top5_accuracy"] = float((top5 == np.asarray(y)[:, None]).any(axis=1).mean())
-    return out
-
-
-class Ensemble:
+class Ensemble(ClassifierMixin, BaseEstimator):
     """A stacked ensemble of pretrained CNNs for image classification.
 
     Parameters
     ----------
     backbones : list of str or dict
         Registered backbone names; a dict may set ``backbone``, ``input_size``,
-        ``weights``, ``head`` and ``name`` for one learner.
-    weights : {"imagenet", None} or path
-        Default weights of every backbone.
-    head : {"dense", "logistic"} or estimator
-        Base-learner classifier on each backbone's features.
-    meta : {"dense", "logistic", "mean"} or estimator
-        Meta-learner on the stacked out-of-fold outputs.
+        ``weights``, ``name``, ``models`` and ``finetune`` for one backbone.
+    models : str or list
+        Models fitted on every backbone's features, each one base learner: a preset
+        (``"default"``: logistic + prototype; ``"fast"``, ``"best"``, ``"dense"``), names
+        from :data:`stacker.models.MODELS` (``"logistic"``, ``"prototype"``, ``"dense"``,
+        ``"resnet"``) or scikit-learn classifiers.
+    meta : str, list or estimator
+        Level 2: ``"auto"`` picks, by cross-validated log loss, among greedy ensemble
+        selection, the logit stacker, the mean and the best single learner (each with and
+        without calibration); a name or list of names (``"greedy"``, ``"logit"``,
+        ``"mean"``, ``"best"``, ``"dense"``, ``"logistic"``) restricts the choice; any
+        scikit-learn classifier is used as given.
     meta_inputs : {"proba", "features", "both"}
-        What the meta-learner sees.
+        What level 2 sees; features need ``meta="dense"``, ``"logistic"`` or an estimator.
+    calibration : bool
+        Also try every combiner followed by a temperature and floor fitted out of fold.
     cv : int
-        Number of stratified folds.
+        Number of stratified folds, shared by every learner and level 2.
     random_state : int
         Seeds folds and every learner: one seed, one result.
+    weights : {"imagenet", None} or path
+        Default weights of every backbone.
     input_size : int, optional
         Square input size for every backbone (default: each backbone's own).
     batch_size : int
@@ -122,38 +85,35 @@ class Ensemble:
     on_bad_image : {"raise", "skip"}
         Policy for unusable image files.
     resize : {"pil", "bilinear", "bicubic"}
-        How images are decoded and resized to each backbone's input size: ``"pil"``
-        (Pillow, as a Pillow script would) or TensorFlow's antialiased bilinear/bicubic.
+        How images are decoded and resized to each backbone's input size.
     finetune : None, True or dict
-        Fine-tune every base learner (two phases on a cut-point cache, see
-        :mod:`stacker.finetune`): ``True`` uses CPU defaults
-        (:data:`stacker.finetune.DEFAULT_FINETUNE`); a dict overrides them (``blocks``,
-        ``epochs``, ``learning_rate``, ``batch_size``, ``label_smoothing``, ``mode``,
-        ``tta``, ``train_views``, ``tta_meta``...). A backbone dict may set its own.
+        Fine-tune every backbone instead of fitting ``models`` on frozen features (two
+        phases on a cut-point cache, see :mod:`stacker.finetune`); ``True`` uses CPU
+        defaults, a dict overrides them. A backbone dict may set its own.
     chunk_size : int
-        Images whose features are written to the cache at a time: the unit of resume
-        after a crash.
+        Images whose features are written to the cache at a time (the unit of resume).
     engine : {"auto", "keras", "xla", "onnx"}
         What runs CNN forward passes (:mod:`stacker.engines`).
     strategy : tf.distribute.Strategy, optional
-        Extraction, Keras heads, fine-tuning and the dense meta-learner are built and run
-        in its scope (``tf.distribute.MirroredStrategy()`` for several GPUs). Not saved.
+        Extraction and Keras models are built and run in its scope. Not saved.
     verbose : int
 
     Attributes
     ----------
     classes_ : list of str
-    folds_ : list of (train_rows, val_rows)
     learners_ : dict
-        Learner name -> list of fitted fold heads.
+        Learner name (``"<backbone>:<model>"``) -> fitted :class:`stacker.learners.Learner`.
+    folds_ : list of (train_rows, val_rows)
     oof_proba_ : dict
         Learner name -> out-of-fold probabilities of the training images.
-    meta_ : estimator
-        Meta-learner fitted on all out-of-fold inputs.
+    meta_ : stacker.meta.Level2
+        The chosen combiner (fitted on all out-of-fold inputs) and its calibration.
     meta_oof_proba_ : ndarray
         The ensemble's cross-validated probabilities of the training images.
+    level2_scores_ : dict
+        Every level-2 candidate's cross-validated log loss and accuracy.
     scores_ : dict
-        Name -> accuracy, log loss and timings; ``"ensemble"`` for the stack.
+        Name -> accuracy, log loss, weight and timings; ``"ensemble"`` for the stack.
     skipped_ : dict
         Path -> reason for training images left out (``on_bad_image="skip"``).
 
@@ -163,17 +123,18 @@ class Ensemble:
     >>> ens.fit(stacker.images.load_images("data/train")).save("artifacts/model")  # doctest: +SKIP
     """
 
-    def __init__(self, backbones=("efficientnet_lite0",), weights="imagenet", head="dense", meta="dense",
-                 meta_inputs="proba", cv=5, random_state=0, input_size=None, batch_size=32,
+    def __init__(self, backbones=("efficientnet_lite0",), models="default", meta="auto", meta_inputs="proba",
+                 calibration=True, cv=5, random_state=0, weights="imagenet", input_size=None, batch_size=32,
                  feature_dtype="float32", cache_dir=None, weights_dir=None, on_bad_image="raise", resize="pil",
                  finetune=None, chunk_size=256, engine="auto", strategy=None, verbose=1):
         self.backbones = backbones
-        self.weights = weights
-        self.head = head
+        self.models = models
         self.meta = meta
         self.meta_inputs = meta_inputs
+        self.calibration = calibration
         self.cv = cv
         self.random_state = random_state
+        self.weights = weights
         self.input_size = input_size
         self.batch_size = batch_size
         self.feature_dtype = feature_dtype
@@ -187,345 +148,197 @@ class Ensemble:
         self.strategy = strategy
         self.verbose = verbose
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ validation
+    def _validate_params(self) -> list[dict]:
+        """Check every parameter (no network is built): a typo fails in milliseconds."""
+        if self.meta_inputs not in META_INPUTS:
+            raise ValueError(f"meta_inputs must be one of {META_INPUTS}, got {self.meta_inputs!r}")
+        candidates = combiner_names(self.meta)
+        if self.meta_inputs != "proba":
+            bad = [c for c in candidates if isinstance(c, str) and c in PROBABILITY_COMBINERS]
+            if bad:
+                raise ValueError(f"meta={bad[0]!r} combines probabilities; with meta_inputs={self.meta_inputs!r} "
+                                 "use meta='dense', 'logistic' or a scikit-learn classifier")
+        for name, ok, what in (
+            ("cv", isinstance(self.cv, (int, np.integer)) and self.cv >= 2, "an integer >= 2"),
+            ("random_state", isinstance(self.random_state, (int, np.integer)), "an integer"),
+            ("batch_size", isinstance(self.batch_size, (int, np.integer)) and self.batch_size > 0, "a positive integer"),
+            ("chunk_size", isinstance(self.chunk_size, (int, np.integer)) and self.chunk_size > 0, "a positive integer"),
+            ("feature_dtype", self.feature_dtype in ("float32", "float16"), "'float32' or 'float16'"),
+            ("on_bad_image", self.on_bad_image in ("raise", "skip"), "'raise' or 'skip'"),
+            ("resize", self.resize in _images.RESIZE_METHODS, f"one of {_images.RESIZE_METHODS}"),
+            ("engine", self.engine in _engines.ENGINES, f"one of {_engines.ENGINES}"),
+            ("calibration", isinstance(self.calibration, (bool, np.bool_)), "True or False"),
+        ):
+            if not ok:
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+        return learner_specs(self.backbones, self.models, self.input_size, self.weights, self.finetune)
+
+    def _check_data(self, data: _images.ImageSet, skipped: dict | None = None) -> None:
+        if data.labels is None:
+            raise ValueError("fit needs labelled images")
+        if len(data.classes) < 2:
+            raise ValueError(f"only one class ({data.classes[0]!r}) in the training images; need two or more")
+        counts = np.bincount(data.y, minlength=len(data.classes))
+        small = [c for c, n in zip(data.classes, counts) if n < self.cv]
+        if small:
+            note = f" after {len(skipped)} unusable images were skipped" if skipped else ""
+            raise ValueError(f"classes {small[:10]} have fewer images than cv={self.cv} folds{note}; "
+                             "add images, merge classes or lower cv")
+
+    def _settings(self) -> Settings:
+        return Settings({name: getattr(self, name) for name in (
+            "random_state", "cache_dir", "weights_dir", "batch_size", "feature_dtype", "on_bad_image", "resize",
+            "chunk_size", "engine", "strategy", "verbose")}, n_classes=len(getattr(self, "classes_", [])))
+
     def _log(self, msg: str) -> None:
         if self.verbose:
             print(msg, flush=True)
 
-    def _check_fitted(self):
-        if not hasattr(self, "meta_"):
-            raise RuntimeError("this Ensemble is not fitted yet: call fit(images) or Ensemble.load(dir)")
-
-    def _extractor(self, spec, model=None, weights_id=None) -> FeatureExtractor:
-        kwargs = dict(weights=spec["weights"], input_size=spec["input_size"], batch_size=self.batch_size,
-                      cache_dir=self.cache_dir, weights_dir=self.weights_dir, on_bad_image=self.on_bad_image,
-                      resize=self.resize, verbose=self.verbose, model=model, weights_id=weights_id,
-                      chunk_size=self.chunk_size, engine=getattr(self, "engine", "auto"),
-                      strategy=getattr(self, "strategy", None))
-        ft = spec.get("finetune")
-        if ft:
-            return CutPointExtractor(spec["backbone"], blocks=ft["blocks"], feature_dtype=ft["cut_dtype"], **kwargs)
-        return FeatureExtractor(spec["backbone"], feature_dtype=self.feature_dtype, **kwargs)
-
-    def _views(self, name) -> dict:
-        """View name -> extractor of a learner's cached inputs (only ``original`` unless fine-tuned)."""
-        ext = self.extractors_[name]
-        ft = self._spec(name).get("finetune")
-        views = ["original"] if not ft else list(dict.fromkeys(ft["tta"] + ft["train_views"]))
-        cache = self.__dict__.setdefault("_view_extractors", {})
-        return {v: ext if v == "original" else cache.setdefault((name, v), ext.with_view(v)) for v in views}
-
-    def _with_strategy(self, est):
-        """Hand the ensemble's tf.distribute strategy to estimators that take one (Keras-backed)."""
-        if self.strategy is not None and "strategy" in getattr(est, "get_params", dict)():
-            est.set_params(strategy=self.strategy)
-        return est
-
-    def _spec(self, name) -> dict:
-        return next(s for s in self.specs_ if s["name"] == name)
-
-    def _validate(self, data: _images.ImageSet):
-        if self.meta_inputs not in META_INPUTS:
-            raise ValueError(f"meta_inputs must be one of {META_INPUTS}, got {self.meta_inputs!r}")
-        if not isinstance(self.cv, int) or self.cv < 2:
-            raise ValueError(f"cv must be an integer >= 2, got {self.cv!r}")
-        if data.labels is None:
-            raise ValueError("fit needs labelled images")
-        counts = np.bincount(data.y, minlength=len(data.classes))
-        if len(data.classes) < 2:
-            raise ValueError(f"only one class ({data.classes[0]!r}) in the training images; need two or more")
-        small = [c for c, n in zip(data.classes, counts) if n < self.cv]
-        if small:
-            raise ValueError(f"classes {small[:10]} have fewer images than cv={self.cv} folds; "
-                             "add images, merge classes or lower cv")
-
     # ------------------------------------------------------------------ fit
-    def fit(self, images):
-        """Extract (or reuse) features, fit out-of-fold base learners, then the meta-learner.
+    def fit(self, images, y=None):
+        """Extract (or reuse) features, fit every learner out of fold, then level 2.
 
         Parameters
         ----------
         images : ImageSet, folder or CSV path
             Labelled training images.
+        y : None
+            Labels come with the images.
 
         Returns
         -------
         self
         """
+        specs = self._validate_params()
         data = _images.load_images(images)
-        specs = _learner_specs(self.backbones, self.input_size, self.weights, self.head, self.finetune)
-        self._validate(data)
+        self._check_data(data)
         self.classes_ = list(data.classes)
         self.specs_ = specs
-        self.extractors_ = {s["name"]: self._extractor(s) for s in specs}
-
-        feats, timings = {}, {}
-        skipped: dict = {}
-        kept = np.arange(len(data))
-        for s in specs:
+        self.learners_ = make_learners(specs, self._settings())
+        inputs, data, timings = self._extract_training(data)
+        y, k = data.y, len(self.classes_)
+        splitter = StratifiedKFold(n_splits=self.cv, shuffle=True, random_state=self.random_state)
+        self.folds_ = list(splitter.split(np.zeros(len(y)), y))
+        self.train_ids_, self.train_paths_, self.y_ = list(data.ids), list(data.paths), y
+        images_fp = stable_hash([_images.file_fingerprints(data.paths), data.labels])
+        for name, learner in self.learners_.items():
             t0 = time.perf_counter()
-            before = forward_pass_count()
-            for view, ext in self._views(s["name"]).items():
-                f = ext.extract(data)
-                feats[(s["name"], view)] = f
-                skipped.update({data.paths[r]: reason for r, reason in f.skipped.items()})
-                kept = np.intersect1d(kept, f.kept)
-            n_fwd = forward_pass_count() - before
-            dt = time.perf_counter() - t0
-            timings[s["name"]] = {"extract_s": dt, "forward_images": n_fwd,
-                                  "s_per_image": dt / n_fwd if n_fwd else None,
-                                  "inference_s_per_image": self.extractors_[s["name"]].seconds_per_image()}
+            learner.fit_oof(self._inputs_of(learner, inputs), y, self.folds_, k, data, images_fp)
+            timings[name]["train_s"] = time.perf_counter() - t0
+        self.oof_proba_ = {name: lr.oof_proba_ for name, lr in self.learners_.items()}
+        self._fit_level2(inputs, y, k, timings)
+        self._record(data, timings)
+        return self
+
+    def _extract_training(self, data):
+        """Every source's cached inputs for the training images (each source and view once)."""
+        feats, timings, skipped = {}, {}, {}
+        kept = np.arange(len(data))
+        for name, learner in self.learners_.items():
+            t0, before = time.perf_counter(), forward_pass_count()
+            for view, ext in learner.views().items():
+                sid = (learner.source_id(learner.spec), view)
+                if sid not in feats:
+                    feats[sid] = ext.extract(data)
+                    skipped.update({data.paths[r]: reason for r, reason in feats[sid].skipped.items()})
+                    kept = np.intersect1d(kept, feats[sid].kept)
+            n_fwd, dt = forward_pass_count() - before, time.perf_counter() - t0
+            timings[name] = {"extract_s": dt, "forward_images": n_fwd, "s_per_image": dt / n_fwd if n_fwd else None,
+                             "inference_s_per_image": learner.source.seconds_per_image()}
         if skipped:
             warnings.warn(f"{len(skipped)} training images were skipped as unusable; see Ensemble.skipped_")
         self.skipped_ = skipped
         data = data.subset(kept)
-        self._validate(data)
-        inputs = {key: f.values[np.searchsorted(f.kept, kept)] for key, f in feats.items()}
-        del feats
-        X = {s["name"]: inputs[(s["name"], "original")] for s in specs}
-        y = data.y
-        k = len(self.classes_)
-        splitter = StratifiedKFold(n_splits=self.cv, shuffle=True, random_state=self.random_state)
-        self.folds_ = [(tr, va) for tr, va in splitter.split(np.zeros(len(y)), y)]
-        self.train_ids_ = list(data.ids)
-        self.y_ = y
+        self._check_data(data, skipped)
+        inputs = {sid: f.values[np.searchsorted(f.kept, kept)] for sid, f in feats.items()}
+        return inputs, data, timings
 
-        self.learners_, self.oof_proba_, self.meta_oof_inputs_ = {}, {}, {}
-        fp_hash = stable_hash([_images.file_fingerprints(data.paths), data.labels])
-        store = ResultStore(os.path.join(self.cache_dir, "learners")) if self.cache_dir else None
-        self.learner_keys_ = {}
-        for s in specs:
-            name = s["name"]
-            ft = s["finetune"]
-            key = stable_hash({"features": self.extractors_[name].key_meta(), "images": fp_hash,
-                               "head": _describe(s["head"]), "cv": self.cv, "seed": self.random_state,
-                               "stacker": __version__, "dtype": self.feature_dtype,
-                               **({"finetune": ft, "finetune_code": _finetune_code()} if ft else {})})[:24]
-            self.learner_keys_[name] = key
-            t0 = time.perf_counter()
-            cached = store.get(key) if store else None
-            outputs = None
-            if cached:
-                folds = [load_estimator(os.path.join(cached, f"fold{i}")) for i in range(self.cv)]
-                oof = np.load(os.path.join(cached, "oof.npy"))
-                if ft:
-                    outputs = _read_outputs(os.path.join(cached, "outputs.h5"))
-                timing_file = os.path.join(cached, "timing.json")
-                first_fit_s = None
-                if os.path.exists(timing_file):
-                    with open(timing_file) as f:
-                        first_fit_s = json.load(f).get("train_s")
-                self._log(f"{name}: out-of-fold predictions from the cache")
-            else:
-                if ft:
-                    folds, outputs = self._finetune_folds(name, ft, {v: inputs[(name, v)] for v in self._views(name)},
-                                                          y, k, data, key)
-                    oof = outputs["oof_proba"]
-                else:
-                    folds, oof = self._fit_folds(name, s["head"], X[name], y, k, key)
-                first_fit_s = time.perf_counter() - t0
-                if store:
-                    with store.put(key) as tmp:
-                        for i, est in enumerate(folds):
-                            save_estimator(est, os.path.join(tmp, f"fold{i}"))
-                        np.save(os.path.join(tmp, "oof.npy"), oof)
-                        if ft:
-                            _write_outputs(os.path.join(tmp, "outputs.h5"), outputs)
-                        with open(os.path.join(tmp, "timing.json"), "w") as f:
-                            json.dump({"train_s": first_fit_s}, f)
-                    self._drop_fold_checkpoints(key)
-            timings[name]["train_s"] = time.perf_counter() - t0
-            epochs = sum(len((getattr(est, "history_", None) or {}).get("loss", [])) for est in folds)
-            timings[name]["head_fit_s"] = first_fit_s
-            timings[name]["epochs"] = epochs
-            timings[name]["s_per_epoch"] = first_fit_s / epochs if epochs and first_fit_s else None
-            self.learners_[name], self.oof_proba_[name] = folds, oof
-            if ft:
-                meta_p = np.concatenate([outputs[f"oof_proba_{v}"] for v in ft["tta"]], axis=1) \
-                    if ft["tta_meta"] == "views" else oof
-                self.meta_oof_inputs_[name] = (meta_p, outputs["oof_features"])
-                timings[name].update({f"phase1_{m}": v for m, v in _score(y, outputs["phase1_oof_proba"], k).items()})
-                timings[name]["phase2_kept"] = sum(bool(getattr(est, "phase2_kept_", False)) for est in folds)
-                timings[name]["views"] = list(ft["tta"])
-            else:
-                self.meta_oof_inputs_[name] = (oof, X[name])
-        del inputs
+    @staticmethod
+    def _inputs_of(learner, inputs: dict) -> dict:
+        sid = learner.source_id(learner.spec)
+        return {view: inputs[(sid, view)] for view in learner.views()}
 
+    def _fit_level2(self, inputs, y, k, timings) -> None:
         t0 = time.perf_counter()
-        names = [s["name"] for s in specs]
-        meta_p = [self.meta_oof_inputs_[n][0] for n in names]
-        meta_f = [self.meta_oof_inputs_[n][1] for n in names]
-        n_blocks = sum(p.shape[1] // k for p in meta_p)
+        names = list(self.learners_)
+        meta_p, meta_f = zip(*(lr.meta_oof(self._inputs_of(lr, inputs)) for lr in self.learners_.values()))
         Z = meta_matrix(meta_p, meta_f, self.meta_inputs)
-        self.meta_oof_proba_ = np.zeros((len(y), k))
-        for i, (tr, va) in enumerate(self.folds_):
-            m = self._with_strategy(make_meta(self.meta, n_blocks, self.random_state + i)).fit(Z[tr], y[tr])
-            self.meta_oof_proba_[va] = _align(m, m.predict_proba(Z[va]), k)
-        self.meta_ = self._with_strategy(make_meta(self.meta, n_blocks, self.random_state)).fit(Z, y)
+        n_blocks = sum(p.shape[1] // k for p in meta_p)
+        members = [self.oof_proba_[n] for n in names] if self.meta_inputs == "proba" else None
+        self.meta_ = fit_level2(Z, y, self.folds_, self.meta, n_blocks, k, self.random_state, self.calibration,
+                                member_oof=members)
+        self.meta_oof_proba_ = self.meta_.oof_proba
+        self.level2_scores_ = self.meta_.table
         timings["ensemble"] = {"train_s": time.perf_counter() - t0}
         blocks = _meta_blocks(names, [p.shape[1] for p in meta_p], [f.shape[1] for f in meta_f], self.meta_inputs)
         self.meta_importance_ = _permutation_importance(self.meta_, Z, y, blocks, k, self.random_state)
-        self.train_paths_ = list(data.paths)
-        self.config_ = {"backbones": [{k2: (v if isinstance(v, (str, int, float, type(None))) else _describe(v))
-                                       for k2, v in s.items()} for s in specs],
-                        "head": _describe(self.head), "meta": _describe(self.meta), "meta_inputs": self.meta_inputs,
-                        "cv": self.cv, "random_state": self.random_state, "feature_dtype": self.feature_dtype,
-                        "n_train": len(y), "data_fingerprint": dataset_fingerprint(data.paths)}
+        self._meta_dims = {n: int(f.shape[1]) for n, f in zip(names, meta_f)}
+
+    def _record(self, data, timings) -> None:
+        """Scores per learner and for the ensemble, configuration and environment."""
+        y, k = self.y_, len(self.classes_)
+        weights = self._learner_weights()
+        self.scores_ = {}
+        for name, learner in self.learners_.items():
+            self.scores_[name] = {**score(y, learner.oof_proba_, k), **timings[name],
+                                  "head_fit_s": learner.train_s_, **learner.extra_scores(y, k),
+                                  "model": describe(learner.spec["model"]), "backbone": learner.spec["backbone"],
+                                  "feature_dim": self._meta_dims[name] or int(learner.source.feature_dim),
+                                  "weight": weights.get(name)}
+        self.scores_["ensemble"] = {**score(y, self.meta_oof_proba_, k), **timings["ensemble"],
+                                    "combiner": self.meta_.name, "temperature": self.meta_.temperature,
+                                    "floor": self.meta_.floor, "meta": describe(self.meta),
+                                    "meta_inputs": self.meta_inputs, "candidates": self.level2_scores_}
+        self.config_ = {"backbones": [{k2: (v if isinstance(v, (str, int, float, type(None))) else describe(v))
+                                       for k2, v in s.items()} for s in self.specs_],
+                        "models": describe(self.models), "meta": describe(self.meta),
+                        "meta_inputs": self.meta_inputs, "cv": self.cv, "random_state": self.random_state,
+                        "feature_dtype": self.feature_dtype, "n_train": len(y),
+                        "data_fingerprint": dataset_fingerprint(data.paths)}
         self.environment_ = environment()
 
-        self.scores_ = {}
-        for n in names:
-            self.scores_[n] = {**_score(y, self.oof_proba_[n], k), **timings[n],
-                               "feature_dim": int(self.meta_oof_inputs_[n][1].shape[1])}
-        self.scores_["ensemble"] = {**_score(y, self.meta_oof_proba_, k), **timings["ensemble"],
-                                    "meta": _describe(self.meta), "meta_inputs": self.meta_inputs}
-        return self
-
-    def _fold(self, key, i, fit):
-        """Fold ``i`` of learner ``key``: ``fit() -> (estimator, arrays)``, checkpointed in the cache.
-
-        A run killed during fold 3 restarts at fold 3: every finished fold's model and
-        out-of-fold arrays are published atomically under ``cache_dir/folds``.
-        """
-        store = ResultStore(os.path.join(self.cache_dir, "folds")) if self.cache_dir else None
-        hit = store.get(f"{key}-fold{i}") if store else None
-        if hit:
-            with np.load(os.path.join(hit, "arrays.npz"), allow_pickle=False) as z:
-                arrays = {name: z[name] for name in z.files}
-            return load_estimator(os.path.join(hit, "model")), arrays, True
-        est, arrays = fit()
-        if store:
-            with store.put(f"{key}-fold{i}") as tmp:
-                save_estimator(est, os.path.join(tmp, "model"))
-                np.savez(os.path.join(tmp, "arrays.npz"), **arrays)
-        return est, arrays, False
-
-    def _drop_fold_checkpoints(self, key):
-        folder = os.path.join(self.cache_dir, "folds")
-        for i in range(self.cv):
-            shutil.rmtree(os.path.join(folder, f"{key}-fold{i}"), ignore_errors=True)
-
-    def _fit_folds(self, name, head, X, y, k, key=None):
-        oof = np.zeros((len(y), k))
-        folds = []
-        for i, (tr, va) in enumerate(self.folds_):
-            def fit(i=i, tr=tr, va=va):
-                est = self._with_strategy(make_head(head, self.random_state + i)).fit(X[tr], y[tr])
-                return est, {"proba": _align(est, est.predict_proba(X[va]), k)}
-
-            est, arrays, _ = self._fold(key, i, fit)
-            oof[va] = arrays["proba"]
-            folds.append(est)
-            self._log(f"{name}: fold {i + 1}/{self.cv} log loss "
-                      f"{log_loss(y[va], _clip(oof[va]), labels=np.arange(k)):.4f}")
-        return folds, oof
-
-    def _finetune_folds(self, name, ft, views, y, k, data, key=None):
-        """Fine-tune one model per fold on the other folds; collect out-of-fold outputs per view."""
-        ext = self.extractors_[name]
-        X = views["original"]
-        top = ext.frozen_top()
-        pooled = ext.frozen_pooled(X)
-        params = {p: v for p, v in ft.items() if p in FineTunedClassifier().get_params()}
-        out = {f"oof_proba_{v}": np.zeros((len(y), k)) for v in ft["tta"]}
-        out["phase1_oof_proba"] = np.zeros((len(y), k))
-        out["oof_features"] = np.zeros((len(y), pooled.shape[1]), dtype=np.float32)
-        folds = []
-        for i, (tr, va) in enumerate(self.folds_):
-            def fit(i=i, tr=tr, va=va):
-                est = FineTunedClassifier(**{**params, "backbone": ext.cfg.name, "weights": self._spec(name)["weights"],
-                                             "input_size": ext.size, "weights_dir": self.weights_dir,
-                                             "random_state": self.random_state + i, "strategy": self.strategy,
-                                             "verbose": 2 if self.verbose else 0})
-                extra = [views[v][tr] for v in ft["train_views"] if v != "original"]
-                self._log(f"{name}: fine-tuning fold {i + 1}/{self.cv} ({len(tr)} images, "
-                          f"views {ft['train_views']})")
-                paths = [data.paths[r] for r in tr]
-                orient = _images.scan_images(paths)[0] if ft.get("mode") == "full" else None
-                est.fit(X[tr], y[tr], views=extra, pooled=pooled[tr], paths=paths, orientations=orient, top=top,
-                        bottom=ext.model)
-                arrays = {f"oof_proba_{v}": _align(est, est.predict_proba(views[v][va]), k) for v in ft["tta"]}
-                arrays["phase1_oof_proba"] = _align(est.head_, est.head_.predict_proba(pooled[va]), k)
-                arrays["oof_features"] = est.transform(X[va])
-                return est, arrays
-
-            est, arrays, resumed = self._fold(key, i, fit)
-            if resumed:
-                self._log(f"{name}: fold {i + 1}/{self.cv} fine-tuned model from the cache")
-            for name_, values in arrays.items():
-                out[name_][va] = values
-            folds.append(est)
-            mean = np.mean([out[f"oof_proba_{v}"][va] for v in ft["tta"]], axis=0)
-            labels = np.arange(k)
-            self._log(f"{name}: fold {i + 1}/{self.cv} log loss frozen head "
-                      f"{log_loss(y[va], _clip(out['phase1_oof_proba'][va]), labels=labels):.4f} -> fine-tuned "
-                      f"{log_loss(y[va], _clip(mean), labels=labels):.4f}"
-                      f"{'' if est.phase2_kept_ else ' (phase 2 did not improve; phase 1 kept)'}")
-        out["oof_proba"] = np.mean([out[f"oof_proba_{v}"] for v in ft["tta"]], axis=0)
-        return folds, out
+    def _learner_weights(self) -> dict:
+        """Learner name -> its level-2 weight (greedy share, logit coefficient), when the combiner has them."""
+        w = self.meta_.weights
+        names = list(self.learners_)
+        if w is None or len(w) != len(names):
+            return {}
+        return {n: float(v) for n, v in zip(names, w)}
 
     # ------------------------------------------------------------------ predict
-    def _base_probas(self, images):
-        """Per learner: fold-averaged probabilities, and the meta-learner's inputs, for ``images``.
-
-        Returns ``(probas, meta_probas, meta_features, kept, skipped)``.
-        """
-        self._check_fitted()
-        names = [s["name"] for s in self.specs_]
-        in_memory = _is_in_memory(images)
-        if in_memory:
+    def _level1(self, images):
+        """Per learner ``(probabilities, level-2 probabilities, level-2 features)``, kept rows, skipped rows."""
+        check_is_fitted(self, "meta_")
+        features = self.meta_inputs != "proba"
+        sources = {}
+        for learner in self.learners_.values():
+            for view, ext in learner.views().items():
+                sources.setdefault((learner.source_id(learner.spec), view), ext)
+        if _is_in_memory(images):
             arrays = list(images)
-            kept, skipped = np.arange(len(arrays)), {}
-            inputs = {(n, v): ext.transform_arrays(arrays) for n in names for v, ext in self._views(n).items()}
-            paths = None
+            if not arrays:
+                raise ValueError("no images to predict")
+            kept, skipped, paths = np.arange(len(arrays)), {}, None
+            inputs = {sid: ext.transform_arrays(arrays) for sid, ext in sources.items()}
         else:
             data = _as_image_set(images)
             kept, skipped, per = np.arange(len(data)), {}, {}
-            for n in names:
-                for v, ext in self._views(n).items():
-                    f = ext.extract(data)
-                    per[(n, v)] = f
-                    skipped.update(f.skipped)
-                    kept = np.intersect1d(kept, f.kept)
-            inputs = {key: f.values[np.searchsorted(f.kept, kept)] for key, f in per.items()}
+            for sid, ext in sources.items():
+                ext.on_bad_image = self.on_bad_image
+                per[sid] = f = ext.extract(data)
+                skipped.update(f.skipped)
+                kept = np.intersect1d(kept, f.kept)
+            inputs = {sid: f.values[np.searchsorted(f.kept, kept)] for sid, f in per.items()}
             paths = [data.paths[i] for i in kept]
-        probas, meta_p, meta_f = [], [], []
-        for n in names:
-            ft = self._spec(n).get("finetune")
-            per_view = {v: self._cached_test_proba(n, inputs[(n, v)], paths, v) for v in self._tta(n)}
-            proba = np.mean(list(per_view.values()), axis=0)
-            probas.append(proba)
-            meta_p.append(np.concatenate([per_view[v] for v in ft["tta"]], axis=1)
-                          if ft and ft["tta_meta"] == "views" else proba)
-            if self.meta_inputs == "proba":
-                meta_f.append(np.zeros((len(kept), 0), np.float32))
-            elif ft:
-                meta_f.append(np.mean([est.transform(inputs[(n, "original")]) for est in self.learners_[n]], axis=0))
-            else:
-                meta_f.append(inputs[(n, "original")])
-        return probas, meta_p, meta_f, kept, skipped
+        outs = {name: lr.predict(self._inputs_of(lr, inputs), paths, features) if len(kept) else None
+                for name, lr in self.learners_.items()}
+        return outs, kept, skipped
 
-    def _tta(self, name) -> tuple:
-        ft = self._spec(name).get("finetune")
-        return ft["tta"] if ft else ("original",)
-
-    def _fold_average(self, name, F):
-        k = len(self.classes_)
-        return np.mean([_align(est, est.predict_proba(F), k) for est in self.learners_[name]], axis=0)
-
-    def _cached_test_proba(self, name, F, paths, view="original"):
-        key = getattr(self, "learner_keys_", {}).get(name)
-        if not self.cache_dir or key is None or not paths:
-            return self._fold_average(name, F)
-        store = ResultStore(os.path.join(self.cache_dir, "test_proba"))
-        pkey = stable_hash([key, _images.file_fingerprints(paths)] + ([view] if view != "original" else []))[:24]
-        hit = store.get(pkey)
-        if hit:
-            return np.load(os.path.join(hit, "proba.npy"))
-        proba = self._fold_average(name, F)
-        with store.put(pkey) as tmp:
-            np.save(os.path.join(tmp, "proba.npy"), proba)
-        return proba
+    def _level2(self, outs) -> np.ndarray:
+        meta_p = [o[1] for o in outs.values()]
+        meta_f = [o[2] for o in outs.values()]
+        return self.meta_.predict_proba(meta_matrix(meta_p, meta_f, self.meta_inputs))
 
     def predict_proba(self, images) -> np.ndarray:
         """Class probabilities ``(n, n_classes)`` in input order.
@@ -533,12 +346,10 @@ class Ensemble:
         ``images``: an ImageSet, a folder, a list of paths, or in-memory images. Rows
         of images skipped under ``on_bad_image="skip"`` are NaN.
         """
-        _probas, meta_p, meta_f, kept, skipped = self._base_probas(images)
-        n = len(kept) + len(skipped)
-        out = np.full((n, len(self.classes_)), np.nan)
+        outs, kept, skipped = self._level1(images)
+        out = np.full((len(kept) + len(skipped), len(self.classes_)), np.nan)
         if len(kept):
-            Z = meta_matrix(meta_p, meta_f, self.meta_inputs)
-            out[kept] = _align(self.meta_, self.meta_.predict_proba(Z), len(self.classes_))
+            out[kept] = self._level2(outs)
         self.last_skipped_ = skipped
         return out
 
@@ -557,7 +368,7 @@ class Ensemble:
         Without ``images``: the cross-validated (out-of-fold) scores from ``fit``.
         With a labelled set: scores on it.
         """
-        self._check_fitted()
+        check_is_fitted(self, "meta_")
         if images is None:
             return self.scores_
         data = _as_image_set(images, labelled=True)
@@ -567,51 +378,36 @@ class Ensemble:
         if unknown:
             raise ValueError(f"labels {unknown[:5]} were not among the classes this ensemble was trained on")
         index = {c: i for i, c in enumerate(self.classes_)}
-        probas, meta_p, meta_f, kept, _ = self._base_probas(data)
+        outs, kept, _ = self._level1(data)
         y = np.array([index[data.labels[i]] for i in kept])
         k = len(self.classes_)
-        out = {s["name"]: _score(y, p, k) for s, p in zip(self.specs_, probas)}
-        Z = meta_matrix(meta_p, meta_f, self.meta_inputs)
-        out["ensemble"] = _score(y, _align(self.meta_, self.meta_.predict_proba(Z), k), k)
-        return out
+        result = {name: score(y, o[0], k) for name, o in outs.items()}
+        result["ensemble"] = score(y, self._level2(outs), k)
+        return result
 
     def leaderboard(self) -> str:
-        """The out-of-fold leaderboard as a text table."""
-        self._check_fitted()
+        """The out-of-fold leaderboard as a text table, with level 2's choice and candidates."""
+        check_is_fitted(self, "meta_")
         return format_leaderboard(self.scores_)
 
     # ------------------------------------------------------------------ save / load
     def save(self, directory) -> str:
         """Write the fitted ensemble to ``directory`` (manifest, .keras models, joblib, checksums)."""
-        self._check_fitted()
+        check_is_fitted(self, "meta_")
         directory = os.fspath(directory)
         if os.path.isdir(directory) and os.listdir(directory) and not os.path.exists(os.path.join(directory, MANIFEST)):
             raise FileExistsError(f"{directory} exists and is not a stacker model directory; "
                                   "save into a new or empty directory")
         tmp = os.path.abspath(directory).rstrip("/") + f".tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "backbones"))
-        os.makedirs(os.path.join(tmp, "learners"))
-        learners = []
-        for s in self.specs_:
-            n = s["name"]
-            ext = self.extractors_[n]
-            bb_file = f"backbones/{n.replace('@', '_')}.keras"
-            ext.model.save(os.path.join(tmp, bb_file))
-            folds = []
-            for i, est in enumerate(self.learners_[n]):
-                stem = f"learners/{n.replace('@', '_')}_fold{i}"
-                folds.append(stem)
-                save_estimator(est, os.path.join(tmp, stem))
-            learners.append({"name": n, "backbone": s["backbone"], "input_size": ext.size,
-                             "weights_id": ext.weights_id, "backbone_file": bb_file, "folds": folds,
-                             "head": _describe(s["head"]), "learner_key": self.learner_keys_.get(n),
-                             "finetune": s.get("finetune")})
-        save_estimator(self.meta_, os.path.join(tmp, "meta"))
-        names = [s["name"] for s in self.specs_]
+        os.makedirs(tmp)
+        learners = [lr.save(tmp) for lr in self.learners_.values()]
+        save_estimator(self.meta_.combiner, os.path.join(tmp, "meta"))
+        params = _encode_params(self.get_params(deep=False), tmp)
+        names = list(self.learners_)
         np.savez_compressed(os.path.join(tmp, "oof.npz"), y=self.y_, ensemble=self.meta_oof_proba_,
                             **{f"learner_{i}": self.oof_proba_[n] for i, n in enumerate(names)})
-        _write_curves(os.path.join(tmp, "curves.csv"), {n: self.learners_[n] for n in names})
+        _write_curves(os.path.join(tmp, "curves.csv"), {n: lr.fold_models_ for n, lr in self.learners_.items()})
         files = {}
         for root, _dirs, file_names in os.walk(tmp):
             for f in file_names:
@@ -619,13 +415,15 @@ class Ensemble:
                 files[os.path.relpath(full, tmp)] = sha256_file(full)
         manifest = {
             "format": "stacker-ensemble", "format_version": FORMAT_VERSION, "stacker_version": __version__,
-            "classes": self.classes_, "learners": learners, "meta": _describe(self.meta),
-            "meta_inputs": self.meta_inputs, "cv": self.cv, "random_state": self.random_state,
-            "feature_dtype": self.feature_dtype, "batch_size": self.batch_size, "resize": self.resize,
-            "scores": self.scores_, "skipped": self.skipped_, "files": files,
+            "classes": self.classes_, "params": params, "learners": learners,
+            "level2": {"name": self.meta_.name, "temperature": self.meta_.temperature, "floor": self.meta_.floor,
+                       "table": self.meta_.table, "weights": self._learner_weights()},
+            "meta": describe(self.meta), "meta_inputs": self.meta_inputs, "cv": self.cv,
+            "random_state": self.random_state, "scores": self.scores_, "skipped": self.skipped_, "files": files,
             "meta_importance": self.meta_importance_, "config": self.config_, "environment": self.environment_,
             "train_ids": [str(i) for i in self.train_ids_], "train_paths": self.train_paths_,
-            "histories": {n: [getattr(est, "history_", None) for est in self.learners_[n]] for n in names},
+            "histories": {n: [getattr(est, "history_", None) for est in lr.fold_models_]
+                          for n, lr in self.learners_.items()},
         }
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, default=_json_default)
@@ -633,15 +431,15 @@ class Ensemble:
         return directory
 
     @classmethod
-    def load(cls, directory, cache_dir=None, verbose=0) -> "Ensemble":
+    def load(cls, directory, **params) -> "Ensemble":
         """Load a saved ensemble after verifying every file's sha256.
 
+        The ensemble gets exactly the parameters it was fitted with; keyword arguments
+        (e.g. ``cache_dir=``, ``verbose=``, ``on_bad_image=``) override run-time ones.
         Never load a model directory from an untrusted source: although Keras models
         load with ``safe_mode=True`` and checksums are verified first, joblib files
         are pickles.
         """
-        import keras
-
         directory = os.fspath(directory)
         manifest = read_manifest(directory)
         for rel, digest in manifest["files"].items():
@@ -651,27 +449,21 @@ class Ensemble:
             if sha256_file(path) != digest:
                 raise ModelIntegrityError(f"{directory}: {rel} does not match its sha256 in the manifest "
                                           "(modified or corrupted); refusing to load it")
-        ens = cls(backbones=[{"backbone": lr["backbone"], "input_size": lr["input_size"], "name": lr["name"]}
-                             for lr in manifest["learners"]],
-                  meta=manifest["meta"], meta_inputs=manifest["meta_inputs"], cv=manifest["cv"],
-                  random_state=manifest["random_state"], feature_dtype=manifest["feature_dtype"],
-                  batch_size=manifest.get("batch_size", 32), cache_dir=cache_dir, verbose=verbose,
-                  resize=manifest.get("resize", "bilinear"))
+        ens = cls(**{**_decode_params(manifest["params"], directory), "verbose": 0, **params})
         ens.classes_ = manifest["classes"]
-        ens.specs_ = []
-        ens.extractors_, ens.learners_, ens.learner_keys_ = {}, {}, {}
-        custom = _backbones.custom_objects()
-        for lr in manifest["learners"]:
-            model = keras.saving.load_model(os.path.join(directory, lr["backbone_file"]), safe_mode=True,
-                                            compile=False, custom_objects=custom)
-            spec = {"backbone": lr["backbone"], "input_size": lr["input_size"], "name": lr["name"],
-                    "weights": None, "head": lr["head"], "finetune": finetune_params(lr.get("finetune"))}
-            ens.specs_.append(spec)
-            ens.extractors_[lr["name"]] = ens._extractor(spec, model=model, weights_id=lr["weights_id"])
-            ens.learners_[lr["name"]] = [load_estimator(os.path.join(directory, stem)) for stem in lr["folds"]]
-            if lr.get("learner_key"):
-                ens.learner_keys_[lr["name"]] = lr["learner_key"]
-        ens.meta_ = load_estimator(os.path.join(directory, "meta"))
+        settings = ens._settings()
+        networks: dict = {}
+        ens.learners_ = {e["name"]: LEARNER_KINDS[e["kind"]].load(e, directory, settings, networks)
+                         for e in manifest["learners"]}
+        ens.specs_ = [lr.spec for lr in ens.learners_.values()]
+        lv = manifest["level2"]
+        with np.load(os.path.join(directory, "oof.npz"), allow_pickle=False) as oof:
+            ens.y_ = oof["y"]
+            ens.meta_oof_proba_ = oof["ensemble"]
+            ens.oof_proba_ = {e["name"]: oof[f"learner_{i}"] for i, e in enumerate(manifest["learners"])}
+        ens.meta_ = Level2(lv["name"], load_estimator(os.path.join(directory, "meta")), len(ens.classes_),
+                           ens.meta_oof_proba_, lv["temperature"], lv["floor"], lv["table"])
+        ens.level2_scores_ = lv["table"]
         ens.scores_ = manifest.get("scores", {})
         ens.skipped_ = manifest.get("skipped", {})
         ens.meta_importance_ = manifest.get("meta_importance", {})
@@ -679,38 +471,42 @@ class Ensemble:
         ens.environment_ = manifest.get("environment", {})
         ens.train_ids_ = manifest.get("train_ids", [])
         ens.train_paths_ = manifest.get("train_paths", [])
-        oof_path = os.path.join(directory, "oof.npz")
-        if os.path.exists(oof_path):
-            with np.load(oof_path, allow_pickle=False) as oof:
-                ens.y_ = oof["y"]
-                ens.meta_oof_proba_ = oof["ensemble"]
-                ens.oof_proba_ = {lr["name"]: oof[f"learner_{i}"] for i, lr in enumerate(manifest["learners"])}
         return ens
 
 
-@functools.lru_cache(maxsize=None)
-def _finetune_code() -> str:
-    """Hash of the fine-tuning code: a learner cache made by other training code is not reused.
+def _encode_params(params: dict, directory: str) -> dict:
+    """``get_params()`` as JSON: tuples tagged, estimators saved beside the manifest, the strategy dropped."""
+    def enc(value, name):
+        if isinstance(value, tuple):
+            return {"__tuple__": [enc(v, f"{name}_{i}") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [enc(v, f"{name}_{i}") for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            return {str(k): enc(v, f"{name}_{k}") for k, v in value.items()}
+        if hasattr(value, "get_params"):
+            os.makedirs(os.path.join(directory, "params"), exist_ok=True)
+            save_unfitted(value, os.path.join(directory, "params", name + ".joblib"))
+            return {"__estimator__": f"params/{name}.joblib"}
+        if isinstance(value, (str, int, float, bool, type(None))):
+            return value
+        return _json_default(value)
 
-    Computed once per process, from the code that is running (not from a file edited since).
-    """
-    import inspect
-
-    from . import finetune
-
-    return hashlib.sha256(inspect.getsource(finetune).encode()).hexdigest()[:16]
+    return {k: enc(v, k) for k, v in params.items() if k != "strategy"}
 
 
-def _write_outputs(path: str, outputs: dict) -> None:
-    """A fine-tuned learner's out-of-fold outputs (per-view probabilities, pooled features) as HDF5."""
-    with h5py.File(path, "w") as f:
-        for name, values in outputs.items():
-            f.create_dataset(name, data=values, compression="gzip" if values.size > 65536 else None)
+def _decode_params(params: dict, directory: str) -> dict:
+    def dec(value):
+        if isinstance(value, dict) and "__tuple__" in value:
+            return tuple(dec(v) for v in value["__tuple__"])
+        if isinstance(value, dict) and "__estimator__" in value:
+            return load_unfitted(os.path.join(directory, value["__estimator__"]))
+        if isinstance(value, dict):
+            return {k: dec(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [dec(v) for v in value]
+        return value
 
-
-def _read_outputs(path: str) -> dict:
-    with h5py.File(path, "r") as f:
-        return {name: f[name][()] for name in f}
+    return {k: dec(v) for k, v in params.items()}
 
 
 def _write_curves(path: str, learners: dict) -> None:
@@ -742,7 +538,7 @@ def _publish(tmp: str, directory: str) -> None:
     old_manifest = os.path.join(directory, MANIFEST)
     if os.path.exists(old_manifest):
         os.remove(old_manifest)
-    for name in ("backbones", "learners"):
+    for name in ("backbones", "learners", "params"):
         shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     for name in os.listdir(directory):
         if name.startswith("meta."):
@@ -770,7 +566,7 @@ def read_manifest(directory) -> dict:
 
 
 def _meta_blocks(names, proba_dims, feature_dims, meta_inputs) -> dict:
-    """Column indices of each learner's inputs in the meta matrix (see ``meta_matrix``)."""
+    """Column indices of each learner's inputs in the level-2 matrix (see ``meta_matrix``)."""
     blocks = {n: [] for n in names}
     col = 0
     if meta_inputs in ("proba", "both"):
@@ -784,19 +580,25 @@ def _meta_blocks(names, proba_dims, feature_dims, meta_inputs) -> dict:
     return blocks
 
 
-def _permutation_importance(meta, Z, y, blocks: dict, k: int, seed: int, repeats: int = 3) -> dict:
-    """How much the meta-learner's log loss grows when one learner's inputs are shuffled across rows."""
+def _permutation_importance(level2, Z, y, blocks: dict, k: int, seed: int, repeats: int = 3) -> dict:
+    """How much level 2's log loss grows when one learner's inputs are shuffled across rows."""
     rng = np.random.default_rng(seed)
-    base = log_loss(y, _clip(_align(meta, meta.predict_proba(Z), k)), labels=np.arange(k))
+    labels = np.arange(k)
+    base = log_loss(y, _clip(level2.predict_proba(Z)), labels=labels)
     out = {}
     for name, cols in blocks.items():
         losses = []
         for _ in range(repeats):
             Zp = Z.copy()
             Zp[:, cols] = Z[rng.permutation(len(Z))][:, cols]
-            losses.append(log_loss(y, _clip(_align(meta, meta.predict_proba(Zp), k)), labels=np.arange(k)))
+            losses.append(log_loss(y, _clip(level2.predict_proba(Zp)), labels=labels))
         out[name] = float(np.mean(losses) - base)
     return out
+
+
+def _clip(proba) -> np.ndarray:
+    proba = np.clip(proba, 1e-15, 1.0)
+    return proba / proba.sum(axis=1, keepdims=True)
 
 
 def environment() -> dict:
@@ -818,30 +620,6 @@ def environment() -> dict:
             "scikit-learn": sklearn.__version__, "h5py": h5py.__version__}
 
 
-def _align(est, proba, k: int) -> np.ndarray:
-    """Put an estimator's probability columns in class-index order (missing classes get 0)."""
-    proba = np.asarray(proba, dtype=np.float64)
-    classes = np.asarray(getattr(est, "classes_", np.arange(proba.shape[1])))
-    if proba.shape[1] == k and np.array_equal(classes, np.arange(k)):
-        return proba
-    out = np.zeros((len(proba), k))
-    out[:, classes.astype(int)] = proba
-    return out
-
-
-def _describe(spec) -> str:
-    if isinstance(spec, str):
-        return spec
-    return f"{type(spec).__name__}({json.dumps(_jsonable_params(spec), sort_keys=True, default=str)})"
-
-
-def _jsonable_params(est) -> dict:
-    try:
-        return {k: v for k, v in est.get_params(deep=False).items() if not hasattr(v, "get_params")}
-    except AttributeError:
-        return {}
-
-
 def _json_default(obj):
     if isinstance(obj, (np.integer,)):
         return int(obj)
@@ -856,8 +634,7 @@ def _is_in_memory(images) -> bool:
     if isinstance(images, np.ndarray):
         return True
     if isinstance(images, (list, tuple)) and images:
-        first = images[0]
-        return not isinstance(first, (str, os.PathLike))
+        return not isinstance(images[0], (str, os.PathLike))
     return False
 
 
@@ -867,24 +644,32 @@ def _as_image_set(images, labelled: bool = False) -> _images.ImageSet:
     if isinstance(images, (str, os.PathLike)):
         return _images.load_images(images, labelled=labelled)
     paths = [os.fspath(p) for p in images]
+    if not paths:
+        raise ValueError("no images to predict")
     return _images.ImageSet(paths, list(range(len(paths))))
 
 
 def format_leaderboard(scores: dict) -> str:
-    """Text table of accuracy, log loss and timings per learner and for the ensemble."""
+    """Text table per learner (accuracy, log loss, level-2 weight, timings), then level 2's choice."""
     top5 = any("top5_accuracy" in s for s in scores.values())
-    rows = [("learner", "accuracy") + (("top5",) if top5 else ()) + ("log_loss", "extract_s", "ms/image",
-                                                                      "train_s", "dim")]
+    rows = [("learner", "accuracy") + (("top5",) if top5 else ()) + ("log_loss", "weight", "extract_s",
+                                                                      "ms/image", "train_s", "dim")]
     for name, s in scores.items():
-        spi = s.get("s_per_image")
+        spi, w = s.get("s_per_image"), s.get("weight")
         rows.append((name, f"{s['accuracy']:.4f}") + ((f"{s.get('top5_accuracy', 0):.4f}",) if top5 else ()) + (
-            f"{s['log_loss']:.4f}", f"{s['extract_s']:.1f}" if "extract_s" in s else "",
+            f"{s['log_loss']:.4f}", "" if w is None else f"{w:.3f}",
+            f"{s['extract_s']:.1f}" if "extract_s" in s else "",
             f"{spi * 1000:.1f}" if spi else "cached" if "extract_s" in s else "",
             f"{s.get('train_s', 0):.1f}", str(s.get("feature_dim", ""))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    ens = scores.get("ensemble", {})
+    if ens.get("combiner"):
+        lines.append(f"level 2: {ens['combiner']} (temperature {ens.get('temperature', 1.0):.3f}, "
+                     f"floor {ens.get('floor', 0.0):.4f}); cross-validated log loss of each candidate:")
+        lines.append("  " + ", ".join(f"{n} {c['log_loss']:.4f}" for n, c in ens.get("candidates", {}).items()))
     return "\n".join(lines)
 
 

@@ -1,270 +1,334 @@
-"""Base learners: classifiers trained on cached features.
+"""Base learners: one feature source times one model, bagged over the ensemble's folds.
 
-A base learner is a classifier head on one backbone's pooled features. The Keras
-guides' head -- dropout then a dense softmax -- is :class:`DenseClassifier`; any
-scikit-learn classifier works too (``"logistic"`` is a scaled logistic regression).
-:class:`DenseClassifier` follows the scikit-learn estimator contract (constructor
-stores parameters, ``fit`` sets ``model_`` and ``classes_``), so ``clone`` and grid
-search work, and with ``hidden=(32, 8)`` it is also the default meta-learner.
+A :class:`Learner` is what AutoGluon calls a bagged model. It owns its fold models,
+its out-of-fold probabilities, its cache key, its fold checkpoints (a killed run
+restarts at the fold it was in) and its save/load. The ensemble only hands it the
+cached inputs of its views, the labels and the shared folds, and never asks which kind
+it is. Kinds are registered in :data:`LEARNER_KINDS`: :class:`FrozenLearner` (a model
+from :mod:`stacker.models` on a frozen backbone's pooled features) here, the fine-tuned
+network in :mod:`stacker.finetune`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
-import joblib
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, clone
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.utils.validation import check_is_fitted
+from sklearn.metrics import log_loss
 
-__all__ = ["DenseClassifier", "make_head", "save_estimator", "load_estimator"]
+from . import __version__
+from . import backbones as _backbones
+from . import images as _images
+from .cache import result_store, stable_hash
+from .features import FeatureExtractor
+from .meta import _align
+from .models import make_model, model_label, model_names
+from .persist import load_estimator, save_estimator
+
+__all__ = ["Learner", "FrozenLearner", "LEARNER_KINDS", "register_learner", "learner_specs", "make_learners",
+           "describe"]
+
+LEARNER_KINDS: dict = {}
 
 
-class DenseClassifier(ClassifierMixin, BaseEstimator):
-    """Dropout + dense softmax (optionally with hidden layers), trained with early stopping.
+def register_learner(kind: str, cls) -> None:
+    """Make a learner class available to ensembles and to loading (``kind`` is saved in manifests)."""
+    LEARNER_KINDS[kind] = cls
 
-    Parameters
-    ----------
-    hidden : tuple of int
-        Hidden layer widths; ``()`` is the plain Keras-guide head, ``(32, 8)`` the meta-net.
-    dropout : float
-        Dropout before every dense layer.
-    epochs : int
-        Upper bound on epochs; early stopping usually ends sooner.
-    batch_size : int
-    learning_rate : float
-        Adam's learning rate.
-    patience : int
-        Epochs without validation improvement before stopping (best weights restored).
-    validation_fraction : float
-        Share of the training rows held out (stratified) for early stopping.
-    label_smoothing : float
-    l2 : float
-        L2 penalty on the dense kernels.
-    batch_norm : bool
-        Batch normalisation before each dropout (the ResNet50 tutorial's head:
-        BN -> dropout -> dense 512 -> BN -> dropout -> softmax).
-    random_state : int
-        Seeds weight initialisation, dropout, shuffling and the validation split.
-    verbose : int
-    strategy : tf.distribute.Strategy, optional
-        Build and train in its scope (MirroredStrategy: data-parallel over GPUs).
 
-    Attributes
-    ----------
-    model_ : keras.Model
-    classes_ : ndarray
-    history_ : dict
-        Loss/accuracy per epoch, training and validation.
+def describe(spec) -> str:
+    """A stable text for a model entry or any parameter (names as they are, estimators with their params)."""
+    if isinstance(spec, str):
+        return spec
+    try:
+        params = {k: v for k, v in spec.get_params(deep=False).items() if not hasattr(v, "get_params")}
+    except AttributeError:
+        params = {}
+    return f"{type(spec).__name__}({json.dumps(params, sort_keys=True, default=str)})"
+
+
+def _clip(proba) -> np.ndarray:
+    proba = np.clip(proba, 1e-15, 1.0)
+    return proba / proba.sum(axis=1, keepdims=True)
+
+
+class Settings(dict):
+    """What every learner of one ensemble shares (seed, cache, extraction options)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class Learner:
+    """One feature source times one model, bagged over the shared folds.
+
+    Subclasses set :attr:`kind`, build their source (:meth:`make_source`), say which
+    cached views they read (:meth:`views`) and fit one fold (:meth:`_fit_fold`).
+
+    Attributes (after :meth:`fit_oof`)
+    ----------------------------------
+    fold_models_ : list
+        One fitted model per fold, trained on the other folds only.
+    oof_proba_ : ndarray (n, k)
+        Out-of-fold probabilities of the training images.
+    arrays_ : dict
+        Every out-of-fold array the learner keeps (name -> (n, ...)).
+    key_ : str
+        Cache key of this learner's results.
+    train_s_ : float
+        Seconds its first fit took (also when its results came from the cache).
     """
 
-    def __init__(self, hidden=(), dropout=0.2, epochs=200, batch_size=64, learning_rate=1e-3, patience=10,
-                 validation_fraction=0.1, label_smoothing=0.0, l2=1e-4, batch_norm=False, random_state=0,
-                 verbose=0, strategy=None):
-        self.hidden = hidden
-        self.batch_norm = batch_norm
-        self.dropout = dropout
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.patience = patience
-        self.validation_fraction = validation_fraction
-        self.label_smoothing = label_smoothing
-        self.l2 = l2
-        self.random_state = random_state
-        self.verbose = verbose
-        self.strategy = strategy
+    kind = "frozen"
 
-    def _build(self, n_features: int, n_classes: int, X):
-        import keras
-        from keras import layers
+    def __init__(self, spec: dict, source, settings: Settings):
+        self.spec = spec
+        self.name = spec["name"]
+        self.source = source
+        self.settings = settings
 
-        inputs = keras.Input((n_features,), name="features")
-        x = layers.Normalization(mean=X.mean(axis=0), variance=X.var(axis=0), name="standardize")(inputs)
-        reg = keras.regularizers.L2(self.l2) if self.l2 else None
-        for i, width in enumerate(self.hidden):
-            if self.batch_norm:
-                x = layers.BatchNormalization(name=f"bn{i}")(x)
-            if self.dropout:
-                x = layers.Dropout(self.dropout, seed=self.random_state + i, name=f"dropout{i}")(x)
-            x = layers.Dense(width, activation="relu", kernel_regularizer=reg, name=f"dense{i}")(x)
-        if self.batch_norm:
-            x = layers.BatchNormalization(name="bn_top")(x)
-        if self.dropout:
-            x = layers.Dropout(self.dropout, seed=self.random_state + 99, name="dropout_top")(x)
-        outputs = layers.Dense(n_classes, activation="softmax", kernel_regularizer=reg, name="softmax")(x)
-        model = keras.Model(inputs, outputs, name="dense_classifier")
-        model.compile(
-            optimizer=keras.optimizers.Adam(self.learning_rate),
-            loss=keras.losses.CategoricalCrossentropy(label_smoothing=self.label_smoothing),
-            metrics=["accuracy"],
-            steps_per_execution=32,  # small heads: per-step Python overhead dominates, so run steps in bulk
-        )
-        return model
-
-    def fit(self, X, y):
-        import keras
-        from sklearn.model_selection import train_test_split
-
-        X = np.asarray(X, dtype=np.float32)
-        y = np.asarray(y)
-        if X.ndim != 2 or len(X) != len(y):
-            raise ValueError(f"X must be (n, d) with one label per row; got {X.shape} and {y.shape}")
-        if not np.isfinite(X).all():
-            raise ValueError("X holds NaN or inf values")
-        self.classes_, y_idx = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError("need at least two classes to train a classifier")
-        keras.utils.set_random_seed(int(self.random_state))
-        Y = keras.utils.to_categorical(y_idx, len(self.classes_))
-        counts = np.bincount(y_idx)
-        val = None
-        fit_X, fit_Y = X, Y
-        if self.validation_fraction and counts.min() >= 2 and len(X) * self.validation_fraction >= len(self.classes_):
-            tr, va = train_test_split(np.arange(len(X)), test_size=self.validation_fraction, stratify=y_idx,
-                                      random_state=self.random_state)
-            fit_X, fit_Y, val = X[tr], Y[tr], (X[va], Y[va])
-        from .engines import strategy_scope
-
-        with strategy_scope(self.strategy):
-            self.model_ = self._build(X.shape[1], len(self.classes_), fit_X)
-        # too few rows to hold any out: stop when the training loss stops improving instead
-        monitor = "val_loss" if val is not None else "loss"
-        callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=self.patience,
-                                                   restore_best_weights=True)]
-        hist = self.model_.fit(fit_X, fit_Y, validation_data=val, epochs=self.epochs, batch_size=self.batch_size,
-                               callbacks=callbacks, verbose=self.verbose, shuffle=True)
-        self.history_ = {k: [float(v) for v in vs] for k, vs in hist.history.items()}
-        return self
-
-    def predict_proba(self, X):
-        check_is_fitted(self, "model_")
-        X = np.asarray(X, dtype=np.float32)
-        if len(X) == 0:
-            return np.zeros((0, len(self.classes_)), dtype=np.float32)
-        # direct calls in chunks: Model.predict re-traces per model and warns when many heads predict
-        proba = np.concatenate([np.asarray(self.model_(X[i : i + 8192], training=False), dtype=np.float64)
-                                for i in range(0, len(X), 8192)])
-        return proba / proba.sum(axis=1, keepdims=True)  # float32 softmax rows drift from 1
-
-    def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
-
-    # persistence: the Keras model as .keras (safe_mode), the rest as JSON
-    def save(self, path_stem: str) -> list[str]:
-        check_is_fitted(self, "model_")
-        self.model_.save(path_stem + ".keras")
-        with open(path_stem + ".json", "w") as f:
-            params = {k: v for k, v in self.get_params().items() if k != "strategy"}  # run-time, not model
-            json.dump({"params": _jsonable(params), "classes": self.classes_.tolist(),
-                       "history": self.history_}, f)
-        return [path_stem + ".keras", path_stem + ".json"]
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def specs(cls, spec: dict, models) -> list[dict]:
+        """The learner specs of one backbone entry (one per model)."""
+        out = []
+        for item in model_names(spec.pop("models", None) or spec.pop("head", None) or models):
+            out.append({**spec, "model": item, "name": f"{spec['base']}:{model_label(item)}"})
+        return out
 
     @classmethod
-    def load(cls, path_stem: str) -> "DenseClassifier":
+    def source_id(cls, spec: dict) -> tuple:
+        """Learners with equal source ids share one extractor (and so one set of cached features)."""
+        return (spec["base"], cls.kind)
+
+    @classmethod
+    def make_source(cls, spec: dict, settings: Settings, model=None, weights_id=None):
+        return FeatureExtractor(spec["backbone"], feature_dtype=settings.feature_dtype,
+                                **_extractor_kwargs(spec, settings, model, weights_id))
+
+    def views(self) -> dict:
+        """View name -> extractor of the cached inputs this learner reads."""
+        return {"original": self.source}
+
+    # -- identity ---------------------------------------------------------------------
+    def key(self, images_fp: str, cv: int, seed: int) -> str:
+        """Everything that decides this learner's results: source, model, images, folds, code."""
+        return stable_hash({"features": self.source.key_meta(), "images": images_fp, "model": describe(self.spec["model"]),
+                            "cv": cv, "seed": seed, "stacker": __version__, "kind": self.kind,
+                            **self._key_extra()})[:24]
+
+    def _key_extra(self) -> dict:
+        return {"dtype": self.settings.feature_dtype}
+
+    # -- fitting ----------------------------------------------------------------------
+    def fit_oof(self, inputs: dict, y, folds, k: int, data, images_fp: str) -> "Learner":
+        """Fit one model per fold on the other folds; keep out-of-fold outputs (or read them from the cache)."""
+        self.key_ = self.key(images_fp, len(folds), self.settings.random_state)
+        store = result_store(self.settings.cache_dir, "learners")
+        hit = store.get(self.key_) if store else None
+        t0 = time.perf_counter()
+        if hit:
+            self.fold_models_ = [load_estimator(os.path.join(hit, f"fold{i}")) for i in range(len(folds))]
+            with np.load(os.path.join(hit, "arrays.npz"), allow_pickle=False) as z:
+                self.arrays_ = {name: z[name] for name in z.files}
+            with open(os.path.join(hit, "timing.json")) as f:
+                self.train_s_ = json.load(f).get("train_s")
+            self._log(f"{self.name}: out-of-fold predictions from the cache")
+        else:
+            state = self._prepare(inputs, y)
+            self.fold_models_, self.arrays_ = [], {}
+            for i, (tr, va) in enumerate(folds):
+                est, arrays = self._checkpointed(i, lambda i=i, tr=tr, va=va: self._fit_fold(
+                    i, tr, va, inputs, y, k, data, state))
+                for name, values in arrays.items():
+                    self.arrays_.setdefault(name, np.zeros((len(y),) + values.shape[1:], values.dtype))[va] = values
+                self.fold_models_.append(est)
+                self._log(f"{self.name}: fold {i + 1}/{len(folds)} log loss "
+                          f"{log_loss(y[va], _clip(arrays['oof_proba']), labels=np.arange(k)):.4f}")
+            self.train_s_ = time.perf_counter() - t0
+            if store:
+                with store.put(self.key_) as tmp:
+                    for i, est in enumerate(self.fold_models_):
+                        save_estimator(est, os.path.join(tmp, f"fold{i}"))
+                    np.savez(os.path.join(tmp, "arrays.npz"), **self.arrays_)
+                    with open(os.path.join(tmp, "timing.json"), "w") as f:
+                        json.dump({"train_s": self.train_s_}, f)
+                self._drop_checkpoints(len(folds))
+        self.oof_proba_ = self.arrays_["oof_proba"]
+        return self
+
+    def _prepare(self, inputs, y):
+        """Work shared by every fold, done once before them (e.g. frozen pooled features)."""
+        return None
+
+    def _fit_fold(self, i, tr, va, inputs, y, k, data, state):
+        """Fit fold ``i`` on rows ``tr``; return ``(model, {name: out-of-fold array for rows va})``."""
+        X = inputs["original"]
+        est = make_model(self.spec["model"], self.settings.random_state + i, self.settings.strategy)
+        est.fit(X[tr], y[tr])
+        return est, {"oof_proba": _align(est, est.predict_proba(X[va]), k)}
+
+    def _checkpointed(self, i, fit):
+        """Fold ``i`` from its checkpoint under ``cache_dir/folds``, or fitted and checkpointed."""
+        store = result_store(self.settings.cache_dir, "folds")
+        hit = store.get(f"{self.key_}-fold{i}") if store else None
+        if hit:
+            with np.load(os.path.join(hit, "arrays.npz"), allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+            self._log(f"{self.name}: fold {i + 1} from its checkpoint")
+            return load_estimator(os.path.join(hit, "model")), arrays
+        est, arrays = fit()
+        if store:
+            with store.put(f"{self.key_}-fold{i}") as tmp:
+                save_estimator(est, os.path.join(tmp, "model"))
+                np.savez(os.path.join(tmp, "arrays.npz"), **arrays)
+        return est, arrays
+
+    def _drop_checkpoints(self, n_folds: int) -> None:
+        store = result_store(self.settings.cache_dir, "folds")
+        for i in range(n_folds):
+            path = store.path(f"{self.key_}-fold{i}")
+            if os.path.isdir(path):
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _log(self, msg: str) -> None:
+        if self.settings.verbose:
+            print(msg, flush=True)
+
+    # -- level-2 inputs and scores ----------------------------------------------------
+    def meta_oof(self, inputs: dict):
+        """Out-of-fold ``(probabilities, features)`` this learner gives level 2."""
+        return self.oof_proba_, inputs["original"]
+
+    def extra_scores(self, y, k) -> dict:
+        """Learner-specific leaderboard entries (e.g. fine-tuning's phase-1 scores)."""
+        epochs = sum(len((getattr(est, "history_", None) or {}).get("loss", [])) for est in self.fold_models_)
+        return {"epochs": epochs, "s_per_epoch": self.train_s_ / epochs if epochs and self.train_s_ else None}
+
+    # -- prediction -------------------------------------------------------------------
+    def fold_average(self, X) -> np.ndarray:
+        k = self.settings.n_classes
+        return np.mean([_align(est, est.predict_proba(X), k) for est in self.fold_models_], axis=0)
+
+    def _test_proba(self, X, paths, view="original") -> np.ndarray:
+        """Fold-averaged probabilities, cached per learner key and image files when there is a cache."""
+        store = result_store(self.settings.cache_dir, "test_proba")
+        key = getattr(self, "key_", None)
+        if store is None or key is None or not paths:
+            return self.fold_average(X)
+        pkey = stable_hash([key, _images.file_fingerprints(paths)] + ([view] if view != "original" else []))[:24]
+        hit = store.get(pkey)
+        if hit:
+            return np.load(os.path.join(hit, "proba.npy"))
+        proba = self.fold_average(X)
+        with store.put(pkey) as tmp:
+            np.save(os.path.join(tmp, "proba.npy"), proba)
+        return proba
+
+    def predict(self, inputs: dict, paths=None, features: bool = False):
+        """``(probabilities, level-2 probabilities, level-2 features)`` for new images' cached inputs."""
+        X = inputs["original"]
+        proba = self._test_proba(X, paths)
+        return proba, proba, X if features else np.zeros((len(X), 0), np.float32)
+
+    # -- persistence ------------------------------------------------------------------
+    def source_file(self) -> str:
+        return f"backbones/{self.spec['base'].replace('@', '_')}.keras"
+
+    def save(self, directory: str) -> dict:
+        """Write the source network (once per source) and the fold models; return the manifest entry."""
+        bb_file = self.source_file()
+        if not os.path.exists(os.path.join(directory, bb_file)):
+            os.makedirs(os.path.dirname(os.path.join(directory, bb_file)), exist_ok=True)
+            self.source.model.save(os.path.join(directory, bb_file))
+        stems = []
+        for i, est in enumerate(self.fold_models_):
+            stem = f"learners/{self.name.replace('@', '_').replace(':', '-')}_fold{i}"
+            os.makedirs(os.path.join(directory, "learners"), exist_ok=True)
+            save_estimator(est, os.path.join(directory, stem))
+            stems.append(stem)
+        spec = {k: (describe(v) if k == "model" and not isinstance(v, str) else v) for k, v in self.spec.items()}
+        return {"name": self.name, "kind": self.kind, "spec": spec, "backbone_file": bb_file,
+                "weights_id": self.source.weights_id, "folds": stems, "learner_key": getattr(self, "key_", None)}
+
+    @classmethod
+    def load(cls, entry: dict, directory: str, settings: Settings, models: dict) -> "Learner":
+        """Rebuild a saved learner; ``models`` caches loaded source networks by file."""
         import keras
 
-        with open(path_stem + ".json") as f:
-            info = json.load(f)
-        params = info["params"]
-        params["hidden"] = tuple(params.get("hidden", ()))
-        est = cls(**params)
-        est.model_ = keras.saving.load_model(path_stem + ".keras", safe_mode=True, compile=False)
-        est.classes_ = np.array(info["classes"])
-        est.history_ = info.get("history", {})
-        return est
+        bb_file = entry["backbone_file"]
+        if bb_file not in models:
+            models[bb_file] = keras.saving.load_model(os.path.join(directory, bb_file), safe_mode=True,
+                                                      compile=False, custom_objects=_backbones.custom_objects())
+        spec = dict(entry["spec"])
+        source = cls.make_source(spec, settings, model=models[bb_file], weights_id=entry["weights_id"])
+        learner = cls(spec, source, settings)
+        learner.fold_models_ = [load_estimator(os.path.join(directory, stem)) for stem in entry["folds"]]
+        if entry.get("learner_key"):
+            learner.key_ = entry["learner_key"]
+        return learner
 
 
-def _jsonable(params: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
+class FrozenLearner(Learner):
+    """A model from :mod:`stacker.models` on a frozen backbone's pooled features."""
+
+    kind = "frozen"
 
 
-def make_head(spec="dense", random_state: int = 0, strategy=None):
-    """A fresh base-learner estimator from ``"dense"``, ``"resnet"``, ``"logistic"`` or a scikit-learn classifier."""
-    if isinstance(spec, str):
-        if spec == "dense":
-            return DenseClassifier(random_state=random_state, strategy=strategy)
-        if spec == "resnet":
-            return DenseClassifier(hidden=(512,), batch_norm=True, dropout=0.5, random_state=random_state,
-                                   strategy=strategy)
-        if spec == "logistic":
-            return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-        raise ValueError(f"unknown head {spec!r}; use 'dense', 'resnet', 'logistic' or a scikit-learn classifier")
-    return fresh_estimator(spec, random_state, "a head")
+register_learner("frozen", FrozenLearner)
 
 
-def fresh_estimator(spec, random_state: int, role: str):
-    """An unfitted, re-seeded copy of a user's scikit-learn-style classifier."""
-    if not hasattr(spec, "fit") or not hasattr(spec, "predict_proba"):
-        raise TypeError(f"{role} must have fit and predict_proba; got {type(spec).__name__}")
-    est = clone(spec)
-    if "random_state" in est.get_params():
-        est.set_params(random_state=random_state)
-    return est
+def _extractor_kwargs(spec, settings, model=None, weights_id=None) -> dict:
+    return dict(weights=spec["weights"], input_size=spec["input_size"], batch_size=settings.batch_size,
+                cache_dir=settings.cache_dir, weights_dir=settings.weights_dir, on_bad_image=settings.on_bad_image,
+                resize=settings.resize, verbose=settings.verbose, model=model, weights_id=weights_id,
+                chunk_size=settings.chunk_size, engine=settings.engine, strategy=settings.strategy)
 
 
-# What a pickled scikit-learn model may name. A joblib file is a pickle, and a pickle can
-# call any function it names (os.system...), so stacker refuses every other global: the
-# defence behind the manifest checksums, for when a whole model directory was forged.
-_SAFE_ROOTS = ("sklearn", "numpy", "scipy", "joblib", "stacker", "collections", "copyreg")
-_SAFE_BUILTINS = {"slice", "set", "frozenset", "complex", "bytearray", "range", "object", "tuple", "list", "dict",
-                  "int", "float", "bool", "str", "bytes", "getattr"}
-TRUSTED_MODULES_ENV = "STACKER_TRUSTED_MODULES"  # extra module roots (your own estimators), comma-separated
+def learner_specs(backbones, models, input_size=None, weights="imagenet", finetune=None) -> list[dict]:
+    """One spec per learner: every backbone entry times its models (or its fine-tuned network).
+
+    A backbone entry is a registered name or a dict that may set ``backbone``,
+    ``input_size``, ``weights``, ``name``, ``models`` (or ``head``) and ``finetune``.
+    """
+    specs = []
+    entries = [backbones] if isinstance(backbones, (str, dict)) else list(backbones)
+    if not entries:
+        raise ValueError("an ensemble needs at least one backbone")
+    for b in entries:
+        spec = {"backbone": b} if isinstance(b, str) else dict(b)
+        if "backbone" not in spec:
+            raise ValueError(f"a backbone dict needs a 'backbone' key, got {sorted(spec)}")
+        cfg = _backbones.get_cfg(spec["backbone"])
+        spec["backbone"] = cfg.name
+        spec.setdefault("input_size", input_size)
+        spec.setdefault("weights", weights)
+        size = spec["input_size"] or cfg.input_size
+        spec["base"] = spec.pop("name", None) or (cfg.name if not spec["input_size"] else f"{cfg.name}@{size}")
+        spec["finetune"] = spec.get("finetune", finetune) or None
+        spec["kind"] = "finetuned" if spec["finetune"] else "frozen"
+        specs += LEARNER_KINDS[spec["kind"]].specs(spec, models)
+    names = [s["name"] for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"base learner names must be unique, got {names}")
+    return specs
 
 
-def _allowed(module: str, name: str) -> bool:
-    root = module.split(".")[0]
-    extra = tuple(m.strip() for m in os.environ.get(TRUSTED_MODULES_ENV, "").split(",") if m.strip())
-    if root in _SAFE_ROOTS + extra:
-        return not (root == "numpy" and any(part in module for part in ("testing", "distutils", "f2py")))
-    if module == "builtins":
-        return name in _SAFE_BUILTINS and name != "getattr"
-    return (module, name) in {("functools", "partial"), ("_codecs", "encode")}
-
-
-def _load_joblib(path: str):
-    """``joblib.load`` through an unpickler that refuses globals outside scikit-learn/NumPy/SciPy/stacker."""
-    import pickle
-
-    from joblib import numpy_pickle
-
-    class AllowlistUnpickler(numpy_pickle.NumpyUnpickler):
-        def find_class(self, module, name):
-            if not _allowed(module, name):
-                raise pickle.UnpicklingError(
-                    f"refusing to load {path}: it names {module}.{name}, which is not a scikit-learn, NumPy or "
-                    f"SciPy object (a crafted file?). If it is your own estimator class, add its module to "
-                    f"${TRUSTED_MODULES_ENV}.")
-            return super().find_class(module, name)
-
-    with open(path, "rb") as f:
-        unpickler = AllowlistUnpickler(path, f, ensure_native_byte_order="auto")
-        try:
-            return unpickler.load()
-        except UnicodeDecodeError:  # pragma: no cover - Python 2 pickles are not written by stacker
-            raise pickle.UnpicklingError(f"{path} is not a stacker joblib file") from None
-
-
-def save_estimator(est, path_stem: str) -> list[str]:
-    """Save a fitted estimator: Keras-backed ones (with ``save``/``load``) as ``.keras`` + JSON, others with joblib."""
-    if hasattr(est, "save") and hasattr(type(est), "load"):
-        return est.save(path_stem)
-    joblib.dump(est, path_stem + ".joblib")
-    return [path_stem + ".joblib"]
-
-
-def load_estimator(path_stem: str):
-    """Load what :func:`save_estimator` wrote. Only call on files whose checksums were verified."""
-    if os.path.exists(path_stem + ".keras"):
-        with open(path_stem + ".json") as f:
-            info = json.load(f)
-        if info.get("estimator") == "FineTunedClassifier":
-            from .finetune import FineTunedClassifier  # finetune builds on this module
-
-            return FineTunedClassifier.load(path_stem, info)
-        return DenseClassifier.load(path_stem)
-    return _load_joblib(path_stem + ".joblib")
+def make_learners(specs, settings: Settings, sources: dict | None = None) -> dict:
+    """Learner objects for specs, sharing one extractor per source id."""
+    sources = {} if sources is None else sources
+    out = {}
+    for spec in specs:
+        cls = LEARNER_KINDS[spec["kind"]]
+        sid = cls.source_id(spec)
+        if sid not in sources:
+            sources[sid] = cls.make_source(spec, settings)
+        out[spec["name"]] = cls(spec, sources[sid], settings)
+    return out

@@ -85,10 +85,11 @@ def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None
     """
     ens = load(model, cache_dir=cache_dir)
     ens.on_bad_image = on_bad_image
-    for ext in ens.extractors_.values():
-        ext.on_bad_image = on_bad_image
-        if batch_size:
-            ext.batch_size = int(batch_size)
+    for learner in ens.learners_.values():
+        for ext in learner.views().values():
+            ext.on_bad_image = on_bad_image
+            if batch_size:
+                ext.batch_size = int(batch_size)
     if isinstance(images, (str, os.PathLike)) and os.path.isdir(images):
         images = from_test_folder(images)
     elif isinstance(images, (str, os.PathLike)) and os.path.isfile(images):

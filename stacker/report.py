@@ -197,12 +197,19 @@ def report(run_dir, out_dir=None, max_pairs: int = 20) -> str:
     rows = []
     for name, s in scores.items():
         spi = s.get("s_per_image")
-        rows.append([name, f"{s['accuracy']:.4f}", f"{s['log_loss']:.4f}", f"{s.get('extract_s', 0):.1f}",
-                     f"{spi * 1000:.1f}" if spi else ("cached" if "extract_s" in s else ""),
+        w = s.get("weight")
+        rows.append([name, f"{s['accuracy']:.4f}", f"{s['log_loss']:.4f}", "" if w is None else f"{w:.3f}",
+                     f"{s.get('extract_s', 0):.1f}", f"{spi * 1000:.1f}" if spi else ("cached" if "extract_s" in s else ""),
                      f"{s.get('train_s', 0):.1f}", s.get("feature_dim", "")])
     sections.append(("Leaderboard (out-of-fold)", '<img src="leaderboard.png" alt="leaderboard">' + _table(
-        ["learner", "accuracy", "log loss", "feature extraction s", "inference ms/image", "training s",
-         "feature size"], rows)))
+        ["learner", "accuracy", "log loss", "level-2 weight", "feature extraction s", "inference ms/image",
+         "training s", "feature size"], rows)))
+    level2 = manifest.get("level2")
+    if level2:
+        sections.append(("Level 2", f"<p>Chosen by cross-validated log loss: <b>{html.escape(level2['name'])}</b> "
+                         f"(temperature {level2['temperature']:.3f}, floor {level2['floor']:.4f}).</p>" + _table(
+                             ["candidate", "log loss", "accuracy"],
+                             [[n, f"{c['log_loss']:.4f}", f"{c['accuracy']:.4f}"] for n, c in level2["table"].items()])))
 
     if _curves_figure(manifest.get("histories", {}), os.path.join(out_dir, "curves.png")):
         figures.append("curves.png")

@@ -2,7 +2,7 @@
 
     python tests/fault_child.py CONFIG DATA CACHE OUT RESULT [KILL_POINT]
 
-CONFIG is ``frozen`` (two tiny learners, dense head and logistic head, dense meta) or
+CONFIG is ``frozen`` (two tiny learners, a dense model and a logistic one, dense level 2) or
 ``finetune`` (one fine-tuned tiny learner). With KILL_POINT the process sends itself
 SIGKILL at that point -- no cleanup, no ``finally``, exactly like ``kill -9`` or the
 OOM killer -- by wrapping a function *in this script only*; the library has no test
@@ -23,7 +23,7 @@ KILL_POINTS = {
     "extract": ("h5py write", 7),          # inside the 2nd cached chunk: 5 datasets per chunk
     "head": ("DenseClassifier.fit", 2),    # base head of fold 2 (fold 1 is checkpointed)
     "finetune": ("FineTunedClassifier.fit", 2),  # fine-tuning fold 2
-    "meta": ("DenseClassifier.fit", 4),    # the meta-learner's 2nd cross-validation fold (2 folds + 2 CV)
+    "meta": ("DenseClassifier.fit", 4),    # level 2's 2nd cross-validation fold (2 folds + 2 CV)
     "save": ("save_estimator", 3),         # writing the model directory
 }
 
@@ -36,8 +36,9 @@ def install(point: str) -> None:
     import h5py
 
     import stacker.ensemble
+    import stacker.learners
     from stacker.finetune import FineTunedClassifier
-    from stacker.learners import DenseClassifier
+    from stacker.models import DenseClassifier
 
     target, when = KILL_POINTS[point]
     calls = [0]
@@ -67,7 +68,7 @@ def install(point: str) -> None:
                     die()
             return original(est, stem)
 
-        stacker.ensemble.save_estimator = save_estimator
+        stacker.ensemble.save_estimator = stacker.learners.save_estimator = save_estimator
         save = stacker.ensemble.Ensemble.save
 
         def guarded_save(self, directory):
@@ -83,9 +84,8 @@ def main(config, data_dir, cache, out, result, point=None):
     from stacker import images as im
     from stacker.ensemble import Ensemble
     from stacker.features import forward_pass_count
-    from stacker.learners import DenseClassifier
-
     from stacker.finetune import FineTunedClassifier
+    from stacker.models import DenseClassifier
 
     fits = {"dense": 0, "finetune": 0}
 
@@ -105,10 +105,10 @@ def main(config, data_dir, cache, out, result, point=None):
     tiny = {"backbone": "tiny_cnn", "input_size": 32, "weights": weights}
     common = dict(cv=2, random_state=0, cache_dir=cache, verbose=0, batch_size=4, chunk_size=4)
     if config == "frozen":  # short-lived dense nets keep each child process to seconds
-        ens = Ensemble([tiny, {**tiny, "input_size": 40, "head": "logistic"}], head=DenseClassifier(epochs=15),
+        ens = Ensemble([tiny, {**tiny, "input_size": 40, "models": "logistic"}], models=[DenseClassifier(epochs=15)],
                        meta=DenseClassifier(hidden=(8,), epochs=15), **common)
     else:
-        ens = Ensemble([tiny], meta="logistic", head="logistic",
+        ens = Ensemble([tiny], meta="logistic",
                        finetune={"blocks": 1, "epochs": 2, "head_epochs": 5, "learning_rate": 1e-3, "tta": ("original", "flip")}, **common)
     train = im.load_images(os.path.join(data_dir, "train"))
     ens.fit(train)

@@ -134,8 +134,8 @@ def test_ensemble_skips_every_broken_file_and_reports_it(tmp_path):
         broken[str(path)] = reason
     odd = [str(write_odd(kind, root / "dog" / f"odd_{kind}")) for kind in ODD]
     with pytest.raises(BadImageError, match="bad_"):
-        Ensemble([TINY], cv=3, meta="logistic", head="logistic", verbose=0).fit(root)
-    ens = Ensemble([TINY], cv=3, meta="logistic", head="logistic", on_bad_image="skip", verbose=0)
+        Ensemble([TINY], cv=3, models="logistic", verbose=0).fit(root)
+    ens = Ensemble([TINY], cv=3, models="logistic", on_bad_image="skip", verbose=0)
     with pytest.warns(UserWarning, match=f"{len(broken)} training images were skipped"):
         ens.fit(root)
     assert set(ens.skipped_) == set(broken)

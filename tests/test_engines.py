@@ -83,7 +83,7 @@ def test_a_tf_distribute_strategy_runs_extraction_heads_and_fine_tuning(tmp_path
     import tensorflow as tf
 
     from stacker.ensemble import Ensemble
-    from stacker.learners import DenseClassifier
+    from stacker.models import DenseClassifier
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
     common = dict(backbone="tiny_cnn", input_size=32, weights=weights, verbose=0)
@@ -101,6 +101,6 @@ def test_a_tf_distribute_strategy_runs_extraction_heads_and_fine_tuning(tmp_path
                    finetune={"blocks": 1, "epochs": 1, "head_epochs": 2, "tta": ("original",),
                              "train_views": ("original",)})
     ens.fit(root)
-    fold = ens.learners_[ens.specs_[0]["name"]][0]
+    fold = ens.learners_[ens.specs_[0]["name"]].fold_models_[0]
     assert strategy.extended.variable_created_in_scope(fold.model_.weights[0].value)
     assert np.isfinite(ens.predict_proba(im.load_images(root))).all()

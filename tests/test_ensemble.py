@@ -1,4 +1,4 @@
-"""The ensemble: honest out-of-fold stacking, meta-learners, save/load and stacker.predict."""
+"""The ensemble: honest out-of-fold stacking, level 2, save/load, the estimator contract and stacker.predict."""
 
 import json
 
@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from sklearn.ensemble import RandomForestClassifier
+
+from sklearn.exceptions import NotFittedError
 
 import stacker
 from conftest import TINY, make_class_folders, save_tiny_weights
@@ -16,8 +18,8 @@ from stacker.features import forward_pass_count
 
 def tiny_ensemble(cache_dir, weights, **kw):
     args = dict(backbones=[{**TINY, "weights": weights},
-                           {**TINY, "input_size": 40, "head": "logistic", "weights": weights}],
-                cv=3, random_state=0, cache_dir=cache_dir, verbose=0, meta="logistic")
+                           {**TINY, "input_size": 40, "models": "logistic", "weights": weights}],
+                cv=3, random_state=0, cache_dir=cache_dir, verbose=0)
     args.update(kw)
     return Ensemble(**args)
 
@@ -28,7 +30,7 @@ def fitted(tmp_path_factory):
     make_class_folders(root / "train", 12)
     weights = save_tiny_weights(root / "tiny.weights.h5")
     data = im.load_images(root / "train")
-    ens = tiny_ensemble(str(root / "cache"), weights, meta="dense").fit(data)
+    ens = tiny_ensemble(str(root / "cache"), weights).fit(data)
     ens.weights_file = weights
     return ens, data, root
 
@@ -41,12 +43,13 @@ def test_out_of_fold_predictions_never_come_from_a_model_that_saw_the_image(fitt
     for tr, va in ens.folds_:
         assert not set(tr) & set(va)
     name = ens.specs_[0]["name"]
-    X = ens.extractors_[name].transform(data)
+    assert set(ens.learners_) == {"tiny_cnn@32:logistic", "tiny_cnn@32:prototype", "tiny_cnn@40:logistic"}
+    X = ens.learners_[name].source.transform(data)
     for i, (tr, va) in enumerate(ens.folds_):
-        fold_model = ens.learners_[name][i]
+        fold_model = ens.learners_[name].fold_models_[i]
         np.testing.assert_allclose(ens.oof_proba_[name][va], fold_model.predict_proba(X[va]), atol=1e-6)
         # the fold model that predicted these rows was trained on exactly the other rows
-        other = ens.learners_[name][(i + 1) % len(ens.folds_)]
+        other = ens.learners_[name].fold_models_[(i + 1) % len(ens.folds_)]
         assert not np.allclose(other.predict_proba(X[va]), ens.oof_proba_[name][va], atol=1e-9)
     assert ens.meta_oof_proba_.shape == (n, 2)
 
@@ -69,11 +72,13 @@ def test_save_load_identical_predictions_and_predict_api(fitted, tmp_path):
     model_dir = tmp_path / "model"
     ens.save(model_dir)
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["classes"] == ["cat", "dog"]
+    assert manifest["format_version"] == 2 and manifest["classes"] == ["cat", "dog"]
     assert any(f.endswith(".keras") for f in manifest["files"])
+    assert manifest["level2"]["name"] == ens.meta_.name
     expected = ens.predict_proba(data.paths)
     loaded = Ensemble.load(model_dir)
     np.testing.assert_allclose(loaded.predict_proba(data.paths), expected, atol=1e-6)
+    assert _params(loaded) == _params(ens), "a loaded ensemble has exactly the parameters it was fitted with"
 
     # stacker.predict on paths, a folder, arrays and PIL images
     res = stacker.predict(data.paths[:5], model=model_dir)
@@ -157,8 +162,15 @@ def test_save_refuses_to_overwrite_a_foreign_directory(fitted, tmp_path):
     assert (model_dir / "submission.csv").exists()
 
 
+def _params(ens) -> dict:
+    from stacker.learners import describe
+
+    return {k: describe(v) if hasattr(v, "get_params") else v for k, v in ens.get_params().items()}
+
+
 @pytest.mark.parametrize("meta,meta_inputs", [
-    ("mean", "proba"), ("logistic", "both"), (RandomForestClassifier(n_estimators=20), "features"),
+    ("mean", "proba"), ("greedy", "proba"), ("logit", "proba"), ("dense", "proba"), ("logistic", "both"),
+    (RandomForestClassifier(n_estimators=20), "features"),
 ])
 def test_meta_learners_and_inputs(fitted, meta, meta_inputs):
     first, data, root = fitted
@@ -166,8 +178,10 @@ def test_meta_learners_and_inputs(fitted, meta, meta_inputs):
     proba = ens.predict_proba(data.paths[:6])
     assert proba.shape == (6, 2)
     np.testing.assert_allclose(proba.sum(1), 1, atol=1e-6)
-    if meta == "mean":
-        names = [s["name"] for s in ens.specs_]
+    names = list(ens.learners_)
+    assert ens.meta_.name.split("+")[0] in (meta if isinstance(meta, str) else type(meta).__name__, "best member (0)",
+                                             "best member (1)", "best member (2)")
+    if meta == "mean" and ens.meta_.name == "mean":
         oof_mean = np.mean([ens.oof_proba_[n] for n in names], axis=0)
         np.testing.assert_allclose(ens.meta_.predict_proba(np.hstack([ens.oof_proba_[n] for n in names])),
                                    oof_mean)
@@ -176,7 +190,7 @@ def test_meta_learners_and_inputs(fitted, meta, meta_inputs):
 def test_second_fit_is_served_from_the_cache(fitted):
     ens, data, root = fitted
     before = forward_pass_count()
-    refit = tiny_ensemble(str(root / "cache"), ens.weights_file, meta="dense").fit(data)
+    refit = tiny_ensemble(str(root / "cache"), ens.weights_file).fit(data)
     assert forward_pass_count() == before, "a second fit must not run any CNN forward pass"
     for name in ens.oof_proba_:
         np.testing.assert_array_equal(refit.oof_proba_[name], ens.oof_proba_[name])
@@ -186,8 +200,8 @@ def test_second_fit_is_served_from_the_cache(fitted):
 def test_seed_makes_fits_repeatable(fitted):
     _, data, root = fitted
     ens, _, _ = fitted
-    a = tiny_ensemble(None, ens.weights_file, meta="dense")
-    b = tiny_ensemble(None, ens.weights_file, meta="dense")
+    a = tiny_ensemble(None, ens.weights_file, models="best")
+    b = tiny_ensemble(None, ens.weights_file, models="best")
     a.fit(data)
     b.fit(data)
     np.testing.assert_allclose(a.meta_oof_proba_, b.meta_oof_proba_, atol=1e-6)
@@ -203,7 +217,49 @@ def test_data_problems_give_clear_errors(fitted, tmp_path):
     one.classes = ["cat"]
     with pytest.raises(ValueError, match="only one class"):
         tiny_ensemble(None, w).fit(one)
-    with pytest.raises(ValueError, match="meta_inputs"):
-        tiny_ensemble(None, w, meta_inputs="logits").fit(data)
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError):
         tiny_ensemble(None, w).predict(data.paths)
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"meta_inputs": "logits"}, "meta_inputs"), ({"meta": "dense_net"}, "unknown meta-learner 'dense_net'"),
+    ({"models": "logistc"}, "unknown model 'logistc'"), ({"models": ["logistic", 3]}, "fit and predict_proba"),
+    ({"meta": "greedy", "meta_inputs": "features"}, "combines probabilities"), ({"cv": 1}, "cv must be"),
+    ({"backbones": ["efficientnet_lite9"]}, "efficientnet_lite"), ({"finetune": {"epoch": 3}}, "unknown finetune"),
+    ({"engine": "tpu"}, "engine must be"), ({"calibration": "yes"}, "calibration must be"),
+])
+def test_bad_parameters_fail_before_any_forward_pass(fitted, params, match):
+    _, data, _ = fitted
+    import time
+
+    before, t0 = forward_pass_count(), time.perf_counter()
+    ens = Ensemble(**{"backbones": [TINY], "verbose": 0, **params})
+    with pytest.raises((ValueError, TypeError, KeyError), match=match):
+        ens.fit(data)
+    assert forward_pass_count() == before and time.perf_counter() - t0 < 5
+
+
+def test_ensemble_is_a_scikit_learn_estimator(fitted):
+    from sklearn.base import clone
+
+    ens, _, _ = fitted
+    params = ens.get_params()
+    assert params["meta"] == "auto" and params["models"] == "default" and params["cv"] == 3
+    copy = clone(ens)
+    assert not hasattr(copy, "meta_") and _params(copy) == _params(ens)
+    copy.set_params(cv=4, meta="greedy", models=("logistic",))
+    assert copy.get_params()["cv"] == 4 and copy.get_params()["models"] == ("logistic",)
+    assert ens.get_params()["cv"] == 3, "set_params on a clone leaves the original alone"
+    assert "Ensemble(" in repr(ens)
+
+
+def test_leaderboard_lists_every_learner_with_its_weight_and_level2(fitted):
+    ens, _, _ = fitted
+    board = ens.leaderboard()
+    for name in ens.learners_:
+        assert name in board
+    assert "level 2: " + ens.meta_.name in board
+    for candidate in ("greedy", "logit", "mean", "best", "greedy+T"):
+        assert candidate in ens.level2_scores_
+    if ens.meta_.weights is not None and len(ens.meta_.weights) == len(ens.learners_):
+        assert all(ens.scores_[n]["weight"] is not None for n in ens.learners_)

@@ -127,7 +127,7 @@ def test_no_fold_model_sees_its_validation_images(tmp_path, monkeypatch, tiny_we
     ens = _ensemble(tmp_path / "cache", tiny_weights).fit(data)
     assert len(seen) == 3
     name = ens.specs_[0]["name"]
-    views = {v: ext.transform(data) for v, ext in ens._views(name).items()}
+    views = {v: ext.transform(data) for v, ext in ens.learners_[name].views().items()}
     for (paths, arrays), (tr, va) in zip(seen, ens.folds_):
         val_paths = {data.paths[i] for i in va}
         assert not set(paths) & val_paths
@@ -138,7 +138,7 @@ def test_no_fold_model_sees_its_validation_images(tmp_path, monkeypatch, tiny_we
                 for row in v[va]:
                     assert not (np.abs(arr - row).max(axis=1) == 0).any()
     for i, (tr, va) in enumerate(ens.folds_):
-        fold = ens.learners_[name][i]
+        fold = ens.learners_[name].fold_models_[i]
         expected = np.mean([fold.predict_proba(views[v][va]) for v in FT["tta"]], axis=0)
         np.testing.assert_allclose(ens.oof_proba_[name][va], expected, atol=1e-6)
 
@@ -152,8 +152,10 @@ def test_tta_views_are_cached_and_reused(tmp_path, tiny_weights):
     entries = {(e["meta"].get("view"), e["rows"]) for e in
                FeatureCache(tmp_path / "cache").entries()}
     assert ("original", len(data)) in entries and ("flip", len(data)) in entries
-    flip = ens._views(name)["flip"].transform(data)
-    assert not np.allclose(flip, ens._views(name)["original"].transform(data))
+    assert name == "tiny_cnn@32:finetune"
+    views = ens.learners_[name].views()
+    flip = views["flip"].transform(data)
+    assert not np.allclose(flip, views["original"].transform(data))
 
     p1 = ens.predict_proba(test)
     before = forward_pass_count()
@@ -171,7 +173,7 @@ def test_tta_views_are_cached_and_reused(tmp_path, tiny_weights):
     views_meta.finetune = {**FT, "tta_meta": "views"}
     views_meta.fit(data)
     assert forward_pass_count() == before
-    assert views_meta.meta_oof_inputs_[name][0].shape == (len(data), 4)
+    assert views_meta.learners_[name].meta_oof(None)[0].shape == (len(data), 4)
 
 
 def test_finetuned_ensemble_saves_curves_and_predicts_the_same_after_load(tmp_path, tiny_weights):

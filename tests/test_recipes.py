@@ -42,8 +42,8 @@ def test_recipe_help():
     assert "--quick" in run("dogs_vs_cats.py", "--help")
 
 
-TINY_ARGS = ["--backbones", "tiny_cnn", "--image-size", "32", "--weights", "none", "--head", "logistic",
-             "--meta", "logistic", "--quick"]
+TINY_ARGS = ["--backbones", "tiny_cnn", "--image-size", "32", "--weights", "none", "--models", "default",
+             "--quick"]
 
 
 def test_caltech101_quick(tmp_path):
@@ -97,7 +97,7 @@ def test_cifar100_quick_on_the_official_format(tmp_path):
     holdout = json.loads((out / "holdout.json").read_text())
     assert 0 <= holdout["test"]["accuracy"] <= 1
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["resize"] == "bicubic" and manifest["classes"] == ["class00", "class01", "class02", "class03"]
+    assert manifest["params"]["resize"] == "bicubic" and manifest["classes"] == ["class00", "class01", "class02", "class03"]
 
 
 def test_cifar100_refuses_a_crafted_pickle(tmp_path):
@@ -133,7 +133,7 @@ def test_stanford_dogs_quick(tmp_path):
                  *TINY_ARGS)
     assert "subset of ImageNet" in stdout and "Fine-tuning (out-of-fold" in stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["learners"][0]["finetune"]["blocks"] == 2
+    assert manifest["learners"][0]["spec"]["finetune"]["blocks"] == 2
     assert manifest["classes"] == ["Chihuahua", "Japanese_spaniel", "Shih-Tzu"]
     assert "optimistic" in run("stanford_dogs.py", "--help")
 

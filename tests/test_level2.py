@@ -1,0 +1,191 @@
+"""Level 2 and the model zoo on plain arrays: selection, calibration, no leakage, estimator contract."""
+
+import ast
+import os
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from stacker import meta as _meta
+from stacker.meta import (GreedyEnsemble, LogitStacker, MeanClassifier, SingleBest, TemperatureScaler, fit_level2,
+                          score)
+from stacker.models import MODELS, PRESETS, PrototypeClassifier, make_model, model_names
+
+
+def _nll(P, y):
+    return -np.mean(np.log(np.clip(P[np.arange(len(y)), y], 1e-15, None)))
+
+
+def random_members(seed, n=300, k=3, n_learners=4):
+    """Labels and probability blocks of learners of very different quality (some worse than random)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    blocks = []
+    for j in range(n_learners):
+        signal = rng.uniform(-1.0, 3.0)  # a negative signal makes a confidently wrong learner
+        logits = rng.normal(0, 1, (n, k)) + signal * np.eye(k)[y] * rng.uniform(0.5, 2.0)
+        P = np.exp(logits - logits.max(1, keepdims=True))
+        blocks.append(P / P.sum(1, keepdims=True))
+    return y, blocks
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_greedy_selection_is_never_worse_than_the_best_member_on_its_own_data(seed):
+    y, blocks = random_members(seed)
+    Z = np.hstack(blocks)
+    ens = GreedyEnsemble(len(blocks)).fit(Z, y)
+    assert np.all(ens.weights_ >= 0) and ens.weights_.sum() == pytest.approx(1.0)
+    assert _nll(ens.predict_proba(Z), y) <= min(_nll(P, y) for P in blocks) + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_stack_out_of_fold_is_never_worse_than_its_best_member(seed):
+    from sklearn.model_selection import StratifiedKFold
+
+    y, blocks = random_members(100 + seed, n=240)
+    folds = list(StratifiedKFold(4, shuffle=True, random_state=seed).split(y, y))
+    lv = fit_level2(np.hstack(blocks), y, folds, "auto", len(blocks), 3, member_oof=blocks)
+    best = min(score(y, P, 3)["log_loss"] for P in blocks)
+    assert score(y, lv.oof_proba, 3)["log_loss"] <= best + 1e-12
+    assert set(lv.table) >= {"greedy", "greedy+T", "logit", "logit+T", "mean", "best"}
+
+
+def test_calibration_lowers_the_loss_of_over_confident_probabilities():
+    rng = np.random.default_rng(0)
+    n, k = 4000, 4
+    true = rng.dirichlet(np.ones(k) * 0.7, n)
+    y = np.array([rng.choice(k, p=p) for p in true])
+    sharp = true ** 4 / (true ** 4).sum(1, keepdims=True)  # over-confident
+    fit_rows, test_rows = np.arange(n) < n // 2, np.arange(n) >= n // 2
+    cal = TemperatureScaler().fit(sharp[fit_rows], y[fit_rows])
+    assert cal.temperature_ > 2.0
+    assert _nll(cal.transform(sharp[test_rows]), y[test_rows]) < _nll(sharp[test_rows], y[test_rows]) - 0.05
+    # the floor caps the cost of a few confidently wrong labels (label noise)
+    noisy = y.copy()
+    flipped = rng.choice(n, n // 50, replace=False)  # 2% of the labels are wrong, in both halves
+    noisy[flipped] = (noisy[flipped] + 1) % k
+    good = np.eye(k)[y] * 0.999 + 0.001 / k
+    floor = TemperatureScaler().fit(good[:2000], noisy[:2000])
+    assert floor.floor_ > 0
+    assert _nll(floor.transform(good[2000:]), noisy[2000:]) < _nll(good[2000:], noisy[2000:]) - 0.02
+
+
+def test_combiners_read_probability_blocks():
+    y, blocks = random_members(7, k=2, n_learners=3)
+    Z = np.hstack(blocks)
+    np.testing.assert_allclose(MeanClassifier(3).fit(Z, y).predict_proba(Z), np.mean(blocks, axis=0))
+    best = SingleBest(3).fit(Z, y)
+    np.testing.assert_allclose(best.predict_proba(Z), blocks[int(np.argmin([_nll(P, y) for P in blocks]))])
+    logit = LogitStacker(3).fit(Z, y)
+    assert logit.weights_.shape == (3,) and logit.bias_.shape == (2,)
+    # on two classes it is logistic regression on the learners' logits
+    from sklearn.linear_model import LogisticRegression
+
+    logits = np.column_stack([np.log(P[:, 1] / P[:, 0]) for P in blocks])
+    ref = LogisticRegression(C=1e6, max_iter=5000).fit(logits, y).predict_proba(logits)
+    np.testing.assert_allclose(logit.predict_proba(Z), ref, atol=2e-3)
+    with pytest.raises(ValueError, match="probability blocks"):
+        MeanClassifier(4).fit(Z, y)
+
+
+def test_no_level2_model_ever_sees_an_in_fold_prediction(monkeypatch):
+    """Spy on every combiner fit: its rows are all rows (the final fit) or exactly one fold's training rows."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y, blocks = random_members(3, n=200)
+    Z = np.hstack(blocks)
+    folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(y, y))
+    row_of = {Z[i].tobytes(): i for i in range(len(Z))}
+    seen = []
+    make = _meta.make_combiner
+
+    def spying(item, n_learners, random_state=0):
+        est = make(item, n_learners, random_state)
+        fit = est.fit
+
+        def fit_spy(X, yy):
+            seen.append(frozenset(row_of[np.asarray(r, dtype=Z.dtype).tobytes()] for r in X))
+            return fit(X, yy)
+        est.fit = fit_spy
+        return est
+
+    monkeypatch.setattr(_meta, "make_combiner", spying)
+    fit_level2(Z, y, folds, ("greedy", "logit", "mean"), len(blocks), 3, member_oof=blocks)
+    allowed = {frozenset(tr) for tr, _ in folds} | {frozenset(range(len(y)))}
+    assert seen and all(rows in allowed for rows in seen)
+    assert sum(rows == frozenset(range(len(y))) for rows in seen) == 1, "one final fit, on out-of-fold rows only"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registered_model_fits_and_predicts(name):
+    rng = np.random.default_rng(0)
+    X = np.r_[rng.normal(0, 1, (40, 6)), rng.normal(2, 1, (40, 6))].astype(np.float32)
+    y = np.r_[[0] * 40, [1] * 40]
+    est = make_model(name, random_state=0)
+    if hasattr(est, "epochs"):
+        est.set_params(epochs=20)
+    proba = est.fit(X, y).predict_proba(X)
+    assert proba.shape == (80, 2) and (proba.argmax(1) == y).mean() > 0.9
+
+
+def test_model_presets_and_bad_names():
+    assert model_names("default") == PRESETS["default"] == ("logistic", "prototype")
+    assert model_names("logistic, dense") == ("logistic", "dense")
+    with pytest.raises(ValueError, match="unknown model 'svm'"):
+        model_names(["logistic", "svm"])
+
+
+def test_prototype_scale_is_fitted_without_its_own_rows():
+    rng = np.random.default_rng(1)
+    X = np.r_[rng.normal(0, 1, (30, 8)) + 1, rng.normal(0, 1, (30, 8)) - 1]
+    y = np.r_[[0] * 30, [1] * 30]
+    est = PrototypeClassifier().fit(X, y)
+    assert est.scale_ > 0 and est.prototypes_.shape == (2, 8)
+    np.testing.assert_allclose(np.linalg.norm(est.prototypes_, axis=1), 1.0)
+
+
+def _dense_checks():
+    from sklearn.utils.estimator_checks import check_estimator
+
+    from stacker.models import DenseClassifier
+
+    # every check applies (pandas and array-API checks skip themselves when those are not installed)
+    return check_estimator(DenseClassifier(epochs=3, batch_size=32, patience=2), on_fail=None)
+
+
+def test_dense_classifier_passes_scikit_learn_estimator_checks():
+    results = _dense_checks()
+    failed = [r for r in results if r["status"] == "failed"]
+    assert not failed, [(r["check_name"], str(r["exception"])[:200]) for r in failed]
+
+
+def test_the_package_has_no_import_cycle_and_the_ensemble_no_fine_tuning_branch():
+    pkg = os.path.join(REPO, "stacker")
+    graph = {}
+    for name in os.listdir(pkg):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(pkg, name)).read())
+        deps = set()
+        for node in ast.walk(tree):  # module-level and function-level imports alike
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stacker."):
+                deps.add(node.module.split(".")[1])
+        graph[name[:-3]] = {d.split(".")[0] for d in deps} - {name[:-3]}
+    graph.pop("__init__", None)
+    graph.pop("__main__", None)
+
+    def visit(node, path):
+        for dep in graph.get(node, ()):
+            assert dep not in path, f"import cycle: {' -> '.join(path + [dep])}"
+            visit(dep, path + [dep])
+
+    for module in graph:
+        visit(module, [module])
+    tree = ast.parse(open(os.path.join(pkg, "ensemble.py")).read())
+    tests = [ast.unparse(n.test) for n in ast.walk(tree) if isinstance(n, (ast.If, ast.IfExp, ast.While))]
+    tests += [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.comprehension)]
+    assert not [t for t in tests if "finetun" in t or "ft" in t.split()], "ensemble.py branches on fine-tuning"
+    assert "finetune" not in graph["ensemble"]

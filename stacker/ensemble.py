@@ -434,8 +434,9 @@ class Ensemble(ClassifierMixin, BaseEstimator):
     def load(cls, directory, **params) -> "Ensemble":
         """Load a saved ensemble after verifying every file's sha256.
 
-        The ensemble gets exactly the parameters it was fitted with; keyword arguments
-        (e.g. ``cache_dir=``, ``verbose=``, ``on_bad_image=``) override run-time ones.
+        The ensemble gets exactly the parameters it was fitted with (a ``cache_dir`` that
+        does not exist here becomes None); keyword arguments (e.g. ``cache_dir=``,
+        ``verbose=``, ``on_bad_image=``) override run-time ones.
         Never load a model directory from an untrusted source: although Keras models
         load with ``safe_mode=True`` and checksums are verified first, joblib files
         are pickles.
@@ -449,7 +450,10 @@ class Ensemble(ClassifierMixin, BaseEstimator):
             if sha256_file(path) != digest:
                 raise ModelIntegrityError(f"{directory}: {rel} does not match its sha256 in the manifest "
                                           "(modified or corrupted); refusing to load it")
-        ens = cls(**{**_decode_params(manifest["params"], directory), "verbose": 0, **params})
+        saved = _decode_params(manifest["params"], directory)
+        if saved.get("cache_dir") and not os.path.isdir(saved["cache_dir"]):
+            saved["cache_dir"] = None  # fitted on another machine: its cache folder is not here
+        ens = cls(**{**saved, **params})
         ens.classes_ = manifest["classes"]
         settings = ens._settings()
         networks: dict = {}

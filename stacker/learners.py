@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -24,7 +25,7 @@ from . import images as _images
 from .cache import result_store, stable_hash
 from .features import FeatureExtractor
 from .meta import _align
-from .models import make_model, model_label, model_names
+from .models import code_fingerprint, make_model, model_label, model_names
 from .persist import load_estimator, save_estimator
 
 __all__ = ["Learner", "FrozenLearner", "LEARNER_KINDS", "register_learner", "learner_specs", "make_learners",
@@ -123,7 +124,7 @@ class Learner:
                             **self._key_extra()})[:24]
 
     def _key_extra(self) -> dict:
-        return {"dtype": self.settings.feature_dtype}
+        return {"dtype": self.settings.feature_dtype, "model_code": code_fingerprint()}
 
     # -- fitting ----------------------------------------------------------------------
     def fit_oof(self, inputs: dict, y, folds, k: int, data, images_fp: str) -> "Learner":
@@ -192,11 +193,7 @@ class Learner:
     def _drop_checkpoints(self, n_folds: int) -> None:
         store = result_store(self.settings.cache_dir, "folds")
         for i in range(n_folds):
-            path = store.path(f"{self.key_}-fold{i}")
-            if os.path.isdir(path):
-                import shutil
-
-                shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(store.path(f"{self.key_}-fold{i}"), ignore_errors=True)
 
     def _log(self, msg: str) -> None:
         if self.settings.verbose:

@@ -12,6 +12,8 @@ Every combiner is a scikit-learn classifier on the stacked probability blocks
   miscalibrated); on two classes it is logistic regression on the learners' logits.
 - ``mean``: plain averaging, the baseline every stack must beat.
 - ``best``: the single learner with the lowest log loss.
+- ``stack2``: a second layer (logit and mean cross-fitted inside) with passthrough of the
+  learners' probabilities, mixed by greedy selection.
 - ``dense`` (a small Keras net) and ``logistic`` (multinomial on all columns) are kept
   for ``meta_inputs="features"``/``"both"`` and comparisons.
 
@@ -36,7 +38,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from .models import DenseClassifier, fresh_estimator
 
-__all__ = ["GreedyEnsemble", "LogitStacker", "MeanClassifier", "SingleBest", "TemperatureScaler", "COMBINERS",
+__all__ = ["GreedyEnsemble", "LogitStacker", "MeanClassifier", "SingleBest", "TwoLayerStack", "TemperatureScaler",
+           "COMBINERS",
            "AUTO_COMBINERS", "make_combiner", "fit_level2", "Level2", "meta_matrix", "score", "META_INPUTS",
            "combiner_names", "learner_weights"]
 
@@ -201,6 +204,53 @@ class LogitStacker(_BlockCombiner):
         return softmax(np.tensordot(self.weights_, logP, axes=1) + self.bias_, axis=1)
 
 
+class TwoLayerStack(_BlockCombiner):
+    """A second stacking layer with passthrough: combiners' out-of-fold outputs next to the learners'.
+
+    The ``inner`` combiners are cross-fitted on an inner stratified split of the training
+    rows, so the ``final`` combiner (greedy selection) sees only out-of-fold outputs of them,
+    beside the level-1 probabilities themselves, and may pick any mix.
+
+    Parameters
+    ----------
+    n_learners : int
+    inner : tuple of str
+        Combiners of the second layer.
+    cv : int
+        Inner folds for their out-of-fold outputs.
+    random_state : int
+    """
+
+    def __init__(self, n_learners=1, inner=("logit", "mean"), cv=5, random_state=0):
+        self.n_learners = n_learners
+        self.inner = inner
+        self.cv = cv
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        from sklearn.model_selection import StratifiedKFold
+
+        _, y_idx = self._prepare(X, y)
+        X = np.asarray(X, dtype=np.float64)
+        k = len(self.classes_)
+        cv = min(int(self.cv), int(np.bincount(y_idx).min()))
+        if cv < 2:
+            raise ValueError("a second stacking layer needs at least 2 rows of every class")
+        folds = list(StratifiedKFold(cv, shuffle=True, random_state=self.random_state).split(X, y_idx))
+        oof = [_cross_fit(name, X, y_idx, folds, self.n_learners, k, self.random_state) for name in self.inner]
+        self.inner_ = [make_combiner(name, self.n_learners, self.random_state).fit(X, y_idx) for name in self.inner]
+        self.final_ = GreedyEnsemble(self.n_learners + len(self.inner)).fit(np.hstack([X] + oof), y_idx)
+        self.weights_ = self.final_.weights_[: self.n_learners]  # the level-1 share of the final mix
+        return self
+
+    def predict_proba(self, X):
+        check_is_fitted(self, "final_")
+        X = np.asarray(X, dtype=np.float64)
+        k = len(self.classes_)
+        second = [_align(m, m.predict_proba(X), k) for m in self.inner_]
+        return self.final_.predict_proba(np.hstack([X] + second))
+
+
 class TemperatureScaler(BaseEstimator):
     """A temperature and a floor on probabilities, fitted by minimising log loss.
 
@@ -264,11 +314,12 @@ COMBINERS = {
     "logit": lambda n_learners, random_state: LogitStacker(n_learners),
     "mean": lambda n_learners, random_state: MeanClassifier(n_learners),
     "best": lambda n_learners, random_state: SingleBest(n_learners),
+    "stack2": lambda n_learners, random_state: TwoLayerStack(n_learners, random_state=random_state),
     "dense": lambda n_learners, random_state: DenseClassifier(hidden=(32, 8), dropout=0.2, random_state=random_state),
     "logistic": _legacy_logistic,
 }
-PROBABILITY_COMBINERS = ("greedy", "logit", "mean", "best")
-AUTO_COMBINERS = ("greedy", "logit", "mean", "best")  # meta="auto": the one with the best cross-validated log loss
+PROBABILITY_COMBINERS = ("greedy", "logit", "mean", "best", "stack2")
+AUTO_COMBINERS = ("greedy", "logit", "mean", "best", "stack2")  # meta="auto": the one with the best cross-validated log loss
 
 
 def combiner_names(meta) -> tuple:

@@ -15,7 +15,11 @@ is a new row here, nothing else. :data:`PRESETS` names sets of models, so
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import json
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,7 +35,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 __all__ = ["DenseClassifier", "PrototypeClassifier", "MODELS", "PRESETS", "ModelSpec", "make_model",
-           "model_names", "register_model", "fresh_estimator"]
+           "model_names", "register_model", "fresh_estimator", "code_fingerprint"]
 
 
 class DenseClassifier(ClassifierMixin, BaseEstimator):
@@ -358,6 +362,15 @@ def model_names(spec) -> tuple:
         if not isinstance(item, str):
             _check_estimator_like(item, "a model")
     return items
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint() -> str:
+    """Hash of this module and scikit-learn's version: learner results made by other model code are not reused."""
+    import sklearn
+
+    source = inspect.getsource(sys.modules[__name__])
+    return hashlib.sha256((source + sklearn.__version__).encode()).hexdigest()[:16]
 
 
 def model_label(item) -> str:

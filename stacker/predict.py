@@ -59,7 +59,7 @@ def load(model, cache_dir=None) -> Ensemble:
            if os.path.exists(os.path.join(directory, MANIFEST)) else None, cache_dir)
     ens = _LOADED.get(key)
     if ens is None:
-        ens = Ensemble.load(directory, cache_dir=cache_dir)
+        ens = Ensemble.load(directory, cache_dir=cache_dir, verbose=0)
         _LOADED[key] = ens
     return ens
 

@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models per backbone: a preset (default, fast, best, dense) or names from "
                         "logistic,prototype,dense,resnet (default: %(default)s)")
     p.add_argument("--meta", default="auto",
-                   help="level 2: auto (best cross-validated log loss), or greedy, logit, mean, best, dense, "
-                        "logistic, or a comma-separated list to choose from (default: %(default)s)")
+                   help="level 2: auto (best cross-validated log loss), or greedy, logit, mean, best, stack2, "
+                        "dense, logistic, or a comma-separated list to choose from (default: %(default)s)")
     p.add_argument("--no-calibration", action="store_true", help="do not try a temperature/floor calibration")
     p.add_argument("--meta-inputs", default="proba", choices=["proba", "features", "both"])
     p.add_argument("--folds", type=int, default=5)
@@ -132,9 +132,10 @@ def cmd_fit(args) -> int:
     import stacker
     from stacker.recipe import weights_arg
 
-    ens = stacker.Ensemble(args.backbones.split(","), weights=weights_arg(args.weights), models=args.models, meta=args.meta,
-                           meta_inputs=args.meta_inputs, cv=args.folds, random_state=args.seed,
-                           calibration=not args.no_calibration, input_size=args.image_size, cache_dir=args.cache, weights_dir=args.weights_dir,
+    ens = stacker.Ensemble(args.backbones.split(","), weights=weights_arg(args.weights), models=args.models,
+                           meta=args.meta, meta_inputs=args.meta_inputs, cv=args.folds, random_state=args.seed,
+                           calibration=not args.no_calibration, input_size=args.image_size, cache_dir=args.cache,
+                           weights_dir=args.weights_dir,
                            on_bad_image=args.on_bad_image, verbose=0 if args.quiet else 1)
     ens.fit(args.data)
     ens.save(args.out)

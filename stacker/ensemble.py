@@ -58,9 +58,10 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         ``"resnet"``) or scikit-learn classifiers.
     meta : str, list or estimator
         Level 2: ``"auto"`` picks, by cross-validated log loss, among greedy ensemble
-        selection, the logit stacker, the mean and the best single learner (each with and
-        without calibration); a name or list of names (``"greedy"``, ``"logit"``,
-        ``"mean"``, ``"best"``, ``"dense"``, ``"logistic"``) restricts the choice; any
+        selection, the logit stacker, the mean, the best single learner and a second
+        stacking layer (each with and without calibration); a name or list of names
+        (``"greedy"``, ``"logit"``, ``"mean"``, ``"best"``, ``"stack2"``, ``"dense"``,
+        ``"logistic"``) restricts the choice; any
         scikit-learn classifier is used as given.
     meta_inputs : {"proba", "features", "both"}
         What level 2 sees; features need ``meta="dense"``, ``"logistic"`` or an estimator.

@@ -32,7 +32,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import backbones as _backbones
 from .features import FeatureExtractor, tf_float32
-from .learners import Learner, _extractor_kwargs, register_learner
+from .learners import Learner, extractor_kwargs, register_learner
 from .meta import _align, score
 from .models import DenseClassifier
 from .persist import register_format
@@ -673,7 +673,7 @@ class FineTunedLearner(Learner):
     def make_source(cls, spec, settings, model=None, weights_id=None):
         ft = spec["finetune"]
         return CutPointExtractor(spec["backbone"], blocks=ft["blocks"], feature_dtype=ft["cut_dtype"],
-                                 **_extractor_kwargs(spec, settings, model, weights_id))
+                                 **extractor_kwargs(spec, settings, model, weights_id))
 
     def views(self) -> dict:
         ft = self.spec["finetune"]
@@ -684,7 +684,7 @@ class FineTunedLearner(Learner):
         return dict(cache)
 
     def _key_extra(self) -> dict:
-        return {"finetune": self.spec["finetune"], "finetune_code": _finetune_code()}
+        return {**super()._key_extra(), "finetune": self.spec["finetune"], "finetune_code": _finetune_code()}
 
     def _prepare(self, inputs, y):
         return {"top": self.source.frozen_top(), "pooled": self.source.frozen_pooled(inputs["original"])}

@@ -110,7 +110,7 @@ class Learner:
     @classmethod
     def make_source(cls, spec: dict, settings: Settings, model=None, weights_id=None):
         return FeatureExtractor(spec["backbone"], feature_dtype=settings.feature_dtype,
-                                **_extractor_kwargs(spec, settings, model, weights_id))
+                                **extractor_kwargs(spec, settings, model, weights_id))
 
     def views(self) -> dict:
         """View name -> extractor of the cached inputs this learner reads."""
@@ -282,7 +282,7 @@ class FrozenLearner(Learner):
 register_learner("frozen", FrozenLearner)
 
 
-def _extractor_kwargs(spec, settings, model=None, weights_id=None) -> dict:
+def extractor_kwargs(spec, settings, model=None, weights_id=None) -> dict:
     return dict(weights=spec["weights"], input_size=spec["input_size"], batch_size=settings.batch_size,
                 cache_dir=settings.cache_dir, weights_dir=settings.weights_dir, on_bad_image=settings.on_bad_image,
                 resize=settings.resize, verbose=settings.verbose, model=model, weights_id=weights_id,

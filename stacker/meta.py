@@ -233,13 +233,12 @@ class TwoLayerStack(_BlockCombiner):
         _, y_idx = self._prepare(X, y)
         X = np.asarray(X, dtype=np.float64)
         k = len(self.classes_)
-        cv = min(int(self.cv), int(np.bincount(y_idx).min()))
-        if cv < 2:
-            raise ValueError("a second stacking layer needs at least 2 rows of every class")
-        folds = list(StratifiedKFold(cv, shuffle=True, random_state=self.random_state).split(X, y_idx))
-        oof = [_cross_fit(name, X, y_idx, folds, self.n_learners, k, self.random_state) for name in self.inner]
-        self.inner_ = [make_combiner(name, self.n_learners, self.random_state).fit(X, y_idx) for name in self.inner]
-        self.final_ = GreedyEnsemble(self.n_learners + len(self.inner)).fit(np.hstack([X] + oof), y_idx)
+        cv = min(int(self.cv), int(np.bincount(y_idx, minlength=k).min()))
+        inner = self.inner if cv >= 2 else ()  # a class with one row: no inner split, greedy on level 1 alone
+        folds = list(StratifiedKFold(cv, shuffle=True, random_state=self.random_state).split(X, y_idx)) if inner else []
+        oof = [_cross_fit(name, X, y_idx, folds, self.n_learners, k, self.random_state) for name in inner]
+        self.inner_ = [make_combiner(name, self.n_learners, self.random_state).fit(X, y_idx) for name in inner]
+        self.final_ = GreedyEnsemble(self.n_learners + len(inner)).fit(np.hstack([X] + oof), y_idx)
         self.weights_ = self.final_.weights_[: self.n_learners]  # the level-1 share of the final mix
         return self
 

@@ -33,8 +33,8 @@ def common_parser(doc: str, data: str, out: str, backbones: str, quick_backbones
                    help="models per backbone, each one base learner: a preset (default = logistic,prototype; "
                         "fast; best; dense) or names from logistic, prototype, dense, resnet (default %(default)s)")
     p.add_argument("--meta", default=meta,
-                   help="level 2: auto (lowest cross-validated log loss among greedy, logit, mean, best), a name "
-                        "(greedy, logit, mean, best, dense, logistic) or a comma-separated list (default %(default)s)")
+                   help="level 2: auto (lowest cross-validated log loss among greedy, logit, mean, best, stack2), a "
+                        "name (those, dense, logistic) or a comma-separated list (default %(default)s)")
     p.add_argument("--no-calibration", action="store_true",
                    help="do not try a temperature/floor calibration after level 2")
     p.add_argument("--meta-inputs", default="proba", choices=["proba", "features", "both"])

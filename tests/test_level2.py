@@ -8,8 +8,8 @@ import pytest
 
 from conftest import REPO
 from stacker import meta as _meta
-from stacker.meta import (GreedyEnsemble, LogitStacker, MeanClassifier, SingleBest, TemperatureScaler, fit_level2,
-                          score)
+from stacker.meta import (GreedyEnsemble, LogitStacker, MeanClassifier, SingleBest, TemperatureScaler, TwoLayerStack,
+                          fit_level2, score)
 from stacker.models import MODELS, PRESETS, PrototypeClassifier, make_model, model_names
 
 
@@ -48,7 +48,7 @@ def test_the_stack_out_of_fold_is_never_worse_than_its_best_member(seed):
     lv = fit_level2(np.hstack(blocks), y, folds, "auto", len(blocks), 3, member_oof=blocks)
     best = min(score(y, P, 3)["log_loss"] for P in blocks)
     assert score(y, lv.oof_proba, 3)["log_loss"] <= best + 1e-12
-    assert set(lv.table) >= {"greedy", "greedy+T", "logit", "logit+T", "mean", "best"}
+    assert set(lv.table) >= {"greedy", "greedy+T", "logit", "logit+T", "mean", "best", "stack2", "stack2+T"}
 
 
 def test_calibration_lowers_the_loss_of_over_confident_probabilities():
@@ -87,6 +87,15 @@ def test_combiners_read_probability_blocks():
     np.testing.assert_allclose(logit.predict_proba(Z), ref, atol=2e-3)
     with pytest.raises(ValueError, match="probability blocks"):
         MeanClassifier(4).fit(Z, y)
+    two = TwoLayerStack(3).fit(Z, y)
+    P = two.predict_proba(Z)
+    np.testing.assert_allclose(P.sum(1), 1.0)
+    assert len(two.inner_) == 2 and two.final_.weights_.shape == (5,)
+    assert _nll(P, y) <= min(_nll(B, y) for B in blocks) + 1e-12  # greedy on top, own rows
+    lonely = y.copy()
+    lonely[0] = 2  # a class with a single row: no inner split is possible, greedy on level 1 alone
+    Z3 = np.hstack([np.c_[B, np.full(len(B), 1e-3)] / (1 + 1e-3) for B in blocks])
+    assert TwoLayerStack(3).fit(Z3, lonely).inner_ == []
 
 
 def test_no_level2_model_ever_sees_an_in_fold_prediction(monkeypatch):

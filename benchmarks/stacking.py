@@ -12,7 +12,8 @@ forward passes; a cold cache is filled first and that time is not counted):
 - stacker's level 2 with each combiner on the same out-of-fold inputs (``+T``: with the
   temperature/floor calibration fitted out of fold);
 - scikit-learn's ``StackingClassifier`` (StandardScaler + LogisticRegression per backbone,
-  LogisticRegression final estimator, cv=5), cross-validated on the same folds;
+  LogisticRegression final estimator, cv=5): out of fold, its algorithm on the same folds
+  (see :func:`stacking_oof`); held out, the real object fitted on the 80%;
 - a single scaled ``LogisticRegression`` on the concatenated features;
 - stacker's best single learner.
 
@@ -74,6 +75,27 @@ def sklearn_stacking(widths, seed):
                               cv=StratifiedKFold(5, shuffle=True, random_state=seed))
 
 
+def stacking_oof(X_parts, y, folds) -> dict:
+    """``StackingClassifier``'s own algorithm scored as stacker's level 2 is, on the same folds.
+
+    Its base estimators' out-of-fold probabilities (what ``cv=`` gives its final estimator),
+    then the final LogisticRegression cross-validated on those over the same folds. Nesting
+    a whole ``StackingClassifier`` in an outer loop would refit each base estimator 30 times
+    (hours for 101 classes); the held-out rows fit the real object once.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    from stacker.meta import score
+
+    k = int(y.max()) + 1
+    t0 = time.perf_counter()
+    base = [cross_val_predict(concat_logistic(), X, y, cv=folds, method="predict_proba") for X in X_parts]
+    Z = np.hstack([b[:, 1:] if k == 2 else b for b in base])  # binary: one column, as StackingClassifier drops one
+    oof = cross_val_predict(LogisticRegression(max_iter=1000), Z, y, cv=folds, method="predict_proba")
+    return {**score(y, oof, k), "fit_s": time.perf_counter() - t0}  # about one StackingClassifier.fit
+
+
 def concat_logistic():
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -82,16 +104,21 @@ def concat_logistic():
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
 
 
-def level2_variant(Z, y, folds, name, calibrated, n_blocks, k, seed):
-    """One combiner (optionally calibrated) fitted on out-of-fold inputs, as stacker's level 2 fits it."""
-    from stacker.meta import Level2, TemperatureScaler, _cross_fit, make_combiner
+def level2_variants(Z, y, folds, name, n_blocks, k, seed):
+    """One combiner fitted on out-of-fold inputs as stacker's level 2 fits it: raw and calibrated.
 
+    Returns ``[(label, Level2, out-of-fold probabilities, seconds)]``.
+    """
+    from stacker.meta import Level2, TemperatureScaler, _cross_calibrate, _cross_fit, make_combiner
+
+    t0 = time.perf_counter()
     oof = _cross_fit(name, Z, y, folds, n_blocks, k, seed)
-    lv = Level2(name, make_combiner(name, n_blocks, seed).fit(Z, y), k, oof)
-    if calibrated:
-        cal = TemperatureScaler().fit(oof, y)
-        lv.temperature, lv.floor = cal.temperature_, cal.floor_
-    return lv
+    combiner = make_combiner(name, n_blocks, seed).fit(Z, y)
+    raw_s = time.perf_counter() - t0
+    cal = TemperatureScaler().fit(oof, y)
+    return [(name, Level2(name, combiner, k, oof), oof, raw_s),
+            (name + "+T", Level2(name + "+T", combiner, k, oof, cal.temperature_, cal.floor_),
+             _cross_calibrate(oof, y, folds), time.perf_counter() - t0)]
 
 
 def run_stacker(train, test, backbones, cache, args, **params):
@@ -121,22 +148,13 @@ def run_stacker(train, test, backbones, cache, args, **params):
     Z = meta_matrix(meta_p, [], "proba")
     n_blocks = sum(p.shape[1] // k for p in meta_p)
     Zt = meta_matrix([o[1] for o in outs.values()], [], "proba") if outs is not None else None
-    for name in [c for c in COMBINERS if c != "logistic"] + ["logistic"]:
-        for calibrated in (False, True):
-            t0 = time.perf_counter()
-            lv = level2_variant(Z, ens.y_, ens.folds_, name, calibrated, n_blocks, k, args.seed)
-            row = {**score(ens.y_, lv.oof_proba if not calibrated else _cross_cal(lv.oof_proba, ens), k),
-                   "fit_s": time.perf_counter() - t0}
+    for name in COMBINERS:
+        for label, lv, oof, seconds in level2_variants(Z, ens.y_, ens.folds_, name, n_blocks, k, args.seed):
+            row = {**score(ens.y_, oof, k), "fit_s": seconds}
             if Zt is not None:
                 row["heldout"] = score(test.y, lv.predict_proba(Zt), k)
-            rows[f"  level 2 = {name}{'+T' if calibrated else ''}"] = row
+            rows[f"  level 2 = {label}"] = row
     return ens, rows
-
-
-def _cross_cal(oof, ens):
-    from stacker.meta import _cross_calibrate
-
-    return _cross_calibrate(oof, ens.y_, ens.folds_)
 
 
 def run_peers(X_parts, y, folds, seed, test_rows=None, train_rows=None):
@@ -150,7 +168,9 @@ def run_peers(X_parts, y, folds, seed, test_rows=None, train_rows=None):
     rows = {}
     for label, make in (("sklearn StackingClassifier", lambda: sklearn_stacking([p.shape[1] for p in X_parts], seed)),
                         ("LogisticRegression on concatenated", concat_logistic)):
-        if train_rows is None:
+        if train_rows is None and label.startswith("sklearn"):
+            rows[label] = stacking_oof(X_parts, y, folds)
+        elif train_rows is None:
             t0 = time.perf_counter()
             oof = cross_val_predict(make(), X, y, cv=folds, method="predict_proba")
             rows[label] = {**score(y, oof, k), "fit_s": (time.perf_counter() - t0) / len(folds)}

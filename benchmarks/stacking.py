@@ -18,8 +18,9 @@ forward passes; a cold cache is filled first and that time is not counted):
 - stacker's best single learner.
 
 Columns: out-of-fold log loss and accuracy on the same 5 folds, fit seconds. Then every row
-is fitted again on a stratified, seeded 80% and scored on the untouched 20% (held out), and
-the gap from out-of-fold to held-out is shown. ``--finetune-n`` adds fine-tuned learners on
+is fitted again on a stratified, seeded 80% and scored on the untouched 20% (held out); the
+table's gap is held-out against the row's out-of-fold log loss on all images, the last line's
+``*_gap`` against the out-of-fold log loss of the 80% fit itself. ``--finetune-n`` adds fine-tuned learners on
 a stratified subset (fewer folds), judged the same way. The last line is machine-readable.
 """
 
@@ -183,14 +184,14 @@ def run_peers(X_parts, y, folds, seed, test_rows=None, train_rows=None):
 
 
 def table(title, rows) -> str:
-    head = f"{'':44s} {'oof_ll':>8s} {'oof_acc':>8s} {'fit_s':>8s} {'held_ll':>8s} {'held_acc':>8s} {'gap':>7s}"
+    head = f"{'':52s} {'oof_ll':>8s} {'oof_acc':>8s} {'fit_s':>8s} {'held_ll':>8s} {'held_acc':>8s} {'gap':>7s}"
     lines = [title, head, "-" * len(head)]
     for name, r in rows.items():
         h, ll = r.get("heldout"), r.get("log_loss")
         oof = f"{ll:8.4f} {r['accuracy']:8.4f}" if ll is not None else f"{'':8s} {'':8s}"
         held = f"{h['log_loss']:8.4f} {h['accuracy']:8.4f}" if h else f"{'':8s} {'':8s}"
         gap = f"{(h['log_loss'] - ll) / ll * 100:6.1f}%" if h and ll else ""
-        lines.append(f"{name:44s} {oof} {r.get('fit_s', 0):8.1f} {held} {gap:>7s}")
+        lines.append(f"{name:52s} {oof} {r.get('fit_s', 0):8.1f} {held} {gap:>7s}")
     return "\n".join(lines)
 
 

@@ -18,7 +18,6 @@ import warnings
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
@@ -588,22 +587,16 @@ def _meta_blocks(names, proba_dims, feature_dims, meta_inputs) -> dict:
 def _permutation_importance(level2, Z, y, blocks: dict, k: int, seed: int, repeats: int = 3) -> dict:
     """How much level 2's log loss grows when one learner's inputs are shuffled across rows."""
     rng = np.random.default_rng(seed)
-    labels = np.arange(k)
-    base = log_loss(y, _clip(level2.predict_proba(Z)), labels=labels)
+    base = score(y, level2.predict_proba(Z), k)["log_loss"]
     out = {}
     for name, cols in blocks.items():
         losses = []
         for _ in range(repeats):
             Zp = Z.copy()
             Zp[:, cols] = Z[rng.permutation(len(Z))][:, cols]
-            losses.append(log_loss(y, _clip(level2.predict_proba(Zp)), labels=labels))
+            losses.append(score(y, level2.predict_proba(Zp), k)["log_loss"])
         out[name] = float(np.mean(losses) - base)
     return out
-
-
-def _clip(proba) -> np.ndarray:
-    proba = np.clip(proba, 1e-15, 1.0)
-    return proba / proba.sum(axis=1, keepdims=True)
 
 
 def environment() -> dict:

@@ -17,14 +17,13 @@ import shutil
 import time
 
 import numpy as np
-from sklearn.metrics import log_loss
 
 from . import __version__
 from . import backbones as _backbones
 from . import images as _images
 from .cache import result_store, stable_hash
 from .features import FeatureExtractor
-from .meta import _align
+from .meta import _align, score
 from .models import code_fingerprint, make_model, model_label, model_names
 from .persist import load_estimator, save_estimator
 
@@ -48,11 +47,6 @@ def describe(spec) -> str:
     except AttributeError:
         params = {}
     return f"{type(spec).__name__}({json.dumps(params, sort_keys=True, default=str)})"
-
-
-def _clip(proba) -> np.ndarray:
-    proba = np.clip(proba, 1e-15, 1.0)
-    return proba / proba.sum(axis=1, keepdims=True)
 
 
 class Settings(dict):
@@ -150,7 +144,7 @@ class Learner:
                     self.arrays_.setdefault(name, np.zeros((len(y),) + values.shape[1:], values.dtype))[va] = values
                 self.fold_models_.append(est)
                 self._log(f"{self.name}: fold {i + 1}/{len(folds)} log loss "
-                          f"{log_loss(y[va], _clip(arrays['oof_proba']), labels=np.arange(k)):.4f}")
+                          f"{score(y[va], arrays['oof_proba'], k)['log_loss']:.4f}")
             self.train_s_ = time.perf_counter() - t0
             if store:
                 with store.put(self.key_) as tmp:

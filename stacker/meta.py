@@ -32,6 +32,7 @@ from scipy.optimize import minimize, minimize_scalar
 from scipy.special import log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, log_loss
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
@@ -414,8 +415,6 @@ def _cross_calibrate(oof, y, folds) -> np.ndarray:
 
 def score(y, proba, k) -> dict:
     """Accuracy and log loss (and top-5 accuracy past 5 classes) of probabilities ``(n, k)``."""
-    from sklearn.metrics import accuracy_score, log_loss
-
     proba = np.clip(proba, 1e-15, 1.0)
     proba = proba / proba.sum(axis=1, keepdims=True)
     out = {"accuracy": float(accuracy_score(y, proba.argmax(1))),

@@ -5,7 +5,7 @@ models per backbone) -> level 2 (selected by cross-validated log loss, calibrate
 predictions and Kaggle submissions.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import os as _os
 

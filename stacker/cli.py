@@ -29,6 +29,13 @@ def _add_common(p):
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _add_trust(p):
+    p.add_argument("--trust", action="append", default=[], metavar="TYPE",
+                   help="a fully qualified class name the model's files may use besides stacker's own "
+                        "(your estimator class); repeatable. Other types are refused, so a model from "
+                        "someone else runs none of its code")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stacker", description="Stacked ensembles of pretrained CNNs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--csv", metavar="FILE", help="write a CSV (path, label, one column per class)")
     p.add_argument("--cache", default=None)
     p.add_argument("--on-bad-image", default="raise", choices=["raise", "skip"])
+    _add_trust(p)
     _add_common(p)
 
     p = sub.add_parser("submit", help="write a validated Kaggle submission for a test folder")
@@ -74,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positive", default=None, help="class whose probability a binary file holds")
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--cache", default=None)
+    _add_trust(p)
     _add_common(p)
 
     p = sub.add_parser("report", help="write report.html with figures for a saved run")
@@ -152,7 +161,8 @@ def cmd_predict(args) -> int:
     import stacker
 
     paths = _expand(args.images)
-    res = stacker.predict(paths, model=args.model, cache_dir=args.cache, on_bad_image=args.on_bad_image)
+    res = stacker.predict(paths, model=args.model, cache_dir=args.cache, on_bad_image=args.on_bad_image,
+                          trusted=args.trust)
     rows = []
     for i, path in enumerate(paths):
         rows.append({"path": path, "label": res.labels[i],
@@ -181,7 +191,7 @@ def cmd_submit(args) -> int:
     from stacker.images import from_test_folder
 
     test = from_test_folder(args.test_folder)
-    ens = stacker.load(args.model, cache_dir=args.cache)
+    ens = stacker.load(args.model, cache_dir=args.cache, trusted=args.trust)
     ens.verbose = 0 if args.quiet else 1
     proba = ens.predict_proba(test)
     path = stacker.submission.write_csv(args.out, test.ids, proba, ens.classes_, kind=args.kind,

@@ -29,12 +29,12 @@ from .features import forward_pass_count
 from .learners import LEARNER_KINDS, Settings, describe, learner_specs, make_learners
 from .meta import (META_INPUTS, PROBABILITY_COMBINERS, Level2, combiner_names, fit_level2, meta_matrix,
                    score)
-from .persist import load_estimator, load_unfitted, save_estimator, save_unfitted
+from .persist import load_estimator, load_unfitted, member, save_estimator, save_unfitted, trusted_types
 from .torch_checkpoint import sha256_file
 
 __all__ = ["Ensemble", "FORMAT_VERSION", "format_leaderboard", "ModelIntegrityError"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: skops files instead of pickles
 MANIFEST = "manifest.json"
 
 
@@ -189,7 +189,27 @@ class Ensemble(ClassifierMixin, BaseEstimator):
     def _settings(self) -> Settings:
         return Settings({name: getattr(self, name) for name in (
             "random_state", "cache_dir", "weights_dir", "batch_size", "feature_dtype", "on_bad_image", "resize",
-            "chunk_size", "engine", "strategy", "verbose")}, n_classes=len(getattr(self, "classes_", [])))
+            "chunk_size", "engine", "strategy", "verbose")}, n_classes=len(getattr(self, "classes_", [])),
+            trusted=trusted_types(getattr(self, "trusted_types_", ()) + self._own_types()))
+
+    def _own_types(self) -> tuple:
+        """Types of the estimators passed in code (``models``, ``meta``): the user named them, so they are trusted."""
+        found = []
+
+        def walk(value):
+            if isinstance(value, (list, tuple)):
+                for v in value:
+                    walk(v)
+            elif isinstance(value, dict):
+                for v in value.values():
+                    walk(v)
+            elif hasattr(value, "get_params"):
+                found.append(f"{type(value).__module__}.{type(value).__qualname__}")
+                for v in value.get_params(deep=False).values():
+                    walk(v)
+
+        walk([self.models, self.meta, self.backbones])
+        return tuple(found)
 
     def _log(self, msg: str) -> None:
         if self.verbose:
@@ -392,7 +412,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ save / load
     def save(self, directory) -> str:
-        """Write the fitted ensemble to ``directory`` (manifest, .keras models, joblib, checksums)."""
+        """Write the fitted ensemble to ``directory`` (manifest, .keras models, skops files, checksums)."""
         check_is_fitted(self, "meta_")
         directory = os.fspath(directory)
         if os.path.isdir(directory) and os.listdir(directory) and not os.path.exists(os.path.join(directory, MANIFEST)):
@@ -431,30 +451,34 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         return directory
 
     @classmethod
-    def load(cls, directory, **params) -> "Ensemble":
+    def load(cls, directory, *, trusted=None, **params) -> "Ensemble":
         """Load a saved ensemble after verifying every file's sha256.
 
         The ensemble gets exactly the parameters it was fitted with (a ``cache_dir`` that
         does not exist here becomes None); keyword arguments (e.g. ``cache_dir=``,
         ``verbose=``, ``on_bad_image=``) override run-time ones.
-        Never load a model directory from an untrusted source: although Keras models
-        load with ``safe_mode=True`` and checksums are verified first, joblib files
-        are pickles.
+        Loading runs no code from the directory: scikit-learn parts are skops files
+        rebuilt only from trusted types, Keras parts are checked archives loaded with
+        ``safe_mode=True`` (see :mod:`stacker.persist`). ``trusted`` lists extra fully
+        qualified type names to rebuild (your own estimator classes); a file that needs
+        any other type raises :class:`~stacker.persist.UntrustedTypeError` naming it.
         """
         directory = os.fspath(directory)
         manifest = read_manifest(directory)
         for rel, digest in manifest["files"].items():
-            path = os.path.join(directory, rel)
+            path = member(directory, rel)
             if not os.path.isfile(path):
                 raise ModelIntegrityError(f"{directory}: file {rel} listed in the manifest is missing")
             if sha256_file(path) != digest:
                 raise ModelIntegrityError(f"{directory}: {rel} does not match its sha256 in the manifest "
                                           "(modified or corrupted); refusing to load it")
-        saved = _decode_params(manifest["params"], directory)
+        trusted = trusted_types(trusted or ())
+        saved = _decode_params(manifest["params"], directory, trusted)
         if saved.get("cache_dir") and not os.path.isdir(saved["cache_dir"]):
             saved["cache_dir"] = None  # fitted on another machine: its cache folder is not here
         ens = cls(**{**saved, **params})
         ens.classes_ = manifest["classes"]
+        ens.trusted_types_ = tuple(trusted)
         settings = ens._settings()
         networks: dict = {}
         ens.learners_ = {e["name"]: LEARNER_KINDS[e["kind"]].load(e, directory, settings, networks)
@@ -465,7 +489,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
             ens.y_ = oof["y"]
             ens.meta_oof_proba_ = oof["ensemble"]
             ens.oof_proba_ = {e["name"]: oof[f"learner_{i}"] for i, e in enumerate(manifest["learners"])}
-        ens.meta_ = Level2(lv["name"], load_estimator(os.path.join(directory, "meta")), len(ens.classes_),
+        ens.meta_ = Level2(lv["name"], load_estimator(os.path.join(directory, "meta"), trusted), len(ens.classes_),
                            ens.meta_oof_proba_, lv["temperature"], lv["floor"], lv["table"])
         ens.level2_scores_ = lv["table"]
         ens.scores_ = manifest.get("scores", {})
@@ -489,8 +513,8 @@ def _encode_params(params: dict, directory: str) -> dict:
             return {str(k): enc(v, f"{name}_{k}") for k, v in value.items()}
         if hasattr(value, "get_params"):
             os.makedirs(os.path.join(directory, "params"), exist_ok=True)
-            save_unfitted(value, os.path.join(directory, "params", name + ".joblib"))
-            return {"__estimator__": f"params/{name}.joblib"}
+            save_unfitted(value, os.path.join(directory, "params", name))
+            return {"__estimator__": f"params/{name}.skops"}
         if isinstance(value, (str, int, float, bool, type(None))):
             return value
         return _json_default(value)
@@ -498,12 +522,12 @@ def _encode_params(params: dict, directory: str) -> dict:
     return {k: enc(v, k) for k, v in params.items() if k != "strategy"}
 
 
-def _decode_params(params: dict, directory: str) -> dict:
+def _decode_params(params: dict, directory: str, trusted) -> dict:
     def dec(value):
         if isinstance(value, dict) and "__tuple__" in value:
             return tuple(dec(v) for v in value["__tuple__"])
         if isinstance(value, dict) and "__estimator__" in value:
-            return load_unfitted(os.path.join(directory, value["__estimator__"]))
+            return load_unfitted(member(directory, value["__estimator__"]), trusted)
         if isinstance(value, dict):
             return {k: dec(v) for k, v in value.items()}
         if isinstance(value, list):
@@ -562,6 +586,12 @@ def read_manifest(directory) -> dict:
     if manifest.get("format") != "stacker-ensemble":
         raise ModelIntegrityError(f"{path} is not a stacker ensemble manifest")
     version = manifest.get("format_version")
+    if isinstance(version, int) and version < 3:
+        raise ModelIntegrityError(
+            f"{directory} was saved in model format version {version}, whose scikit-learn parts are pickles "
+            f"(a pickle can run code when loaded), so this stacker ({__version__}) does not read it. Refit the "
+            f"ensemble and save it again (format {FORMAT_VERSION}: skops files, loaded by type); with the same "
+            "cache_dir no forward pass is repeated.")
     if version != FORMAT_VERSION:
         raise ModelIntegrityError(
             f"{directory} was saved in format version {version}; this stacker ({__version__}) reads version "

@@ -35,7 +35,7 @@ from .features import FeatureExtractor, tf_float32
 from .learners import Learner, extractor_kwargs, register_learner
 from .meta import _align, score
 from .models import DenseClassifier
-from .persist import register_format
+from .persist import checked_params, load_keras, register_format
 
 __all__ = ["CutPointExtractor", "FineTunedClassifier", "FineTunedLearner", "VIEWS", "split_backbone", "view_pixels",
            "DEFAULT_FINETUNE", "finetune_params"]
@@ -601,16 +601,13 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
 
     @classmethod
     def load(cls, path_stem: str, info: dict | None = None) -> "FineTunedClassifier":
-        import keras
-
         if info is None:
             with open(path_stem + ".json") as f:
                 info = json.load(f)
-        params = dict(info["params"])
+        params = checked_params(cls, info, path_stem)
         params["augment"] = tuple(params.get("augment", ()))
         est = cls(**params)
-        est.model_ = keras.saving.load_model(path_stem + ".keras", safe_mode=True, compile=False,
-                                             custom_objects=_backbones.custom_objects())
+        est.model_ = load_keras(path_stem + ".keras", _backbones.custom_objects())
         est.classes_ = np.array(info["classes"])
         est.history_ = info.get("history", {})
         est.cut_layer_ = info["cut_layer"]

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from .cache import result_store, stable_hash
 from .features import FeatureExtractor
 from .meta import _align, score
 from .models import code_fingerprint, make_model, model_label, model_names
-from .persist import load_estimator, save_estimator
+from .persist import PERSIST_FORMAT, UntrustedTypeError, load_estimator, load_keras, member, save_estimator
 
 __all__ = ["Learner", "FrozenLearner", "LEARNER_KINDS", "register_learner", "learner_specs", "make_learners",
            "describe"]
@@ -118,7 +119,7 @@ class Learner:
                             **self._key_extra()})[:24]
 
     def _key_extra(self) -> dict:
-        return {"dtype": self.settings.feature_dtype, "model_code": code_fingerprint()}
+        return {"dtype": self.settings.feature_dtype, "model_code": code_fingerprint(), "persist": PERSIST_FORMAT}
 
     # -- fitting ----------------------------------------------------------------------
     def fit_oof(self, inputs: dict, y, folds, k: int, data, images_fp: str) -> "Learner":
@@ -127,8 +128,9 @@ class Learner:
         store = result_store(self.settings.cache_dir, "learners")
         hit = store.get(self.key_) if store else None
         t0 = time.perf_counter()
-        if hit:
-            self.fold_models_ = [load_estimator(os.path.join(hit, f"fold{i}")) for i in range(len(folds))]
+        fold_models = self._load_cached(hit, [f"fold{i}" for i in range(len(folds))]) if hit else None
+        if fold_models is not None:
+            self.fold_models_ = fold_models
             with np.load(os.path.join(hit, "arrays.npz"), allow_pickle=False) as z:
                 self.arrays_ = {name: z[name] for name in z.files}
             with open(os.path.join(hit, "timing.json")) as f:
@@ -172,17 +174,26 @@ class Learner:
         """Fold ``i`` from its checkpoint under ``cache_dir/folds``, or fitted and checkpointed."""
         store = result_store(self.settings.cache_dir, "folds")
         hit = store.get(f"{self.key_}-fold{i}") if store else None
-        if hit:
+        models = self._load_cached(hit, ["model"]) if hit else None
+        if models is not None:
             with np.load(os.path.join(hit, "arrays.npz"), allow_pickle=False) as z:
                 arrays = {name: z[name] for name in z.files}
             self._log(f"{self.name}: fold {i + 1} from its checkpoint")
-            return load_estimator(os.path.join(hit, "model")), arrays
+            return models[0], arrays
         est, arrays = fit()
         if store:
             with store.put(f"{self.key_}-fold{i}") as tmp:
                 save_estimator(est, os.path.join(tmp, "model"))
                 np.savez(os.path.join(tmp, "arrays.npz"), **arrays)
         return est, arrays
+
+    def _load_cached(self, entry: str, stems: list[str]):
+        """Cached models, or None (recompute) when they are refused (untrusted types, a forged archive) or corrupt."""
+        try:
+            return [load_estimator(os.path.join(entry, stem), self.settings.trusted) for stem in stems]
+        except (UntrustedTypeError, ValueError, OSError) as e:
+            warnings.warn(f"{self.name}: not using a cached result: {e}", stacklevel=3)
+            return None
 
     def _drop_checkpoints(self, n_folds: int) -> None:
         store = result_store(self.settings.cache_dir, "folds")
@@ -217,7 +228,7 @@ class Learner:
         pkey = stable_hash([key, _images.file_fingerprints(paths)] + ([view] if view != "original" else []))[:24]
         hit = store.get(pkey)
         if hit:
-            return np.load(os.path.join(hit, "proba.npy"))
+            return np.load(os.path.join(hit, "proba.npy"), allow_pickle=False)
         proba = self.fold_average(X)
         with store.put(pkey) as tmp:
             np.save(os.path.join(tmp, "proba.npy"), proba)
@@ -252,16 +263,14 @@ class Learner:
     @classmethod
     def load(cls, entry: dict, directory: str, settings: Settings, models: dict) -> "Learner":
         """Rebuild a saved learner; ``models`` caches loaded source networks by file."""
-        import keras
-
         bb_file = entry["backbone_file"]
         if bb_file not in models:
-            models[bb_file] = keras.saving.load_model(os.path.join(directory, bb_file), safe_mode=True,
-                                                      compile=False, custom_objects=_backbones.custom_objects())
+            models[bb_file] = load_keras(member(directory, bb_file), _backbones.custom_objects())
         spec = dict(entry["spec"])
         source = cls.make_source(spec, settings, model=models[bb_file], weights_id=entry["weights_id"])
         learner = cls(spec, source, settings)
-        learner.fold_models_ = [load_estimator(os.path.join(directory, stem)) for stem in entry["folds"]]
+        learner.fold_models_ = [load_estimator(member(directory, stem), settings.trusted)
+                                for stem in entry["folds"]]
         if entry.get("learner_key"):
             learner.key_ = entry["learner_key"]
         return learner

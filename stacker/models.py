@@ -200,12 +200,10 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
 
     @classmethod
     def load(cls, path_stem: str, info: dict) -> "DenseClassifier":
-        import keras
-
-        params = dict(info["params"])
+        params = checked_params(cls, info, path_stem)
         params["hidden"] = tuple(params.get("hidden", ()))
         est = cls(**params)
-        est.model_ = keras.saving.load_model(path_stem + ".keras", safe_mode=True, compile=False)
+        est.model_ = load_keras(path_stem + ".keras")
         est.classes_ = np.array(info["classes"])
         est.n_features_in_ = int(info.get("n_features_in", est.model_.input_shape[-1]))
         est.history_ = info.get("history", {})
@@ -401,6 +399,6 @@ def fresh_estimator(spec, random_state: int, role: str):
     return est
 
 
-from .persist import register_format  # noqa: E402 - the registry is filled as estimator classes are defined
+from .persist import checked_params, load_keras, register_format  # noqa: E402 - the registry is filled as estimator classes are defined
 
 register_format("DenseClassifier", DenseClassifier)

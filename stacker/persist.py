@@ -1,23 +1,98 @@
-"""Saving and loading fitted estimators: one registry from a saved kind to its loader.
+"""Saving and loading fitted estimators so that loading a stranger's file runs no code.
 
-Keras-backed estimators (``DenseClassifier``, ``FineTunedClassifier``) are written as a
-``.keras`` file (loaded with ``safe_mode=True``) plus JSON naming the estimator kind;
-:func:`register_format` maps that kind to the class's ``load``. Everything else is a
-joblib file, read through an unpickler that refuses any global outside scikit-learn,
-NumPy, SciPy and stacker. Callers verify checksums before loading.
+A model directory or cache folder may come from anyone, and its checksums were written
+by the same hand as its files, so they prove nothing. The unit of trust is therefore a
+short list of *types*, never a module:
+
+- scikit-learn-style estimators are written with ``skops.io``. Loading rebuilds only
+  types that skops trusts by default (scikit-learn's estimators, NumPy arrays, plain
+  containers) or that are listed in :data:`TRUSTED_TYPES` (stacker's own estimators) or
+  by the user (``trusted=`` / ``$STACKER_TRUSTED_TYPES``). skops never calls a function
+  named in the file; an unknown type stops the load before anything is built.
+- Keras-backed estimators and networks are ``.keras`` archives. Before Keras reads one,
+  :func:`check_keras_archive` refuses unexpected members, oversized content and any
+  config object outside Keras's own layers/initialisers or stacker's registered layers;
+  Keras then loads it with ``safe_mode=True``.
+
+No ``pickle`` or ``joblib.load`` is reachable from a load.
 """
 
 from __future__ import annotations
 
 import json
 import os
-
-import joblib
+import zipfile
 
 __all__ = ["register_format", "save_estimator", "load_estimator", "save_unfitted", "load_unfitted",
-           "TRUSTED_MODULES_ENV"]
+           "load_keras", "check_keras_archive", "member", "checked_params", "trusted_types", "UntrustedTypeError", "LegacyFormatError",
+           "TRUSTED_TYPES", "TRUSTED_TYPES_ENV", "PERSIST_FORMAT"]
+
+PERSIST_FORMAT = "skops-1"  # part of cache keys: results written in another format are not reused
+TRUSTED_TYPES_ENV = "STACKER_TRUSTED_TYPES"  # extra fully qualified type names, comma-separated
+MAX_KERAS_BYTES_ENV = "STACKER_MAX_KERAS_BYTES"
+
+# Types stacker itself writes that skops does not trust by default. Each is a plain
+# estimator class whose state is arrays and numbers; none runs code when rebuilt.
+TRUSTED_TYPES = (
+    "stacker.models.PrototypeClassifier",
+    "stacker.models.DenseClassifier",  # unfitted, as a parameter; fitted ones are .keras files
+    "stacker.finetune.FineTunedClassifier",
+    "stacker.meta.GreedyEnsemble",
+    "stacker.meta.LogitStacker",
+    "stacker.meta.MeanClassifier",
+    "stacker.meta.SingleBest",
+    "stacker.meta.TwoLayerStack",
+    "stacker.meta.TemperatureScaler",
+    "sklearn.model_selection._split.StratifiedKFold",
+)
 
 _FORMATS: dict = {}
+
+
+class UntrustedTypeError(TypeError):
+    """A saved file needs types that are not trusted; nothing in it was rebuilt."""
+
+    def __init__(self, path: str, types: list[str]):
+        self.path, self.types = path, list(types)
+        names = ", ".join(self.types)
+        super().__init__(
+            f"refusing to load {path}: it needs the untrusted type(s) {names}. Nothing was loaded. If this is "
+            f"your own model and you trust these exact types, pass trusted=[{', '.join(map(repr, self.types))}] "
+            f"(CLI: --trust {' --trust '.join(self.types)}) or set ${TRUSTED_TYPES_ENV}={','.join(self.types)}.")
+
+
+class LegacyFormatError(ValueError):
+    """A file in the pickle-based format of model format 2 and older, which is never loaded."""
+
+
+def trusted_types(extra=()) -> list[str]:
+    """stacker's trusted types plus ``extra`` and ``$STACKER_TRUSTED_TYPES`` (type names, not modules)."""
+    if isinstance(extra, str):
+        extra = [extra]
+    env = [t.strip() for t in os.environ.get(TRUSTED_TYPES_ENV, "").split(",") if t.strip()]
+    names = list(TRUSTED_TYPES) + list(extra or ()) + env
+    for name in names:
+        if not isinstance(name, str) or "." not in name:
+            raise ValueError(f"a trusted type is a fully qualified class name such as "
+                             f"'mypackage.models.MyClassifier', got {name!r}")
+    return list(dict.fromkeys(names))
+
+
+def member(directory: str, rel) -> str:
+    """``directory/rel``, refusing a ``rel`` that leaves the directory (a forged manifest's ``../..``)."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
+        raise ValueError(f"{directory}: the manifest names {rel!r}, which is not a file inside the model directory")
+    return os.path.join(directory, rel)
+
+
+def checked_params(cls, info, path_stem: str) -> dict:
+    """Constructor parameters from a Keras-backed estimator's JSON: known names, plain JSON values only."""
+    params = info.get("params") if isinstance(info, dict) else None
+    known = set(cls._get_param_names())
+    if not isinstance(params, dict) or set(params) - known:
+        raise ValueError(f"{path_stem}.json does not hold {cls.__name__} parameters "
+                         f"(unknown: {sorted(set(params or {}) - known) if isinstance(params, dict) else params!r})")
+    return dict(params)
 
 
 def register_format(kind: str, cls) -> None:
@@ -26,73 +101,120 @@ def register_format(kind: str, cls) -> None:
 
 
 def save_estimator(est, path_stem: str) -> list[str]:
-    """Save a fitted estimator: registered Keras-backed kinds via their ``save``, others with joblib."""
+    """Save a fitted estimator: registered Keras-backed kinds via their ``save``, others with skops."""
+    import skops.io as sio
+
     if type(est).__name__ in _FORMATS and hasattr(est, "save"):
         return est.save(path_stem)
-    joblib.dump(est, path_stem + ".joblib")
-    return [path_stem + ".joblib"]
+    sio.dump(est, path_stem + ".skops")
+    return [path_stem + ".skops"]
 
 
-def load_estimator(path_stem: str):
-    """Load what :func:`save_estimator` wrote. Only call on files whose checksums were verified."""
+def load_estimator(path_stem: str, trusted=()):
+    """Load what :func:`save_estimator` wrote, rebuilding only trusted types."""
     if os.path.exists(path_stem + ".keras"):
         with open(path_stem + ".json") as f:
             info = json.load(f)
-        kind = info.get("estimator", "DenseClassifier")
+        kind = info.get("estimator") if isinstance(info, dict) else None
         if kind not in _FORMATS:
             raise ValueError(f"{path_stem}.json names an unknown estimator kind {kind!r}")
         return _FORMATS[kind].load(path_stem, info)
-    return _load_joblib(path_stem + ".joblib")
+    if os.path.exists(path_stem + ".skops"):
+        return _load_skops(path_stem + ".skops", trusted)
+    if os.path.exists(path_stem + ".joblib"):
+        raise LegacyFormatError(
+            f"{path_stem}.joblib is a pickle written by an older stacker; pickles can run code, so it is never "
+            "loaded. Refit it (with the same cache_dir no forward pass is repeated).")
+    raise FileNotFoundError(f"no saved estimator at {path_stem} (.skops or .keras + .json)")
 
 
-def save_unfitted(est, path: str) -> None:
-    """An unfitted estimator (a parameter, e.g. a user's model), with joblib."""
+def save_unfitted(est, path_stem: str) -> str:
+    """An unfitted estimator (a parameter, e.g. a user's model), with skops."""
+    import skops.io as sio
     from sklearn.base import clone
 
-    joblib.dump(clone(est), path)
+    sio.dump(clone(est), path_stem + ".skops")
+    return path_stem + ".skops"
 
 
-def load_unfitted(path: str):
-    return _load_joblib(path)
+def load_unfitted(path: str, trusted=()):
+    return _load_skops(path, trusted)
 
 
-# What a pickled scikit-learn model may name. A joblib file is a pickle, and a pickle can
-# call any function it names (os.system...), so stacker refuses every other global: the
-# defence behind the manifest checksums, for when a whole model directory was forged.
-_SAFE_ROOTS = ("sklearn", "numpy", "scipy", "joblib", "stacker", "collections", "copyreg")
-_SAFE_BUILTINS = {"slice", "set", "frozenset", "complex", "bytearray", "range", "object", "tuple", "list", "dict",
-                  "int", "float", "bool", "str", "bytes"}
-TRUSTED_MODULES_ENV = "STACKER_TRUSTED_MODULES"  # extra module roots (your own estimators), comma-separated
+def _load_skops(path: str, trusted=()):
+    import skops.io as sio
+
+    allowed = trusted_types(trusted)
+    try:
+        needed = sio.get_untrusted_types(file=path)
+    except Exception as e:  # noqa: BLE001 - any parse failure of a foreign file is "not a stacker file"
+        raise ValueError(f"{path} is not a readable skops file ({type(e).__name__}: {e})") from None
+    untrusted = [t for t in needed if t not in allowed]
+    if untrusted:
+        raise UntrustedTypeError(path, untrusted)
+    return sio.load(path, trusted=needed)
 
 
-def _allowed(module: str, name: str) -> bool:
-    root = module.split(".")[0]
-    extra = tuple(m.strip() for m in os.environ.get(TRUSTED_MODULES_ENV, "").split(",") if m.strip())
-    if root in _SAFE_ROOTS + extra:
-        return not (root == "numpy" and any(part in module for part in ("testing", "distutils", "f2py")))
-    if module == "builtins":
-        return name in _SAFE_BUILTINS
-    return (module, name) in {("functools", "partial"), ("_codecs", "encode")}
+# -- Keras archives --------------------------------------------------------------------
+_KERAS_MEMBERS = {"config.json", "metadata.json", "model.weights.h5"}
+_KERAS_MODULES = ("keras", "keras.layers", "keras.initializers", "keras.regularizers", "keras.constraints",
+                  "keras.activations", "keras.losses", "keras.metrics", "keras.optimizers",
+                  "keras.src.models.functional", "keras.src.models.sequential")
+# Layers that run user code or read other files: never in a stacker model.
+_KERAS_REFUSED = {"Lambda", "TFSMLayer", "StringLookup", "IntegerLookup", "TextVectorization", "__lambda__"}
 
 
-def _load_joblib(path: str):
-    """``joblib.load`` through an unpickler that refuses globals outside scikit-learn/NumPy/SciPy/stacker."""
-    import pickle
+def check_keras_archive(path: str, custom_objects=None, max_bytes: int | None = None) -> None:
+    """Refuse a ``.keras`` file that holds more than a stacker network can.
 
-    from joblib import numpy_pickle
+    Allowed: the three standard members, at most ``max_bytes`` uncompressed (default
+    2 GiB, ``$STACKER_MAX_KERAS_BYTES``), and config objects from Keras's own layer,
+    initialiser, regulariser, activation, loss and optimiser modules or stacker's
+    registered custom layers — never layers that run code or open other files.
+    """
+    limit = max_bytes or int(os.environ.get(MAX_KERAS_BYTES_ENV, 2 << 30))
+    registered = set(custom_objects or {})
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            extra = sorted({i.filename for i in infos} - _KERAS_MEMBERS)
+            if extra:
+                raise ValueError(f"unexpected archive members {extra}")
+            total = sum(i.file_size for i in infos)
+            if total > limit:
+                raise ValueError(f"{total} bytes uncompressed, more than the {limit} allowed "
+                                 f"(${MAX_KERAS_BYTES_ENV})")
+            config = json.loads(zf.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, ValueError) as e:
+        raise ValueError(f"refusing to load {path}: {e}") from None
+    for obj in _config_objects(config):
+        cls, module, reg = obj.get("class_name"), obj.get("module"), obj.get("registered_name")
+        if cls in _KERAS_REFUSED or (cls == "function" and module != "keras.activations"):
+            raise ValueError(f"refusing to load {path}: it holds a {cls} layer, which stacker never writes")
+        if module is None and cls in ("__keras_tensor__", "__tuple__", "__bytes__", "__numpy__", "__tensor__"):
+            continue
+        if module in _KERAS_MODULES or reg in registered or cls in registered:
+            continue
+        raise ValueError(f"refusing to load {path}: its config names {module}.{cls}, which is not a Keras "
+                         "layer or a stacker layer")
 
-    class AllowlistUnpickler(numpy_pickle.NumpyUnpickler):
-        def find_class(self, module, name):
-            if not _allowed(module, name):
-                raise pickle.UnpicklingError(
-                    f"refusing to load {path}: it names {module}.{name}, which is not a scikit-learn, NumPy or "
-                    f"SciPy object (a crafted file?). If it is your own estimator class, add its module to "
-                    f"${TRUSTED_MODULES_ENV}.")
-            return super().find_class(module, name)
 
-    with open(path, "rb") as f:
-        unpickler = AllowlistUnpickler(path, f, ensure_native_byte_order="auto")
-        try:
-            return unpickler.load()
-        except UnicodeDecodeError:  # pragma: no cover - Python 2 pickles are not written by stacker
-            raise pickle.UnpicklingError(f"{path} is not a stacker joblib file") from None
+def _config_objects(node):
+    """Every dict with a ``class_name`` in a Keras config tree."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "class_name" in item:
+                yield item
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def load_keras(path: str, custom_objects=None):
+    """A Keras model from a checked archive, with ``safe_mode=True`` and no compilation."""
+    import keras
+
+    check_keras_archive(path, custom_objects)
+    return keras.saving.load_model(path, safe_mode=True, compile=False, custom_objects=custom_objects)

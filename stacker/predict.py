@@ -52,19 +52,22 @@ class Prediction:
         return out
 
 
-def load(model, cache_dir=None) -> Ensemble:
-    """Load (once per process) the ensemble saved in directory ``model``."""
+def load(model, cache_dir=None, trusted=None) -> Ensemble:
+    """Load (once per process) the ensemble saved in directory ``model``.
+
+    ``trusted`` lists extra type names the model's files may need (see :meth:`Ensemble.load`).
+    """
     directory = os.path.abspath(os.fspath(model))
     key = (directory, os.path.getmtime(os.path.join(directory, MANIFEST))
-           if os.path.exists(os.path.join(directory, MANIFEST)) else None, cache_dir)
+           if os.path.exists(os.path.join(directory, MANIFEST)) else None, cache_dir, tuple(trusted or ()))
     ens = _LOADED.get(key)
     if ens is None:
-        ens = Ensemble.load(directory, cache_dir=cache_dir, verbose=0)
+        ens = Ensemble.load(directory, trusted=trusted, cache_dir=cache_dir, verbose=0)
         _LOADED[key] = ens
     return ens
 
 
-def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None) -> Prediction:
+def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None, trusted=None) -> Prediction:
     """Predict classes of images with a saved ensemble.
 
     Parameters
@@ -78,12 +81,16 @@ def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None
         Feature cache to reuse between calls on the same files.
     on_bad_image : {"raise", "skip"}
     batch_size : int, optional
+    trusted : list of str, optional
+        Fully qualified type names to rebuild besides stacker's own (your estimator
+        classes); files needing any other type are refused, so loading a model from
+        someone else runs none of its code.
 
     Returns
     -------
     Prediction
     """
-    ens = load(model, cache_dir=cache_dir)
+    ens = load(model, cache_dir=cache_dir, trusted=trusted)
     ens.on_bad_image = on_bad_image
     for learner in ens.learners_.values():
         for ext in learner.views().values():

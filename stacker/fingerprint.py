@@ -1,0 +1,160 @@
+"""Content fingerprints of image files: what every cache keys on.
+
+An image's identity is the BLAKE2b-160 digest of its bytes, so the same file under
+another path, name, mount or machine hits the cache and one changed byte misses it.
+BLAKE2b is in the standard library (no dependency), faster than SHA-256 on CPUs
+without SHA instructions, and cryptographic: a content-addressed cache must never
+serve one image's features for another, even for a file crafted to collide (xxHash
+would be faster still, and is not collision resistant).
+
+Reading every byte on every run would cost more than it saves, so a stat memo maps
+``(path, device, inode, size, mtime, ctime)`` to the digest: in memory for the
+process, and in ``fingerprints.sqlite`` inside a cache folder across runs. A file
+touched or rewritten gets a new ctime, is read again, and keeps its digest when its
+bytes did not change.
+
+:func:`probe` also gives the true reason a path cannot be an image (missing, a
+dangling link, a link loop, a FIFO, a device, a directory, empty) without opening
+anything that could block.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import sqlite3
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+__all__ = ["HASH", "MEMO_FILE", "probe", "fingerprints"]
+
+HASH = "blake2b-160"
+MEMO_FILE = "fingerprints.sqlite"
+_CHUNK = 1 << 20
+
+_memo: dict = {}  # stat key -> digest, for this process
+_memo_lock = threading.Lock()
+
+
+def probe(path: str):
+    """``(os.stat_result, None)`` for a non-empty regular file, else ``(None, reason)``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return None, f"dangling symbolic link (its target {os.readlink(path)!r} does not exist)"
+        return None, "file not found"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None, "symbolic link loop"
+        return None, f"cannot read it ({e.strerror or e})"
+    kinds = ((stat.S_ISDIR, "a directory, not an image file"), (stat.S_ISFIFO, "a named pipe (FIFO), not a file"),
+             (stat.S_ISCHR, "a character device, not a file"), (stat.S_ISBLK, "a block device, not a file"),
+             (stat.S_ISSOCK, "a socket, not a file"))
+    for test, reason in kinds:
+        if test(st.st_mode):
+            return None, reason
+    if not stat.S_ISREG(st.st_mode):
+        return None, "not a regular file"
+    if st.st_size == 0:
+        return None, "empty file (0 bytes)"
+    return st, None
+
+
+def _digest(path: str) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stat_key(path: str, st) -> tuple:
+    return (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _DiskMemo:
+    """The stat memo of one cache folder (SQLite: safe for several processes)."""
+
+    def __init__(self, cache_dir: str):
+        os.makedirs(cache_dir, exist_ok=True)
+        self.path = os.path.join(cache_dir, MEMO_FILE)
+
+    def _connect(self):
+        con = sqlite3.connect(self.path, timeout=60)
+        con.execute("CREATE TABLE IF NOT EXISTS memo (path TEXT PRIMARY KEY, dev INTEGER, ino INTEGER, "
+                    "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, digest TEXT)")
+        return con
+
+    def get(self, keys: list) -> dict:
+        found = {}
+        with self._connect() as con:
+            for i in range(0, len(keys), 500):
+                part = {k[0]: k for k in keys[i : i + 500]}
+                marks = ",".join("?" * len(part))
+                for row in con.execute(f"SELECT path, dev, ino, size, mtime_ns, ctime_ns, digest FROM memo "
+                                       f"WHERE path IN ({marks})", list(part)):
+                    key = tuple(row[:6])
+                    if part.get(row[0]) == key:
+                        found[key] = row[6]
+        return found
+
+    def put(self, items: dict) -> None:
+        if not items:
+            return
+        with self._connect() as con:
+            con.executemany("INSERT OR REPLACE INTO memo VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [(*k, d) for k, d in items.items()])
+
+
+def fingerprints(paths, cache_dir=None, workers: int = 8) -> tuple[list, dict]:
+    """Content digest per path (None where unusable) and ``{row: reason}`` for unusable paths.
+
+    Unchanged files are not read again (the stat memo); new or changed ones are hashed
+    in threads (hashlib releases the GIL).
+    """
+    paths = [os.fspath(p) for p in paths]
+    out: list = [None] * len(paths)
+    bad, keys = {}, {}
+    for i, p in enumerate(paths):
+        st, reason = probe(p)
+        if reason:
+            bad[i] = reason
+        else:
+            keys[i] = _stat_key(p, st)
+    unique = list(dict.fromkeys(keys.values()))
+    with _memo_lock:
+        digests = {k: _memo[k] for k in unique if k in _memo}
+    disk = _DiskMemo(cache_dir) if cache_dir else None
+    missing = [k for k in unique if k not in digests]
+    if disk and missing:
+        digests.update(disk.get(missing))
+        missing = [k for k in missing if k not in digests]
+    failed = {}
+    if missing:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_safe_digest, [k[0] for k in missing]))
+        new = {k: d for k, (d, _) in zip(missing, results) if d}
+        failed = {k: reason for k, (d, reason) in zip(missing, results) if not d}
+        digests.update(new)
+        if disk:
+            disk.put(new)
+    with _memo_lock:
+        if len(_memo) > 2_000_000:  # bound the process memo; the disk memo keeps the rest
+            _memo.clear()
+        _memo.update(digests)
+    for i, k in keys.items():
+        if k in failed:
+            bad[i] = failed[k]
+        else:
+            out[i] = digests[k]
+    return out, bad
+
+
+def _safe_digest(path: str):
+    try:
+        return _digest(path), None
+    except OSError as e:  # removed or unreadable between stat and read
+        return None, f"cannot read it ({e.strerror or e})"

@@ -9,7 +9,9 @@ For each backbone, over the same N images of dogs-vs-cats/train:
     stacks a batch and calls ``model.predict`` batch by batch;
 (b) stacker's FeatureExtractor as shipped, cold cache (Pillow decode/resize in parallel
     tf.data threads overlapping inference, the default engine, results streamed to HDF5);
-(c) stacker again, warm cache (no forward pass).
+(c) stacker again, warm cache (no forward pass; images found by the digest of their bytes).
+Then the cost of content fingerprinting on its own: cold (read and hash every file),
+warm (the stat memo in the cache's SQLite file, as in a new process) and hot (in-process).
 It prints images/second, the ratios b/a and c/a, the process's peak resident memory
 after each step, and the largest relative difference between (a) and (b) features
 (per image: max |a - b| / max |a|). Then (b)'s speed with each inference engine
@@ -106,9 +108,30 @@ def run(backbone: str, paths, batch_size: int, weights_dir, engines=()) -> dict:
                 keras_feats = f
         for engine, r in out["engines"].items():
             r["rel_keras"] = _rel(r.pop("feats"), keras_feats) if keras_feats is not None else float("nan")
+        out["hash"] = fingerprint_rates(paths, cache)
         return out
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def fingerprint_rates(paths, cache) -> dict:
+    """Images/s of content fingerprinting: cold (every byte read and hashed) and warm (the stat memo)."""
+    from stacker import fingerprint
+
+    fingerprint._memo.clear()
+    fresh = tempfile.mkdtemp(prefix="stacker-bench-fp-", dir=cache)
+    t = time.perf_counter()
+    fingerprint.fingerprints(paths, fresh)
+    cold = time.perf_counter() - t
+    fingerprint._memo.clear()  # a new process: the SQLite memo answers
+    t = time.perf_counter()
+    fingerprint.fingerprints(paths, fresh)
+    warm = time.perf_counter() - t
+    t = time.perf_counter()
+    fingerprint.fingerprints(paths, fresh)  # the same process again: the in-memory memo
+    hot = time.perf_counter() - t
+    mb = sum(os.path.getsize(p) for p in paths) / 2**20
+    return {"cold": len(paths) / cold, "cold_mb_s": mb / cold, "warm": len(paths) / warm, "hot": len(paths) / hot}
 
 
 def scale_child(backbone: str, paths, batch_size: int, weights_dir) -> None:
@@ -176,8 +199,14 @@ def main() -> None:
             print(f"{r['backbone']:20s} {engine:8s} {e['img_s']:8.1f} "
                   f"{e['img_s'] / base if base else float('nan'):9.2f} {e['rel_keras']:18.2e}")
     first = rows[0]
+    h = first["hash"]
+    print(f"\ncontent fingerprints (BLAKE2b-160 of the file bytes, files in the page cache), {first['n']} images")
+    print(f"{'cold: read + hash':28s} {h['cold']:10.0f} img/s {h['cold_mb_s']:8.0f} MB/s "
+          f"({first['b'] / h['cold']:.3f} of a cold extraction's time)")
+    print(f"{'warm: stat + SQLite memo':28s} {h['warm']:10.0f} img/s ({first['c'] / h['warm']:.2f} of the warm run)")
+    print(f"{'hot: stat + in-process memo':28s} {h['hot']:10.0f} img/s")
     print(f"first_vs_tutorial={first['b'] / first['a']:.3f} warm_vs_tutorial={first['c'] / first['a']:.1f} "
-          f"max_rel_diff={first['rel']:.3e}")
+          f"max_rel_diff={first['rel']:.3e} hash_cold_img_s={h['cold']:.0f} hash_warm_img_s={h['warm']:.0f}")
 
 
 if __name__ == "__main__":

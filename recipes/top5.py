@@ -42,7 +42,9 @@ def main(argv=None) -> int:
     from stacker.cli import _expand
     from stacker.pretrained import top_k
 
-    paths = _expand(([args.data] if args.data else []) + list(args.images))
+    paths, unread = _expand(([args.data] if args.data else []) + list(args.images))
+    for path, reason in unread.items():
+        print(f"not read {path}: {reason}", file=sys.stderr)
     if args.quick:
         paths = paths[:4]
     models = args.models.split(",")

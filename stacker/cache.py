@@ -1,12 +1,14 @@
 """HDF5 cache of pooled features, and a keyed store for learner outputs.
 
 Features: one HDF5 file per *model key* (backbone config, weights checksum, input
-size, preprocessing, pipeline code). Inside, one row per image: its fingerprint
-(path, size, mtime), id, label, path and pooled feature vector. Rows are appended
+size, preprocessing, pipeline code). Inside, one row per distinct image content: its
+fingerprint (the BLAKE2b digest of the file's bytes, :mod:`stacker.fingerprint`), and
+beside it, as data, the id, label and path it had when computed, and the pooled
+feature vector. The same bytes under another path, name or machine find their row. Rows are appended
 chunk by chunk as they are computed; the attribute ``n_complete`` moves forward only
 after a chunk is flushed, so an interrupted run resumes from the last complete chunk
 and a half-written chunk is never read. Any change to a key part gives another file;
-any change to an image file gives another fingerprint: stale features are never
+any change to an image's bytes gives another fingerprint: stale features are never
 served. Files are opened only under an inter-process lock, so two runs sharing a
 cache wait for each other instead of corrupting it.
 
@@ -30,7 +32,7 @@ from filelock import FileLock
 
 __all__ = ["FeatureCache", "FeatureEntry", "ResultStore", "stable_hash", "result_store", "STORES"]
 
-_FP_DTYPE = "S40"  # sha1 hex fingerprints
+_FP_DTYPE = "S40"  # 160-bit hex content digests
 
 
 def stable_hash(obj) -> str:
@@ -287,7 +289,13 @@ class _AtomicDir:
             return False
         with open(os.path.join(self.tmp, "COMPLETE"), "w") as f:
             f.write("ok\n")
+        if os.path.isfile(os.path.join(self.final, "COMPLETE")):
+            shutil.rmtree(self.tmp, ignore_errors=True)  # a concurrent writer published the same key first
+            return False
         if os.path.isdir(self.final):
-            shutil.rmtree(self.final)
-        os.replace(self.tmp, self.final)
+            shutil.rmtree(self.final, ignore_errors=True)  # a leftover of a killed run
+        try:
+            os.replace(self.tmp, self.final)
+        except OSError:  # another writer won the race between the check and the rename
+            shutil.rmtree(self.tmp, ignore_errors=True)
         return False

@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positive", default=None, help="class whose probability a binary file holds")
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--cache", default=None)
+    p.add_argument("--on-bad-image", default="raise", choices=["raise", "skip"],
+                   help="an unusable test image stops the run (raise) or gets no prediction (skip)")
+    p.add_argument("--fill", default=None, metavar="uniform|P",
+                   help="what to write for ids without a prediction (skipped images): 'uniform' or the positive "
+                        "class's probability; without it such ids make the submission fail")
     _add_trust(p)
     _add_common(p)
 
@@ -123,18 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _expand(paths) -> list[str]:
-    from .images import from_test_folder
+def _expand(paths) -> tuple[list[str], dict]:
+    """Image paths from files and folders, and ``{path: reason}`` for folder entries given no row.
 
-    out = []
+    Paths that do not exist stay in the list: prediction reports them under --on-bad-image.
+    """
+    from .predict import _as_input
+
+    out, unread = [], {}
     for p in paths:
         if os.path.isdir(p):
-            out += from_test_folder(p).paths
-        elif os.path.isfile(p):
-            out.append(p)
+            data, _, skipped = _as_input(p)
+            out += data.paths
+            unread.update(skipped)
         else:
-            raise FileNotFoundError(f"{p} does not exist")
-    return out
+            out.append(p)
+    return out, unread
 
 
 def cmd_fit(args) -> int:
@@ -160,9 +169,10 @@ def cmd_fit(args) -> int:
 def cmd_predict(args) -> int:
     import stacker
 
-    paths = _expand(args.images)
+    paths, unread = _expand(args.images)
     res = stacker.predict(paths, model=args.model, cache_dir=args.cache, on_bad_image=args.on_bad_image,
                           trusted=args.trust)
+    res.unread.update(unread)
     rows = []
     for i, path in enumerate(paths):
         rows.append({"path": path, "label": res.labels[i],
@@ -181,6 +191,8 @@ def cmd_predict(args) -> int:
         for r in rows:
             p = "" if r["label"] is None else f"{r[r['label']]:.4f}"
             print(f"{r['path']:<{width}}  {r['label'] or 'SKIPPED'}  {p}")
+    for path, reason in res.unread.items():
+        print(f"not read {path}: {reason}", file=sys.stderr)
     for row, reason in res.skipped.items():
         print(f"skipped {paths[row]}: {reason}", file=sys.stderr)
     return 0
@@ -193,11 +205,25 @@ def cmd_submit(args) -> int:
     test = from_test_folder(args.test_folder)
     ens = stacker.load(args.model, cache_dir=args.cache, trusted=args.trust)
     ens.verbose = 0 if args.quiet else 1
-    proba = ens.predict_proba(test)
+    proba, skipped = ens.predict_with_skipped(test, on_bad_image=args.on_bad_image)
+    for path, reason in test.skipped.items():
+        print(f"not read {path}: {reason}", file=sys.stderr)
+    for row, reason in skipped.items():
+        print(f"skipped id {test.ids[row]} ({test.paths[row]}): {reason}", file=sys.stderr)
     path = stacker.submission.write_csv(args.out, test.ids, proba, ens.classes_, kind=args.kind,
-                                        positive=args.positive, eps=args.eps, sample_submission=args.sample)
-    print(f"wrote {len(test)} rows to {path}")
+                                        positive=args.positive, eps=args.eps, sample_submission=args.sample,
+                                        fill=_fill_value(args.fill), skipped=skipped)
+    print(f"wrote {len(test)} rows to {path}" + (f" ({len(skipped)} filled with --fill {args.fill})" if skipped else ""))
     return 0
+
+
+def _fill_value(text):
+    if text is None or text == "uniform":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise SystemExit(f"stacker submit: error: --fill must be 'uniform' or a probability, got {text!r}") from None
 
 
 def cmd_report(args) -> int:
@@ -210,7 +236,7 @@ def cmd_report(args) -> int:
 def cmd_top5(args) -> int:
     from .pretrained import top_k
 
-    paths = _expand(args.images)
+    paths, _ = _expand(args.images)
     res = top_k(paths, backbone=args.backbone, k=args.k)
     if args.json:
         print(json.dumps([{"path": p, "top": [{"id": int(i), "name": n, "probability": float(q)}

@@ -174,17 +174,28 @@ class Ensemble(ClassifierMixin, BaseEstimator):
                 raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
         return learner_specs(self.backbones, self.models, self.input_size, self.weights, self.finetune)
 
-    def _check_data(self, data: _images.ImageSet, skipped: dict | None = None) -> None:
+    def _check_data(self, data: _images.ImageSet, skipped: dict | None = None, labels: dict | None = None) -> None:
+        """Two classes or more, each with at least ``cv`` usable images; says which were skipped."""
         if data.labels is None:
             raise ValueError("fit needs labelled images")
-        if len(data.classes) < 2:
-            raise ValueError(f"only one class ({data.classes[0]!r}) in the training images; need two or more")
+        lost = {}
+        for path, reason in (skipped or {}).items():
+            lost.setdefault((labels or {}).get(path), []).append(f"{path}: {reason}")
+        usable = [c for c in data.classes if c in set(data.labels)]
+        if len(usable) < 2:
+            emptied = [c for c in data.classes if c not in usable]
+            note = "".join(f"; every image of class {c!r} was skipped as unusable, e.g. {lost[c][0]}"
+                           for c in emptied if c in lost)
+            which = f"only one class ({usable[0]!r})" if usable else "no class"
+            raise ValueError(f"{which} in the training images has usable images; need two or more{note}")
         counts = np.bincount(data.y, minlength=len(data.classes))
         small = [c for c, n in zip(data.classes, counts) if n < self.cv]
         if small:
-            note = f" after {len(skipped)} unusable images were skipped" if skipped else ""
-            raise ValueError(f"classes {small[:10]} have fewer images than cv={self.cv} folds{note}; "
-                             "add images, merge classes or lower cv")
+            notes = [f"{c!r}: {n} usable, {len(lost[c])} skipped as unusable (e.g. {lost[c][0]})"
+                     for c, n in zip(data.classes, counts) if c in small and c in lost]
+            raise ValueError(f"classes {small[:10]} have fewer images than cv={self.cv} folds"
+                             + (f" ({'; '.join(notes[:3])})" if notes else "")
+                             + "; add images, merge classes, lower cv or fix the files")
 
     def _settings(self) -> Settings:
         return Settings({name: getattr(self, name) for name in (
@@ -241,7 +252,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         splitter = StratifiedKFold(n_splits=self.cv, shuffle=True, random_state=self.random_state)
         self.folds_ = list(splitter.split(np.zeros(len(y)), y))
         self.train_ids_, self.train_paths_, self.y_ = list(data.ids), list(data.paths), y
-        images_fp = stable_hash([_images.file_fingerprints(data.paths), data.labels])
+        images_fp = stable_hash([_images.file_fingerprints(data.paths, self.cache_dir), data.labels])
         for name, learner in self.learners_.items():
             t0 = time.perf_counter()
             learner.fit_oof(self._inputs_of(learner, inputs), y, self.folds_, k, data, images_fp)
@@ -253,7 +264,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
 
     def _extract_training(self, data):
         """Every source's cached inputs for the training images (each source and view once)."""
-        feats, timings, skipped = {}, {}, {}
+        feats, timings, skipped = {}, {}, dict(data.skipped)  # the reader's unread files, then unusable ones
         kept = np.arange(len(data))
         for name, learner in self.learners_.items():
             t0, before = time.perf_counter(), forward_pass_count()
@@ -267,10 +278,13 @@ class Ensemble(ClassifierMixin, BaseEstimator):
             timings[name] = {"extract_s": dt, "forward_images": n_fwd, "s_per_image": dt / n_fwd if n_fwd else None,
                              "inference_s_per_image": learner.source.seconds_per_image()}
         if skipped:
-            warnings.warn(f"{len(skipped)} training images were skipped as unusable; see Ensemble.skipped_")
+            first = next(iter(skipped.items()))
+            warnings.warn(f"{len(skipped)} files were not used for training (e.g. {first[0]}: {first[1]}); "
+                          "see Ensemble.skipped_")
         self.skipped_ = skipped
+        labels = dict(zip(data.paths, data.labels))
         data = data.subset(kept)
-        self._check_data(data, skipped)
+        self._check_data(data, skipped, labels)
         inputs = {sid: f.values[np.searchsorted(f.kept, kept)] for sid, f in feats.items()}
         return inputs, data, timings
 
@@ -315,7 +329,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
                         "models": describe(self.models), "meta": describe(self.meta),
                         "meta_inputs": self.meta_inputs, "cv": self.cv, "random_state": self.random_state,
                         "feature_dtype": self.feature_dtype, "n_train": len(y),
-                        "data_fingerprint": dataset_fingerprint(data.paths)}
+                        "data_fingerprint": dataset_fingerprint(data.paths, self.cache_dir)}
         self.environment_ = environment()
 
     def _learner_weights(self) -> dict:
@@ -327,33 +341,37 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         return {n: float(v) for n, v in zip(names, w)}
 
     # ------------------------------------------------------------------ predict
-    def _level1(self, images):
-        """Per learner ``(probabilities, level-2 probabilities, level-2 features)``, kept rows, skipped rows."""
+    def _level1(self, images, on_bad_image=None, batch_size=None):
+        """Per learner ``(probabilities, level-2 probabilities, level-2 features)``, kept rows, skipped rows.
+
+        ``on_bad_image`` / ``batch_size`` default to the ensemble's; they apply to this
+        call only, so one ensemble can serve concurrent callers with different options.
+        """
         check_is_fitted(self, "meta_")
+        policy = self.on_bad_image if on_bad_image is None else on_bad_image
         features = self.meta_inputs != "proba"
         sources = {}
         for learner in self.learners_.values():
             for view, ext in learner.views().items():
                 sources.setdefault((learner.source_id(learner.spec), view), ext)
         if _is_in_memory(images):
-            arrays = list(images)
+            arrays = [_images._as_rgb_array(a) for a in _images.in_memory_list(images)]  # checked once
             if not arrays:
-                raise ValueError("no images to predict")
+                raise ValueError("no images to predict (an empty list)")
             kept, skipped, paths = np.arange(len(arrays)), {}, None
-            inputs = {sid: ext.transform_arrays(arrays) for sid, ext in sources.items()}
+            inputs = {sid: ext.transform_arrays(arrays, batch_size, converted=True) for sid, ext in sources.items()}
         else:
             data = _as_image_set(images)
             kept, skipped, per = np.arange(len(data)), {}, {}
             for sid, ext in sources.items():
-                ext.on_bad_image = self.on_bad_image
-                per[sid] = f = ext.extract(data)
+                per[sid] = f = ext.extract(data, on_bad_image=policy, batch_size=batch_size)
                 skipped.update(f.skipped)
                 kept = np.intersect1d(kept, f.kept)
             inputs = {sid: f.values[np.searchsorted(f.kept, kept)] for sid, f in per.items()}
             paths = [data.paths[i] for i in kept]
         outs = {name: lr.predict(self._inputs_of(lr, inputs), paths, features) if len(kept) else None
                 for name, lr in self.learners_.items()}
-        return outs, kept, skipped
+        return outs, kept, dict(sorted(skipped.items()))
 
     def _level2(self, outs) -> np.ndarray:
         meta_p = [o[1] for o in outs.values()]
@@ -366,12 +384,21 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         ``images``: an ImageSet, a folder, a list of paths, or in-memory images. Rows
         of images skipped under ``on_bad_image="skip"`` are NaN.
         """
-        outs, kept, skipped = self._level1(images)
+        out, skipped = self.predict_with_skipped(images)
+        self.last_skipped_ = skipped
+        return out
+
+    def predict_with_skipped(self, images, on_bad_image=None, batch_size=None):
+        """``(probabilities, {row: reason})`` with per-call options; changes nothing on the ensemble.
+
+        This is what concurrent callers use (``stacker.predict``): ``predict_proba``'s
+        ``last_skipped_`` attribute would be shared between them.
+        """
+        outs, kept, skipped = self._level1(images, on_bad_image, batch_size)
         out = np.full((len(kept) + len(skipped), len(self.classes_)), np.nan)
         if len(kept):
             out[kept] = self._level2(outs)
-        self.last_skipped_ = skipped
-        return out
+        return out, skipped
 
     def predict(self, images) -> np.ndarray:
         """Predicted class names (``None`` for skipped images)."""
@@ -659,7 +686,7 @@ def _json_default(obj):
 
 
 def _is_in_memory(images) -> bool:
-    if isinstance(images, np.ndarray):
+    if isinstance(images, np.ndarray) or (hasattr(images, "convert") and not isinstance(images, (list, tuple))):
         return True
     if isinstance(images, (list, tuple)) and images:
         return not isinstance(images[0], (str, os.PathLike))
@@ -673,7 +700,7 @@ def _as_image_set(images, labelled: bool = False) -> _images.ImageSet:
         return _images.load_images(images, labelled=labelled)
     paths = [os.fspath(p) for p in images]
     if not paths:
-        raise ValueError("no images to predict")
+        raise ValueError("no images to predict (an empty list)")
     return _images.ImageSet(paths, list(range(len(paths))))
 
 
@@ -701,6 +728,6 @@ def format_leaderboard(scores: dict) -> str:
     return "\n".join(lines)
 
 
-def dataset_fingerprint(paths) -> str:
+def dataset_fingerprint(paths, cache_dir=None) -> str:
     """Short hash of a set of files (for reports)."""
-    return hashlib.sha256("\n".join(sorted(_images.file_fingerprints(paths))).encode()).hexdigest()[:16]
+    return hashlib.sha256("\n".join(sorted(_images.file_fingerprints(paths, cache_dir))).encode()).hexdigest()[:16]

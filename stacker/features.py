@@ -5,7 +5,8 @@ happens. It asks the HDF5 cache first, decodes and runs only the images it lacks
 and appends their features chunk by chunk, so a second run does no forward pass and
 a killed run resumes from its last complete chunk. The cache key is derived from the
 backbone config, the sha256 of the weights, the input size, the preprocessing and the
-source code of the pixel pipeline and model builders.
+source code of the pixel pipeline and model builders; inside, an image is found by the
+digest of its bytes (:mod:`stacker.fingerprint`), wherever the file now lives.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +22,7 @@ import numpy as np
 
 from . import backbones as _backbones
 from . import engines as _engines
+from . import fingerprint as _fingerprint
 from . import images as _images
 from .cache import FeatureCache
 from .torch_checkpoint import sha256_file
@@ -46,7 +49,8 @@ def _code_fingerprint() -> str:
     from . import efficientnet_lite
 
     parts = [_images._decode, _images._orient, _images.resize_pixels, _images.pixel_batches,
-             _images.array_batches, _images._as_rgb_array, _images._pil_rgb, _images._pil_pixels,
+             _images.array_batches, _images._as_rgb_array, _images._pil_rgb, _images._pil_pixels, _images._to_8bit,
+             _images._tf_decodes, _images._pil_decoded,
              _backbones._preprocessing_layer_class, _backbones.build, FeatureExtractor._run, efficientnet_lite,
              _engines.forward_function, _engines._onnx_session]
     h = hashlib.sha256()
@@ -64,6 +68,21 @@ def tf_float32(pixels):
     import tensorflow as tf
 
     return tf.cast(pixels, tf.float32)
+
+
+class BadImageError(_images.BadImageError):
+    """Unusable image files under ``on_bad_image="raise"``; ``skipped`` maps row -> reason for all of them."""
+
+    def __init__(self, message: str, paths: dict):
+        super().__init__(message)
+        self.paths = paths
+
+
+def _raise_bad(images, skipped: dict):
+    row, reason = next(iter(sorted(skipped.items())))
+    more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+    raise BadImageError(f"{images.paths[row]}: {reason}{more}; pass on_bad_image='skip' to leave such files out",
+                        {images.paths[r]: why for r, why in sorted(skipped.items())})
 
 
 @dataclass
@@ -142,6 +161,7 @@ class FeatureExtractor:
         self._model = model
         self._weights_id = weights_id
         self._forward = None
+        self._lock = threading.RLock()  # concurrent predictions build the network and its session once
 
     # -- identity ---------------------------------------------------------------------
     @property
@@ -167,14 +187,16 @@ class FeatureExtractor:
             "pipeline": f"decode-rgb|exif|{self.resize}-antialias|float32",
             "engine": self.engine,
             "code": _code_fingerprint(),
+            "image_key": _fingerprint.HASH,  # rows keyed on file content (path-keyed caches are not read)
         }
 
     @property
     def model(self):
         if self._model is None:
-            with _engines.strategy_scope(self.strategy):
-                self._model = _backbones.build(self.cfg.name, weights=self.weights, input_size=self.size,
-                                               weights_dir=self.weights_dir)
+            with self._lock, _engines.strategy_scope(self.strategy):
+                if self._model is None:
+                    self._model = _backbones.build(self.cfg.name, weights=self.weights, input_size=self.size,
+                                                   weights_dir=self.weights_dir)
         return self._model
 
     def row_dim(self) -> int:
@@ -188,42 +210,59 @@ class FeatureExtractor:
     def _run(self, pixels) -> np.ndarray:
         global _FORWARD_IMAGES
         if self._forward is None:
-            self._forward = _engines.forward_function(
-                self.model, self.engine, self.cache_dir, identity=f"{self.weights_id}|{_code_fingerprint()}",
-                strategy=self.strategy)
+            with self._lock:
+                if self._forward is None:
+                    self._forward = _engines.forward_function(
+                        self.model, self.engine, self.cache_dir,
+                        identity=f"{self.weights_id}|{_code_fingerprint()}", strategy=self.strategy)
         out = self._forward(pixels)
         _FORWARD_IMAGES += int(out.shape[0])
         return out
 
     # -- features ---------------------------------------------------------------------
-    def extract(self, images) -> Features:
-        """Features for every usable image of ``images`` (an ImageSet or a list of paths)."""
+    def extract(self, images, on_bad_image=None, batch_size=None) -> Features:
+        """Features for every usable image of ``images`` (an ImageSet or a list of paths).
+
+        Images are found in the cache by the digest of their bytes, so moved, renamed or
+        copied files are not computed again. ``on_bad_image`` and ``batch_size`` override
+        the extractor's own for this call only (nothing shared is changed).
+        """
+        policy = self.on_bad_image if on_bad_image is None else on_bad_image
+        if policy not in ("raise", "skip"):
+            raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {policy!r}")
         images = images if isinstance(images, _images.ImageSet) else _images.ImageSet(list(images), list(images))
         n = len(images)
-        fps = _images.file_fingerprints(images.paths) if n else []
+        fps, skipped = _fingerprint.fingerprints(images.paths, self.cache_dir) if n else ([], {})
+        usable = np.array([i for i in range(n) if i not in skipped], dtype=np.int64)
         entry = None
         if self.cache_dir is not None:
             entry = FeatureCache(self.cache_dir).entry(self.key_meta(), self.row_dim(), self.feature_dtype)
-            found = entry.lookup(fps)
+            found = entry.lookup([fps[i] for i in usable])
         else:
-            found = np.full(n, -1, dtype=np.int64)
-        todo = np.flatnonzero(found < 0)
+            found = np.full(usable.size, -1, dtype=np.int64)
+        missing = usable[found < 0]
+        first = {}  # one forward pass per distinct content, even when two paths hold the same bytes
+        for i in missing:
+            first.setdefault(fps[i], int(i))
         computed: dict = {}
-        skipped: dict = {}
-        if todo.size:
-            computed, skipped = self._compute(images, todo, fps, entry)
-        if skipped and self.on_bad_image == "raise":
-            row, reason = next(iter(sorted(skipped.items())))
-            more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
-            raise _images.BadImageError(f"{images.paths[row]}: {reason}{more}; pass on_bad_image='skip' to leave such files out")
+        if first:
+            todo = np.array(sorted(first.values()), dtype=np.int64)
+            if policy == "raise" and skipped:  # failing anyway: only the cheap header scan, to list every file
+                bad = {int(todo[i]): r for i, r in _images.scan_images([images.paths[i] for i in todo])[1].items()}
+            else:
+                computed, bad = self._compute(images, todo, fps, entry, int(batch_size or self.batch_size), policy)
+            bad_fps = {fps[r]: reason for r, reason in bad.items()}
+            skipped.update({int(i): bad_fps[fps[i]] for i in missing if fps[i] in bad_fps})
+            computed = {int(i): computed[first[fps[i]]] for i in missing if first[fps[i]] in computed}
+        if skipped and policy == "raise":
+            _raise_bad(images, skipped)
         kept = np.array([i for i in range(n) if i not in skipped], dtype=np.int64)
         if entry is not None:
-            rows = entry.lookup([fps[i] for i in kept])
-            values = entry.read(rows)
+            values = entry.read(entry.lookup([fps[i] for i in kept]))
         else:
             values = np.stack([computed[i] for i in kept]).astype(self.feature_dtype) if kept.size else \
                 np.zeros((0, self.row_dim()), self.feature_dtype)
-        return Features(values, kept, skipped)
+        return Features(values, kept, dict(sorted(skipped.items())))
 
     def seconds_per_image(self) -> float | None:
         """Measured decode + forward time per image, from when the cached features were computed."""
@@ -238,22 +277,30 @@ class FeatureExtractor:
             raise _images.BadImageError(f"{len(feats.skipped)} images could not be used")
         return feats.values
 
-    def transform_arrays(self, arrays) -> np.ndarray:
+    def transform_arrays(self, arrays, batch_size=None, converted: bool = False) -> np.ndarray:
         """Features of in-memory images (NumPy arrays or PIL images); not cached."""
-        out = [self._run(batch) for batch in _images.array_batches(arrays, self.size, self.batch_size, self.resize)]
+        out = [self._run(batch) for batch in _images.array_batches(arrays, self.size, int(batch_size or self.batch_size),
+                                                                   self.resize, converted)]
         return np.concatenate(out).astype(self.feature_dtype) if out else np.zeros((0, self.row_dim()))
 
-    def _compute(self, images, todo, fps, entry):
+    def _compute(self, images, todo, fps, entry, batch_size: int, policy: str = "skip"):
+        """Forward passes for rows ``todo``; ``(features by row, {row: reason})``.
+
+        Headers are scanned first: under ``"raise"`` every file found unusable by then
+        is reported at once, before any forward pass.
+        """
         import keras
 
         orientations, bad = _images.scan_images([images.paths[i] for i in todo])
         skipped = {int(todo[i]): reason for i, reason in bad.items()}
+        if skipped and policy == "raise":
+            return {}, skipped
         good = np.array([r for r in todo if int(r) not in skipped], dtype=np.int64)
         computed: dict = {}
         if good.size == 0:
             return computed, skipped
         orient = np.array([orientations[i] for i, r in enumerate(todo) if int(r) not in skipped], dtype=np.int32)
-        ds = _images.pixel_batches([images.paths[i] for i in good], self.size, self.batch_size, orient, rows=good,
+        ds = _images.pixel_batches([images.paths[i] for i in good], self.size, batch_size, orient, rows=good,
                                    method=self.resize)
         bar = keras.utils.Progbar(good.size, unit_name="image") if self.verbose else None
         if bar is not None:

@@ -2,15 +2,18 @@
 
 Sources: class sub-folders, Kaggle-style names (``cat.12.jpg``), a CSV of
 ``path,label``, and unlabelled Kaggle test folders (``17.jpg`` -> id 17). Each gives an
-:class:`ImageSet`. Pixels come from a ``tf.data`` pipeline: files are read, decoded
-(JPEG/PNG/BMP/GIF/WebP, any mode -> RGB; 16-bit scaled to 8-bit), turned upright by
-their EXIF orientation, and resized in parallel with prefetching, so decoding
-overlaps with the CNN's forward pass.
+:class:`ImageSet`. Every format Pillow opens is read (JPEG, PNG, BMP, GIF, WebP, TIFF
+including 16-bit and float, PPM/PGM, ICO, TGA, SGI, ...), any mode converted to RGB
+(16-bit and float scaled to 8-bit) and turned upright by its EXIF orientation, in a
+``tf.data`` pipeline that decodes and resizes in parallel with the forward pass.
 
-Before pixels are decoded, :func:`scan_images` reads each file's header (cheap) to
-catch files that are not images, empty or absurdly large; a file that passes the scan
-but fails to decode (a truncated JPEG) is caught in the pipeline. Either way the file
-is reported by name under the ``on_bad_image`` policy: ``"raise"`` or ``"skip"``.
+Nothing is dropped silently. A folder reader gives every image file a row and lists
+what it did not read (hidden files, documents, sub-folders of a test folder) in
+:attr:`ImageSet.skipped`. Before pixels are decoded, :mod:`stacker.fingerprint` and
+:func:`scan_images` find files that are missing, dangling links, loops, FIFOs,
+devices, empty, not images or absurdly large; a file that passes but fails to decode
+(a truncated JPEG) is caught in the pipeline. Each is reported by name with its true
+reason under the ``on_bad_image`` policy: ``"raise"`` or ``"skip"``.
 """
 
 from __future__ import annotations
@@ -38,7 +41,16 @@ __all__ = [
     "scan_images",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+def _pillow_extensions() -> tuple:
+    from PIL import Image
+
+    Image.init()
+    return tuple(sorted(e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
+
+
+# Every extension a Pillow plugin opens, plus HEIF (a plugin may be installed) and no extension.
+IMAGE_EXTENSIONS = tuple(sorted(set(_pillow_extensions()) | {".heic", ".heif"}))
+_TF_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "MPO")  # decoded by TensorFlow itself
 MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (about 0.25 GB of RGBA)
 _KAGGLE_NAME = re.compile(r"^(?P<label>[^.]+)\.(?P<id>[^.]+)\.[A-Za-z]+$")
 
@@ -61,13 +73,16 @@ class ImageSet:
         Class name per image, or None for unlabelled sets.
     classes : list of str or None
         Sorted class names; ``y`` indexes into it.
+    skipped : dict
+        Path -> reason for what a folder reader saw and gave no row (hidden files,
+        documents, sub-folders of a test folder): listed, never silently dropped.
     """
 
     paths: list
     ids: list
     labels: list | None = None
     classes: list | None = None
-    skipped: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.paths = [os.fspath(p) for p in self.paths]
@@ -131,7 +146,29 @@ class ImageSet:
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    ext = os.path.splitext(name)[1].lower()
+    return not name.startswith(".") and (ext in IMAGE_EXTENSIONS or ext == "")
+
+
+def _list_images(folder: str, subfolders: str = "skip") -> tuple[list[str], dict]:
+    """Image file names in ``folder`` (sorted) and ``{path: reason}`` for every other entry.
+
+    ``subfolders="ignore"`` leaves sub-folders out of the listing (class folders are read
+    separately by :func:`from_folder`).
+    """
+    names, other = [], {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            if subfolders == "skip":
+                other[path] = "a sub-folder; its files are not read"
+        elif name.startswith("."):
+            other[path] = "hidden file"
+        elif _is_image(name):
+            names.append(name)
+        else:
+            other[path] = f"not an image file type ({os.path.splitext(name)[1].lower()})"
+    return names, other
 
 
 def _require_dir(root) -> str:
@@ -142,7 +179,11 @@ def _require_dir(root) -> str:
 
 
 def from_folder(root, classes: list | None = None, ignore: tuple = ("BACKGROUND_Google",)) -> ImageSet:
-    """Images in class sub-folders: ``root/<class>/<image>`` (Keras's ``image_dataset_from_directory`` layout)."""
+    """Images in class sub-folders: ``root/<class>/<image>`` (Keras's ``image_dataset_from_directory`` layout).
+
+    Files beside the class folders and non-image files inside them get no row and are
+    listed in ``skipped``.
+    """
     root = _require_dir(root)
     found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d not in ignore)
     if classes is not None:
@@ -150,26 +191,29 @@ def from_folder(root, classes: list | None = None, ignore: tuple = ("BACKGROUND_
         if missing:
             raise ValueError(f"class folders {missing} are not in {root}")
         found = list(classes)
+    loose, other = _list_images(root, subfolders="ignore")
+    other.update({os.path.join(root, f): "an image beside the class folders, not in one" for f in loose})
     paths, labels = [], []
     for c in found:
-        files = sorted(f for f in os.listdir(os.path.join(root, c)) if _is_image(f))
+        files, skipped = _list_images(os.path.join(root, c))
+        other.update(skipped)
         paths += [os.path.join(root, c, f) for f in files]
         labels += [c] * len(files)
     if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
+        raise ValueError(f"no image files in the class folders of {root}")
     empty = [c for c in found if c not in set(labels)]
     if empty:
-        raise ValueError(f"class folders without images: {empty[:10]}")
+        raise ValueError(f"class folders without image files: {empty[:10]}")
     ids = [os.path.relpath(p, root) for p in paths]
-    return ImageSet(paths, ids, labels, sorted(found))
+    return ImageSet(paths, ids, labels, sorted(found), skipped=other)
 
 
 def from_kaggle_names(root) -> ImageSet:
     """Labelled images whose file name starts with the label: ``cat.12.jpg``, ``dog.7.jpg``."""
     root = _require_dir(root)
-    files = sorted(f for f in os.listdir(root) if _is_image(f))
+    files, other = _list_images(root)
     if not files:
-        raise ValueError(f"no images in {root}")
+        raise ValueError(f"no image files in {root}")
     labels, bad = [], []
     for f in files:
         m = _KAGGLE_NAME.match(f)
@@ -178,7 +222,7 @@ def from_kaggle_names(root) -> ImageSet:
         raise ValueError(f"file names without a '<label>.<id>.<ext>' form in {root}: {bad[:5]}")
     order = sorted(range(len(files)), key=lambda i: (labels[i], _natural_key(files[i])))
     files = [files[i] for i in order]
-    return ImageSet([os.path.join(root, f) for f in files], files, [labels[i] for i in order])
+    return ImageSet([os.path.join(root, f) for f in files], files, [labels[i] for i in order], skipped=other)
 
 
 def from_csv(csv_path, root=None, path_column: str = "path", label_column: str = "label") -> ImageSet:
@@ -193,9 +237,7 @@ def from_csv(csv_path, root=None, path_column: str = "path", label_column: str =
         if col not in rows[0]:
             raise ValueError(f"{csv_path} has no column {col!r} (columns: {list(rows[0])})")
     paths = [os.path.join(root, r[path_column]) for r in rows]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} files listed in {csv_path} do not exist, e.g. {missing[:3]}")
+    # missing files keep their row: extraction reports them under the on_bad_image policy
     return ImageSet(paths, [r[path_column] for r in rows], [r[label_column] for r in rows])
 
 
@@ -204,15 +246,37 @@ def _natural_key(name: str):
 
 
 def from_test_folder(root) -> ImageSet:
-    """Unlabelled images; ids are the file stems (``17.jpg`` -> 17), numeric ids sorted numerically."""
+    """Unlabelled images; ids are the file stems (``17.jpg`` -> 17), numeric ids sorted numerically.
+
+    A folder that holds only class sub-folders is refused (read it with
+    :func:`from_folder`, or :func:`from_class_folders_unlabelled` to ignore labels).
+    """
     root = _require_dir(root)
-    files = sorted((f for f in os.listdir(root) if _is_image(f)), key=_natural_key)
+    files, other = _list_images(root)
     if not files:
-        raise ValueError(f"no images in {root}")
+        subdirs = [os.path.basename(p) for p, r in other.items() if r.startswith("a sub-folder")]
+        if subdirs:
+            raise ValueError(f"{root} holds sub-folders ({', '.join(subdirs[:5])}{', ...' if len(subdirs) > 5 else ''}) "
+                             "and no image files; pass one sub-folder, or the folder as labelled training data "
+                             "(stacker.load_images), or stacker.predict(folder) to predict every image in them")
+        raise ValueError(f"no image files in {root}" + (f" ({len(other)} other entries, e.g. "
+                                                         f"{next(iter(other))}: {next(iter(other.values()))})"
+                                                         if other else ""))
+    files.sort(key=_natural_key)
     stems = [os.path.splitext(f)[0] for f in files]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise ValueError(f"{root}: several files share the id {dup[0]!r} "
+                         f"({', '.join(f for f in files if os.path.splitext(f)[0] == dup[0])})")
     ids = [int(s) for s in stems] if all(s.isdigit() for s in stems) else stems
     order = sorted(range(len(files)), key=lambda i: ids[i])
-    return ImageSet([os.path.join(root, files[i]) for i in order], [ids[i] for i in order])
+    return ImageSet([os.path.join(root, files[i]) for i in order], [ids[i] for i in order], skipped=other)
+
+
+def from_class_folders_unlabelled(root) -> ImageSet:
+    """Every image in the class sub-folders of ``root``, labels ignored (ids: relative paths)."""
+    data = from_folder(root)
+    return ImageSet(data.paths, data.ids, skipped=data.skipped)
 
 
 def load_images(source, labelled: bool = True) -> ImageSet:
@@ -230,52 +294,52 @@ def load_images(source, labelled: bool = True) -> ImageSet:
     root = _require_dir(source)
     if not labelled:
         return from_test_folder(root)
-    entries = os.listdir(root)
-    if any(os.path.isdir(os.path.join(root, d)) for d in entries) and not any(_is_image(f) for f in entries):
+    images, other = _list_images(root)
+    if not images and any(r.startswith("a sub-folder") for r in other.values()):
         return from_folder(root)
-    images = [f for f in entries if _is_image(f)]
     if images and all(_KAGGLE_NAME.match(f) for f in images):
         return from_kaggle_names(root)
     if not images:
-        raise ValueError(f"{root} holds neither images nor class folders")
+        raise ValueError(f"{root} holds neither image files nor class folders")
     return from_test_folder(root)
 
 
 # --------------------------------------------------------------------------- file checks
 
 
-def file_fingerprints(paths) -> list[str]:
-    """One hex digest per file from its absolute path, size and modification time.
+def file_fingerprints(paths, cache_dir=None) -> list[str]:
+    """Content digest of each file (see :mod:`stacker.fingerprint`); raises if one cannot be read."""
+    from .fingerprint import fingerprints
 
-    Cheap (one ``stat``), and any rewrite of a file changes it, so cached features are
-    never served for a changed image.
-    """
-    out = []
-    for p in paths:
-        st = os.stat(p)
-        out.append(hashlib.sha1(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest())
-    return out
+    fps, bad = fingerprints(paths, cache_dir)
+    if bad:
+        row, reason = next(iter(sorted(bad.items())))
+        raise BadImageError(f"{os.fspath(list(paths)[row])}: {reason}")
+    return fps
 
 
 def _scan_one(path: str) -> tuple[int, str | None]:
     """(EXIF orientation, reason it is unusable or None) from the file header."""
     from PIL import Image, UnidentifiedImageError
 
+    from .fingerprint import probe
+
+    _, reason = probe(path)  # never open a FIFO or a device
+    if reason:
+        return 1, reason
     try:
-        if os.path.getsize(path) == 0:
-            return 1, "empty file (0 bytes)"
         with Image.open(path) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 return 1, f"{w}x{h} pixels exceeds the {MAX_PIXELS}-pixel limit (decompression bomb?)"
-            if im.format not in ("JPEG", "PNG", "BMP", "GIF", "WEBP", "MPO"):
-                return 1, f"{im.format} images are not supported (JPEG, PNG, BMP, GIF, WebP are)"
+            if w == 0 or h == 0:
+                return 1, f"{w}x{h} pixels: no image data"
             orientation = int(im.getexif().get(0x0112, 1)) if im.format in ("JPEG", "MPO", "WEBP", "PNG") else 1
             return (orientation if 1 <= orientation <= 8 else 1), None
     except FileNotFoundError:
         return 1, "file not found"
     except UnidentifiedImageError:
-        return 1, "not an image file (unknown format)"
+        return 1, "not an image file (no Pillow plugin recognises its contents)"
     except Image.DecompressionBombError as exc:
         return 1, f"decompression bomb: {exc}"
     except OSError as exc:
@@ -323,6 +387,28 @@ def _decode(tf, contents):
     )
 
 
+def _tf_decodes(tf, contents):
+    """Whether TensorFlow decodes these bytes itself (JPEG, PNG, GIF, BMP, WebP magic numbers)."""
+    head = tf.strings.substr(contents, 0, 4)
+    return tf.reduce_any(tf.stack([
+        tf.io.is_jpeg(contents), tf.equal(head, b"\x89PNG"), tf.equal(tf.strings.substr(contents, 0, 3), b"GIF"),
+        tf.equal(tf.strings.substr(contents, 0, 2), b"BM"),
+        tf.logical_and(tf.equal(head, b"RIFF"), tf.equal(tf.strings.substr(contents, 8, 4), b"WEBP"))]))
+
+
+def _pil_decoded(tf, path):
+    """Any other format (TIFF, PPM, ICO, TGA, SGI, ...): decoded by Pillow, upright, uint8 RGB."""
+    def read(p):
+        from PIL import Image
+
+        with Image.open(p.decode()) as img:
+            return np.asarray(_pil_rgb(img), dtype=np.uint8)
+
+    image = tf.numpy_function(read, [path], tf.uint8, stateful=False)
+    image.set_shape((None, None, 3))
+    return image
+
+
 def _orient(tf, image, orientation):
     """Apply an EXIF orientation (1..8) so the image is upright."""
     branches = [
@@ -343,14 +429,27 @@ RESIZE_METHODS = ("pil", "bilinear", "bicubic")
 
 
 def _pil_rgb(img):
-    """A PIL image -> uint8 RGB, upright; 16-bit greys scaled (Pillow's own convert would clip them)."""
+    """A PIL image -> uint8 RGB, upright; 16-bit, 32-bit and float greys scaled (Pillow's convert would clip them)."""
     from PIL import Image, ImageOps
 
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if img.mode.startswith("I") or img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(np.rint(_to_8bit(arr, img.mode)), 0, 255).astype(np.uint8), "L")
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _to_8bit(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a 16/32-bit integer or float grey image to 0..255."""
+    finite = arr[np.isfinite(arr)]
+    hi = float(finite.max()) if finite.size else 0.0
+    lo = float(finite.min()) if finite.size else 0.0
+    arr = np.nan_to_num(arr, nan=0.0, posinf=hi, neginf=lo)
+    if mode == "F":
+        if lo >= 0 and hi <= 1.0:
+            return arr * 255.0  # the usual [0, 1] float image
+        return arr if lo >= 0 and hi <= 255 else (arr - lo) * (255.0 / max(hi - lo, 1e-12))
+    return arr / 257.0 if hi <= 65535 else arr * (255.0 / hi)
 
 
 def _pil_pixels(path: str, size: int) -> np.ndarray:
@@ -394,8 +493,10 @@ def pixel_batches(paths, size: int, batch_size: int = 32, orientations=None, row
             image = tf.numpy_function(lambda p: _pil_pixels(p.decode(), size), [path], tf.float32, stateful=False)
             image.set_shape((size, size, 3))
             return row, image
-        image = _decode(tf, tf.io.read_file(path))
-        image = _orient(tf, image, orientation)
+        contents = tf.io.read_file(path)
+        image = tf.cond(_tf_decodes(tf, contents),
+                        lambda: _orient(tf, _decode(tf, contents), orientation),
+                        lambda: _pil_decoded(tf, path))
         return row, resize_pixels(tf, image, size, method)
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -403,14 +504,17 @@ def pixel_batches(paths, size: int, batch_size: int = 32, orientations=None, row
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def array_batches(images, size: int, batch_size: int = 32, method: str = "pil"):
-    """Yield float32 batches from in-memory images (NumPy arrays or PIL images), resized like files."""
+def array_batches(images, size: int, batch_size: int = 32, method: str = "pil", converted: bool = False):
+    """Yield float32 batches from in-memory images (NumPy arrays or PIL images), resized like files.
+
+    ``converted``: the images already went through :func:`_as_rgb_array` (not scaled twice).
+    """
     import tensorflow as tf
     from PIL import Image
 
     batch = []
     for img in images:
-        arr = _as_rgb_array(img)
+        arr = img if converted else _as_rgb_array(img)
         if method == "pil":
             pil = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
             batch.append(np.asarray(pil.resize((size, size), Image.BILINEAR), dtype=np.float32))
@@ -423,24 +527,63 @@ def array_batches(images, size: int, batch_size: int = 32, method: str = "pil"):
         yield np.stack(batch)
 
 
-def _as_rgb_array(img) -> np.ndarray:
-    """One in-memory image -> uint8/float ``(h, w, 3)`` RGB array."""
-    try:
-        from PIL import Image
+def in_memory_list(images) -> list:
+    """In-memory input as a list of single images.
 
-        if isinstance(img, Image.Image):
-            img = np.asarray(img.convert("RGB"))
-    except ImportError:  # pragma: no cover - Pillow is a dependency
-        pass
+    A PIL image, a 2-D array ``(h, w)`` and a 3-D array whose last axis has 1, 3 or 4
+    channels are one image; other 3-D arrays are a stack of grey images ``(n, h, w)``;
+    4-D arrays and lists are several images.
+    """
+    if hasattr(images, "convert") and not isinstance(images, (list, tuple, np.ndarray)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        if images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (1, 3, 4)):
+            return [images]
+        if images.ndim in (3, 4):
+            return list(images)
+        raise ValueError(f"an array of images must have 2 to 4 dimensions, got shape {images.shape}")
+    return list(images)
+
+
+def _as_rgb_array(img) -> np.ndarray:
+    """One in-memory image -> float32 ``(h, w, 3)`` RGB array in 0..255.
+
+    uint8 arrays are pixels; uint16 are scaled by 1/257; float arrays in [0, 1] are
+    scaled by 255 with a warning (the Keras convention), floats in [0, 255] are taken
+    as pixels, anything else (negative, NaN, above 255) is refused.
+    """
+    from PIL import Image
+
+    if isinstance(img, Image.Image):
+        img = _pil_rgb(img)
     arr = np.asarray(img)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
-    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"an image array must be (h, w), (h, w, 1|3|4); got shape {arr.shape}")
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    if arr.shape[-1] == 4:
-        arr = arr[..., :3]
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or min(arr.shape[:2]) == 0:
+        raise ValueError(f"an image array must be (h, w), (h, w, 1), (h, w, 3) or (h, w, 4) with h, w > 0; "
+                         f"got shape {arr.shape}")
+    arr = arr[..., :3]
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"image arrays must hold integers or floats, got dtype {arr.dtype}")
     if arr.dtype == np.uint16:
-        arr = arr.astype(np.float32) / 257.0
+        return arr.astype(np.float32) / 257.0
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ValueError("an image array holds NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"a float image array must hold pixels in [0, 1] or [0, 255], got values in "
+                             f"[{lo:.3g}, {hi:.3g}] (normalised input? pass the original pixels)")
+        if 0 < hi <= 1.0:
+            import warnings
+
+            warnings.warn("float image array with values in [0, 1]: scaled by 255 to pixels (pass uint8 or "
+                          "0-255 floats to avoid this guess)", stacklevel=4)
+            return arr.astype(np.float32) * 255.0
+        return arr.astype(np.float32)
+    if arr.min() < 0 or arr.max() > 255:
+        raise ValueError(f"an integer image array must hold pixels in 0..255 (or be uint16), got values in "
+                         f"[{arr.min()}, {arr.max()}]")
     return arr.astype(np.float32)

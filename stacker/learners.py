@@ -225,7 +225,7 @@ class Learner:
         key = getattr(self, "key_", None)
         if store is None or key is None or not paths:
             return self.fold_average(X)
-        pkey = stable_hash([key, _images.file_fingerprints(paths)] + ([view] if view != "original" else []))[:24]
+        pkey = stable_hash([key, _images.file_fingerprints(paths, self.settings.cache_dir)] + ([view] if view != "original" else []))[:24]
         hit = store.get(pkey)
         if hit:
             return np.load(os.path.join(hit, "proba.npy"), allow_pickle=False)

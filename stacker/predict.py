@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .ensemble import MANIFEST, Ensemble
-from .images import ImageSet, from_test_folder
+from .ensemble import MANIFEST, Ensemble, _is_in_memory
+from .images import ImageSet, from_class_folders_unlabelled, from_test_folder, in_memory_list
 
 __all__ = ["Prediction", "load", "predict"]
 
-_LOADED: dict = {}  # (directory, manifest mtime, cache_dir) -> Ensemble: the second call skips loading
+# (directory, manifest mtime, cache_dir, trusted) -> Ensemble: the second call skips loading.
+# One lock per key: concurrent first calls load once; a loaded ensemble is never mutated
+# by predict (per-call options are passed down), so callers share it safely.
+_LOADED: dict = {}
+_LOCKS: dict = {}
+_LOCKS_GUARD = threading.Lock()
 
 
 @dataclass
@@ -32,6 +38,9 @@ class Prediction:
     ids : list
         Kaggle ids for a folder (``17.jpg`` -> 17), paths for a list of paths, row
         numbers for in-memory images.
+    unread : dict
+        Path -> reason for entries of a folder that got no row (hidden files,
+        documents, sub-folders): listed so that nothing disappears silently.
     """
 
     classes: list
@@ -39,6 +48,7 @@ class Prediction:
     labels: list
     skipped: dict
     ids: list
+    unread: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.proba)
@@ -60,10 +70,13 @@ def load(model, cache_dir=None, trusted=None) -> Ensemble:
     directory = os.path.abspath(os.fspath(model))
     key = (directory, os.path.getmtime(os.path.join(directory, MANIFEST))
            if os.path.exists(os.path.join(directory, MANIFEST)) else None, cache_dir, tuple(trusted or ()))
-    ens = _LOADED.get(key)
-    if ens is None:
-        ens = Ensemble.load(directory, trusted=trusted, cache_dir=cache_dir, verbose=0)
-        _LOADED[key] = ens
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        ens = _LOADED.get(key)
+        if ens is None:
+            ens = Ensemble.load(directory, trusted=trusted, cache_dir=cache_dir, verbose=0)
+            _LOADED[key] = ens
     return ens
 
 
@@ -72,9 +85,13 @@ def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None
 
     Parameters
     ----------
-    images : path, list of paths, folder, ndarray or list of PIL images
-        A single path or array is one image; a folder means every image in it
-        (ids sorted as :func:`stacker.images.from_test_folder` sorts them).
+    images : path, list of paths, folder, ndarray, PIL image or list of them
+        A single path, PIL image or array (``(h, w)``, ``(h, w, 1|3|4)``) is one
+        image; ``(n, h, w[, c])`` arrays and lists are several. A folder means every
+        image in it (ids sorted as :func:`stacker.images.from_test_folder` sorts
+        them); a folder of class sub-folders means every image in those (labels
+        ignored, ids are relative paths). Arrays are pixels: uint8, uint16, or floats
+        in [0, 255]; floats in [0, 1] are scaled by 255 with a warning.
     model : path
         Directory written by :meth:`Ensemble.save`.
     cache_dir : path, optional
@@ -90,28 +107,36 @@ def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None
     -------
     Prediction
     """
+    if on_bad_image not in ("raise", "skip"):
+        raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
+    images, ids, unread = _as_input(images)
     ens = load(model, cache_dir=cache_dir, trusted=trusted)
-    ens.on_bad_image = on_bad_image
-    for learner in ens.learners_.values():
-        for ext in learner.views().values():
-            ext.on_bad_image = on_bad_image
-            if batch_size:
-                ext.batch_size = int(batch_size)
-    if isinstance(images, (str, os.PathLike)) and os.path.isdir(images):
-        images = from_test_folder(images)
-    elif isinstance(images, (str, os.PathLike)) and os.path.isfile(images):
-        images = [os.fspath(images)]
-    elif isinstance(images, np.ndarray) and images.ndim == 3:
-        images = [images]
-    elif not isinstance(images, (str, os.PathLike, np.ndarray, list, tuple)) and hasattr(images, "convert"):
-        images = [images]  # one PIL image
-    if isinstance(images, ImageSet):
-        ids = list(images.ids)
-    elif isinstance(images, (list, tuple)) and images and isinstance(images[0], (str, os.PathLike)):
-        ids = [os.fspath(p) for p in images]
-    else:
-        ids = list(range(len(images)))
-    proba = ens.predict_proba(images)
+    proba, skipped = ens.predict_with_skipped(images, on_bad_image=on_bad_image,
+                                              batch_size=int(batch_size) if batch_size else None)
     ok = ~np.isnan(proba).any(axis=1)
     labels = [ens.classes_[int(i)] if good else None for i, good in zip(np.nan_to_num(proba).argmax(1), ok)]
-    return Prediction(list(ens.classes_), proba, labels, dict(getattr(ens, "last_skipped_", {})), ids)
+    return Prediction(list(ens.classes_), proba, labels, skipped, ids, unread)
+
+
+def _as_input(images):
+    """``(images, ids, unread)``: a folder read (class sub-folders: labels ignored), one image made a list."""
+    if isinstance(images, ImageSet):
+        return images, list(images.ids), dict(images.skipped)
+    if isinstance(images, (str, os.PathLike)):
+        path = os.fspath(images)
+        if os.path.isdir(path):
+            entries = [e for e in os.listdir(path) if not e.startswith(".")]
+            subdirs_only = entries and all(os.path.isdir(os.path.join(path, e)) for e in entries)
+            data = from_class_folders_unlabelled(path) if subdirs_only else from_test_folder(path)
+            return data, list(data.ids), dict(data.skipped)
+        return [path], [path], {}  # a file, or a missing path that extraction reports
+    if _is_in_memory(images):
+        arrays = in_memory_list(images)
+        if not arrays:
+            raise ValueError("no images to predict (an empty list)")
+        return arrays, list(range(len(arrays))), {}
+    items = list(images)
+    if not items:
+        raise ValueError("no images to predict (an empty list)")
+    paths = [os.fspath(p) for p in items]
+    return paths, paths, {}

@@ -53,7 +53,7 @@ def imagenet_proba(images, backbone: str = "efficientnet_lite0", weights="imagen
     size = int(model.input_shape[1])
     if isinstance(images, (str, os.PathLike)):
         images = [images]
-    images = list(images)
+    images = list(images) if isinstance(images, (list, tuple)) else _images.in_memory_list(images)
     if images and isinstance(images[0], (str, os.PathLike)):
         paths = [os.fspath(p) for p in images]
         orientations, bad = _images.scan_images(paths)

@@ -31,13 +31,39 @@ def read_sample_ids(sample_csv) -> list:
     return [int(i) for i in ids] if all(i.lstrip("-").isdigit() for i in ids) else ids
 
 
+def _filled(proba, ids, classes, fill, skipped: dict, positive) -> np.ndarray:
+    """Rows without a prediction refused (naming ids and reasons) or filled as asked."""
+    missing = np.flatnonzero(~np.isfinite(proba).all(axis=1))
+    if not missing.size:
+        return proba
+    if fill is None:
+        detail = ", ".join(f"{ids[i]} ({skipped[i]})" if i in skipped else str(ids[i]) for i in missing[:5])
+        raise SubmissionError(f"no prediction for {missing.size} ids: {detail}{', ...' if missing.size > 5 else ''}. "
+                              "Every id needs a row: fix those files, or pass fill='uniform' or a probability "
+                              "(CLI: --fill) to write one for them")
+    proba = proba.copy()
+    if isinstance(fill, str):
+        if fill != "uniform":
+            raise SubmissionError(f"fill must be None, 'uniform' or a probability, got {fill!r}")
+        proba[missing] = 1.0 / len(classes)
+        return proba
+    p = float(fill)
+    if len(classes) != 2 or not 0 <= p <= 1:
+        raise SubmissionError(f"a numeric fill is the positive class's probability in [0, 1] with two classes; "
+                              f"got {fill!r} for {len(classes)} classes (use fill='uniform')")
+    pos = 1 if positive is None else classes.index(str(positive)) if str(positive) in classes else 1
+    proba[missing, pos], proba[missing, 1 - pos] = p, 1 - p
+    return proba
+
+
 def _sample_header(sample_csv) -> list:
     with open(sample_csv, newline="") as f:
         return next(csv.reader(f))
 
 
 def write_csv(path, ids, proba, classes, kind: str = "auto", positive=None, eps: float = 1e-3,
-              expected_ids=None, sample_submission=None, id_column: str = "id", label_column: str = "label") -> str:
+              expected_ids=None, sample_submission=None, id_column: str = "id", label_column: str = "label",
+              fill=None, skipped=None) -> str:
     """Write a submission CSV after validating it.
 
     Parameters
@@ -58,6 +84,13 @@ def write_csv(path, ids, proba, classes, kind: str = "auto", positive=None, eps:
         Probabilities are clipped to ``[eps, 1 - eps]`` (0 disables clipping).
     expected_ids : sequence, optional
         Every id the competition expects; missing or extra ids are an error.
+    fill : None, "uniform" or float
+        What to write for rows without a prediction (NaN: images skipped as
+        unusable). None (default) refuses them, naming the ids, so no id is lost
+        silently; ``"uniform"`` writes 1/k for every class; a float is the positive
+        class's probability (two classes only).
+    skipped : dict, optional
+        Row -> reason, to name why rows have no prediction in the error.
     sample_submission : path, optional
         A sample submission: its ids are ``expected_ids`` and, for ``binary``, its
         header names the columns.
@@ -74,9 +107,7 @@ def write_csv(path, ids, proba, classes, kind: str = "auto", positive=None, eps:
         raise SubmissionError(f"proba has shape {proba.shape}, expected (n, {len(classes)}) for classes {classes}")
     if len(ids) != len(proba):
         raise SubmissionError(f"{len(ids)} ids for {len(proba)} rows of probabilities")
-    if not np.isfinite(proba).all():
-        bad = [ids[i] for i in np.flatnonzero(~np.isfinite(proba).all(axis=1))[:5]]
-        raise SubmissionError(f"no prediction (NaN) for ids {bad}: every test image needs a probability")
+    proba = _filled(proba, ids, classes, fill, skipped or {}, positive)
     if len(set(ids)) != len(ids):
         dup = sorted({str(i) for i in ids if ids.count(i) > 1})[:5]
         raise SubmissionError(f"duplicate ids: {dup}")

@@ -136,7 +136,7 @@ def test_ensemble_skips_every_broken_file_and_reports_it(tmp_path):
     with pytest.raises(BadImageError, match="bad_"):
         Ensemble([TINY], cv=3, models="logistic", verbose=0).fit(root)
     ens = Ensemble([TINY], cv=3, models="logistic", on_bad_image="skip", verbose=0)
-    with pytest.warns(UserWarning, match=f"{len(broken)} training images were skipped"):
+    with pytest.warns(UserWarning, match=f"{len(broken)} files were not used for training"):
         ens.fit(root)
     assert set(ens.skipped_) == set(broken)
     for path, reason in broken.items():

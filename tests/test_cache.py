@@ -130,11 +130,15 @@ def test_bad_images_raise_or_skip_and_nothing_is_lost(class_folders, cache_dir):
     bad.write_text("this is text")
     data = im.load_images(class_folders)
     first = extractor(cache_dir)
+    before = forward_pass_count()
     with pytest.raises(im.BadImageError, match="broken.png: not an image"):
         first.transform(data)
-    before = forward_pass_count()
+    assert forward_pass_count() == before, "a header problem fails fast, before any forward pass"
     feats = extractor(cache_dir, on_bad_image="skip", model=first.model, weights_id=first.weights_id).extract(data)
-    assert forward_pass_count() == before, "good images were cached before the error"
+    assert forward_pass_count() == before + len(data) - 1
+    again = extractor(cache_dir, on_bad_image="skip", model=first.model, weights_id=first.weights_id).extract(data)
+    assert forward_pass_count() == before + len(data) - 1, "and nothing computed is computed again"
+    np.testing.assert_array_equal(again.values, feats.values)
     row = data.paths.index(str(bad))
     assert list(feats.skipped) == [row] and row not in feats.kept
     assert len(feats.values) == len(data) - 1

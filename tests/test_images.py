@@ -32,8 +32,10 @@ def test_csv_source(tmp_path, class_folders):
     assert data.labels == ["cat", "dog", "cat"] and data.classes == ["cat", "dog"]
     bad = tmp_path / "bad.csv"
     bad.write_text("path,label\ncat/0.png,cat\nnope.png,dog\n")
-    with pytest.raises(FileNotFoundError, match="do not exist"):
-        im.from_csv(bad, root=class_folders)
+    missing = im.from_csv(bad, root=class_folders)  # the row stays; extraction reports it under the policy
+    assert len(missing) == 2 and im.scan_images(missing.paths)[1] == {1: "file not found"}
+    with pytest.raises(im.BadImageError, match="nope.png: file not found"):
+        im.file_fingerprints(missing.paths)
     with pytest.raises(ValueError, match="no column"):
         (tmp_path / "cols.csv").write_text("file,y\na,b\n")
         im.from_csv(tmp_path / "cols.csv")
@@ -49,12 +51,12 @@ def test_test_folder_ids_sorted_numerically(kaggle_dir):
 def test_errors_are_clear(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="neither images nor class folders"):
+    with pytest.raises(ValueError, match="neither image files nor class folders"):
         im.load_images(empty)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         im.load_images(tmp_path / "missing")
     (empty / "cat").mkdir()
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(ValueError, match="no image files"):
         im.from_folder(empty)
     with pytest.raises(ValueError, match="duplicate image ids"):
         im.ImageSet(["a.jpg", "b.jpg"], [1, 1])

@@ -46,7 +46,7 @@ def test_sample_submission_defines_ids_and_header(tmp_path):
     ([1, 1], np.full((2, 2), 0.5), ["a", "b"], {}, "duplicate ids"),
     ([1, 2], np.full((3, 2), 0.5), ["a", "b"], {}, "2 ids for 3 rows"),
     ([1, 2], np.full((2, 3), 0.3), ["a", "b"], {}, "expected"),
-    ([1, 2], np.array([[0.5, 0.5], [np.nan, np.nan]]), ["a", "b"], {}, "NaN"),
+    ([1, 2], np.array([[0.5, 0.5], [np.nan, np.nan]]), ["a", "b"], {}, "no prediction for 1 ids: 2"),
     ([1, 2], np.full((2, 3), 0.3), ["a", "b", "c"], {"kind": "binary"}, "needs two classes"),
     ([1, 2], np.full((2, 2), 0.5), ["a", "b"], {"positive": "dog"}, "not one of"),
     ([1, 2], np.full((2, 2), 0.5), ["a", "b"], {"eps": 0.7}, "eps must be"),

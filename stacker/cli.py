@@ -36,6 +36,21 @@ def _add_trust(p):
                         "someone else runs none of its code")
 
 
+def _add_ray(p):
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray (pip install 'stacker[ray]'): the cluster at ADDRESS, else $RAY_ADDRESS or a "
+                        "local one; the cache must be on storage every node mounts")
+
+
+def _connect_ray(args) -> bool:
+    if args.ray is None:
+        return False
+    from .distributed import connect
+
+    connect(args.ray or None)
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stacker", description="Stacked ensembles of pretrained CNNs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--on-bad-image", default="raise", choices=["raise", "skip"])
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
+    _add_ray(p)
     _add_common(p)
 
     p = sub.add_parser("predict", help="predict classes of images with a saved ensemble")
@@ -114,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--on-bad-image", default="skip", choices=["raise", "skip"])
+    _add_ray(p)
     _add_common(p)
 
     p = sub.add_parser("cache", help="inspect, clean or merge feature caches")
@@ -154,7 +171,8 @@ def cmd_fit(args) -> int:
                            meta=args.meta, meta_inputs=args.meta_inputs, cv=args.folds, random_state=args.seed,
                            calibration=not args.no_calibration, input_size=args.image_size, cache_dir=args.cache,
                            weights_dir=args.weights_dir,
-                           on_bad_image=args.on_bad_image, verbose=0 if args.quiet else 1)
+                           on_bad_image=args.on_bad_image, verbose=0 if args.quiet else 1,
+                           executor="ray" if _connect_ray(args) else "local")
     ens.fit(args.data)
     ens.save(args.out)
     print(ens.leaderboard())
@@ -276,6 +294,11 @@ def cmd_extract(args) -> int:
                                batch_size=args.batch_size, feature_dtype=args.feature_dtype, cache_dir=args.cache,
                                weights_dir=args.weights_dir, on_bad_image=args.on_bad_image,
                                verbose=0 if args.quiet else 1)
+        if _connect_ray(args):
+            from .distributed import fill_cache
+
+            done = fill_cache(ext, data)
+            part = f" ({done.computed} computed on {done.workers} Ray workers)"
         feats = ext.extract(data)
         print(f"{name}: {len(feats.kept)} images cached in {args.cache}{part}"
               + (f", {len(feats.skipped)} unusable" if feats.skipped else ""))

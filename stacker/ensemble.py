@@ -30,6 +30,7 @@ from .learners import LEARNER_KINDS, Settings, describe, learner_specs, make_lea
 from .meta import (META_INPUTS, PROBABILITY_COMBINERS, Level2, combiner_names, fit_level2, meta_matrix,
                    score)
 from .persist import load_estimator, load_unfitted, member, save_estimator, save_unfitted, trusted_types
+from .streaming import use_out_of_core
 from .torch_checkpoint import sha256_file
 
 __all__ = ["Ensemble", "FORMAT_VERSION", "format_leaderboard", "ModelIntegrityError"]
@@ -97,6 +98,17 @@ class Ensemble(ClassifierMixin, BaseEstimator):
     strategy : tf.distribute.Strategy, optional
         Extraction and Keras models are built and run in its scope. Not saved.
     verbose : int
+    out_of_core : {"auto", True, False}
+        Read features from the cache in windows instead of loading every source's
+        matrix (:mod:`stacker.streaming`): models are then the streaming ``logistic`` and
+        ``prototype``, and level 2 sees probabilities only. ``"auto"`` streams once the
+        training features of all sources would take more than 4 GiB as float32
+        (:data:`stacker.streaming.OUT_OF_CORE_BYTES`); below, results are exactly the
+        in-memory ones. Needs ``cache_dir``.
+    executor : {"local", "ray"}
+        ``"ray"``: extract missing features on a Ray actor pool and fit folds as Ray tasks
+        (:mod:`stacker.distributed`; ``pip install 'stacker[ray]'``), on the cluster of
+        ``$RAY_ADDRESS`` or a local one. Same results as ``"local"``; needs ``cache_dir``.
 
     Attributes
     ----------
@@ -126,7 +138,8 @@ class Ensemble(ClassifierMixin, BaseEstimator):
     def __init__(self, backbones=("efficientnet_lite0",), models="default", meta="auto", meta_inputs="proba",
                  calibration=True, cv=5, random_state=0, weights="imagenet", input_size=None, batch_size=32,
                  feature_dtype="float32", cache_dir=None, weights_dir=None, on_bad_image="raise", resize="pil",
-                 finetune=None, chunk_size=256, engine="auto", strategy=None, verbose=1):
+                 finetune=None, chunk_size=256, engine="auto", strategy=None, verbose=1, out_of_core="auto",
+                 executor="local"):
         self.backbones = backbones
         self.models = models
         self.meta = meta
@@ -147,6 +160,8 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         self.engine = engine
         self.strategy = strategy
         self.verbose = verbose
+        self.out_of_core = out_of_core
+        self.executor = executor
 
     # ------------------------------------------------------------------ validation
     def _validate_params(self) -> list[dict]:
@@ -169,10 +184,25 @@ class Ensemble(ClassifierMixin, BaseEstimator):
             ("resize", self.resize in _images.RESIZE_METHODS, f"one of {_images.RESIZE_METHODS}"),
             ("engine", self.engine in _engines.ENGINES, f"one of {_engines.ENGINES}"),
             ("calibration", isinstance(self.calibration, (bool, np.bool_)), "True or False"),
+            ("out_of_core", isinstance(self.out_of_core, (bool, np.bool_)) or self.out_of_core == "auto",
+             "'auto', True or False"),
+            ("executor", self.executor in ("local", "ray"), "'local' or 'ray'"),
         ):
             if not ok:
                 raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+        if self.executor == "ray" and self.cache_dir is None:
+            raise ValueError("executor='ray' shares features and fold results through the cache: give a cache_dir "
+                             "(on storage every Ray node mounts)")
+        if self.out_of_core is True:
+            self._check_out_of_core()
         return learner_specs(self.backbones, self.models, self.input_size, self.weights, self.finetune)
+
+    def _check_out_of_core(self) -> None:
+        if self.cache_dir is None:
+            raise ValueError("out_of_core streams features from the cache: give a cache_dir")
+        if self.meta_inputs != "proba":
+            raise ValueError(f"out-of-core level 2 combines probabilities only; meta_inputs={self.meta_inputs!r} "
+                             "would load every feature matrix (use meta_inputs='proba' or out_of_core=False)")
 
     def _check_data(self, data: _images.ImageSet, skipped: dict | None = None, labels: dict | None = None) -> None:
         """Two classes or more, each with at least ``cv`` usable images; says which were skipped."""
@@ -246,32 +276,53 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         self._check_data(data)
         self.classes_ = list(data.classes)
         self.specs_ = specs
-        self.learners_ = make_learners(specs, self._settings())
-        inputs, data, timings = self._extract_training(data)
+        settings = self._settings()
+        self.learners_ = make_learners(specs, settings)
+        inputs, data, timings = self._extract_training(data, settings)
         y, k = data.y, len(self.classes_)
         splitter = StratifiedKFold(n_splits=self.cv, shuffle=True, random_state=self.random_state)
         self.folds_ = list(splitter.split(np.zeros(len(y)), y))
         self.train_ids_, self.train_paths_, self.y_ = list(data.ids), list(data.paths), y
         images_fp = stable_hash([_images.file_fingerprints(data.paths, self.cache_dir), data.labels])
+        run_folds = _distributed().run_folds if self.executor == "ray" else None
         for name, learner in self.learners_.items():
             t0 = time.perf_counter()
-            learner.fit_oof(self._inputs_of(learner, inputs), y, self.folds_, k, data, images_fp)
+            learner.fit_oof(self._inputs_of(learner, inputs), y, self.folds_, k, data, images_fp, run_folds)
             timings[name]["train_s"] = time.perf_counter() - t0
         self.oof_proba_ = {name: lr.oof_proba_ for name, lr in self.learners_.items()}
         self._fit_level2(inputs, y, k, timings)
         self._record(data, timings)
         return self
 
-    def _extract_training(self, data):
+    def _sources(self) -> dict:
+        """(source id, view) -> extractor, each once, in learner order."""
+        sources = {}
+        for learner in self.learners_.values():
+            for view, ext in learner.views().items():
+                sources.setdefault((learner.source_id(learner.spec), view), ext)
+        return sources
+
+    def _streams(self, n_images: int) -> bool:
+        """Whether features of ``n_images`` images are streamed from the cache (``out_of_core``)."""
+        dims = [ext.row_dim() for ext in self._sources().values()]
+        return self.cache_dir is not None and use_out_of_core(self.out_of_core, n_images, dims)
+
+    def _extract_training(self, data, settings):
         """Every source's cached inputs for the training images (each source and view once)."""
         feats, timings, skipped = {}, {}, dict(data.skipped)  # the reader's unread files, then unusable ones
         kept = np.arange(len(data))
+        self.out_of_core_ = settings["out_of_core"] = use_out_of_core(
+            self.out_of_core, len(data), [ext.row_dim() for ext in self._sources().values()])
+        if self.out_of_core_:
+            self._check_out_of_core()
         for name, learner in self.learners_.items():
             t0, before = time.perf_counter(), forward_pass_count()
             for view, ext in learner.views().items():
                 sid = (learner.source_id(learner.spec), view)
                 if sid not in feats:
-                    feats[sid] = ext.extract(data)
+                    if self.executor == "ray":
+                        _distributed().fill_cache(ext, data)
+                    feats[sid] = ext.extract(data, lazy=self.out_of_core_)
                     skipped.update({data.paths[r]: reason for r, reason in feats[sid].skipped.items()})
                     kept = np.intersect1d(kept, feats[sid].kept)
             n_fwd, dt = forward_pass_count() - before, time.perf_counter() - t0
@@ -350,10 +401,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "meta_")
         policy = self.on_bad_image if on_bad_image is None else on_bad_image
         features = self.meta_inputs != "proba"
-        sources = {}
-        for learner in self.learners_.values():
-            for view, ext in learner.views().items():
-                sources.setdefault((learner.source_id(learner.spec), view), ext)
+        sources = self._sources()
         if _is_in_memory(images):
             arrays = [_images._as_rgb_array(a) for a in _images.in_memory_list(images)]  # checked once
             if not arrays:
@@ -363,8 +411,9 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         else:
             data = _as_image_set(images)
             kept, skipped, per = np.arange(len(data)), {}, {}
+            lazy = not features and self._streams(len(data))
             for sid, ext in sources.items():
-                per[sid] = f = ext.extract(data, on_bad_image=policy, batch_size=batch_size)
+                per[sid] = f = ext.extract(data, on_bad_image=policy, batch_size=batch_size, lazy=lazy)
                 skipped.update(f.skipped)
                 kept = np.intersect1d(kept, f.kept)
             inputs = {sid: f.values[np.searchsorted(f.kept, kept)] for sid, f in per.items()}
@@ -527,6 +576,12 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         ens.train_ids_ = manifest.get("train_ids", [])
         ens.train_paths_ = manifest.get("train_paths", [])
         return ens
+
+
+def _distributed():
+    from . import distributed
+
+    return distributed
 
 
 def _encode_params(params: dict, directory: str) -> dict:

@@ -163,6 +163,17 @@ class FeatureExtractor:
         self._forward = None
         self._lock = threading.RLock()  # concurrent predictions build the network and its session once
 
+    def __getstate__(self):
+        """Picklable for other processes (Ray tasks): without the lock and the compiled forward function."""
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        state["_forward"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     # -- identity ---------------------------------------------------------------------
     @property
     def weights_id(self) -> str:
@@ -220,13 +231,17 @@ class FeatureExtractor:
         return out
 
     # -- features ---------------------------------------------------------------------
-    def extract(self, images, on_bad_image=None, batch_size=None) -> Features:
+    def extract(self, images, on_bad_image=None, batch_size=None, lazy: bool = False) -> Features:
         """Features for every usable image of ``images`` (an ImageSet or a list of paths).
 
         Images are found in the cache by the digest of their bytes, so moved, renamed or
         copied files are not computed again. ``on_bad_image`` and ``batch_size`` override
-        the extractor's own for this call only (nothing shared is changed).
+        the extractor's own for this call only (nothing shared is changed). ``lazy``: the
+        values are a :class:`stacker.streaming.CachedRows` view of the cache file, not an
+        array (out-of-core learning; needs a ``cache_dir``).
         """
+        if lazy and self.cache_dir is None:
+            raise ValueError("out-of-core features are read from the cache: give a cache_dir")
         policy = self.on_bad_image if on_bad_image is None else on_bad_image
         if policy not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {policy!r}")
@@ -257,7 +272,11 @@ class FeatureExtractor:
         if skipped and policy == "raise":
             _raise_bad(images, skipped)
         kept = np.array([i for i in range(n) if i not in skipped], dtype=np.int64)
-        if entry is not None:
+        if entry is not None and lazy:
+            from .streaming import CachedRows
+
+            values = CachedRows(entry.path, entry.lookup([fps[i] for i in kept]), entry.dim, entry.dtype)
+        elif entry is not None:
             values = entry.read(entry.lookup([fps[i] for i in kept]))
         else:
             values = np.stack([computed[i] for i in kept]).astype(self.feature_dtype) if kept.size else \

@@ -27,6 +27,7 @@ from .features import FeatureExtractor
 from .meta import _align, score
 from .models import code_fingerprint, make_model, model_label, model_names
 from .persist import PERSIST_FORMAT, UntrustedTypeError, load_estimator, load_keras, member, save_estimator
+from .streaming import streaming_code, streaming_model
 
 __all__ = ["Learner", "FrozenLearner", "LEARNER_KINDS", "register_learner", "learner_specs", "make_learners",
            "describe"]
@@ -119,11 +120,19 @@ class Learner:
                             **self._key_extra()})[:24]
 
     def _key_extra(self) -> dict:
-        return {"dtype": self.settings.feature_dtype, "model_code": code_fingerprint(), "persist": PERSIST_FORMAT}
+        extra = {"dtype": self.settings.feature_dtype, "model_code": code_fingerprint(), "persist": PERSIST_FORMAT}
+        if self.settings.get("out_of_core"):  # other (streaming) models: other results
+            extra["out_of_core"] = streaming_code()
+        return extra
 
     # -- fitting ----------------------------------------------------------------------
-    def fit_oof(self, inputs: dict, y, folds, k: int, data, images_fp: str) -> "Learner":
-        """Fit one model per fold on the other folds; keep out-of-fold outputs (or read them from the cache)."""
+    def fit_oof(self, inputs: dict, y, folds, k: int, data, images_fp: str, run_folds=None) -> "Learner":
+        """Fit one model per fold on the other folds; keep out-of-fold outputs (or read them from the cache).
+
+        ``run_folds(learner, fits)`` runs the fold fits (``fits[i]()`` gives fold ``i``'s
+        ``(model, arrays)``) and returns their results in order; the default runs them here,
+        one after another, through their checkpoints (:mod:`stacker.distributed` runs them on Ray).
+        """
         self.key_ = self.key(images_fp, len(folds), self.settings.random_state)
         store = result_store(self.settings.cache_dir, "learners")
         hit = store.get(self.key_) if store else None
@@ -139,9 +148,8 @@ class Learner:
         else:
             state = self._prepare(inputs, y)
             self.fold_models_, self.arrays_ = [], {}
-            for i, (tr, va) in enumerate(folds):
-                est, arrays = self._checkpointed(i, lambda i=i, tr=tr, va=va: self._fit_fold(
-                    i, tr, va, inputs, y, k, data, state))
+            fits = [_FoldFit(self, i, tr, va, inputs, y, k, data, state) for i, (tr, va) in enumerate(folds)]
+            for i, ((tr, va), (est, arrays)) in enumerate(zip(folds, (run_folds or run_folds_here)(self, fits))):
                 for name, values in arrays.items():
                     self.arrays_.setdefault(name, np.zeros((len(y),) + values.shape[1:], values.dtype))[va] = values
                 self.fold_models_.append(est)
@@ -166,7 +174,10 @@ class Learner:
     def _fit_fold(self, i, tr, va, inputs, y, k, data, state):
         """Fit fold ``i`` on rows ``tr``; return ``(model, {name: out-of-fold array for rows va})``."""
         X = inputs["original"]
-        est = make_model(self.spec["model"], self.settings.random_state + i, self.settings.strategy)
+        if self.settings.get("out_of_core"):
+            est = streaming_model(self.spec["model"], self.settings.random_state + i)
+        else:
+            est = make_model(self.spec["model"], self.settings.random_state + i, self.settings.strategy)
         est.fit(X[tr], y[tr])
         return est, {"oof_proba": _align(est, est.predict_proba(X[va]), k)}
 
@@ -274,6 +285,22 @@ class Learner:
         if entry.get("learner_key"):
             learner.key_ = entry["learner_key"]
         return learner
+
+
+class _FoldFit:
+    """One fold's fit as a picklable call (so that another process or a Ray task can run it)."""
+
+    def __init__(self, learner, i, tr, va, inputs, y, k, data, state):
+        self.learner, self.i, self.tr, self.va = learner, i, tr, va
+        self.inputs, self.y, self.k, self.data, self.state = inputs, y, k, data, state
+
+    def __call__(self):
+        return self.learner._fit_fold(self.i, self.tr, self.va, self.inputs, self.y, self.k, self.data, self.state)
+
+
+def run_folds_here(learner: Learner, fits: list):
+    """Fit the folds in this process, one after another (lazily), each through its checkpoint."""
+    return (learner._checkpointed(i, fit) for i, fit in enumerate(fits))
 
 
 class FrozenLearner(Learner):

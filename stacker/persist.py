@@ -35,6 +35,8 @@ MAX_KERAS_BYTES_ENV = "STACKER_MAX_KERAS_BYTES"
 # estimator class whose state is arrays and numbers; none runs code when rebuilt.
 TRUSTED_TYPES = (
     "stacker.models.PrototypeClassifier",
+    "stacker.streaming.StreamingLogistic",
+    "stacker.streaming.StreamingPrototype",
     "stacker.models.DenseClassifier",  # unfitted, as a parameter; fitted ones are .keras files
     "stacker.finetune.FineTunedClassifier",
     "stacker.meta.GreedyEnsemble",

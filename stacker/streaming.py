@@ -1,0 +1,294 @@
+"""Out-of-core learning: feature matrices that stay in the HDF5 cache, and models that stream them.
+
+A million images times 1,280 float32 features is 5 GB per backbone; holding every
+backbone's matrix for the heads does not fit a laptop. Above a size threshold (or with
+``Ensemble(out_of_core=True)``) the extractor hands out :class:`CachedRows` instead of
+arrays: the row numbers of the training images in the cache file, read one window of
+file rows at a time when a model asks. Only what truly grows with the number of images
+stays in memory: labels, folds and probabilities.
+
+Models that need every row at once get streaming equivalents that make a fixed number
+of passes over the windows (:data:`STREAMING_MODELS`):
+
+- ``logistic``: :class:`StreamingLogistic`, standardised multinomial logistic regression
+  fitted by seeded mini-batch Adam (one statistics pass, then a few epochs);
+- ``prototype``: :class:`StreamingPrototype`, the same estimator as
+  :class:`stacker.models.PrototypeClassifier`, computed in three passes.
+
+Both accept NumPy arrays as well (read in windows of positions instead of file rows).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import sys
+
+import numpy as np
+from filelock import FileLock
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from .models import PrototypeClassifier, _unit
+
+__all__ = ["CachedRows", "StreamingLogistic", "StreamingPrototype", "STREAMING_MODELS", "streaming_model",
+           "blocks", "OUT_OF_CORE_BYTES", "use_out_of_core", "streaming_code"]
+
+WINDOW = 8192  # file rows read at a time: 8192 x 1,280 float16 is 21 MB
+OUT_OF_CORE_BYTES = 4 << 30  # "auto": stream once the float32 training features of all sources pass 4 GiB
+
+
+def use_out_of_core(setting, n_rows: int, row_dims) -> bool:
+    """Whether an ensemble streams its features: ``True``/``False``, or ``"auto"`` by size."""
+    if setting == "auto":
+        return n_rows * sum(int(d) for d in row_dims) * 4 > OUT_OF_CORE_BYTES
+    return bool(setting)
+
+
+class CachedRows:
+    """A lazy ``(n, dim)`` matrix: rows ``rows`` of a cached HDF5 feature file, read on demand.
+
+    Indexing with a slice, mask or index array gives another lazy view; ``np.asarray``
+    reads every row (what an in-memory model does); :meth:`windows` reads one window of
+    file rows at a time. Rows below the file's ``n_complete`` are never rewritten, so a
+    view stays valid while other processes append.
+    """
+
+    ndim = 2
+
+    def __init__(self, path: str, rows, dim: int, dtype):
+        self.path = path
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.dim = int(dim)
+        self.dtype = np.dtype(dtype)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.rows), self.dim)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple):
+            raise TypeError("CachedRows selects rows only (X[rows]); read it with np.asarray first for columns")
+        picked = self.rows[index]
+        if picked.ndim == 0:
+            return _read_file_rows(self.path, np.array([picked]))[0]
+        return CachedRows(self.path, picked, self.dim, self.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape, self.dtype)
+        for pos, X in self.windows(dtype=self.dtype):
+            out[pos] = X
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def windows(self, dtype=np.float32, seed=None):
+        """``(positions, rows)`` per window of file rows; ``seed`` shuffles windows and rows within them."""
+        if not len(self.rows):
+            return
+        order = np.argsort(self.rows, kind="stable")
+        sorted_rows = self.rows[order]
+        bounds = np.r_[0, np.flatnonzero(np.diff(sorted_rows // WINDOW)) + 1, len(order)]
+        spans = list(zip(bounds[:-1], bounds[1:]))
+        rng = None if seed is None else np.random.default_rng(seed)
+        if rng is not None:
+            spans = [spans[i] for i in rng.permutation(len(spans))]
+        for a, b in spans:
+            pos, rows = order[a:b], sorted_rows[a:b]
+            X = _read_file_rows(self.path, rows).astype(dtype, copy=False)
+            if rng is not None:
+                shuffle = rng.permutation(len(pos))
+                pos, X = pos[shuffle], X[shuffle]
+            yield pos, X
+
+
+def _read_file_rows(path: str, sorted_rows: np.ndarray) -> np.ndarray:
+    """Rows (sorted, one window apart at most) of a feature file, as one contiguous read."""
+    import h5py
+
+    lo, hi = int(sorted_rows[0]), int(sorted_rows[-1]) + 1
+    with FileLock(path + ".lock"), h5py.File(path, "r") as f:
+        if hi > int(f.attrs["n_complete"]):
+            raise KeyError(f"{path}: rows beyond the complete part of the cache")
+        block = f["features"][lo:hi]
+    return block[sorted_rows - lo]
+
+
+def blocks(X, dtype=np.float32, seed=None):
+    """``(positions, rows)`` of an array or :class:`CachedRows`, a window at a time (seeded shuffle)."""
+    if isinstance(X, CachedRows):
+        yield from X.windows(dtype, seed)
+        return
+    X = np.asarray(X)
+    rng = None if seed is None else np.random.default_rng(seed)
+    starts = np.arange(0, len(X), WINDOW)
+    if rng is not None:
+        starts = starts[rng.permutation(len(starts))]
+    for s in starts:
+        pos = np.arange(s, min(s + WINDOW, len(X)))
+        if rng is not None:
+            pos = pos[rng.permutation(len(pos))]
+        yield pos, np.asarray(X[pos], dtype=dtype)
+
+
+def _predict_rows(X, fn, k: int) -> np.ndarray:
+    out = np.empty((len(X), k))
+    for pos, rows in blocks(X):
+        out[pos] = fn(rows)
+    return out
+
+
+def _labels(y):
+    classes, y_idx = np.unique(np.asarray(y), return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"need at least two classes to train a classifier; got {len(classes)}")
+    return classes, y_idx
+
+
+class StreamingLogistic(ClassifierMixin, BaseEstimator):
+    """Standardised multinomial logistic regression by seeded mini-batch Adam, a window at a time.
+
+    The streaming stand-in for ``logistic`` (``LogisticRegressionCV`` needs every row in
+    memory). One pass computes the standardisation, then ``epochs`` passes train.
+
+    Parameters
+    ----------
+    alpha : float
+        L2 penalty per row.
+    epochs : int or None
+        Passes over the rows; None: enough for about 300,000 row visits (3 to 30).
+    batch_size : int
+    learning_rate : float
+    random_state : int
+
+    Attributes
+    ----------
+    classes_, mean_, scale_, coef_ (d, k), intercept_ (k,), n_features_in_
+    """
+
+    def __init__(self, alpha=1e-4, epochs=None, batch_size=256, learning_rate=1e-3, random_state=0):
+        self.alpha = alpha
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        self.classes_, y_idx = _labels(y)
+        n, d, k = len(y_idx), X.shape[1], len(self.classes_)
+        self.n_features_in_ = d
+        s1, s2 = np.zeros(d), np.zeros(d)
+        for _, rows in blocks(X, np.float64):
+            s1 += rows.sum(axis=0)
+            s2 += np.square(rows).sum(axis=0)
+        self.mean_ = s1 / n
+        self.scale_ = np.sqrt(np.maximum(s2 / n - self.mean_ ** 2, 0.0))
+        self.scale_[self.scale_ < 1e-12] = 1.0
+        W, b = np.zeros((d, k)), np.zeros(k)
+        adam = _Adam([W, b], self.learning_rate)
+        epochs = self.epochs or int(np.clip(np.ceil(300_000 / n), 3, 30))
+        for epoch in range(epochs):
+            for pos, rows in blocks(X, seed=self.random_state * 1009 + epoch):
+                Z = (rows - self.mean_) / self.scale_
+                for s in range(0, len(pos), self.batch_size):
+                    z, t = Z[s : s + self.batch_size], y_idx[pos[s : s + self.batch_size]]
+                    G = softmax(z @ W + b, axis=1)
+                    G[np.arange(len(t)), t] -= 1.0
+                    G /= len(t)
+                    adam.step([z.T @ G + self.alpha * W, G.sum(axis=0)])
+        self.coef_, self.intercept_ = W, b
+        return self
+
+    def _proba(self, rows):
+        return softmax(((rows - self.mean_) / self.scale_) @ self.coef_ + self.intercept_, axis=1)
+
+    def predict_proba(self, X):
+        check_is_fitted(self, "coef_")
+        return _predict_rows(X, self._proba, len(self.classes_))
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+class _Adam:
+    """Adam on a list of arrays, updated in place (deterministic, no framework)."""
+
+    def __init__(self, params, lr, b1=0.9, b2=0.999, eps=1e-8):
+        self.params, self.lr, self.b1, self.b2, self.eps = params, lr, b1, b2, eps
+        self.m = [np.zeros_like(p) for p in params]
+        self.v = [np.zeros_like(p) for p in params]
+        self.t = 0
+
+    def step(self, grads):
+        self.t += 1
+        c1, c2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            m *= self.b1
+            m += (1 - self.b1) * g
+            v *= self.b2
+            v += (1 - self.b2) * np.square(g)
+            p -= self.lr * (m / c1) / (np.sqrt(v / c2) + self.eps)
+
+
+class StreamingPrototype(PrototypeClassifier):
+    """:class:`~stacker.models.PrototypeClassifier` fitted in three passes (mean, prototypes, scale).
+
+    Only the ``(n, n_classes)`` leave-one-out similarities are kept in memory.
+    """
+
+    def fit(self, X, y):
+        self.classes_, y_idx = _labels(y)
+        n, d, k = len(y_idx), X.shape[1], len(self.classes_)
+        self.n_features_in_ = d
+        total = np.zeros(d)
+        for _, rows in blocks(X, np.float64):
+            total += rows.sum(axis=0)
+        self.mean_ = total / n if self.center else np.zeros(d)
+        sums = np.zeros((k, d))
+        for pos, rows in blocks(X, np.float64):
+            np.add.at(sums, y_idx[pos], self._normalise(rows))
+        counts = np.bincount(y_idx, minlength=k)[:, None].astype(float)
+        self.prototypes_ = _unit(sums / counts)
+        S = np.empty((n, k))
+        for pos, rows in blocks(X, np.float64):
+            U = self._normalise(rows)
+            S[pos] = U @ self.prototypes_.T
+            own = _unit(sums[y_idx[pos]] - U)
+            S[pos, y_idx[pos]] = np.where(counts[y_idx[pos], 0] > 1, np.sum(U * own, axis=1), 0.0)
+        rows_ = np.arange(n)
+        nll = lambda log_s: -np.mean(log_softmax(np.exp(log_s) * S, axis=1)[rows_, y_idx])  # noqa: E731
+        self.scale_ = float(np.exp(minimize_scalar(nll, bounds=(-3.0, 8.0), method="bounded").x))
+        return self
+
+    def _normalise(self, X):
+        X = X - self.mean_
+        return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+    def predict_proba(self, X):
+        check_is_fitted(self, "prototypes_")
+        return _predict_rows(X, lambda rows: np.exp(log_softmax(self.scale_ * (self._normalise(rows) @ self.prototypes_.T),
+                                                                axis=1)), len(self.classes_))
+
+
+STREAMING_MODELS = {
+    "logistic": lambda random_state: StreamingLogistic(random_state=random_state),
+    "prototype": lambda random_state: StreamingPrototype(),
+}
+
+
+def streaming_model(item, random_state: int = 0):
+    """The out-of-core estimator standing in for a model entry (a name of :data:`STREAMING_MODELS`)."""
+    if isinstance(item, str) and item in STREAMING_MODELS:
+        return STREAMING_MODELS[item](random_state)
+    raise ValueError(f"model {item if isinstance(item, str) else type(item).__name__!r} needs every row in memory; "
+                     f"out-of-core ensembles fit {sorted(STREAMING_MODELS)} (or pass out_of_core=False)")
+
+
+@functools.lru_cache(maxsize=None)
+def streaming_code() -> str:
+    """Hash of this module: learner results of other streaming code are not reused."""
+    return hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:16]

@@ -1,0 +1,117 @@
+"""Out-of-core learning: cached feature views, streaming models, and ensembles that never load a matrix."""
+
+import numpy as np
+import pytest
+
+from conftest import TINY, make_class_folders, save_tiny_weights
+from stacker import streaming
+from stacker.cache import FeatureCache, FeatureEntry
+from stacker.ensemble import Ensemble
+from stacker.models import PrototypeClassifier
+from stacker.persist import load_estimator, save_estimator, trusted_types
+from stacker.streaming import CachedRows, StreamingLogistic, StreamingPrototype
+
+
+@pytest.fixture
+def cached(tmp_path, monkeypatch):
+    """3 classes x 1,000 rows of float16 in a cache file, viewed in a shuffled row order."""
+    monkeypatch.setattr(streaming, "WINDOW", 512)  # several windows on little data
+    rng = np.random.default_rng(0)
+    n, d = 3000, 24
+    y = rng.integers(0, 3, n)
+    X = (rng.normal(size=(n, d)) + 0.8 * np.eye(3, d)[y] * 3).astype(np.float16)
+    entry = FeatureCache(tmp_path).entry({"backbone": "synthetic"}, d, "float16")
+    for s in range(0, n, 700):
+        part = range(s, min(s + 700, n))
+        entry.append([f"{i:040d}" for i in part], X[s : s + 700], list(part), [None] * len(part), ["p"] * len(part))
+    order = rng.permutation(n)
+    return CachedRows(entry.path, order, d, "float16"), X[order], y[order]
+
+
+def test_cached_rows_read_lazily_and_in_windows(cached):
+    view, X, _ = cached
+    assert view.shape == X.shape and np.array_equal(np.asarray(view), X)
+    sub = view[np.arange(5, 3000, 7)][10:40]
+    assert isinstance(sub, CachedRows) and np.array_equal(np.asarray(sub), X[np.arange(5, 3000, 7)][10:40])
+    assert np.array_equal(view[17], X[17])
+    seen = np.concatenate([pos for pos, rows in view.windows(seed=3)])
+    assert np.array_equal(np.sort(seen), np.arange(len(X)))
+    assert max(len(pos) for pos, _ in view.windows()) <= streaming.WINDOW
+    with pytest.raises(TypeError, match="rows only"):
+        view[:, 3]
+
+
+def test_streaming_prototype_is_the_prototype_classifier(cached):
+    view, X, y = cached
+    exact = PrototypeClassifier().fit(X.astype(np.float64), y)
+    streamed = StreamingPrototype().fit(view, y)
+    assert streamed.scale_ == pytest.approx(exact.scale_, rel=1e-9)
+    np.testing.assert_allclose(streamed.predict_proba(view), exact.predict_proba(X.astype(np.float64)), atol=1e-10)
+
+
+def test_streaming_logistic_is_seeded_accurate_and_saved_safely(cached, tmp_path):
+    view, X, y = cached
+    a = StreamingLogistic(random_state=1).fit(view, y)
+    b = StreamingLogistic(random_state=1).fit(view, y)
+    assert np.array_equal(a.predict_proba(view), b.predict_proba(view))
+    assert not np.array_equal(StreamingLogistic(random_state=2).fit(view, y).coef_, a.coef_)
+    assert (a.predict(view) == y).mean() > 0.9
+    assert np.array_equal(a.predict_proba(X), a.predict_proba(view))
+    save_estimator(a, str(tmp_path / "m"))
+    assert np.array_equal(load_estimator(str(tmp_path / "m"), trusted_types()).predict_proba(view),
+                          a.predict_proba(view))
+
+
+def test_auto_switches_on_size():
+    assert not streaming.use_out_of_core("auto", 10_000, [1280, 1280])
+    assert streaming.use_out_of_core("auto", 1_000_000, [1280, 1280])
+    assert streaming.use_out_of_core(True, 10, [4]) and not streaming.use_out_of_core(False, 10**9, [4])
+
+
+@pytest.fixture
+def folders(tmp_path):
+    return make_class_folders(tmp_path / "train", 10)
+
+
+def test_out_of_core_ensemble_never_loads_a_feature_matrix(folders, tmp_path, monkeypatch):
+    def refuse(*_a, **_k):
+        raise AssertionError("a whole feature matrix was loaded")
+
+    ens = Ensemble([TINY], cv=3, batch_size=4, cache_dir=str(tmp_path / "cache"), out_of_core=True, verbose=0)
+    with monkeypatch.context() as m:
+        m.setattr(FeatureEntry, "read", refuse)
+        m.setattr(CachedRows, "__array__", refuse)
+        ens.fit(folders)
+        proba = ens.predict_proba(folders / "cat")
+    assert ens.out_of_core_ and set(ens.oof_proba_) == {"tiny_cnn@32:logistic", "tiny_cnn@32:prototype"}
+    assert ens.scores_["ensemble"]["accuracy"] > 0.9 and (proba.argmax(1) == 0).all()
+    saved = Ensemble.load(ens.save(tmp_path / "model"))
+    assert np.array_equal(saved.predict_proba(folders / "cat"), proba)
+
+
+def test_auto_keeps_small_data_in_memory(folders, tmp_path):
+    tiny = {**TINY, "weights": save_tiny_weights(tmp_path / "tiny.weights.h5")}
+    kw = dict(cv=3, batch_size=4, cache_dir=str(tmp_path / "cache"), verbose=0)
+    auto = Ensemble([tiny], **kw).fit(folders)
+    assert auto.out_of_core_ is False
+    exact = Ensemble([tiny], out_of_core=False, **kw).fit(folders)
+    for name, proba in exact.oof_proba_.items():
+        assert np.array_equal(auto.oof_proba_[name], proba)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(out_of_core="yes"), "out_of_core must be"),
+    (dict(out_of_core=True), "give a cache_dir"),
+    (dict(out_of_core=True, cache_dir="c", meta_inputs="features", meta="dense"), "probabilities only"),
+    (dict(executor="spark"), "executor must be"),
+    (dict(executor="ray"), "give a cache_dir"),
+])
+def test_bad_settings_fail_before_any_work(folders, kw, match):
+    with pytest.raises(ValueError, match=match):
+        Ensemble([TINY], **kw).fit(folders)
+
+
+def test_models_that_need_every_row_are_refused_out_of_core(folders, tmp_path):
+    ens = Ensemble([TINY], models=("dense",), cv=3, cache_dir=str(tmp_path / "c"), out_of_core=True, verbose=0)
+    with pytest.raises(ValueError, match="needs every row in memory"):
+        ens.fit(folders)

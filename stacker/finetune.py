@@ -36,6 +36,7 @@ from .learners import Learner, extractor_kwargs, register_learner
 from .meta import _align, score
 from .models import DenseClassifier
 from .persist import checked_params, load_keras, register_format
+from .streaming import CachedRows
 
 __all__ = ["CutPointExtractor", "FineTunedClassifier", "FineTunedLearner", "VIEWS", "split_backbone", "view_pixels",
            "DEFAULT_FINETUNE", "finetune_params"]
@@ -259,7 +260,10 @@ class CutPointExtractor(FeatureExtractor):
 
 
 class _ViewBatches:
-    """Training batches that draw one cached view per image per epoch (seeded)."""
+    """Training batches that draw one cached view per image per epoch (seeded; ``seed=None``: in order).
+
+    Views may be :class:`~stacker.streaming.CachedRows`: a batch is then read from the cache.
+    """
 
     def __init__(self, views, Y, batch_size, shape, seed):
         import keras
@@ -271,6 +275,9 @@ class _ViewBatches:
                 inner._shuffle()
 
             def _shuffle(inner):
+                if seed is None:
+                    inner.order, inner.pick = np.arange(len(Y)), np.zeros(len(Y), dtype=np.int64)
+                    return
                 inner.order = inner.rng.permutation(len(Y))
                 inner.pick = inner.rng.integers(0, len(views), len(Y))
 
@@ -283,13 +290,30 @@ class _ViewBatches:
                 for v, V in enumerate(views):
                     sel = inner.pick[rows] == v
                     if sel.any():
-                        x[sel] = V[rows[sel]].reshape((-1,) + shape)
+                        x[sel] = np.asarray(V[rows[sel]]).reshape((-1,) + shape)
                 return x, Y[rows]
 
             def on_epoch_end(inner):
                 inner._shuffle()
 
         self.dataset = _Seq()
+
+
+def _subset(V, rows):
+    return V[rows] if isinstance(V, CachedRows) else np.asarray(V)[rows]
+
+
+def _validation(X, Y, shape, batch_size):
+    """Validation data: arrays in memory, or batches read from the cache when ``X`` streams."""
+    if isinstance(X, CachedRows):
+        return _ViewBatches([X], Y, batch_size, shape, None).dataset
+    return X.reshape((-1,) + shape).astype(np.float32), Y
+
+
+def _evaluate(model, val, batch_size: int) -> float:
+    if isinstance(val, tuple):
+        return model.evaluate(*val, verbose=0, batch_size=batch_size, return_dict=True)["loss"]
+    return model.evaluate(val, verbose=0, return_dict=True)["loss"]
 
 
 def _EpochTimer():  # noqa: N802 - a Keras callback factory (keras is imported lazily)
@@ -449,7 +473,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
 
         if self.mode not in ("cached", "full"):
             raise ValueError(f"mode must be 'cached' or 'full', got {self.mode!r}")
-        X = np.asarray(X)
+        X = X if isinstance(X, CachedRows) else np.asarray(X)
         y = np.asarray(y)
         if X.ndim != 2 or len(X) != len(y):
             raise ValueError(f"X must be (n, d) with one label per row; got {X.shape} and {y.shape}")
@@ -497,8 +521,8 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
                       loss=keras.losses.CategoricalCrossentropy(label_smoothing=self.label_smoothing),
                       metrics=["accuracy"])
         Y = keras.utils.to_categorical(y_idx, k).astype(np.float32)
-        Xva = X[va].reshape((-1,) + shape).astype(np.float32)
-        before = model.evaluate(Xva, Y[va], verbose=0, batch_size=self.batch_size, return_dict=True)["loss"]
+        val = _validation(X[va], Y[va], shape, self.batch_size)
+        before = _evaluate(model, val, self.batch_size)
         start = model.get_weights()
         callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience,
                                                    restore_best_weights=True),
@@ -506,9 +530,9 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         timer = _EpochTimer()
         callbacks.append(timer)
         if self.mode == "cached":
-            train = _ViewBatches([X[tr]] + [np.asarray(V)[tr] for V in views], Y[tr], self.batch_size, shape,
+            train = _ViewBatches([X[tr]] + [_subset(V, tr) for V in views], Y[tr], self.batch_size, shape,
                                  self.random_state).dataset
-            hist = model.fit(train, validation_data=(Xva, Y[va]), epochs=self.epochs, callbacks=callbacks,
+            hist = model.fit(train, validation_data=val, epochs=self.epochs, callbacks=callbacks,
                              verbose=self.verbose)
         else:
             hist = self._fit_full(model, bottom, top, head, shape, paths, orientations, Y, tr, va, callbacks)
@@ -558,7 +582,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
 
     # -- using ------------------------------------------------------------------------
     def _inputs(self, X):
-        X = np.asarray(X, dtype=np.float32)
+        X = X if isinstance(X, CachedRows) else np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != int(np.prod(self.cut_shape_)):
             raise ValueError(f"expected flattened cut-point activations with {int(np.prod(self.cut_shape_))} "
                              f"columns, got shape {X.shape}")
@@ -622,7 +646,17 @@ def _pooled(top, X, shape) -> np.ndarray:
 
 
 def _batched(fn, X, batch: int = 256) -> np.ndarray:
-    """Apply a Keras call to row chunks of ``X`` (direct calls: no per-model predict retracing)."""
+    """Apply a Keras call to row chunks of ``X`` (direct calls: no per-model predict retracing).
+
+    A :class:`~stacker.streaming.CachedRows` ``X`` is read a window at a time.
+    """
+    if isinstance(X, CachedRows):
+        out = None
+        for pos, rows in X.windows():
+            part = _batched(fn, rows, batch)
+            out = np.empty((len(X),) + part.shape[1:], part.dtype) if out is None else out
+            out[pos] = part
+        return out
     X = np.asarray(X, dtype=np.float32)
     return np.concatenate([np.asarray(fn(X[i : i + batch])) for i in range(0, len(X), batch)])
 

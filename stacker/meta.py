@@ -451,16 +451,16 @@ def fit_level2(Z, y, folds, meta="auto", n_learners=1, k=2, random_state=0, cali
     """
     y = np.asarray(y)
     candidates = combiner_names(meta)
-    results, raw = {}, {}
+    table, best = {}, None  # only the best candidate's out-of-fold arrays are kept (memory at a million rows)
     for item in candidates:
         label = combiner_label(item)
-        raw[label] = _cross_fit(item, Z, y, folds, n_learners, k, random_state, on_fold)
-        results[label] = (item, raw[label], False)
-        if calibration:
-            results[label + "+T"] = (item, _cross_calibrate(raw[label], y, folds), True)
-    table = {label: score(y, oof, k) for label, (_, oof, _) in results.items()}
-    label = min(table, key=lambda name: table[name]["log_loss"])
-    item, oof, calibrated = results[label]
+        raw = _cross_fit(item, Z, y, folds, n_learners, k, random_state, on_fold)
+        tried = [(label, raw, False)] + ([(label + "+T", _cross_calibrate(raw, y, folds), True)] if calibration else [])
+        for name, oof, calibrated in tried:
+            table[name] = score(y, oof, k)
+            if best is None or table[name]["log_loss"] < table[best[0]]["log_loss"]:
+                best = (name, item, oof, calibrated, raw)
+    label, item, oof, calibrated, best_raw = best
     if member_oof is not None:
         member_ll = [score(y, p, k)["log_loss"] for p in member_oof]
         best = int(np.argmin(member_ll))
@@ -471,7 +471,7 @@ def fit_level2(Z, y, folds, meta="auto", n_learners=1, k=2, random_state=0, cali
     combiner = make_combiner(item, n_learners, random_state).fit(Z, y)
     level2 = Level2(label, combiner, k, oof, table=table)
     if calibrated:  # fitted on the combiner's out-of-fold outputs, as its scores were
-        cal = TemperatureScaler().fit(raw[label[:-2]], y)
+        cal = TemperatureScaler().fit(best_raw, y)
         level2.temperature, level2.floor = cal.temperature_, cal.floor_
     return level2
 

@@ -32,12 +32,13 @@ from scipy.special import log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
+from .cache import _read_rows
 from .models import PrototypeClassifier, _unit
 
 __all__ = ["CachedRows", "StreamingLogistic", "StreamingPrototype", "STREAMING_MODELS", "streaming_model",
            "blocks", "OUT_OF_CORE_BYTES", "use_out_of_core", "streaming_code"]
 
-WINDOW = 8192  # file rows read at a time: 8192 x 1,280 float16 is 21 MB
+WINDOW = 8192  # rows read at a time: 8192 x 1,280 float16 is 21 MB (contiguous when dense)
 OUT_OF_CORE_BYTES = 4 << 30  # "auto": stream once the float32 training features of all sources pass 4 GiB
 
 
@@ -87,13 +88,12 @@ class CachedRows:
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def windows(self, dtype=np.float32, seed=None):
-        """``(positions, rows)`` per window of file rows; ``seed`` shuffles windows and rows within them."""
+        """``(positions, rows)`` per window of ``WINDOW`` rows in file order; ``seed`` shuffles both."""
         if not len(self.rows):
             return
         order = np.argsort(self.rows, kind="stable")
         sorted_rows = self.rows[order]
-        bounds = np.r_[0, np.flatnonzero(np.diff(sorted_rows // WINDOW)) + 1, len(order)]
-        spans = list(zip(bounds[:-1], bounds[1:]))
+        spans = [(a, min(a + WINDOW, len(order))) for a in range(0, len(order), WINDOW)]
         rng = None if seed is None else np.random.default_rng(seed)
         if rng is not None:
             spans = [spans[i] for i in rng.permutation(len(spans))]
@@ -107,15 +107,17 @@ class CachedRows:
 
 
 def _read_file_rows(path: str, sorted_rows: np.ndarray) -> np.ndarray:
-    """Rows (sorted, one window apart at most) of a feature file, as one contiguous read."""
+    """Sorted rows of a feature file: one contiguous read when they are dense, else one read per run."""
     import h5py
 
     lo, hi = int(sorted_rows[0]), int(sorted_rows[-1]) + 1
     with FileLock(path + ".lock"), h5py.File(path, "r") as f:
         if hi > int(f.attrs["n_complete"]):
             raise KeyError(f"{path}: rows beyond the complete part of the cache")
-        block = f["features"][lo:hi]
-    return block[sorted_rows - lo]
+        if hi - lo <= 2 * len(sorted_rows):
+            return f["features"][lo:hi][sorted_rows - lo]
+        uniq, inverse = np.unique(sorted_rows, return_inverse=True)
+        return _read_rows(f["features"], uniq)[inverse]
 
 
 def blocks(X, dtype=np.float32, seed=None):
@@ -250,7 +252,7 @@ class StreamingPrototype(PrototypeClassifier):
         self.mean_ = total / n if self.center else np.zeros(d)
         sums = np.zeros((k, d))
         for pos, rows in blocks(X, np.float64):
-            np.add.at(sums, y_idx[pos], self._normalise(rows))
+            sums += np.eye(k)[y_idx[pos]].T @ self._normalise(rows)
         counts = np.bincount(y_idx, minlength=k)[:, None].astype(float)
         self.prototypes_ = _unit(sums / counts)
         S = np.empty((n, k))

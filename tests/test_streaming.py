@@ -115,3 +115,24 @@ def test_models_that_need_every_row_are_refused_out_of_core(folders, tmp_path):
     ens = Ensemble([TINY], models=("dense",), cv=3, cache_dir=str(tmp_path / "c"), out_of_core=True, verbose=0)
     with pytest.raises(ValueError, match="needs every row in memory"):
         ens.fit(folders)
+
+
+def test_out_of_core_fine_tuning_streams_cut_activations_and_matches_in_memory(tmp_path, monkeypatch):
+    weights = save_tiny_weights(tmp_path / "tiny.weights.h5")
+    folders = make_class_folders(tmp_path / "train", 9)
+    ft = {"blocks": 1, "epochs": 2, "head_epochs": 3, "learning_rate": 1e-3, "tta": ("original", "flip"),
+          "batch_size": 4}
+    kw = dict(cv=3, cache_dir=str(tmp_path / "cache"), verbose=0, finetune=ft)
+    exact = Ensemble([{**TINY, "weights": weights}], out_of_core=False, **kw).fit(folders)
+    original = CachedRows.__array__
+
+    def small_only(self, *a, **k):
+        assert len(self) <= 8, f"{len(self)} cut-point rows read at once"
+        return original(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(FeatureEntry, "read", lambda *_a, **_k: pytest.fail("a whole matrix was read"))
+        m.setattr(CachedRows, "__array__", small_only)
+        streamed = Ensemble([{**TINY, "weights": weights}], out_of_core=True, **kw).fit(folders)
+    name = "tiny_cnn@32:finetune"
+    np.testing.assert_allclose(streamed.oof_proba_[name], exact.oof_proba_[name], atol=1e-5)

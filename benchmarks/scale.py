@@ -1,0 +1,233 @@
+"""Scale: an out-of-core fit at 10k, 100k and 1M images, and Ray against one process for extraction.
+
+    python benchmarks/scale.py [--sizes 10000,100000,1000000] [--dir /tmp/stacker-scale] [--lock FILE]
+                               [--extract-n 1000] [--skip-extract]
+
+Part 1 synthesises, per N, the feature caches of two 1,280-wide backbones in float16 (no
+forward pass; rows are class patterns plus noise, 10 classes), written chunk by chunk
+exactly where a ``FeatureExtractor`` would find them. Then a *fresh process* per N fits
+what ``Ensemble(models="default", out_of_core=True).fit`` fits after extraction: four
+learners (two backbones x streaming logistic and prototype) over 5 shared folds, and
+level 2 (``meta="auto"`` with calibration). It prints fit seconds and the process's
+peak RSS (``ru_maxrss``).
+
+Part 2 extracts MobileNet (alpha 0.25, the offline ImageNet weights) features of
+``--extract-n`` Dogs vs. Cats photos into an empty cache, once in one process and once
+with ``stacker.distributed.fill_cache`` on a local Ray cluster of 2 workers, and checks
+the features are equal.
+
+The last line is machine-readable: rss_1m/rss_10k, time_1m/time_100k, ray speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+DIM, K, CV, CHUNK = 1280, 10, 5, 16384
+BACKBONES = ("synthetic_a", "synthetic_b")
+DOGS = os.path.join(REPO, "..", "shared", "data", "dogs-vs-cats", "train")
+WEIGHTS = os.path.join(REPO, "..", "shared", "weights")
+
+
+LOCK = os.environ.get("SCALE_LOCK")  # a shared CPU lock file, taken per phase (waiting is not timed)
+
+
+@contextlib.contextmanager
+def cpu_phase():
+    """Hold the machine's shared CPU lock (``--lock``) for one phase of work."""
+    if not LOCK:
+        yield
+        return
+    with open(LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def register(folder: str) -> list[dict]:
+    """Two registered 1,280-wide backbones whose weights are a small file (the key needs no network)."""
+    from stacker.backbones import BackboneCfg, register_backbone
+
+    weights = os.path.join(folder, "synthetic.weights")
+    if not os.path.exists(weights):
+        os.makedirs(folder, exist_ok=True)
+        with open(weights, "wb") as f:
+            f.write(b"synthetic backbone for benchmarks/scale.py")
+    specs = []
+    for name in BACKBONES:
+        register_backbone(BackboneCfg(name, "keras.applications:MobileNet", 224, "tf", DIM), overwrite=True)
+        specs.append({"backbone": name, "weights": weights})
+    return specs
+
+
+def labels(n: int) -> np.ndarray:
+    return np.random.default_rng(n).integers(0, K, n)
+
+
+def synthesise(n: int, folder: str) -> None:
+    """Float16 caches of N rows per backbone, appended in chunks (never a whole matrix in memory)."""
+    from stacker.cache import FeatureCache
+    from stacker.features import FeatureExtractor
+
+    y = labels(n)
+    for b, spec in enumerate(register(folder)):
+        ext = FeatureExtractor(spec["backbone"], weights=spec["weights"], feature_dtype="float16",
+                               cache_dir=os.path.join(folder, f"n{n}"), engine="keras")
+        entry = FeatureCache(ext.cache_dir).entry(ext.key_meta(), DIM, "float16")
+        if entry.n_complete() >= n:
+            continue
+        patterns = np.random.default_rng(100 + b).normal(size=(K, DIM)) * 0.06
+        with cpu_phase():
+            for s in range(entry.n_complete(), n, CHUNK):
+                rows = np.arange(s, min(s + CHUNK, n))
+                X = patterns[y[rows]] + np.random.default_rng((b, s)).normal(size=(len(rows), DIM))
+                entry.append([f"{b}{i:039d}" for i in rows], X.astype(np.float16), [str(i) for i in rows],
+                             [str(v) for v in y[rows]], [f"img{i}.jpg" for i in rows])
+
+
+def fit(n: int, folder: str) -> dict:
+    """What Ensemble.fit does after extraction, out of core, on the synthetic caches; seconds and peak RSS."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from stacker.cache import FeatureCache
+    from stacker.ensemble import Ensemble
+    from stacker.learners import make_learners
+    from stacker.streaming import CachedRows
+
+    specs = register(folder)
+    y = labels(n)
+    t0 = time.perf_counter()
+    ens = Ensemble(specs, models="default", feature_dtype="float16", cv=CV, out_of_core=True, engine="keras",
+                   cache_dir=os.path.join(folder, f"n{n}"), verbose=0)
+    ens.classes_ = [str(c) for c in range(K)]
+    settings = ens._settings()
+    settings.update(out_of_core=True, cache_dir=None)  # features from the cache; no learner results stored
+    ens.learners_ = make_learners(ens._validate_params(), settings)
+    inputs = {}
+    for sid, ext in ens._sources().items():
+        entry = FeatureCache(ens.cache_dir).entry(ext.key_meta(), DIM, "float16")
+        inputs[sid] = CachedRows(entry.path, np.arange(n), DIM, "float16")
+    ens.folds_ = list(StratifiedKFold(CV, shuffle=True, random_state=0).split(np.zeros(n), y))
+    timings, phases = {}, {"setup": time.perf_counter() - t0}
+    for name, learner in ens.learners_.items():
+        with cpu_phase():
+            t1 = time.perf_counter()
+            learner.fit_oof(ens._inputs_of(learner, inputs), y, ens.folds_, K, None, f"synthetic-{n}")
+            phases[name] = time.perf_counter() - t1
+    ens.oof_proba_ = {name: lr.oof_proba_ for name, lr in ens.learners_.items()}
+    with cpu_phase():
+        t1 = time.perf_counter()
+        ens._fit_level2(inputs, y, K, timings)
+        phases["level2"] = time.perf_counter() - t1
+    seconds = sum(phases.values())  # time spent working (not waiting for the CPU lock)
+    acc = float((ens.meta_oof_proba_.argmax(1) == y).mean())
+    return {"n": n, "fit_s": seconds, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "accuracy": acc, "combiner": ens.meta_.name, "phases": phases}
+
+
+def child(args, *extra) -> dict:
+    out = subprocess.run([sys.executable, __file__, *extra, "--dir", args.dir], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def extraction(n: int, folder: str) -> dict:
+    """One process vs. a 2-worker local Ray cluster, MobileNet 0.25 on Dogs vs. Cats photos (empty caches)."""
+    from stacker import distributed
+    from stacker.features import FeatureExtractor
+    from stacker.images import load_images
+
+    data = load_images(DOGS).subset(range(n))
+    out = {"n": n}
+    values = {}
+    for mode in ("one process", "ray x2"):
+        cache = os.path.join(folder, "extract", mode.replace(" ", "_"))
+        shutil.rmtree(cache, ignore_errors=True)
+        ext = FeatureExtractor("mobilenet_025", weights_dir=WEIGHTS, cache_dir=cache, verbose=0)
+        t0 = time.perf_counter()
+        if mode == "ray x2":
+            distributed.connect(num_cpus=2)
+            t_ray = time.perf_counter()
+            distributed.fill_cache(ext, data, workers=2)
+            out["ray_start_s"] = t_ray - t0
+        values[mode] = ext.extract(data).values
+        out[mode] = time.perf_counter() - t0
+    out["identical"] = bool(np.array_equal(values["one process"], values["ray x2"]))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="10000,100000,1000000")
+    p.add_argument("--dir", default="/tmp/stacker-scale")
+    p.add_argument("--extract-n", type=int, default=1000)
+    p.add_argument("--skip-extract", action="store_true")
+    p.add_argument("--lock", default=None, help="a shared CPU lock file (flock), held per phase; waits not timed")
+    p.add_argument("--synth", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--fit", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--extract", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.lock:
+        os.environ["SCALE_LOCK"] = args.lock
+        global LOCK
+        LOCK = args.lock
+    if args.synth:
+        synthesise(args.synth, args.dir)
+        print(json.dumps({"n": args.synth}))
+        return
+    if args.fit:
+        print(json.dumps(fit(args.fit, args.dir)))
+        return
+    if args.extract:
+        with cpu_phase():
+            print(json.dumps(extraction(args.extract, args.dir)))
+        return
+    rows = {}
+    print(f"{'N':>9}  {'fit s':>8}  {'peak RSS MiB':>12}  {'oof acc':>7}  level 2  (learner seconds)")
+    for n in (int(s) for s in args.sizes.split(",")):
+        child(args, "--synth", str(n))
+        r = rows[n] = child(args, "--fit", str(n))
+        phases = ", ".join(f"{k.split(':')[-1]}{'' if ':' not in k else '@' + k.split(':')[0][-1]} {v:.0f}"
+                           for k, v in r["phases"].items())
+        print(f"{n:>9}  {r['fit_s']:>8.1f}  {r['rss_mib']:>12.0f}  {r['accuracy']:>7.3f}  {r['combiner']}  ({phases})",
+              flush=True)
+    summary = {}
+    if 10_000 in rows and 1_000_000 in rows:
+        summary["rss_1m/rss_10k"] = round(rows[1_000_000]["rss_mib"] / rows[10_000]["rss_mib"], 2)
+        summary["rss_1m_gib"] = round(rows[1_000_000]["rss_mib"] / 1024, 2)
+    if 100_000 in rows and 1_000_000 in rows:
+        summary["time_1m/time_100k"] = round(rows[1_000_000]["fit_s"] / rows[100_000]["fit_s"], 2)
+    if 10_000 in rows and 100_000 in rows:
+        summary["rss_100k/rss_10k"] = round(rows[100_000]["rss_mib"] / rows[10_000]["rss_mib"], 2)
+        summary["time_100k/time_10k"] = round(rows[100_000]["fit_s"] / rows[10_000]["fit_s"], 2)
+    if not args.skip_extract:
+        e = child(args, "--extract", str(args.extract_n))
+        print(f"\nextraction of {e['n']} photos, mobilenet_025, empty cache (seconds, incl. start-up)")
+        print(f"  one process {e['one process']:.1f}   ray x2 {e['ray x2']:.1f} (cluster start {e['ray_start_s']:.1f})"
+              f"   speed-up {e['one process'] / e['ray x2']:.2f}   identical features: {e['identical']}")
+        summary["ray_speedup"] = round(e["one process"] / e["ray x2"], 2)
+        summary["ray_speedup_after_start"] = round(e["one process"] / (e["ray x2"] - e["ray_start_s"]), 2)
+        summary["ray_identical"] = e["identical"]
+    print(" ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -174,12 +174,57 @@ def extraction(n: int, folder: str) -> dict:
     return out
 
 
+FINETUNE = {"blocks": 2, "epochs": 1, "head_epochs": 3, "cut_dtype": "float16"}
+
+
+def finetune(n: int, folder: str, out_of_core) -> dict:
+    """Peak RSS of fine-tuning EfficientNet-Lite0 on n Dogs vs. Cats photos (cut-point cache already filled)."""
+    from stacker.ensemble import Ensemble
+    from stacker.images import load_images
+
+    data = load_images(DOGS)
+    data = data.subset(np.r_[np.arange(n // 2), np.arange(len(data) - n // 2, len(data))])  # cats, then dogs
+    ens = Ensemble([{"backbone": "efficientnet_lite0", "finetune": dict(FINETUNE)}], cv=2, meta="mean",
+                   calibration=False, cache_dir=os.path.join(folder, "finetune_cache"), out_of_core=out_of_core,
+                   verbose=0)
+    t0 = time.perf_counter()
+    if out_of_core == "warm":  # only the forward passes: every view's cut-point activations into the cache
+        from stacker.learners import make_learners
+
+        ens.learners_ = make_learners(ens._validate_params(), ens._settings())
+        for ext in ens._sources().values():
+            ext.extract(data)
+        return {"n": n, "extract_s": time.perf_counter() - t0}
+    ens.fit(data)
+    return {"n": n, "out_of_core": ens.out_of_core_, "fit_s": time.perf_counter() - t0,
+            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "log_loss": ens.scores_["ensemble"]["log_loss"]}
+
+
+def finetune_rows(args) -> dict:
+    """Per N: a warm-up process fills the cut-point cache, then in-memory and out-of-core fits, each fresh."""
+    out = {}
+    print(f"\nfine-tuning efficientnet_lite0 (2 blocks, 1 epoch, 2 folds, views original+flip) on Dogs vs. Cats")
+    print(f"{'N':>6}  {'in-memory MiB':>13}  {'out-of-core MiB':>15}  {'fit s (mem/ooc)':>15}")
+    for n in (int(v) for v in args.finetune.split(",")):
+        child(args, "--finetune-child", f"{n}:warm")
+        mem = child(args, "--finetune-child", f"{n}:False")
+        ooc = child(args, "--finetune-child", f"{n}:True")
+        out[n] = (mem, ooc)
+        print(f"{n:>6}  {mem['rss_mib']:>13.0f}  {ooc['rss_mib']:>15.0f}  {mem['fit_s']:>7.0f}/{ooc['fit_s']:<7.0f}",
+              flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="10000,100000,1000000")
     p.add_argument("--dir", default="/tmp/stacker-scale")
     p.add_argument("--extract-n", type=int, default=1000)
     p.add_argument("--skip-extract", action="store_true")
+    p.add_argument("--finetune", default="", metavar="N1,N2",
+                   help="also measure fine-tuning peak RSS on N Dogs vs. Cats photos, in memory and out of core")
+    p.add_argument("--finetune-child", help=argparse.SUPPRESS)
     p.add_argument("--lock", default=None, help="a shared CPU lock file (flock), held per phase; waits not timed")
     p.add_argument("--synth", type=int, help=argparse.SUPPRESS)
     p.add_argument("--fit", type=int, help=argparse.SUPPRESS)
@@ -196,13 +241,18 @@ def main() -> None:
     if args.fit:
         print(json.dumps(fit(args.fit, args.dir)))
         return
+    if args.finetune_child:
+        n, mode = args.finetune_child.split(":")
+        with cpu_phase():
+            print(json.dumps(finetune(int(n), args.dir, {"True": True, "False": False}.get(mode, mode))))
+        return
     if args.extract:
         with cpu_phase():
             print(json.dumps(extraction(args.extract, args.dir)))
         return
     rows = {}
     print(f"{'N':>9}  {'fit s':>8}  {'peak RSS MiB':>12}  {'oof acc':>7}  level 2  (learner seconds)")
-    for n in (int(s) for s in args.sizes.split(",")):
+    for n in (int(s) for s in args.sizes.split(",") if s):
         child(args, "--synth", str(n))
         r = rows[n] = child(args, "--fit", str(n))
         phases = ", ".join(f"{k.split(':')[-1]}{'' if ':' not in k else '@' + k.split(':')[0][-1]} {v:.0f}"
@@ -226,6 +276,11 @@ def main() -> None:
         summary["ray_speedup"] = round(e["one process"] / e["ray x2"], 2)
         summary["ray_speedup_after_start"] = round(e["one process"] / (e["ray x2"] - e["ray_start_s"]), 2)
         summary["ray_identical"] = e["identical"]
+    if args.finetune:
+        ft = finetune_rows(args)
+        small, large = min(ft), max(ft)
+        for i, mode in enumerate(("mem", "ooc")):
+            summary[f"finetune_rss_{mode}_{large}/{small}"] = round(ft[large][i]["rss_mib"] / ft[small][i]["rss_mib"], 2)
     print(" ".join(f"{k}={v}" for k, v in summary.items()))
 
 

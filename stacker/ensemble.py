@@ -30,7 +30,7 @@ from .learners import LEARNER_KINDS, Settings, describe, learner_specs, make_lea
 from .meta import (META_INPUTS, PROBABILITY_COMBINERS, Level2, combiner_names, fit_level2, meta_matrix,
                    score)
 from .persist import load_estimator, load_unfitted, member, save_estimator, save_unfitted, trusted_types
-from .streaming import use_out_of_core
+from .streaming import streaming_model, use_out_of_core
 from .torch_checkpoint import sha256_file
 
 __all__ = ["Ensemble", "FORMAT_VERSION", "format_leaderboard", "ModelIntegrityError"]
@@ -193,16 +193,21 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         if self.executor == "ray" and self.cache_dir is None:
             raise ValueError("executor='ray' shares features and fold results through the cache: give a cache_dir "
                              "(on storage every Ray node mounts)")
+        specs = learner_specs(self.backbones, self.models, self.input_size, self.weights, self.finetune)
         if self.out_of_core is True:
-            self._check_out_of_core()
-        return learner_specs(self.backbones, self.models, self.input_size, self.weights, self.finetune)
+            self._check_out_of_core(specs)
+        return specs
 
-    def _check_out_of_core(self) -> None:
+    def _check_out_of_core(self, specs) -> None:
+        """Out of core needs a cache, probability-only level 2 and streaming models (checked before extraction)."""
         if self.cache_dir is None:
             raise ValueError("out_of_core streams features from the cache: give a cache_dir")
         if self.meta_inputs != "proba":
             raise ValueError(f"out-of-core level 2 combines probabilities only; meta_inputs={self.meta_inputs!r} "
                              "would load every feature matrix (use meta_inputs='proba' or out_of_core=False)")
+        for spec in specs:
+            if spec["kind"] == "frozen":
+                streaming_model(spec["model"])
 
     def _check_data(self, data: _images.ImageSet, skipped: dict | None = None, labels: dict | None = None) -> None:
         """Two classes or more, each with at least ``cv`` usable images; says which were skipped."""
@@ -314,7 +319,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         self.out_of_core_ = settings["out_of_core"] = use_out_of_core(
             self.out_of_core, len(data), [ext.row_dim() for ext in self._sources().values()])
         if self.out_of_core_:
-            self._check_out_of_core()
+            self._check_out_of_core(self.specs_)
         for name, learner in self.learners_.items():
             t0, before = time.perf_counter(), forward_pass_count()
             for view, ext in learner.views().items():

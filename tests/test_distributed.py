@@ -133,3 +133,16 @@ def test_ray_folds_give_the_sequential_out_of_fold_probabilities(cluster, data, 
     assert np.array_equal(on_ray.meta_oof_proba_, local.meta_oof_proba_)
     paths = load_images(root / "train").paths
     assert np.array_equal(on_ray.predict_proba(paths), local.predict_proba(paths))
+
+
+def test_cli_extract_with_ray(cluster, data, sequential, tmp_path, capsys):
+    from stacker.cli import main
+
+    root, weights = data
+    cache = tmp_path / "cache"
+    assert main(["extract", str(root / "train"), "--backbones", "tiny_cnn", "--weights", weights, "--image-size", "32",
+                 "--batch-size", "4", "--cache", str(cache), "--ray", cluster, "--quiet"]) == 0
+    assert f"{2 * N_PER_CLASS} computed on" in capsys.readouterr().out
+    values = FeatureExtractor("tiny_cnn", weights=weights, input_size=32, batch_size=4, cache_dir=str(cache),
+                              verbose=0).extract(load_images(root / "train")).values
+    assert np.array_equal(values, sequential)

@@ -1,5 +1,7 @@
 """Out-of-core learning: cached feature views, streaming models, and ensembles that never load a matrix."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -111,10 +113,14 @@ def test_bad_settings_fail_before_any_work(folders, kw, match):
         Ensemble([TINY], **kw).fit(folders)
 
 
-def test_models_that_need_every_row_are_refused_out_of_core(folders, tmp_path):
+def test_models_that_need_every_row_are_refused_out_of_core_before_extraction(folders, tmp_path):
+    from stacker.features import forward_pass_count
+
     ens = Ensemble([TINY], models=("dense",), cv=3, cache_dir=str(tmp_path / "c"), out_of_core=True, verbose=0)
+    before = forward_pass_count()
     with pytest.raises(ValueError, match="needs every row in memory"):
         ens.fit(folders)
+    assert forward_pass_count() == before
 
 
 def test_out_of_core_fine_tuning_streams_cut_activations_and_matches_in_memory(tmp_path, monkeypatch):
@@ -136,3 +142,11 @@ def test_out_of_core_fine_tuning_streams_cut_activations_and_matches_in_memory(t
         streamed = Ensemble([{**TINY, "weights": weights}], out_of_core=True, **kw).fit(folders)
     name = "tiny_cnn@32:finetune"
     np.testing.assert_allclose(streamed.oof_proba_[name], exact.oof_proba_[name], atol=1e-5)
+
+
+def test_the_ray_executor_without_ray_says_how_to_install_it(monkeypatch):
+    from stacker import distributed
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ImportError, match=r"pip install 'stacker\[ray\]'"):
+        distributed.connect()

@@ -185,7 +185,8 @@ def finetune(n: int, folder: str, out_of_core) -> dict:
     data = load_images(DOGS)
     data = data.subset(np.r_[np.arange(n // 2), np.arange(len(data) - n // 2, len(data))])  # cats, then dogs
     ens = Ensemble([{"backbone": "efficientnet_lite0", "finetune": dict(FINETUNE)}], cv=2, meta="mean",
-                   calibration=False, cache_dir=os.path.join(folder, "finetune_cache"), out_of_core=out_of_core,
+                   calibration=False, cache_dir=os.path.join(folder, "finetune_cache"),
+                   out_of_core=out_of_core is True,
                    verbose=0)
     t0 = time.perf_counter()
     if out_of_core == "warm":  # only the forward passes: every view's cut-point activations into the cache

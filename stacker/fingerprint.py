@@ -26,7 +26,9 @@ import os
 import sqlite3
 import stat
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 
 __all__ = ["HASH", "MEMO_FILE", "probe", "fingerprints"]
 
@@ -79,10 +81,10 @@ class _DiskMemo:
     """The stat memo of one cache folder (SQLite: safe for several processes)."""
 
     def __init__(self, cache_dir: str):
-        os.makedirs(cache_dir, exist_ok=True)
         self.path = os.path.join(cache_dir, MEMO_FILE)
 
     def _connect(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         con = sqlite3.connect(self.path, timeout=60)
         con.execute("CREATE TABLE IF NOT EXISTS memo (path TEXT PRIMARY KEY, dev INTEGER, ino INTEGER, "
                     "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, digest TEXT)")
@@ -90,7 +92,7 @@ class _DiskMemo:
 
     def get(self, keys: list) -> dict:
         found = {}
-        with self._connect() as con:
+        with closing(self._connect()) as con, con:
             for i in range(0, len(keys), 500):
                 part = {k[0]: k for k in keys[i : i + 500]}
                 marks = ",".join("?" * len(part))
@@ -104,7 +106,7 @@ class _DiskMemo:
     def put(self, items: dict) -> None:
         if not items:
             return
-        with self._connect() as con:
+        with closing(self._connect()) as con, con:
             con.executemany("INSERT OR REPLACE INTO memo VALUES (?, ?, ?, ?, ?, ?, ?)",
                             [(*k, d) for k, d in items.items()])
 
@@ -130,7 +132,11 @@ def fingerprints(paths, cache_dir=None, workers: int = 8) -> tuple[list, dict]:
     disk = _DiskMemo(cache_dir) if cache_dir else None
     missing = [k for k in unique if k not in digests]
     if disk and missing:
-        digests.update(disk.get(missing))
+        try:
+            digests.update(disk.get(missing))
+        except (sqlite3.Error, OSError) as e:  # a read-only or damaged memo: hash instead, never fail
+            warnings.warn(f"fingerprint memo {disk.path} not usable ({e}); hashing the files", stacklevel=2)
+            disk = None
         missing = [k for k in missing if k not in digests]
     failed = {}
     if missing:
@@ -140,7 +146,10 @@ def fingerprints(paths, cache_dir=None, workers: int = 8) -> tuple[list, dict]:
         failed = {k: reason for k, (d, reason) in zip(missing, results) if not d}
         digests.update(new)
         if disk:
-            disk.put(new)
+            try:
+                disk.put(new)
+            except (sqlite3.Error, OSError) as e:
+                warnings.warn(f"fingerprint memo {disk.path} not writable ({e})", stacklevel=2)
     with _memo_lock:
         if len(_memo) > 2_000_000:  # bound the process memo; the disk memo keeps the rest
             _memo.clear()

@@ -50,7 +50,6 @@ def _pillow_extensions() -> tuple:
 
 # Every extension a Pillow plugin opens, plus HEIF (a plugin may be installed) and no extension.
 IMAGE_EXTENSIONS = tuple(sorted(set(_pillow_extensions()) | {".heic", ".heif"}))
-_TF_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "MPO")  # decoded by TensorFlow itself
 MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (about 0.25 GB of RGBA)
 _KAGGLE_NAME = re.compile(r"^(?P<label>[^.]+)\.(?P<id>[^.]+)\.[A-Za-z]+$")
 
@@ -193,6 +192,8 @@ def from_folder(root, classes: list | None = None, ignore: tuple = ("BACKGROUND_
         found = list(classes)
     loose, other = _list_images(root, subfolders="ignore")
     other.update({os.path.join(root, f): "an image beside the class folders, not in one" for f in loose})
+    other.update({os.path.join(root, d): f"a folder left out ({'ignore' if d in ignore else 'classes'}=...)"
+                  for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d not in found})
     paths, labels = [], []
     for c in found:
         files, skipped = _list_images(os.path.join(root, c))

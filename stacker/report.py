@@ -59,15 +59,19 @@ def _title_overflow(fig, pad_px: float = 6.0) -> float:
     return max([-np.inf] + [max(pad_px - b.x0, b.x1 - (width - pad_px)) for b in boxes])
 
 
-def _save(fig, path: str, dpi: int = 100) -> None:
-    """Write ``fig`` as PNG after widening it until every title fits (a narrow plot cuts a long title)."""
+def _fit_titles(fig) -> None:
+    """Widen ``fig`` until every title fits (a narrow plot, e.g. a 2-class matrix, cuts a long title)."""
     for _ in range(4):
         over = _title_overflow(fig)
         if over <= 0:
-            break
+            return
         w, h = fig.get_size_inches()
         fig.set_size_inches(w + 2 * over / fig.dpi + 0.2, h)
         fig.tight_layout()
+
+
+def _save(fig, path: str, dpi: int = 100) -> None:
+    _fit_titles(fig)
     fig.savefig(path, dpi=dpi)
     _plt().close(fig)
 

@@ -176,6 +176,10 @@ def test_submit_command_validates(fitted_dir, tmp_path, capsys):
     root, out = fitted_dir
     sub = tmp_path / "sub.csv"
     assert main(["submit", str(out), str(root / "test"), "--out", str(sub), "--kind", "label"]) == 0
+    captured = capsys.readouterr()
+    assert "extracting features of 6 images" in captured.err and captured.out.startswith("wrote 6 rows")
+    assert main(["submit", str(out), str(root / "test"), "--out", str(sub), "--kind", "label", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
     with open(sub) as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["id", "label"] and [r[0] for r in rows[1:]] == [str(i) for i in range(1, 7)]

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["ls", "rm", "prune", "merge"],
                    help="ls: every entry with its owner, size, age and state; rm: delete the entries of --backbone "
                         "and/or --kind (all entries without them); prune: delete what no current code can use "
-                        "(stale, partial, corrupt); merge: copy the feature rows of SOURCES (shard caches) into --cache")
+                        "(stale, partial, corrupt); merge: copy the feature rows of SOURCES (shard caches) into "
+                        "--cache")
     p.add_argument("sources", nargs="*", help="for merge: cache directories made by `stacker extract --shard`")
     OPTIONS["cache"].add_to(p)
     p.add_argument("--backbone", default=None, help="only the entries of this backbone")

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 from .cache import STORES, FeatureCache
 
-__all__ = ["Artefact", "KINDS", "NotACacheError", "format_table", "remove", "scan", "select"]
+__all__ = ["Artefact", "KINDS", "NotACacheError", "current_code", "format_table", "human_size", "remove", "scan",
+           "select"]
 
 KINDS = ("features", "onnx", *STORES, "weights", "other")
 _FOLDERS = {"features": "features", "onnx": "onnx", **STORES, "weights": "converted_weights"}
@@ -107,6 +108,7 @@ def scan(directory) -> list[Artefact]:
 
 
 def select(artefacts, backbone: str | None = None, kind: str | None = None) -> list[Artefact]:
+    """The artefacts of one backbone and/or one kind (all without either)."""
     return [a for a in artefacts if (backbone is None or a.backbone == backbone) and (kind is None or a.kind == kind)]
 
 
@@ -241,6 +243,7 @@ def _bytes(path: str) -> int:
 
 
 def human_size(n: float) -> str:
+    """Bytes as B, KiB, MiB or GiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -24,7 +24,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-__all__ = ["CACHE_ENV", "FIT_OPTIONS", "GROUPS", "OPTIONS", "Option", "add_options", "cli_terms", "comma_list",
+__all__ = ["CACHE_ENV", "GROUPS", "OPTIONS", "Option", "add_options", "cli_terms", "comma_list",
            "default_cache_dir", "ensemble_params", "finetune_arg", "progress_output", "weights_arg"]
 
 CACHE_ENV = "STACKER_CACHE_DIR"
@@ -88,7 +88,7 @@ class Option:
         value = self.default if default is _TABLE else default
         if self.action:
             kwargs["action"] = self.action
-        else:
+        if self.action != "store_true":
             kwargs.update(type=self.type, choices=self.choices, metavar=self.metavar)
         if self.action != "store_true":
             kwargs["default"] = [] if self.action == "append" else value
@@ -187,7 +187,6 @@ GROUPS = {
         "finetune", "finetune_blocks", "finetune_epochs", "finetune_lr", "finetune_batch_size", "label_smoothing",
         "finetune_mode", "tta"),
 }
-FIT_OPTIONS = tuple(n for names in GROUPS.values() for n in names)
 
 
 def add_options(parser, names, title: str | None = None, defaults: dict | None = None, notes: dict | None = None):
@@ -235,7 +234,7 @@ def finetune_arg(args):
 
 
 def ensemble_params(args, **overrides) -> dict:
-    """The :class:`stacker.Ensemble` parameters that parsed :data:`FIT_OPTIONS` describe."""
+    """The :class:`stacker.Ensemble` parameters that parsed :data:`GROUPS` options describe."""
     params = {"backbones": args.backbones.split(","), "models": args.models, "meta": args.meta,
               "meta_inputs": args.meta_inputs, "calibration": not args.no_calibration, "cv": args.folds,
               "random_state": args.seed, "weights": weights_arg(args.weights), "input_size": args.image_size,

@@ -218,7 +218,7 @@ def _image_grid_figure(paths, y, pred, proba, classes, n: int = 24, seed: int = 
     return fig
 
 
-def worst_rows(paths, y, proba, n: int) -> list[int]:
+def _worst_rows(paths, y, proba, n: int) -> list[int]:
     """The ``n`` training rows with the highest out-of-fold log loss whose image files are present."""
     p_true = proba[np.arange(len(y)), y]
     out = []
@@ -373,9 +373,9 @@ def _leaderboard_section(page: _Page, scores: dict) -> None:
     rows = []
     for name, s in scores.items():
         spi, w = s.get("s_per_image"), s.get("weight")
+        ms = f"{spi * 1000:.1f}" if spi else ("cached" if "extract_s" in s else "")
         rows.append([name, f"{s['accuracy']:.4f}", f"{s['log_loss']:.4f}", "" if w is None else f"{w:.3f}",
-                     f"{s.get('extract_s', 0):.1f}", f"{spi * 1000:.1f}" if spi else ("cached" if "extract_s" in s else ""),
-                     f"{s.get('train_s', 0):.1f}", s.get("feature_dim", "")])
+                     f"{s.get('extract_s', 0):.1f}", ms, f"{s.get('train_s', 0):.1f}", s.get("feature_dim", "")])
     page.add("Leaderboard (out-of-fold)", page.figure(_leaderboard_figure(scores), "leaderboard.png", "leaderboard")
              + _table(["learner", "accuracy", "log loss", "level-2 weight", "feature extraction s",
                        "inference ms/image", "training s", "feature size"], rows))
@@ -418,7 +418,7 @@ def _image_sections(page: _Page, paths, y, proba, classes, n_worst: int) -> None
     fig = _image_grid_figure(paths, y, pred, proba, classes)
     if fig is not None:
         page.add("Images", page.figure(fig, "images.png", "image grid", dpi=90))
-    rows = worst_rows(paths, y, proba, n_worst)
+    rows = _worst_rows(paths, y, proba, n_worst)
     if not rows:
         return
     loss = -np.log(np.clip(proba[np.arange(len(y)), y], 1e-15, 1.0))
@@ -491,8 +491,8 @@ def report(run_dir, out_dir=None, max_pairs: int = 20, n_worst: int = 18) -> str
     importance = manifest.get("meta_importance", {})
     fig = _importance_figure(importance)
     if fig is not None:
-        page.add("How level 2 uses its inputs", page.figure(fig, "meta_importance.png", "importance")
-                 + _table(["learner", "log-loss increase when shuffled"], [[n, f"{v:.4f}"] for n, v in importance.items()]))
+        page.add("How level 2 uses its inputs", page.figure(fig, "meta_importance.png", "importance") + _table(
+            ["learner", "log-loss increase when shuffled"], [[n, f"{v:.4f}"] for n, v in importance.items()]))
     skipped = manifest.get("skipped", {})
     if skipped:
         page.add("Skipped images", _table(["file", "reason"], sorted(skipped.items())))

@@ -71,7 +71,8 @@ def test_report_files_are_real_pngs_embedded_in_one_html(fitted_dir):
         assert _embedded(html, fig) == (out / fig).read_bytes(), f"{fig}: the HTML holds another picture"
     assert 'src="' not in html.replace('src="data:image/png;base64,', ""), "the report needs no other file"
     for heading in ("Leaderboard", "Training curves", "Confusion matrix", "precision, recall, F1", "Images",
-                    "Calibration", "Highest out-of-fold loss", "level 2 uses", "Level 2", "Configuration and environment"):
+                    "Calibration", "Highest out-of-fold loss", "level 2 uses", "Level 2",
+                    "Configuration and environment"):
         assert heading in html
     assert "data_fingerprint" in html and "tensorflow" in html
     assert re.search(r"<td>owl</td><td>[01]\.\d{3}</td>", html), "per-class table lists every class"
@@ -85,7 +86,8 @@ def test_report_sections_calibration_worst_images_and_weights(fitted_dir):
     root, out = fitted_dir
     manifest = json.loads((out / "manifest.json").read_text())
     html = (out / "report.html").read_text()
-    calibration, worst_html, level2 = (_section(html, h) for h in ("Calibration", "Highest out-of-fold loss", "Level 2"))
+    calibration, worst_html, level2 = (_section(html, h)
+                                       for h in ("Calibration", "Highest out-of-fold loss", "Level 2"))
     with np.load(out / "oof.npz") as oof:
         y, proba = oof["y"], oof["ensemble"]
         learner0 = oof["learner_0"]
@@ -219,7 +221,8 @@ def test_cache_lists_and_removes_every_kind(fitted_dir, tmp_path, capsys):
     (cache / "fingerprints.sqlite").write_bytes(b"x" * 100)  # a file of another part of stacker: listed, kept
     legacy = cache / "learners" / "0123456789abcdef01234567"  # written before entries recorded their owner
     stale = cache / "learners" / "fedcba9876543210fedcba98"
-    for entry, meta in ((legacy, None), (stale, {"backbone": "tiny_cnn", "learner": "old", "code": {"model_code": "0"}})):
+    old_code = {"backbone": "tiny_cnn", "learner": "old", "code": {"model_code": "0"}}
+    for entry, meta in ((legacy, None), (stale, old_code)):
         entry.mkdir()
         (entry / "COMPLETE").write_text("ok\n")
         if meta:

@@ -70,7 +70,7 @@ class Option:
 
     flags: tuple
     help: str
-    default: object = None
+    default: object = None  # a value, or a function giving it when a parser is built
     type: object = None
     choices: tuple | None = None
     action: str | None = None
@@ -86,6 +86,7 @@ class Option:
         """Add this option to ``parser`` (or an argument group); ``default`` replaces the table's."""
         kwargs = {"dest": self.dest_name, "help": self.help}
         value = self.default if default is _TABLE else default
+        value = value() if callable(value) else value  # e.g. the cache folder, from the environment of now
         if self.action:
             kwargs["action"] = self.action
         if self.action != "store_true":
@@ -141,7 +142,7 @@ OPTIONS = {
     "engine": _opt("--engine", default="auto", choices=("auto", "keras", "xla", "onnx"),
                    help="what runs forward passes (auto: ONNX Runtime when installed and no GPU is seen, else "
                         "Keras; $STACKER_ENGINE sets what auto means)"),
-    "cache": _opt("--cache", default=default_cache_dir(), metavar="DIR", param="cache_dir",
+    "cache": _opt("--cache", default=default_cache_dir, metavar="DIR", param="cache_dir",
                   help=f"cache folder of features, ONNX graphs and learner results (${CACHE_ENV}, else "
                        "$XDG_CACHE_HOME/stacker or ~/.cache/stacker)"),
     "on_bad_image": _opt("--on-bad-image", default="raise", choices=("raise", "skip"),

@@ -2,14 +2,12 @@
 
 A cache folder (``--cache``; :func:`stacker.options.default_cache_dir` by default) has
 
-==================== ========================================================================
-``features/``        one HDF5 file per feature key (:class:`stacker.cache.FeatureCache`)
-``onnx/``            backbones exported for ONNX Runtime, ``<network>-<key>.onnx`` (:mod:`stacker.engines`)
-``learners/``        a learner's fold models and out-of-fold arrays (:data:`stacker.cache.STORES`)
-``folds/``           one finished fold of a learner still in training (its resume point)
-``test_proba/``      a learner's fold-averaged probabilities of a set of images
-``converted_weights``  EfficientNet-Lite checkpoints converted to Keras weights
-==================== ========================================================================
+- ``features/``: one HDF5 file per feature key (:class:`stacker.cache.FeatureCache`);
+- ``onnx/``: backbones exported for ONNX Runtime, ``<network>-<key>.onnx`` (:mod:`stacker.engines`);
+- ``learners/``, ``folds/``, ``test_proba/``: the result stores of :data:`stacker.cache.STORES` (a
+  learner's fold models and out-of-fold arrays; a finished fold of a learner still in training;
+  a learner's fold-averaged probabilities of a set of images);
+- ``converted_weights/``: EfficientNet-Lite checkpoints converted to Keras weights.
 
 Each artefact is listed with whose it is (backbone; learner and training-data
 fingerprint for results, from the ``meta.json`` written beside them), its size, its age

@@ -148,6 +148,25 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         self.strategy = strategy
         self.verbose = verbose
 
+    def __repr__(self, N_CHAR_MAX=300) -> str:
+        """scikit-learn's parameter repr (changed parameters only, bounded); once fitted, what was fitted.
+
+        ``Ensemble(backbones=['tiny_cnn'], cv=3) fitted: 2 classes (cat, dog); 2 learners
+        (tiny_cnn:logistic, tiny_cnn:prototype); level 2 logit+T, out-of-fold log loss 0.0123``
+        """
+        params = super().__repr__(N_CHAR_MAX=N_CHAR_MAX)
+        if not hasattr(self, "meta_"):
+            return params
+
+        def brief(names, n=4):
+            names = [str(v) for v in names]
+            return ", ".join(names[:n]) + (f", ... (+{len(names) - n})" if len(names) > n else "")
+
+        loss = getattr(self, "scores_", {}).get("ensemble", {}).get("log_loss")
+        return (f"{params} fitted: {len(self.classes_)} classes ({brief(self.classes_, 6)}); "
+                f"{len(self.learners_)} learners ({brief(self.learners_)}); level 2 {self.meta_.name}"
+                + ("" if loss is None else f", out-of-fold log loss {loss:.4f}"))
+
     # ------------------------------------------------------------------ validation
     def _validate_params(self) -> list[dict]:
         """Check every parameter (no network is built): a typo fails in milliseconds."""

@@ -59,6 +59,14 @@ def _code_fingerprint() -> str:
     return h.hexdigest()
 
 
+def _bar_mode() -> int:
+    """Keras Progbar verbosity: a live bar on a terminal or in a notebook, one plain line in a log file."""
+    import sys
+
+    live = getattr(sys.stdout, "isatty", lambda: False)() or "ipykernel" in sys.modules
+    return 1 if live else 2
+
+
 @functools.lru_cache(maxsize=64)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(path)
@@ -302,7 +310,7 @@ class FeatureExtractor:
         orient = np.array([orientations[i] for i, r in enumerate(todo) if int(r) not in skipped], dtype=np.int32)
         ds = _images.pixel_batches([images.paths[i] for i in good], self.size, batch_size, orient, rows=good,
                                    method=self.resize)
-        bar = keras.utils.Progbar(good.size, unit_name="image") if self.verbose else None
+        bar = keras.utils.Progbar(good.size, unit_name="image", verbose=_bar_mode()) if self.verbose else None
         if bar is not None:
             print(f"{self.cfg.name}: extracting features of {good.size} images at {self.size}px")
         pending_rows, pending_feats = [], []

@@ -103,6 +103,27 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def __repr__(self) -> str:
+        """``ImageSet(300 images, 2 classes: cat 150, dog 150, root='.../train')``: counts, not every path."""
+        parts = [f"{len(self)} images"]
+        if self.labels is None:
+            parts.append("unlabelled")
+        else:
+            counts = {c: 0 for c in self.classes}
+            for label in self.labels:
+                counts[label] += 1
+            shown = ", ".join(f"{c} {n}" for c, n in list(counts.items())[:6])
+            parts.append(f"{len(counts)} classes: {shown}" + (", ..." if len(counts) > 6 else ""))
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} skipped")
+        try:
+            root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in self.paths]) if self.paths else None
+        except ValueError:  # paths on different drives
+            root = None
+        if root:
+            parts.append(f"root={root if len(root) <= 60 else '...' + root[-57:]!r}")
+        return f"ImageSet({', '.join(parts)})"
+
     @property
     def y(self) -> np.ndarray:
         """Integer class index per image (labelled sets only)."""

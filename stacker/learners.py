@@ -121,10 +121,22 @@ class Learner:
     def _key_extra(self) -> dict:
         return {"dtype": self.settings.feature_dtype, "model_code": code_fingerprint(), "persist": PERSIST_FORMAT}
 
+    def entry_meta(self) -> dict:
+        """Whose a cache entry is and which code made it (its meta.json, read by ``stacker cache``).
+
+        ``code`` holds the key parts that are code fingerprints (names ending in ``code``),
+        the storage format and the stacker version: an entry made by other code is stale.
+        """
+        parts = {**self.source.key_meta(), **self._key_extra()}
+        code = {k: v for k, v in parts.items() if k.endswith("code") or k == "persist"}
+        return {"backbone": self.spec["backbone"], "learner": self.name, "learner_key": getattr(self, "key_", None),
+                "data": getattr(self, "images_fp_", None), "code": {**code, "stacker": __version__}}
+
     # -- fitting ----------------------------------------------------------------------
     def fit_oof(self, inputs: dict, y, folds, k: int, data, images_fp: str) -> "Learner":
         """Fit one model per fold on the other folds; keep out-of-fold outputs (or read them from the cache)."""
         self.key_ = self.key(images_fp, len(folds), self.settings.random_state)
+        self.images_fp_ = images_fp
         store = result_store(self.settings.cache_dir, "learners")
         hit = store.get(self.key_) if store else None
         t0 = time.perf_counter()
@@ -149,7 +161,7 @@ class Learner:
                           f"{score(y[va], arrays['oof_proba'], k)['log_loss']:.4f}")
             self.train_s_ = time.perf_counter() - t0
             if store:
-                with store.put(self.key_) as tmp:
+                with store.put(self.key_, meta=self.entry_meta()) as tmp:
                     for i, est in enumerate(self.fold_models_):
                         save_estimator(est, os.path.join(tmp, f"fold{i}"))
                     np.savez(os.path.join(tmp, "arrays.npz"), **self.arrays_)
@@ -182,7 +194,7 @@ class Learner:
             return models[0], arrays
         est, arrays = fit()
         if store:
-            with store.put(f"{self.key_}-fold{i}") as tmp:
+            with store.put(f"{self.key_}-fold{i}", meta=self.entry_meta()) as tmp:
                 save_estimator(est, os.path.join(tmp, "model"))
                 np.savez(os.path.join(tmp, "arrays.npz"), **arrays)
         return est, arrays
@@ -230,7 +242,7 @@ class Learner:
         if hit:
             return np.load(os.path.join(hit, "proba.npy"), allow_pickle=False)
         proba = self.fold_average(X)
-        with store.put(pkey) as tmp:
+        with store.put(pkey, meta=self.entry_meta()) as tmp:
             np.save(os.path.join(tmp, "proba.npy"), proba)
         return proba
 

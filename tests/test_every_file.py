@@ -117,6 +117,7 @@ def test_fingerprints_are_memoised_and_track_content(flat, tmp_path):
     fps, bad = fingerprint.fingerprints(paths, tmp_path / "cache")
     assert not bad and len(set(fps)) == 6 and all(len(f) == 40 for f in fps)
     fingerprint._memo.clear()  # a new process: the SQLite memo answers, no file is read
+    fingerprint._stored.clear()
     reads = []
     real = fingerprint._digest
     fingerprint._digest = lambda p: reads.append(p) or real(p)

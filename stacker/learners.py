@@ -26,10 +26,11 @@ from .cache import result_store, stable_hash
 from .features import FeatureExtractor
 from .meta import _align, score
 from .models import code_fingerprint, make_model, model_label, model_names
-from .persist import PERSIST_FORMAT, UntrustedTypeError, load_estimator, load_keras, member, save_estimator
+from .engines import SavedNetwork
+from .persist import PERSIST_FORMAT, UntrustedTypeError, load_estimator, member, save_estimator
 
 __all__ = ["Learner", "FrozenLearner", "LEARNER_KINDS", "register_learner", "learner_specs", "make_learners",
-           "describe"]
+           "describe", "saved_networks"]
 
 LEARNER_KINDS: dict = {}
 
@@ -103,9 +104,9 @@ class Learner:
         return (spec["base"], cls.kind)
 
     @classmethod
-    def make_source(cls, spec: dict, settings: Settings, model=None, weights_id=None):
+    def make_source(cls, spec: dict, settings: Settings, model=None, weights_id=None, saved=None):
         return FeatureExtractor(spec["backbone"], feature_dtype=settings.feature_dtype,
-                                **extractor_kwargs(spec, settings, model, weights_id))
+                                **extractor_kwargs(spec, settings, model, weights_id, saved))
 
     def views(self) -> dict:
         """View name -> extractor of the cached inputs this learner reads."""
@@ -244,12 +245,17 @@ class Learner:
     def source_file(self) -> str:
         return f"backbones/{self.spec['base'].replace('@', '_')}.keras"
 
-    def save(self, directory: str) -> dict:
-        """Write the source network (once per source) and the fold models; return the manifest entry."""
+    def save(self, directory: str, onnx: bool | None = None) -> dict:
+        """Write the source network (once per source) and the fold models; return the manifest entry.
+
+        ``onnx``: also write the source's ONNX graph, so a loaded model never exports;
+        None writes it when the source runs on ONNX Runtime.
+        """
         bb_file = self.source_file()
         if not os.path.exists(os.path.join(directory, bb_file)):
             os.makedirs(os.path.dirname(os.path.join(directory, bb_file)), exist_ok=True)
             self.source.model.save(os.path.join(directory, bb_file))
+        onnx_file = self._save_graph(directory, bb_file[:-len(".keras")] + ".onnx", onnx)
         stems = []
         for i, est in enumerate(self.fold_models_):
             stem = f"learners/{self.name.replace('@', '_').replace(':', '-')}_fold{i}"
@@ -257,17 +263,37 @@ class Learner:
             save_estimator(est, os.path.join(directory, stem))
             stems.append(stem)
         spec = {k: (describe(v) if k == "model" and not isinstance(v, str) else v) for k, v in self.spec.items()}
-        return {"name": self.name, "kind": self.kind, "spec": spec, "backbone_file": bb_file,
+        return {"name": self.name, "kind": self.kind, "spec": spec, "backbone_file": bb_file, "onnx_file": onnx_file,
                 "weights_id": self.source.weights_id, "folds": stems, "learner_key": getattr(self, "key_", None)}
 
+    def _save_graph(self, directory: str, rel: str, onnx: bool | None) -> str | None:
+        """Write the source's ONNX graph to ``rel`` (once per source); its path, or None without one."""
+        if os.path.exists(os.path.join(directory, rel)):
+            return rel
+        if not (onnx or (onnx is None and self.source.engine == "onnx")):
+            return None
+        try:
+            graph = self.source.onnx_graph()
+        except Exception as exc:  # noqa: BLE001 - the model still loads and runs on Keras without it
+            if onnx:
+                raise
+            warnings.warn(f"{self.name}: no ONNX graph saved ({type(exc).__name__}: {exc}); a loaded model "
+                          "will export it or run on Keras")
+            return None
+        with open(os.path.join(directory, rel), "wb") as f:
+            f.write(graph)
+        return rel
+
     @classmethod
-    def load(cls, entry: dict, directory: str, settings: Settings, models: dict) -> "Learner":
-        """Rebuild a saved learner; ``models`` caches loaded source networks by file."""
-        bb_file = entry["backbone_file"]
-        if bb_file not in models:
-            models[bb_file] = load_keras(member(directory, bb_file), _backbones.custom_objects())
+    def load(cls, entry: dict, directory: str, settings: Settings, networks: dict) -> "Learner":
+        """Rebuild a saved learner; ``networks`` maps a saved network's file to its :class:`SavedNetwork`.
+
+        The source network is not loaded here: the ONNX graph opens in the background and
+        the ``.keras`` archive is read only if an engine or a fine-tuned model needs it.
+        """
         spec = dict(entry["spec"])
-        source = cls.make_source(spec, settings, model=models[bb_file], weights_id=entry["weights_id"])
+        source = cls.make_source(spec, settings, weights_id=entry["weights_id"],
+                                 saved=networks[entry["backbone_file"]])
         learner = cls(spec, source, settings)
         learner.fold_models_ = [load_estimator(member(directory, stem), settings.trusted)
                                 for stem in entry["folds"]]
@@ -285,11 +311,27 @@ class FrozenLearner(Learner):
 register_learner("frozen", FrozenLearner)
 
 
-def extractor_kwargs(spec, settings, model=None, weights_id=None) -> dict:
+def saved_networks(entries, directory: str, files: dict) -> dict:
+    """Backbone file -> :class:`~stacker.engines.SavedNetwork` for the learners' manifest entries.
+
+    ``files`` (the manifest's sha256 per file) is what each ONNX graph is checked against
+    when it is opened.
+    """
+    out = {}
+    for e in entries:
+        graph = e.get("onnx_file")
+        if e["backbone_file"] not in out:
+            out[e["backbone_file"]] = SavedNetwork(
+                member(directory, e["backbone_file"]), member(directory, graph) if graph else None,
+                files.get(graph) if graph else None, custom_objects=_backbones.custom_objects)
+    return out
+
+
+def extractor_kwargs(spec, settings, model=None, weights_id=None, saved=None) -> dict:
     return dict(weights=spec["weights"], input_size=spec["input_size"], batch_size=settings.batch_size,
                 cache_dir=settings.cache_dir, weights_dir=settings.weights_dir, on_bad_image=settings.on_bad_image,
                 resize=settings.resize, verbose=settings.verbose, model=model, weights_id=weights_id,
-                chunk_size=settings.chunk_size, engine=settings.engine, strategy=settings.strategy)
+                chunk_size=settings.chunk_size, engine=settings.engine, strategy=settings.strategy, saved=saved)
 
 
 def learner_specs(backbones, models, input_size=None, weights="imagenet", finetune=None) -> list[dict]:

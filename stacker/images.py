@@ -41,6 +41,7 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (about 0.25 GB of RGBA)
+DECODED_BYTES = 32 << 20  # decoded images kept for an ensemble's other backbones (see _upright_rgb)
 _KAGGLE_NAME = re.compile(r"^(?P<label>[^.]+)\.(?P<id>[^.]+)\.[A-Za-z]+$")
 
 
@@ -293,8 +294,11 @@ def scan_images(paths, workers: int = 8) -> tuple[np.ndarray, dict]:
     Returns ``(orientations, bad)``: the EXIF orientation (1..8) per file, and
     ``{row: reason}`` for files that cannot be used.
     """
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(_scan_one, paths, chunksize=64))
+    if len(paths) <= 1:  # one file (a prediction): a thread pool would only add latency
+        results = [_scan_one(p) for p in paths]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_scan_one, paths, chunksize=64))
     orientations = np.array([r[0] for r in results], dtype=np.int32)
     bad = {i: r[1] for i, r in enumerate(results) if r[1] is not None}
     return orientations, bad
@@ -363,8 +367,57 @@ def _pil_uint8(path: str, size: int) -> np.ndarray:
     """:func:`_pil_pixels` as uint8 (the same values, a quarter of the bytes to move)."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        return np.asarray(_pil_rgb(img).resize((size, size), Image.BILINEAR))
+    return np.asarray(_upright_rgb(path).resize((size, size), Image.BILINEAR))
+
+
+def _upright_rgb(path: str):
+    """The file as an upright RGB Pillow image, decoded once for all of an ensemble's backbones.
+
+    Every backbone of an ensemble reads the same files at its own size; the last decoded
+    images (up to :data:`DECODED_BYTES`, keyed by path, size and modification time) are
+    kept, so the others only resize. Predicting one image with four backbones decodes it
+    once instead of four times.
+    """
+    from PIL import Image
+
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    rgb = _DECODED.get(key)
+    if rgb is None:
+        with Image.open(path) as img:
+            rgb = _pil_rgb(img)  # a new image (converted, transposed or copied): independent of the file
+        _DECODED.put(key, rgb, rgb.width * rgb.height * 3)
+    return rgb
+
+
+class _Recent:
+    """A small thread-safe LRU of values with a total byte budget."""
+
+    def __init__(self, max_bytes: int):
+        from collections import OrderedDict
+        from threading import Lock
+
+        self.max_bytes, self.items, self.bytes, self.lock = max_bytes, OrderedDict(), 0, Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key][0]
+        return None
+
+    def put(self, key, value, nbytes: int) -> None:
+        if nbytes > self.max_bytes // 4:
+            return
+        with self.lock:
+            if key not in self.items:
+                self.items[key] = (value, nbytes)
+                self.bytes += nbytes
+            while self.bytes > self.max_bytes:
+                self.bytes -= self.items.popitem(last=False)[1][1]
+
+
+_DECODED = _Recent(DECODED_BYTES)
 
 
 def resize_pixels(tf, image, size: int, method: str = "bilinear"):

@@ -25,9 +25,10 @@ from . import images as _images
 from .cache import result_store, stable_hash
 from .features import FeatureExtractor
 from .meta import _align, score
-from .models import code_fingerprint, make_model, model_label, model_names
+from .models import code_fingerprint, make_model, model_label, model_names, proba_function
 from .engines import SavedNetwork
-from .persist import PERSIST_FORMAT, UntrustedTypeError, load_estimator, member, save_estimator
+from .persist import (PERSIST_FORMAT, UntrustedTypeError, check_keras_archive, load_estimator, member,
+                      save_estimator)
 
 __all__ = ["Learner", "FrozenLearner", "LEARNER_KINDS", "register_learner", "learner_specs", "make_learners",
            "describe", "saved_networks"]
@@ -217,8 +218,34 @@ class Learner:
 
     # -- prediction -------------------------------------------------------------------
     def fold_average(self, X) -> np.ndarray:
+        """Mean of the fold models' probabilities.
+
+        The inputs are checked once here, and known model kinds then skip scikit-learn's
+        per-call checks (:func:`stacker.models.proba_function`): for one image those cost
+        more than the models. Each such function is compared with ``predict_proba`` on its
+        first inputs and dropped if it ever differs.
+        """
         k = self.settings.n_classes
-        return np.mean([_align(est, est.predict_proba(X), k) for est in self.fold_models_], axis=0)
+        X = np.asarray(X)
+        width = getattr(self.fold_models_[0], "n_features_in_", X.shape[-1])
+        if X.ndim != 2 or X.shape[1] != width or not np.isfinite(X).all():
+            raise ValueError(f"{self.name}: expected finite inputs of shape (n, {width}), got {X.shape}"
+                             + (" holding NaN or infinity" if X.ndim == 2 and X.shape[1] == width else ""))
+        return np.mean([_align(est, f(X), k) for est, f in zip(self.fold_models_, self._proba_functions(X))], axis=0)
+
+    def _proba_functions(self, X) -> list:
+        """Per fold model: its check-free probability function, verified against ``predict_proba`` on ``X`` once."""
+        cached = self.__dict__.get("_proba_fns")
+        if cached is not None and cached[0] is self.fold_models_:
+            return cached[1]
+        fns = []
+        for est in self.fold_models_:
+            fast = proba_function(est)
+            if fast != est.predict_proba and not np.allclose(fast(X), est.predict_proba(X), rtol=1e-6, atol=1e-9):
+                fast = est.predict_proba
+            fns.append(fast)
+        self._proba_fns = (self.fold_models_, fns)
+        return fns
 
     def _test_proba(self, X, paths, view="original") -> np.ndarray:
         """Fold-averaged probabilities, cached per learner key and image files when there is a cache."""
@@ -315,12 +342,14 @@ def saved_networks(entries, directory: str, files: dict) -> dict:
     """Backbone file -> :class:`~stacker.engines.SavedNetwork` for the learners' manifest entries.
 
     ``files`` (the manifest's sha256 per file) is what each ONNX graph is checked against
-    when it is opened.
+    when it is opened. Each ``.keras`` archive is checked here (a forged one is refused by
+    the load itself) and loaded by Keras only if it is ever needed.
     """
     out = {}
     for e in entries:
         graph = e.get("onnx_file")
         if e["backbone_file"] not in out:
+            check_keras_archive(member(directory, e["backbone_file"]), _backbones.CUSTOM_OBJECT_NAMES)
             out[e["backbone_file"]] = SavedNetwork(
                 member(directory, e["backbone_file"]), member(directory, graph) if graph else None,
                 files.get(graph) if graph else None, custom_objects=_backbones.custom_objects)

@@ -428,10 +428,13 @@ for _alias, _target in _ALIASES.items():
     _REGISTRY[_alias] = _REGISTRY[_target]
 
 
+CUSTOM_OBJECT_NAMES = ("stacker>ImagePreprocessing",)  # what custom_objects() registers, known without Keras
+
+
 def custom_objects() -> dict:
     """Keras custom objects needed to load a saved stacker backbone (for ``safe_mode`` loading)."""
     ImagePreprocessing("none")  # registers the class on first use
-    return {"stacker>ImagePreprocessing": _PREPROCESSING_CLS}
+    return dict(zip(CUSTOM_OBJECT_NAMES, [_PREPROCESSING_CLS]))
 
 
 def load_plugins() -> list[str]:

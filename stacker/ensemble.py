@@ -624,8 +624,8 @@ def _publish(tmp: str, directory: str) -> None:
     os.rmdir(tmp)
 
 
-def read_manifest(directory) -> dict:
-    """The manifest of a saved ensemble, with its format checked."""
+def read_manifest(directory, check_version: bool = True) -> dict:
+    """The manifest of a saved ensemble, with its format (and, to load it, its version) checked."""
     path = os.path.join(os.fspath(directory), MANIFEST)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory} is not a saved stacker ensemble (no {MANIFEST})")
@@ -633,6 +633,8 @@ def read_manifest(directory) -> dict:
         manifest = json.load(f)
     if manifest.get("format") != "stacker-ensemble":
         raise ModelIntegrityError(f"{path} is not a stacker ensemble manifest")
+    if not check_version:
+        return manifest
     version = manifest.get("format_version")
     if isinstance(version, int) and version < 3:
         raise ModelIntegrityError(

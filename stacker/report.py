@@ -434,13 +434,9 @@ def _image_sections(page: _Page, paths, y, proba, classes, n_worst: int) -> None
 
 def _read_run(run_dir: str) -> tuple[dict, dict | None]:
     """``manifest.json`` (any format version: only JSON is read) and ``oof.npz`` (None when absent)."""
-    path = os.path.join(run_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{run_dir} is not a saved stacker ensemble (no manifest.json)")
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != "stacker-ensemble":
-        raise ValueError(f"{path} is not a stacker ensemble manifest")
+    from .ensemble import read_manifest
+
+    manifest = read_manifest(run_dir, check_version=False)  # only JSON is read: any version can be reported
     oof_path = os.path.join(run_dir, "oof.npz")
     if not os.path.exists(oof_path):
         return manifest, None

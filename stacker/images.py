@@ -2,10 +2,11 @@
 
 Sources: class sub-folders, Kaggle-style names (``cat.12.jpg``), a CSV of
 ``path,label``, and unlabelled Kaggle test folders (``17.jpg`` -> id 17). Each gives an
-:class:`ImageSet`. Pixels come from a ``tf.data`` pipeline: files are read, decoded
-(JPEG/PNG/BMP/GIF/WebP, any mode -> RGB; 16-bit scaled to 8-bit), turned upright by
-their EXIF orientation, and resized in parallel with prefetching, so decoding
-overlaps with the CNN's forward pass.
+:class:`ImageSet`. Pixels come from parallel threads that work ahead of the CNN, so
+decoding overlaps with its forward pass: files are read, decoded (JPEG/PNG/BMP/GIF/WebP,
+any mode -> RGB; 16-bit scaled to 8-bit), turned upright by their EXIF orientation and
+resized, by Pillow in a thread pool (:func:`pil_batches`, the default) or by a ``tf.data``
+pipeline for TensorFlow's resize methods (:func:`pixel_batches`).
 
 Before pixels are decoded, :func:`scan_images` reads each file's header (cheap) to
 catch files that are not images, empty or absurdly large; a file that passes the scan

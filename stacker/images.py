@@ -4,8 +4,10 @@ Sources: class sub-folders, Kaggle-style names (``cat.12.jpg``), a CSV of
 ``path,label``, and unlabelled Kaggle test folders (``17.jpg`` -> id 17). Each gives an
 :class:`ImageSet`. Every format Pillow opens is read (JPEG, PNG, BMP, GIF, WebP, TIFF
 including 16-bit and float, PPM/PGM, ICO, TGA, SGI, ...), any mode converted to RGB
-(16-bit and float scaled to 8-bit) and turned upright by its EXIF orientation, in a
-``tf.data`` pipeline that decodes and resizes in parallel with the forward pass.
+(16-bit and float scaled to 8-bit) and turned upright by its EXIF orientation. Pixels
+come from parallel threads that work ahead of the CNN, so decoding overlaps with its
+forward pass: Pillow in a thread pool (:func:`pil_batches`, the default) or a
+``tf.data`` pipeline for TensorFlow's resize methods (:func:`pixel_batches`).
 
 Nothing is dropped silently. A folder reader gives every image file a row and lists
 what it did not read (hidden files, documents, sub-folders of a test folder) in

@@ -23,10 +23,10 @@ from . import __version__
 from . import backbones as _backbones
 from . import images as _images
 from .cache import result_store, stable_hash
+from .engines import SavedNetwork
 from .features import FeatureExtractor
 from .meta import _align, score
 from .models import code_fingerprint, make_model, model_label, model_names, proba_function
-from .engines import SavedNetwork
 from .persist import (PERSIST_FORMAT, UntrustedTypeError, check_keras_archive, load_estimator, member,
                       save_estimator)
 
@@ -234,8 +234,8 @@ class Learner:
 
         The inputs are checked once here, and known model kinds then skip scikit-learn's
         per-call checks (:func:`stacker.models.proba_function`): for one image those cost
-        more than the models. Each such function is compared with ``predict_proba`` on its
-        first inputs and dropped if it ever differs.
+        more than the models. Each such function is compared with ``predict_proba`` on the
+        first inputs it gets and replaced by ``predict_proba`` if they differ.
         """
         k = self.settings.n_classes
         X = np.asarray(X)

@@ -16,8 +16,13 @@ It prints images/second, the ratios b/a and c/a, the process's peak resident mem
 after each step, and the largest relative difference between (a) and (b) features
 (per image: max |a - b| / max |a|). Then (b)'s speed with each inference engine
 (Keras, XLA-compiled Keras, ONNX Runtime) and its difference from Keras's features.
-The last line is machine-readable:
-``first_vs_tutorial=<b/a> warm_vs_tutorial=<c/a> max_rel_diff=<d>`` (first backbone).
+
+Then the engine's own limit: the shipped engine alone on the same images already decoded
+and resized (one session of the same graph, batches of --batch-size, nothing else in the
+loop) against (b) again, each the best of three runs taken alternately, (b) into a fresh
+cache every time; ``pipeline_efficiency`` = (b) img/s / engine img/s.
+The last line is machine-readable: ``first_vs_tutorial=<b/a> warm_vs_tutorial=<c/a>
+max_rel_diff=<d> pipeline_efficiency=<e>`` (first backbone).
 
 ``--scale`` extracts N and then 4N images (the file list repeated, cold cache each time)
 in two fresh processes and prints both peaks: extraction streams, so memory stays flat.
@@ -108,6 +113,7 @@ def run(backbone: str, paths, batch_size: int, weights_dir, engines=()) -> dict:
                 keras_feats = f
         for engine, r in out["engines"].items():
             r["rel_keras"] = _rel(r.pop("feats"), keras_feats) if keras_feats is not None else float("nan")
+        out["limit"] = engine_limit(ext, data, batch_size, cache)
         out["hash"] = fingerprint_rates(paths, cache)
         return out
     finally:
@@ -119,11 +125,13 @@ def fingerprint_rates(paths, cache) -> dict:
     from stacker import fingerprint
 
     fingerprint._memo.clear()
+    fingerprint._stored.clear()
     fresh = tempfile.mkdtemp(prefix="stacker-bench-fp-", dir=cache)
     t = time.perf_counter()
     fingerprint.fingerprints(paths, fresh)
     cold = time.perf_counter() - t
     fingerprint._memo.clear()  # a new process: the SQLite memo answers
+    fingerprint._stored.clear()
     t = time.perf_counter()
     fingerprint.fingerprints(paths, fresh)
     warm = time.perf_counter() - t
@@ -132,6 +140,31 @@ def fingerprint_rates(paths, cache) -> dict:
     hot = time.perf_counter() - t
     mb = sum(os.path.getsize(p) for p in paths) / 2**20
     return {"cold": len(paths) / cold, "cold_mb_s": mb / cold, "warm": len(paths) / warm, "hot": len(paths) / hot}
+
+
+def engine_limit(ext, data, batch_size: int, cache: str, reps: int = 3) -> dict:
+    """Best-of-``reps`` img/s of the engine alone on decoded tensors and of ``ext`` on a cold cache, alternately."""
+    from stacker import engines
+    from stacker.images import _pil_pixels
+
+    if ext.engine == "onnx":
+        forward = engines.session_forward(engines.open_session(ext.onnx_graph()))
+    else:
+        forward = engines.forward_function(ext.model, ext.engine)
+    pixels = np.stack([_pil_pixels(p, ext.size) for p in data.paths])
+    forward(pixels[:batch_size])  # warm-up
+    raw, ours = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for i in range(0, len(pixels), batch_size):
+            forward(pixels[i:i + batch_size])
+        raw.append(len(pixels) / (time.perf_counter() - t))
+        ext.cache_dir = tempfile.mkdtemp(prefix="cold-", dir=cache)  # the same open engine, an empty cache
+        t = time.perf_counter()
+        ext.transform(data)
+        ours.append(len(pixels) / (time.perf_counter() - t))
+    return {"engine_img_s": max(raw), "stacker_img_s": max(ours), "efficiency": max(ours) / max(raw),
+            "engine": ext.engine, "batch_size": batch_size}
 
 
 def scale_child(backbone: str, paths, batch_size: int, weights_dir) -> None:
@@ -198,6 +231,13 @@ def main() -> None:
         for engine, e in r["engines"].items():
             print(f"{r['backbone']:20s} {engine:8s} {e['img_s']:8.1f} "
                   f"{e['img_s'] / base if base else float('nan'):9.2f} {e['rel_keras']:18.2e}")
+    print(f"\nthe engine's own limit (batch {args.batch_size}, best of 3, alternately): the engine alone on "
+          "decoded tensors vs (b) on a fresh cache")
+    print(f"{'backbone':20s} {'engine':8s} {'engine img/s':>13s} {'stacker img/s':>14s} {'pipeline_efficiency':>20s}")
+    for r in rows:
+        lim = r["limit"]
+        print(f"{r['backbone']:20s} {lim['engine']:8s} {lim['engine_img_s']:13.1f} {lim['stacker_img_s']:14.1f} "
+              f"{lim['efficiency']:20.3f}")
     first = rows[0]
     h = first["hash"]
     print(f"\ncontent fingerprints (BLAKE2b-160 of the file bytes, files in the page cache), {first['n']} images")
@@ -206,7 +246,8 @@ def main() -> None:
     print(f"{'warm: stat + SQLite memo':28s} {h['warm']:10.0f} img/s ({first['c'] / h['warm']:.2f} of the warm run)")
     print(f"{'hot: stat + in-process memo':28s} {h['hot']:10.0f} img/s")
     print(f"first_vs_tutorial={first['b'] / first['a']:.3f} warm_vs_tutorial={first['c'] / first['a']:.1f} "
-          f"max_rel_diff={first['rel']:.3e} hash_cold_img_s={h['cold']:.0f} hash_warm_img_s={h['warm']:.0f}")
+          f"max_rel_diff={first['rel']:.3e} hash_cold_img_s={h['cold']:.0f} hash_warm_img_s={h['warm']:.0f} "
+          f"pipeline_efficiency={first['limit']['efficiency']:.3f}")
 
 
 if __name__ == "__main__":

@@ -274,10 +274,12 @@ def bench_finetune(args, summary):
 
 
 def main(argv=None) -> int:
+    from stacker.options import default_cache_dir
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default="dvc,caltech", help="comma-separated from dvc, caltech")
     p.add_argument("--backbones", default=None, help="override each data set's backbones")
-    p.add_argument("--cache", default=os.path.join(HERE, "..", "artifacts", "cache"))
+    p.add_argument("--cache", default=default_cache_dir(), help="the recipes' cache (default: %(default)s)")
     p.add_argument("--weights-dir", default=os.environ.get("STACKER_WEIGHTS_DIR", os.path.join(SHARED, "weights")))
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)

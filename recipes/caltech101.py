@@ -25,9 +25,13 @@ from stacker.recipe import SHARED, common_parser, fit_and_save
 BACKBONES = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
 
 
+def parser():
+    return common_parser(__doc__, os.path.join(SHARED, "data", "caltech101"), "caltech101", BACKBONES,
+                         "efficientnet_lite0")
+
+
 def main(argv=None) -> int:
-    args = common_parser(__doc__, os.path.join(SHARED, "data", "caltech101"), "caltech101", BACKBONES,
-                         "efficientnet_lite0").parse_args(argv)
+    args = parser().parse_args(argv)
     from stacker.images import from_folder
 
     train = from_folder(args.data, ignore=("BACKGROUND_Google",))

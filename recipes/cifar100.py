@@ -80,13 +80,19 @@ def default_backbone(weights_dir) -> str:
         "efficientnet_lite0"
 
 
+def parser():
+    p = common_parser(__doc__, os.path.join(SHARED, "data", "cifar-100-python"), "cifar100",
+                      "auto (efficientnet_b0 when its weights are here, else efficientnet_lite0)", "efficientnet_lite0",
+                      defaults={"resize": "bicubic"})  # 32 px images upscaled about 7x
+    p.recipe_options.add_argument("--download", action="store_true",
+                                  help="fetch CIFAR-100 with keras.datasets (online)")
+    p.recipe_options.add_argument("--val-fraction", type=float, default=0.2,
+                                  help="share of train held out for validation (default: %(default)s)")
+    return p
+
+
 def main(argv=None) -> int:
-    p = common_parser(__doc__, os.path.join(SHARED, "data", "cifar-100-python"), "cifar100", "auto",
-                      "efficientnet_lite0")
-    p.add_argument("--download", action="store_true", help="fetch CIFAR-100 with keras.datasets (online)")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.set_defaults(resize="bicubic")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     from sklearn.model_selection import train_test_split
 
     from stacker.images import ImageSet

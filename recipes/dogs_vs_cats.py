@@ -25,7 +25,8 @@ import os
 import sys
 import time
 
-from stacker.recipe import SHARED, common_parser, fit_and_save, weights_arg
+from stacker.options import OPTIONS, progress_output
+from stacker.recipe import SHARED, common_parser, fit_and_save
 
 DEFAULT_BACKBONES = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,mobilenet_025"
 QUICK_BACKBONES = "efficientnet_lite0,mobilenet_025"
@@ -69,12 +70,17 @@ def comparison(ens, train, args) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parser():
     p = common_parser(__doc__, os.path.join(SHARED, "data", "dogs-vs-cats"), "dogs_vs_cats", DEFAULT_BACKBONES,
                       QUICK_BACKBONES)
-    p.add_argument("--eps", type=float, default=1e-3, help="clip submitted probabilities to [eps, 1-eps]")
-    p.add_argument("--no-compare", action="store_true", help="skip the classic-vs-EfficientNet comparison")
-    args = p.parse_args(argv)
+    OPTIONS["eps"].add_to(p.recipe_options)
+    p.recipe_options.add_argument("--no-compare", action="store_true",
+                                  help="skip the classic-vs-EfficientNet comparison")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     import stacker
     from stacker.images import from_test_folder, load_images
 
@@ -93,13 +99,16 @@ def main(argv=None) -> int:
             test = test.subset(range(min(100, len(test))))
             expected = test.ids
         positive = "dog" if "dog" in ens.classes_ else ens.classes_[-1]
+        with progress_output(args.quiet):
+            proba = ens.predict_proba(test)
         path = stacker.submission.write_csv(
-            os.path.join(args.out, "submission.csv"), test.ids, ens.predict_proba(test), ens.classes_,
+            os.path.join(args.out, "submission.csv"), test.ids, proba, ens.classes_,
             kind="binary", positive=positive, eps=args.eps, expected_ids=expected,
             sample_submission=sample if (os.path.exists(sample) and not args.quick) else None)
         print(f"submission: {path} ({len(test)} rows, P({positive}))")
     if not args.no_compare:
-        table = comparison(ens, train, args)
+        with progress_output(args.quiet):
+            table = comparison(ens, train, args)
         print("\nClassic backbones versus EfficientNets (out-of-fold):\n" + table)
         with open(os.path.join(args.out, "comparison.txt"), "w") as f:
             f.write(table + "\n")

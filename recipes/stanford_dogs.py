@@ -51,13 +51,20 @@ def export_tfds(out_dir: str) -> str:
     return out_dir
 
 
-def main(argv=None) -> int:
-    p = common_parser(__doc__, os.path.join(SHARED, "data", "stanford-dogs", "Images"), "stanford_dogs", "auto",
+def parser():
+    p = common_parser(__doc__, os.path.join(SHARED, "data", "stanford-dogs", "Images"), "stanford_dogs",
+                      "auto (efficientnet_b0 when its weights are here, else efficientnet_lite0,1,2)",
                       "efficientnet_lite0")
-    p.add_argument("--tfds", action="store_true", help="read tensorflow_datasets' stanford_dogs (already downloaded)")
-    p.add_argument("--frozen", action="store_true",
-                   help="heads on frozen features only (default: two-phase fine-tuning, as the Keras example)")
-    args = p.parse_args(argv)
+    p.recipe_options.add_argument("--tfds", action="store_true",
+                                  help="read tensorflow_datasets' stanford_dogs (already downloaded)")
+    p.recipe_options.add_argument("--frozen", action="store_true",
+                                  help="heads on frozen features only (default: two-phase fine-tuning, as the "
+                                       "Keras example)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     args.finetune = not args.frozen
     root = export_tfds(os.path.join(args.cache, "stanford_dogs_images")) if args.tfds else args.data
     if not os.path.isdir(root):

@@ -2,37 +2,40 @@
 """ImageNet top-5 of photos with two pretrained models side by side, as text and a bar chart.
 
     python recipes/top5.py photo1.jpg photo2.jpg
-    python recipes/top5.py --models efficientnet_lite0,efficientnet_lite2 --out artifacts/top5 photos/
+    python recipes/top5.py --backbones efficientnet_lite0,efficientnet_lite2 --out artifacts/top5 photos/
 
 No training: each model's 1000-class ImageNet softmax, its five most probable classes
 with human-readable names. Writes OUT/top5.png (one row per photo: the photo, then one
 bar chart per model) and OUT/top5.json.
 """
 
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
 
-from stacker.recipe import REPO, SHARED, weights_arg
+from stacker.options import OPTIONS, add_options, comma_list, progress_output, weights_arg
+from stacker.recipe import SHARED, WEIGHTS_DIR, recipe_note, recipe_parser
 
 DEFAULT_PHOTOS = [os.path.join(SHARED, "data", "dogs-vs-cats", "train", f) for f in ("dog.1.jpg", "cat.1.jpg")]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = recipe_parser(__doc__, None, "top5", data_help="a folder of photos (same as giving it as an argument)",
+                      quick_help="at most four photos")
     p.add_argument("images", nargs="*", default=DEFAULT_PHOTOS, help="photos or folders")
-    p.add_argument("--data", default=None, help="a folder of photos (same as giving it as an argument)")
-    p.add_argument("--models", default="efficientnet_lite0,efficientnet_lite2")
-    p.add_argument("--out", default=os.path.join(REPO, "artifacts", "top5"))
-    p.add_argument("--weights", default="imagenet", help="'imagenet' or 'none' (random weights, for tests)")
-    p.add_argument("--weights-dir", default=os.path.join(SHARED, "weights"))
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="at most four photos")
-    args = p.parse_args(argv)
+    p.recipe_options.add_argument("--backbones", default="efficientnet_lite0,efficientnet_lite2", type=comma_list,
+                                  metavar="NAMES", help="backbones compared side by side (default: %(default)s)")
+    p.recipe_defaults = {"weights_dir": WEIGHTS_DIR}
+    add_options(p, ("k", "weights", "weights_dir"), defaults=p.recipe_defaults,
+                notes={"weights_dir": recipe_note("weights_dir", "stacker top5")})
+    OPTIONS["quiet"].add_to(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,9 +50,10 @@ def main(argv=None) -> int:
         print(f"not read {path}: {reason}", file=sys.stderr)
     if args.quick:
         paths = paths[:4]
-    models = args.models.split(",")
-    results = {m: top_k(paths, backbone=m, k=args.k, weights=weights_arg(args.weights), weights_dir=args.weights_dir)
-               for m in models}
+    models = args.backbones.split(",")
+    with progress_output(args.quiet):
+        results = {m: top_k(paths, backbone=m, k=args.k, weights=weights_arg(args.weights),
+                            weights_dir=args.weights_dir) for m in models}
     os.makedirs(args.out, exist_ok=True)
     report = []
     for i, path in enumerate(paths):

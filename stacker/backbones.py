@@ -33,6 +33,7 @@ __all__ = [
     "list_backbones",
     "register_backbone",
     "resolve_weights",
+    "top_weights_file",
 ]
 
 WEIGHTS_DIR_ENV = "STACKER_WEIGHTS_DIR"
@@ -194,6 +195,22 @@ def _pypi_checkpoint_path(cfg: BackboneCfg) -> str | None:
         return None
 
 
+def top_weights_file(cfg: BackboneCfg) -> str | None:
+    """Keras's file name of the with-top (ImageNet classifier) weights: the headless name without ``_notop``."""
+    if not cfg.keras_weights_file:
+        return None
+    return cfg.keras_weights_file.replace("_no_top.h5", ".h5").replace("_notop.h5", ".h5")
+
+
+def _keras_file(file_name: str | None, weights_dir=None) -> str | None:
+    """A Keras weights file in ``weights_dir`` or Keras's cache, if it is there."""
+    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    for d in (_weights_dir(weights_dir), os.path.join(keras_home, "models")):
+        if file_name and d and os.path.isfile(os.path.join(d, file_name)):
+            return os.path.join(d, file_name)
+    return None
+
+
 def _local_imagenet_weights(cfg: BackboneCfg, weights_dir=None) -> str | None:
     """Path of ImageNet weights for ``cfg`` already on this machine, if any."""
     folder = _weights_dir(weights_dir)
@@ -204,12 +221,7 @@ def _local_imagenet_weights(cfg: BackboneCfg, weights_dir=None) -> str | None:
                 if f.startswith(stem + "-") and f.endswith(".pth"):
                     return os.path.join(folder, f)
         return _pypi_checkpoint_path(cfg)
-    if cfg.keras_weights_file:
-        keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
-        for d in (folder, os.path.join(keras_home, "models")):
-            if d and os.path.isfile(os.path.join(d, cfg.keras_weights_file)):
-                return os.path.join(d, cfg.keras_weights_file)
-    return None
+    return _keras_file(cfg.keras_weights_file, weights_dir)
 
 
 def resolve_weights(cfg: BackboneCfg, weights, weights_dir=None, include_top: bool = False):
@@ -226,7 +238,7 @@ def resolve_weights(cfg: BackboneCfg, weights, weights_dir=None, include_top: bo
             raise WeightsNotFoundError(f"weights file {path!r} does not exist")
         return path
     if include_top and not cfg.pypi_checkpoint:
-        return "imagenet"  # Keras's own download; its cache holds with-top files
+        return _keras_file(top_weights_file(cfg), weights_dir) or "imagenet"  # else Keras downloads it
     local = _local_imagenet_weights(cfg, weights_dir)
     if local is not None:
         return local
@@ -312,11 +324,7 @@ def build(
             )
         except Exception as exc:  # Keras's download fails offline with a bare URL error
             if source == "imagenet":
-                raise WeightsNotFoundError(
-                    f"ImageNet weights for {cfg.name} are not on this machine and could not be downloaded "
-                    f"({type(exc).__name__}: {exc}). Put {cfg.keras_weights_file or 'the Keras weights file'} "
-                    f"in a folder and pass weights_dir=... or set ${WEIGHTS_DIR_ENV}."
-                ) from exc
+                raise WeightsNotFoundError(_missing_weights(cfg, include_top, weights_dir, exc)) from exc
             raise
     inputs = keras.Input(shape=shape, name="pixels")
     x = inputs if cfg.preprocessing == "none" else ImagePreprocessing(cfg.preprocessing, name="preprocessing")(inputs)
@@ -331,6 +339,18 @@ def build(
     model.trainable = trainable
     model.stacker_weights = None if source is None else os.fspath(source)
     return model
+
+
+def _missing_weights(cfg: BackboneCfg, include_top: bool, weights_dir, exc) -> str:
+    """Which weights file to put where, when Keras could not download it."""
+    wanted = (top_weights_file(cfg) if include_top else cfg.keras_weights_file) or "the Keras weights file"
+    what = "ImageNet classifier (with-top) weights" if include_top else "ImageNet weights"
+    headless = _keras_file(cfg.keras_weights_file, weights_dir) if include_top else None
+    note = (f"; the headless {cfg.keras_weights_file} in {os.path.dirname(headless)} only gives features, "
+            "top-k needs the classifier") if headless else ""
+    return (f"{what} for {cfg.name} are not on this machine and could not be downloaded "
+            f"({type(exc).__name__}: {str(exc)[:120]}){note}. Put {wanted} in a folder and pass weights_dir=... "
+            f"or set ${WEIGHTS_DIR_ENV}, or put it in ~/.keras/models.")
 
 
 def _converted_weights_dir() -> str:
@@ -408,10 +428,13 @@ for _alias, _target in _ALIASES.items():
     _REGISTRY[_alias] = _REGISTRY[_target]
 
 
+CUSTOM_OBJECT_NAMES = ("stacker>ImagePreprocessing",)  # what custom_objects() registers, known without Keras
+
+
 def custom_objects() -> dict:
     """Keras custom objects needed to load a saved stacker backbone (for ``safe_mode`` loading)."""
     ImagePreprocessing("none")  # registers the class on first use
-    return {"stacker>ImagePreprocessing": _PREPROCESSING_CLS}
+    return dict(zip(CUSTOM_OBJECT_NAMES, [_PREPROCESSING_CLS]))
 
 
 def load_plugins() -> list[str]:

@@ -242,7 +242,9 @@ class ResultStore:
     """Keyed result directories that appear atomically (written aside, then renamed).
 
     ``store.get(key)`` is the directory of a complete result or None;
-    ``with store.put(key) as tmp:`` writes into ``tmp`` and publishes it on success.
+    ``with store.put(key, meta) as tmp:`` writes into ``tmp`` and publishes it on success,
+    with ``meta`` (whose result it is: backbone, learner, code) as ``meta.json`` beside it
+    for ``stacker cache`` to list and remove by owner.
     """
 
     def __init__(self, directory):
@@ -255,8 +257,8 @@ class ResultStore:
         p = self.path(key)
         return p if os.path.isfile(os.path.join(p, "COMPLETE")) else None
 
-    def put(self, key: str):
-        return _AtomicDir(self.path(key))
+    def put(self, key: str, meta: dict | None = None):
+        return _AtomicDir(self.path(key), meta)
 
 
 # The cache folder's layout, in one place: features/ (HDF5, FeatureCache), onnx/ (exported
@@ -274,8 +276,9 @@ def result_store(cache_dir, kind: str) -> ResultStore | None:
 
 
 class _AtomicDir:
-    def __init__(self, final: str):
+    def __init__(self, final: str, meta: dict | None = None):
         self.final = final
+        self.meta = meta
 
     def __enter__(self) -> str:
         parent = os.path.dirname(self.final)
@@ -287,6 +290,10 @@ class _AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        meta_path = os.path.join(self.tmp, "meta.json")
+        if self.meta is not None and not os.path.exists(meta_path):
+            with open(meta_path, "w") as f:
+                json.dump(self.meta, f, indent=1, sort_keys=True, default=str)
         with open(os.path.join(self.tmp, "COMPLETE"), "w") as f:
             f.write("ok\n")
         if os.path.isfile(os.path.join(self.final, "COMPLETE")):

@@ -1,16 +1,17 @@
 """The ``stacker`` command line (also ``python -m stacker``).
 
-    stacker fit DATA --out DIR [--backbones a,b] [--models default] [--meta auto] [--folds 5] [--image-size N]
+    stacker fit DATA --out DIR [--backbones a,b] [--models default] [--meta auto] [--folds 5] ...
     stacker predict MODEL IMAGE_OR_FOLDER... [--json | --csv FILE]
     stacker submit MODEL TEST_FOLDER --out submission.csv [--sample sample_submission.csv]
     stacker report RUN_DIR
     stacker top5 IMAGE... [--backbone efficientnet_lite0]
     stacker extract DATA --backbones a,b [--shard i/n] [--cache DIR]
-    stacker cache ls|rm|prune [--cache DIR]
+    stacker cache ls|rm|prune [--backbone X] [--kind K] [--cache DIR]
     stacker cache merge SHARD_CACHE... [--cache DIR]
 
-Exit codes: 0 success, 2 usage error, 1 failure (one line saying why; ``--debug`` for the
-traceback).
+Options come from one table (:mod:`stacker.options`) shared with the recipes. Results go
+to stdout, progress to stderr (``--quiet``: none). Exit codes: 0 success, 2 usage error,
+1 failure (one line saying why, in command-line terms; ``--debug`` for the traceback).
 """
 
 from __future__ import annotations
@@ -21,19 +22,19 @@ import json
 import os
 import sys
 
-DEFAULT_CACHE = os.environ.get("STACKER_CACHE", os.path.join("artifacts", "cache"))
+from .options import CACHE_ENV, GROUPS, OPTIONS, add_options, cli_terms, default_cache_dir, progress_output
+
+_FORMATTER = argparse.RawDescriptionHelpFormatter
 
 
 def _add_common(p):
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    OPTIONS["quiet"].add_to(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def _add_trust(p):
-    p.add_argument("--trust", action="append", default=[], metavar="TYPE",
-                   help="a fully qualified class name the model's files may use besides stacker's own "
-                        "(your estimator class); repeatable. Other types are refused, so a model from "
-                        "someone else runs none of its code")
+def _command(sub, name, help, description=""):
+    return sub.add_parser(name, help=help, description=help + (f"\n\n{description}" if description else ""),
+                          formatter_class=_FORMATTER)
 
 
 def _add_ray(p):
@@ -52,97 +53,87 @@ def _connect_ray(args) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stacker", description="Stacked ensembles of pretrained CNNs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="stacker", description="Stacked ensembles of pretrained CNNs.", formatter_class=_FORMATTER,
+        epilog=f"The cache (features, ONNX graphs, learner results) is --cache: ${CACHE_ENV}, else "
+               f"$XDG_CACHE_HOME/stacker or ~/.cache/stacker; here {default_cache_dir()}. `stacker cache ls` lists it.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("fit", help="fit an ensemble on labelled images and save it")
+    p = _command(sub, "fit", "fit an ensemble on labelled images and save it (with report.html)",
+                 "The same options as the recipes (recipes/*.py), with the same defaults.")
     p.add_argument("data", help="class folders, a folder of label.id.jpg files, or a CSV of path,label")
     p.add_argument("--out", required=True, help="directory for the saved ensemble")
-    p.add_argument("--backbones", default="efficientnet_lite0", help="comma-separated registered backbones")
-    p.add_argument("--models", "--head", dest="models", default="default",
-                   help="models per backbone: a preset (default, fast, best, dense) or names from "
-                        "logistic,prototype,dense,resnet (default: %(default)s)")
-    p.add_argument("--meta", default="auto",
-                   help="level 2: auto (best cross-validated log loss), or greedy, logit, mean, best, stack2, "
-                        "dense, logistic, or a comma-separated list to choose from (default: %(default)s)")
-    p.add_argument("--no-calibration", action="store_true", help="do not try a temperature/floor calibration")
-    p.add_argument("--meta-inputs", default="proba", choices=["proba", "features", "both"])
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--weights", default="imagenet", help="'imagenet', 'none' or a weights file")
-    p.add_argument("--weights-dir", default=None)
-    p.add_argument("--cache", default=DEFAULT_CACHE)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--on-bad-image", default="raise", choices=["raise", "skip"])
+    for title, names in GROUPS.items():
+        add_options(p, names, title)
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
     _add_ray(p)
     _add_common(p)
 
-    p = sub.add_parser("predict", help="predict classes of images with a saved ensemble")
+    p = _command(sub, "predict", "predict classes of images with a saved ensemble")
     p.add_argument("model")
     p.add_argument("images", nargs="+", help="image files and/or folders")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON")
     out.add_argument("--csv", metavar="FILE", help="write a CSV (path, label, one column per class)")
-    p.add_argument("--cache", default=None)
-    p.add_argument("--on-bad-image", default="raise", choices=["raise", "skip"])
-    _add_trust(p)
+    add_options(p, ("predict_cache", "on_bad_image", "trust"))
     _add_common(p)
 
-    p = sub.add_parser("submit", help="write a validated Kaggle submission for a test folder")
+    p = _command(sub, "submit", "write a validated Kaggle submission for a test folder")
     p.add_argument("model")
     p.add_argument("test_folder")
-    p.add_argument("--out", default="submission.csv")
+    p.add_argument("--out", default="submission.csv", help="the CSV to write (default: %(default)s)")
     p.add_argument("--sample", default=None, help="sample_submission.csv (ids and header to match)")
-    p.add_argument("--kind", default="auto", choices=["auto", "binary", "label", "proba"])
+    p.add_argument("--kind", default="auto", choices=["auto", "binary", "label", "proba"],
+                   help="binary: one probability column; label: class names; proba: one column per class; "
+                        "auto: from --sample (default: %(default)s)")
     p.add_argument("--positive", default=None, help="class whose probability a binary file holds")
-    p.add_argument("--eps", type=float, default=1e-3)
-    p.add_argument("--cache", default=None)
-    p.add_argument("--on-bad-image", default="raise", choices=["raise", "skip"],
-                   help="an unusable test image stops the run (raise) or gets no prediction (skip)")
-    p.add_argument("--fill", default=None, metavar="uniform|P",
-                   help="what to write for ids without a prediction (skipped images): 'uniform' or the positive "
-                        "class's probability; without it such ids make the submission fail")
-    _add_trust(p)
+    add_options(p, ("eps", "predict_cache", "on_bad_image", "fill", "trust"))
     _add_common(p)
 
-    p = sub.add_parser("report", help="write report.html with figures for a saved run")
+    p = _command(sub, "report", "write report.html (one self-contained file) with figures for a saved run")
     p.add_argument("run_dir")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="folder to write into (default: RUN_DIR)")
     _add_common(p)
 
-    p = sub.add_parser("top5", help="ImageNet top-5 classes of images")
+    p = _command(sub, "top5", "ImageNet top-5 classes of images",
+                 "Needs the backbone's ImageNet classifier: the with-top weights, not the headless file "
+                 "feature extraction uses.")
     p.add_argument("images", nargs="+")
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="a registered backbone (default: %(default)s)")
+    add_options(p, ("k", "weights", "weights_dir"))
+    p.add_argument("--json", action="store_true", help="print JSON")
     _add_common(p)
 
-    p = sub.add_parser("extract", help="fill the feature cache (one shard of it with --shard i/n)")
+    p = _command(sub, "extract", "fill the feature cache (one shard of it with --shard i/n)")
     p.add_argument("data", help="class folders, Kaggle-named files, a test folder or a CSV")
-    p.add_argument("--backbones", default="efficientnet_lite0", help="comma-separated registered backbones")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--weights", default="imagenet", help="'imagenet', 'none' or a weights file")
-    p.add_argument("--weights-dir", default=None)
-    p.add_argument("--cache", default=DEFAULT_CACHE)
+    add_options(p, ("backbones", *GROUPS["features"]), defaults={"on_bad_image": "skip"},
+                notes={"on_bad_image": "; extract leaves them out by default, so one bad file does not stop a shard"})
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="only part I of N contiguous parts of the image list (0-based), e.g. 0/4 on machine 1")
-    p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"])
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--on-bad-image", default="skip", choices=["raise", "skip"])
     _add_ray(p)
     _add_common(p)
 
-    p = sub.add_parser("cache", help="inspect, clean or merge feature caches")
+    p = _command(sub, "cache", "list, remove or merge what a cache folder holds",
+                 "Kinds: features (HDF5 per backbone config), onnx (exported networks), learners (fold models "
+                 "and out-of-fold arrays), folds (checkpoints of unfinished learners), test_proba (predictions "
+                 "of image sets), weights (converted checkpoints); anything else is 'other' and never removed.")
     p.add_argument("action", choices=["ls", "rm", "prune", "merge"],
-                   help="ls: entries; rm: delete entries matching --backbone (or all); "
-                        "prune: delete entries whose code fingerprint is not the current one; "
-                        "merge: copy the rows of SOURCES (shard caches) into --cache")
+                   help="ls: every entry with its owner, size, age and state; rm: delete the entries of --backbone "
+                        "and/or --kind (all entries without them); prune: delete what no current code can use "
+                        "(stale, partial, corrupt); merge: copy the feature rows of SOURCES (shard caches) into "
+                        "--cache")
     p.add_argument("sources", nargs="*", help="for merge: cache directories made by `stacker extract --shard`")
-    p.add_argument("--cache", default=DEFAULT_CACHE)
-    p.add_argument("--backbone", default=None)
+    OPTIONS["cache"].add_to(p)
+    p.add_argument("--backbone", default=None, help="only the entries of this backbone")
+    p.add_argument("--kind", default=None, choices=_cache_kinds(), help="only entries of this kind")
     _add_common(p)
     return parser
+
+
+def _cache_kinds() -> tuple:
+    from .inventory import KINDS
+
+    return tuple(k for k in KINDS if k != "other")
 
 
 def _expand(paths) -> tuple[list[str], dict]:
@@ -163,28 +154,30 @@ def _expand(paths) -> tuple[list[str], dict]:
     return out, unread
 
 
-def cmd_fit(args) -> int:
+def cmd_fit(args, out) -> int:
     import stacker
-    from stacker.recipe import weights_arg
+    from stacker.images import load_images
 
-    ens = stacker.Ensemble(args.backbones.split(","), weights=weights_arg(args.weights), models=args.models,
-                           meta=args.meta, meta_inputs=args.meta_inputs, cv=args.folds, random_state=args.seed,
-                           calibration=not args.no_calibration, input_size=args.image_size, cache_dir=args.cache,
-                           weights_dir=args.weights_dir,
-                           on_bad_image=args.on_bad_image, verbose=0 if args.quiet else 1,
-                           executor="ray" if _connect_ray(args) else "local")
-    ens.fit(args.data)
+    from .options import ensemble_params
+
+    print(f"cache: {os.path.abspath(args.cache)}")
+    data = load_images(args.data)
+    if args.train_limit:
+        data = data.head(args.train_limit, seed=args.seed)
+    print(f"training images: {data!r}")
+    ens = stacker.Ensemble(**ensemble_params(args, executor="ray" if _connect_ray(args) else "local"))
+    ens.fit(data)
     ens.save(args.out)
-    print(ens.leaderboard())
+    print(ens.leaderboard(), file=out)
     if not args.no_report:
         from .report import report
 
-        print(f"report: {report(args.out)}")
-    print(f"saved ensemble to {args.out}")
+        print(f"report: {report(args.out)}", file=out)
+    print(f"saved ensemble to {args.out}", file=out)
     return 0
 
 
-def cmd_predict(args) -> int:
+def cmd_predict(args, out) -> int:
     import stacker
 
     paths, unread = _expand(args.images)
@@ -197,18 +190,18 @@ def cmd_predict(args) -> int:
                      **{c: (None if res.labels[i] is None else float(res.proba[i, j]))
                         for j, c in enumerate(res.classes)}})
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(rows, indent=1), file=out)
     elif args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["path", "label", *res.classes])
             w.writeheader()
             w.writerows(rows)
-        print(f"wrote {len(rows)} predictions to {args.csv}")
+        print(f"wrote {len(rows)} predictions to {args.csv}", file=out)
     else:
         width = max(len(r["path"]) for r in rows)
         for r in rows:
             p = "" if r["label"] is None else f"{r[r['label']]:.4f}"
-            print(f"{r['path']:<{width}}  {r['label'] or 'SKIPPED'}  {p}")
+            print(f"{r['path']:<{width}}  {r['label'] or 'SKIPPED'}  {p}", file=out)
     for path, reason in res.unread.items():
         print(f"not read {path}: {reason}", file=sys.stderr)
     for row, reason in res.skipped.items():
@@ -216,13 +209,12 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def cmd_submit(args) -> int:
+def cmd_submit(args, out) -> int:
     import stacker
     from stacker.images import from_test_folder
 
     test = from_test_folder(args.test_folder)
-    ens = stacker.load(args.model, cache_dir=args.cache, trusted=args.trust)
-    ens.verbose = 0 if args.quiet else 1
+    ens = stacker.Ensemble.load(args.model, trusted=args.trust, cache_dir=args.cache, verbose=0 if args.quiet else 1)
     proba, skipped = ens.predict_with_skipped(test, on_bad_image=args.on_bad_image)
     for path, reason in test.skipped.items():
         print(f"not read {path}: {reason}", file=sys.stderr)
@@ -231,7 +223,8 @@ def cmd_submit(args) -> int:
     path = stacker.submission.write_csv(args.out, test.ids, proba, ens.classes_, kind=args.kind,
                                         positive=args.positive, eps=args.eps, sample_submission=args.sample,
                                         fill=_fill_value(args.fill), skipped=skipped)
-    print(f"wrote {len(test)} rows to {path}" + (f" ({len(skipped)} filled with --fill {args.fill})" if skipped else ""))
+    print(f"wrote {len(test)} rows to {path}" + (f" ({len(skipped)} filled with --fill {args.fill})" if skipped else ""),
+          file=out)
     return 0
 
 
@@ -241,29 +234,32 @@ def _fill_value(text):
     try:
         return float(text)
     except ValueError:
-        raise SystemExit(f"stacker submit: error: --fill must be 'uniform' or a probability, got {text!r}") from None
+        raise ValueError(f"--fill must be 'uniform' or a probability, got {text!r}") from None
 
 
-def cmd_report(args) -> int:
+def cmd_report(args, out) -> int:
     from .report import report
 
-    print(report(args.run_dir, args.out))
+    print(report(args.run_dir, args.out), file=out)
     return 0
 
 
-def cmd_top5(args) -> int:
+def cmd_top5(args, out) -> int:
+    from .options import weights_arg
     from .pretrained import top_k
 
     paths, _ = _expand(args.images)
-    res = top_k(paths, backbone=args.backbone, k=args.k)
+    res = top_k(paths, backbone=args.backbone, k=args.k, weights=weights_arg(args.weights),
+                weights_dir=args.weights_dir)
     if args.json:
         print(json.dumps([{"path": p, "top": [{"id": int(i), "name": n, "probability": float(q)}
-                                              for i, n, q in res.rows(r)]} for r, p in enumerate(paths)], indent=1))
+                                              for i, n, q in res.rows(r)]} for r, p in enumerate(paths)], indent=1),
+              file=out)
         return 0
     for r, p in enumerate(paths):
-        print(p)
+        print(p, file=out)
         for i, n, q in res.rows(r):
-            print(f"  {q:7.4f}  {n} ({i})")
+            print(f"  {q:7.4f}  {n} ({i})", file=out)
     return 0
 
 
@@ -275,10 +271,10 @@ def _parse_shard(text):
     return i, n
 
 
-def cmd_extract(args) -> int:
+def cmd_extract(args, out) -> int:
     from .features import FeatureExtractor
     from .images import load_images
-    from .recipe import weights_arg
+    from .options import weights_arg
 
     try:
         data = load_images(args.data)
@@ -290,10 +286,10 @@ def cmd_extract(args) -> int:
         data = data.shard(i, n, align=args.batch_size)  # same batches as an unsharded run
         part = f" (shard {i}/{n})"
     for name in args.backbones.split(","):
-        ext = FeatureExtractor(name.strip(), weights=weights_arg(args.weights), input_size=args.image_size,
+        ext = FeatureExtractor(name, weights=weights_arg(args.weights), input_size=args.image_size,
                                batch_size=args.batch_size, feature_dtype=args.feature_dtype, cache_dir=args.cache,
-                               weights_dir=args.weights_dir, on_bad_image=args.on_bad_image,
-                               verbose=0 if args.quiet else 1)
+                               weights_dir=args.weights_dir, on_bad_image=args.on_bad_image, resize=args.resize,
+                               engine=args.engine, verbose=0 if args.quiet else 1)
         if _connect_ray(args):
             from .distributed import fill_cache
 
@@ -301,43 +297,40 @@ def cmd_extract(args) -> int:
             part = f" ({done.computed} computed on {done.workers} Ray workers)"
         feats = ext.extract(data)
         print(f"{name}: {len(feats.kept)} images cached in {args.cache}{part}"
-              + (f", {len(feats.skipped)} unusable" if feats.skipped else ""))
+              + (f", {len(feats.skipped)} unusable" if feats.skipped else ""), file=out)
     return 0
 
 
-def cmd_cache(args) -> int:
+def cmd_cache(args, out) -> int:
+    from . import inventory
     from .cache import FeatureCache
-    from .features import _code_fingerprint
 
     if args.action == "merge":
         if not args.sources:
             raise ValueError("cache merge needs one or more source cache directories")
         added = FeatureCache(args.cache).merge(args.sources)
         for name, n in added.items():
-            print(f"{name}: {n} rows added")
-        print(f"merged {len(args.sources)} caches into {args.cache}: {sum(added.values())} rows")
+            print(f"{name}: {n} rows added", file=out)
+        print(f"merged {len(args.sources)} caches into {args.cache}: {sum(added.values())} rows", file=out)
         return 0
-    entries = FeatureCache(args.cache).entries()
-    if args.backbone:
-        entries = [e for e in entries if e.get("meta", {}).get("backbone") == args.backbone]
+    if args.sources:
+        raise ValueError(f"cache {args.action} takes no SOURCES (did you mean --cache {args.sources[0]}?)")
+    found = inventory.select(inventory.scan(args.cache), backbone=args.backbone, kind=args.kind)
     if args.action == "ls":
-        if not entries:
-            print(f"no feature cache entries in {args.cache}")
-        for e in entries:
-            m = e.get("meta", {})
-            state = "current" if m.get("code") == _code_fingerprint() else "stale-code"
-            print(f"{os.path.basename(e['file'])}  rows={e['rows']}  {e['bytes'] / 2**20:.1f} MiB  "
-                  f"backbone={m.get('backbone')}  size={m.get('input_size')}  weights={str(m.get('weights'))[:20]}  "
-                  f"{state}" + (f"  ERROR {e['error']}" if "error" in e else ""))
+        what = " ".join(f"--{k} {v}" for k, v in (("backbone", args.backbone), ("kind", args.kind)) if v)
+        print(inventory.format_table(found, args.cache) if found else f"no entries{' for ' + what if what else ''} "
+              f"in {args.cache}", file=out)
         return 0
-    if args.action == "prune":
-        entries = [e for e in entries if e.get("meta", {}).get("code") != _code_fingerprint() or "error" in e]
-    for e in entries:
-        for suffix in ("", ".lock"):
-            if os.path.exists(e["file"] + suffix):
-                os.remove(e["file"] + suffix)
-        print(f"removed {e['file']}")
-    print(f"{len(entries)} entries removed")
+    keep = [a for a in found if a.kind == "other" or (args.action == "prune" and not a.prunable)]
+    doomed = [a for a in found if a not in keep]
+    freed = inventory.remove(doomed)
+    for a in doomed:
+        print(f"removed {a.kind:10s} {a.backbone or '-':20s} {os.path.relpath(a.path, args.cache)}", file=out)
+    print(f"{len(doomed)} entries removed, {inventory.human_size(freed)} freed", file=out)
+    unknown = [a for a in keep if a.state == "unknown" and a.kind != "other"]
+    if args.action == "prune" and unknown:
+        print(f"kept {len(unknown)} entries of unknown owner (written before results recorded it); "
+              "`stacker cache rm --kind KIND` removes them", file=out)
     return 0
 
 
@@ -349,8 +342,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # usage errors exit with 2
     if args.quiet:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    out = sys.stdout  # results; what the library prints while working is progress (stderr, or nothing)
     try:
-        return COMMANDS[args.command](args)
+        with progress_output(args.quiet):
+            return COMMANDS[args.command](args, out)
     except KeyboardInterrupt:
         print("stacker: interrupted", file=sys.stderr)
         return 130
@@ -358,7 +353,7 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"stacker {args.command}: error: {message}", file=sys.stderr)
+        print(f"stacker {args.command}: error: {cli_terms(message)}", file=sys.stderr)
         return 1
 
 

@@ -6,6 +6,10 @@ TensorFlow on this project's 2-core machine, with features equal to 2e-6 relativ
 (``benchmarks/extract.py --engines`` measures all three). ``"auto"`` (unless ``$STACKER_ENGINE`` names one) takes ONNX Runtime
 when ``onnxruntime`` and ``tf2onnx`` are installed and the export succeeds, otherwise
 (and whenever TensorFlow sees a GPU) plain Keras. The exported graph is cached next to the features, so it is converted once.
+
+A saved ensemble carries the graphs its sources ran (:class:`SavedNetwork`): a new
+process opens them with ONNX Runtime directly -- no export, no Keras model, and no
+TensorFlow import on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -13,14 +17,21 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import sys
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["ENGINES", "available", "forward_function", "resolve", "strategy_scope"]
+__all__ = ["ENGINES", "SavedNetwork", "available", "export_onnx", "forward_function", "open_session", "resolve",
+           "strategy_scope"]
 
 ENGINES = ("auto", "keras", "xla", "onnx")
 ENGINE_ENV = "STACKER_ENGINE"  # what "auto" means when set (e.g. keras on a machine without ONNX Runtime)
+# Device files without which no GPU is visible on Linux (NVIDIA, ROCm, WSL2): their absence
+# answers "auto" without importing TensorFlow (3 s of a cold start).
+_GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
 
 
 def available(engine: str) -> bool:
@@ -37,14 +48,22 @@ def resolve(engine: str) -> str:
     if engine == "auto" and os.environ.get(ENGINE_ENV):
         return resolve(os.environ[ENGINE_ENV])
     if engine == "auto":
-        import tensorflow as tf
-
-        if tf.config.list_physical_devices("GPU"):
+        if _gpu_visible():
             return "keras"  # the onnxruntime wheel here is CPU-only; TensorFlow uses the GPU
         return "onnx" if available("onnx") else "keras"
     if not available(engine):
         raise ImportError(f"engine {engine!r} needs onnxruntime and tf2onnx: pip install onnxruntime tf2onnx")
     return engine
+
+
+def _gpu_visible() -> bool:
+    """Whether TensorFlow sees a GPU; on Linux without a GPU device file, answered without importing it."""
+    if ("tensorflow" not in sys.modules and sys.platform.startswith("linux")
+            and not any(os.path.exists(p) for p in _GPU_DEVICE_FILES)):
+        return False
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def strategy_scope(strategy):
@@ -81,35 +100,138 @@ def forward_function(model, engine: str, cache_dir=None, identity: str = "", str
     if engine in ("keras", "xla"):
         return lambda pixels: keras_fn(tf.cast(pixels, tf.float32)).numpy()
     try:
-        session = _onnx_session(model, keras_fn, spec, cache_dir, identity)
+        session = open_session(export_onnx(model, cache_dir, identity))
     except Exception as exc:  # noqa: BLE001 - an exporter gap must not stop extraction
         warnings.warn(f"ONNX export of {model.name} failed ({type(exc).__name__}: {exc}); using Keras")
         return lambda pixels: keras_fn(tf.cast(pixels, tf.float32)).numpy()
-    name = session.get_inputs()[0].name
-    return lambda pixels: session.run(None, {name: np.asarray(pixels, dtype=np.float32)})[0]
+    return session_forward(session)
 
 
-def _onnx_session(model, keras_fn, spec, cache_dir, identity: str):
-    import onnxruntime as ort
+def export_onnx(model, cache_dir=None, identity: str = "") -> bytes:
+    """``model`` as a serialized ONNX graph (opset 17, float32 pixels, any batch size).
 
+    Exported with tf2onnx once per (model name, input shape, ``identity``) and kept in
+    ``cache_dir/onnx``; without a cache folder every call exports (10-15 s a backbone).
+    """
     path = None
     if cache_dir is not None:
         key = hashlib.sha256(f"{model.name}|{model.input_shape}|{identity}".encode()).hexdigest()[:20]
         path = os.path.join(os.fspath(cache_dir), "onnx", f"{model.name}-{key}.onnx")
-    if path is None or not os.path.exists(path):
-        import tf2onnx
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                return f.read()
+    import tensorflow as tf
+    import tf2onnx
 
-        proto, _ = tf2onnx.convert.from_function(keras_fn, input_signature=[spec], opset=17)
-        data = proto.SerializeToString()
-        if path is not None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)  # atomic: a killed export leaves no half file
-    else:
-        with open(path, "rb") as f:
-            data = f.read()
+    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="pixels")
+    traced = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    proto, _ = tf2onnx.convert.from_function(traced, input_signature=[spec], opset=17)
+    data = proto.SerializeToString()
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # atomic: a killed export leaves no half file
+    return data
+
+
+def open_session(graph: bytes):
+    """An ONNX Runtime CPU session for a serialized graph (errors logged only).
+
+    The graph is passed as bytes, never as a path: the session reads no other file, and
+    no custom-op library is registered, so a graph can only name ONNX Runtime's own
+    operators. Idle intra-op threads sleep instead of spinning: an ensemble runs several
+    sessions one after another, next to Pillow threads, and a spinning pool steals the
+    cores they need (one image through four backbones took 90 ms instead of 31 ms on
+    this project's 2-core machine; batches of 32 run as fast either way).
+    """
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def session_forward(session):
+    """``pixels -> outputs`` of an open session (its first input, first output)."""
+    name = session.get_inputs()[0].name
+    return lambda pixels: session.run(None, {name: np.asarray(pixels, dtype=np.float32)})[0]
+
+
+# -- graphs saved with an ensemble ------------------------------------------------------------
+_OPENER: ThreadPoolExecutor | None = None
+_OPENER_LOCK = threading.Lock()
+
+
+def _opener() -> ThreadPoolExecutor:
+    """Threads that open saved graphs in the background (ONNX Runtime releases the GIL meanwhile)."""
+    global _OPENER
+    with _OPENER_LOCK:
+        if _OPENER is None:
+            _OPENER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stacker-onnx-open")
+        return _OPENER
+
+
+class SavedNetwork:
+    """A source network as a model directory stores it: a ``.keras`` archive and, optionally, its ONNX graph.
+
+    Nothing is read when it is made. :meth:`keras` loads the checked archive on first use
+    (for the Keras engines, fine-tuning or saving again). :meth:`forward` starts opening the
+    ONNX Runtime session in a background thread and returns a forward function that waits
+    for it, so the sessions of an ensemble open in parallel while the rest of it loads.
+    The graph's bytes are compared with ``onnx_sha256`` (the manifest's) before ONNX
+    Runtime sees them, and the very bytes checked are the ones opened.
+
+    Parameters
+    ----------
+    keras_path : str
+    onnx_path : str, optional
+    onnx_sha256 : str, optional
+        Required with ``onnx_path``.
+    custom_objects : callable, optional
+        Returns the registered layers the archive may use (such as
+        :func:`stacker.backbones.custom_objects`); called only when the archive is loaded,
+        because building them imports Keras.
+    """
+
+    def __init__(self, keras_path: str, onnx_path: str | None = None, onnx_sha256: str | None = None,
+                 custom_objects=None):
+        if onnx_path is not None and not onnx_sha256:
+            raise ValueError(f"{onnx_path}: a saved graph is opened only against its manifest sha256")
+        self.keras_path, self.onnx_path, self.onnx_sha256 = keras_path, onnx_path, onnx_sha256
+        self.custom_objects = custom_objects
+        self._model = None
+        self._session = None
+        self._lock = threading.Lock()
+
+    def keras(self):
+        """The Keras network (loaded once, from the checked archive)."""
+        with self._lock:
+            if self._model is None:
+                from .persist import load_keras
+
+                self._model = load_keras(self.keras_path, self.custom_objects() if self.custom_objects else None)
+            return self._model
+
+    def graph(self) -> bytes:
+        """The ONNX graph's bytes, refused unless they match the manifest's sha256."""
+        from .persist import ModelIntegrityError
+
+        with open(self.onnx_path, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != self.onnx_sha256:
+            raise ModelIntegrityError(f"{self.onnx_path} does not match its sha256 in the manifest "
+                                      "(modified or corrupted); refusing to open it")
+        return data
+
+    def forward(self, engine: str):
+        """A forward function on the saved graph for ``engine="onnx"``; None when the engine needs Keras."""
+        if engine != "onnx" or self.onnx_path is None:
+            return None
+        with self._lock:
+            if self._session is None:
+                self._session = _opener().submit(lambda: session_forward(open_session(self.graph())))
+        pending = self._session
+        return lambda pixels: pending.result()(pixels)

@@ -26,10 +26,11 @@ from . import engines as _engines
 from . import images as _images
 from .cache import stable_hash
 from .features import forward_pass_count
-from .learners import LEARNER_KINDS, Settings, describe, learner_specs, make_learners
+from .learners import LEARNER_KINDS, Settings, describe, learner_specs, make_learners, saved_networks
 from .meta import (META_INPUTS, PROBABILITY_COMBINERS, Level2, combiner_names, fit_level2, meta_matrix,
                    score)
-from .persist import load_estimator, load_unfitted, member, save_estimator, save_unfitted, trusted_types
+from .persist import (ModelIntegrityError, load_estimator, load_unfitted, member, save_estimator, save_unfitted,
+                      trusted_types)
 from .streaming import streaming_model, use_out_of_core
 from .torch_checkpoint import sha256_file
 
@@ -37,10 +38,6 @@ __all__ = ["Ensemble", "FORMAT_VERSION", "format_leaderboard", "ModelIntegrityEr
 
 FORMAT_VERSION = 3  # 3: skops files instead of pickles
 MANIFEST = "manifest.json"
-
-
-class ModelIntegrityError(ValueError):
-    """A saved ensemble's files do not match its manifest (tampered, truncated or foreign)."""
 
 
 class Ensemble(ClassifierMixin, BaseEstimator):
@@ -162,6 +159,25 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         self.verbose = verbose
         self.out_of_core = out_of_core
         self.executor = executor
+
+    def __repr__(self, N_CHAR_MAX=300) -> str:
+        """scikit-learn's parameter repr (changed parameters only, bounded); once fitted, what was fitted.
+
+        ``Ensemble(backbones=['tiny_cnn'], cv=3) fitted: 2 classes (cat, dog); 2 learners
+        (tiny_cnn:logistic, tiny_cnn:prototype); level 2 logit+T, out-of-fold log loss 0.0123``
+        """
+        params = super().__repr__(N_CHAR_MAX=N_CHAR_MAX)
+        if not hasattr(self, "meta_"):
+            return params
+
+        def brief(names, n=4):
+            names = [str(v) for v in names]
+            return ", ".join(names[:n]) + (f", ... (+{len(names) - n})" if len(names) > n else "")
+
+        loss = getattr(self, "scores_", {}).get("ensemble", {}).get("log_loss")
+        return (f"{params} fitted: {len(self.classes_)} classes ({brief(self.classes_, 6)}); "
+                f"{len(self.learners_)} learners ({brief(self.learners_)}); level 2 {self.meta_.name}"
+                + ("" if loss is None else f", out-of-fold log loss {loss:.4f}"))
 
     # ------------------------------------------------------------------ validation
     def _validate_params(self) -> list[dict]:
@@ -492,8 +508,13 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         return format_leaderboard(self.scores_)
 
     # ------------------------------------------------------------------ save / load
-    def save(self, directory) -> str:
-        """Write the fitted ensemble to ``directory`` (manifest, .keras models, skops files, checksums)."""
+    def save(self, directory, onnx: bool | None = None) -> str:
+        """Write the fitted ensemble to ``directory`` (manifest, networks, skops files, checksums).
+
+        Every source network is written as a ``.keras`` archive and, when it runs on ONNX
+        Runtime (``onnx=None``) or ``onnx=True``, as the ONNX graph it ran: a loaded model
+        then predicts without exporting anything (seconds per backbone) or importing TensorFlow.
+        """
         check_is_fitted(self, "meta_")
         directory = os.fspath(directory)
         if os.path.isdir(directory) and os.listdir(directory) and not os.path.exists(os.path.join(directory, MANIFEST)):
@@ -502,7 +523,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         tmp = os.path.abspath(directory).rstrip("/") + f".tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        learners = [lr.save(tmp) for lr in self.learners_.values()]
+        learners = [lr.save(tmp, onnx) for lr in self.learners_.values()]
         save_estimator(self.meta_.combiner, os.path.join(tmp, "meta"))
         params = _encode_params(self.get_params(deep=False), tmp)
         names = list(self.learners_)
@@ -561,7 +582,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         ens.classes_ = manifest["classes"]
         ens.trusted_types_ = tuple(trusted)
         settings = ens._settings()
-        networks: dict = {}
+        networks = saved_networks(manifest["learners"], directory, manifest["files"])
         ens.learners_ = {e["name"]: LEARNER_KINDS[e["kind"]].load(e, directory, settings, networks)
                          for e in manifest["learners"]}
         ens.specs_ = [lr.spec for lr in ens.learners_.values()]
@@ -663,8 +684,8 @@ def _publish(tmp: str, directory: str) -> None:
     os.rmdir(tmp)
 
 
-def read_manifest(directory) -> dict:
-    """The manifest of a saved ensemble, with its format checked."""
+def read_manifest(directory, check_version: bool = True) -> dict:
+    """The manifest of a saved ensemble, with its format (and, to load it, its version) checked."""
     path = os.path.join(os.fspath(directory), MANIFEST)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory} is not a saved stacker ensemble (no {MANIFEST})")
@@ -672,6 +693,8 @@ def read_manifest(directory) -> dict:
         manifest = json.load(f)
     if manifest.get("format") != "stacker-ensemble":
         raise ModelIntegrityError(f"{path} is not a stacker ensemble manifest")
+    if not check_version:
+        return manifest
     version = manifest.get("format_version")
     if isinstance(version, int) and version < 3:
         raise ModelIntegrityError(

@@ -50,13 +50,22 @@ def _code_fingerprint() -> str:
 
     parts = [_images._decode, _images._orient, _images.resize_pixels, _images.pixel_batches,
              _images.array_batches, _images._as_rgb_array, _images._pil_rgb, _images._pil_pixels, _images._to_8bit,
-             _images._tf_decodes, _images._pil_decoded,
+             _images._tf_decodes, _images._pil_decoded, _images._pil_uint8, _images._upright_rgb,
              _backbones._preprocessing_layer_class, _backbones.build, FeatureExtractor._run, efficientnet_lite,
-             _engines.forward_function, _engines._onnx_session]
+             _images.pil_batches, _engines.forward_function, _engines.export_onnx, _engines.open_session,
+             _engines.session_forward]
     h = hashlib.sha256()
     for obj in parts:
         h.update(inspect.getsource(obj).encode())
     return h.hexdigest()
+
+
+def _bar_mode() -> int:
+    """Keras Progbar verbosity: a live bar on a terminal or in a notebook, one plain line in a log file."""
+    import sys
+
+    live = getattr(sys.stdout, "isatty", lambda: False)() or "ipykernel" in sys.modules
+    return 1 if live else 2
 
 
 @functools.lru_cache(maxsize=64)
@@ -132,11 +141,14 @@ class FeatureExtractor:
     strategy : tf.distribute.Strategy, optional
         Build the backbone in its scope and split every batch over its replicas
         (MirroredStrategy for several GPUs); implies the Keras engine.
+    saved : stacker.engines.SavedNetwork, optional
+        The network as a saved ensemble stores it (with ``weights_id``): its ONNX graph
+        runs as is on the ONNX engine, its ``.keras`` archive is loaded only if needed.
     """
 
     def __init__(self, backbone, weights="imagenet", input_size=None, batch_size=32, feature_dtype="float32",
                  cache_dir=None, weights_dir=None, chunk_size=256, on_bad_image="raise", verbose=1,
-                 model=None, weights_id=None, resize="pil", engine="auto", strategy=None):
+                 model=None, weights_id=None, resize="pil", engine="auto", strategy=None, saved=None):
         if on_bad_image not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
         if np.dtype(feature_dtype) not in (np.float16, np.float32):
@@ -160,8 +172,9 @@ class FeatureExtractor:
         self.size = int(input_size or self.cfg.input_size)
         self._model = model
         self._weights_id = weights_id
-        self._forward = None
         self._lock = threading.RLock()  # concurrent predictions build the network and its session once
+        self._saved = saved
+        self._forward = saved.forward(self.engine) if saved is not None else None
 
     def __getstate__(self):
         """Picklable for other processes (Ray tasks): without the lock and the compiled forward function."""
@@ -203,12 +216,20 @@ class FeatureExtractor:
 
     @property
     def model(self):
+        if self._model is None and self._saved is not None:
+            self._model = self._saved.keras()
         if self._model is None:
             with self._lock, _engines.strategy_scope(self.strategy):
                 if self._model is None:
                     self._model = _backbones.build(self.cfg.name, weights=self.weights, input_size=self.size,
                                                    weights_dir=self.weights_dir)
         return self._model
+
+    def onnx_graph(self) -> bytes:
+        """The ONNX graph this extractor runs on the ONNX engine: the saved one, else its model's cached export."""
+        if self._saved is not None and self._saved.onnx_path is not None:
+            return self._saved.graph()
+        return _engines.export_onnx(self.model, self.cache_dir, identity=f"{self.weights_id}|{_code_fingerprint()}")
 
     def row_dim(self) -> int:
         """Width of one cached row."""
@@ -308,8 +329,6 @@ class FeatureExtractor:
         Headers are scanned first: under ``"raise"`` every file found unusable by then
         is reported at once, before any forward pass.
         """
-        import keras
-
         orientations, bad = _images.scan_images([images.paths[i] for i in todo])
         skipped = {int(todo[i]): reason for i, reason in bad.items()}
         if skipped and policy == "raise":
@@ -319,10 +338,14 @@ class FeatureExtractor:
         if good.size == 0:
             return computed, skipped
         orient = np.array([orientations[i] for i, r in enumerate(todo) if int(r) not in skipped], dtype=np.int32)
-        ds = _images.pixel_batches([images.paths[i] for i in good], self.size, batch_size, orient, rows=good,
-                                   method=self.resize)
-        bar = keras.utils.Progbar(good.size, unit_name="image") if self.verbose else None
-        if bar is not None:
+        paths = [images.paths[i] for i in good]
+        ds = (_images.pil_batches(paths, self.size, batch_size, rows=good) if self.resize == "pil" else
+              _images.pixel_batches(paths, self.size, batch_size, orient, rows=good, method=self.resize))
+        bar = None
+        if self.verbose:
+            import keras
+
+            bar = keras.utils.Progbar(good.size, unit_name="image", verbose=_bar_mode())
             print(f"{self.cfg.name}: extracting features of {good.size} images at {self.size}px")
         pending_rows, pending_feats = [], []
         seen = set()
@@ -347,7 +370,7 @@ class FeatureExtractor:
 
         done = 0
         for rows, pixels in ds:
-            rows = rows.numpy()
+            rows = np.asarray(rows)
             feats = self._run(pixels)
             pending_rows.append(rows)
             pending_feats.append(feats)

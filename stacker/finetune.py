@@ -226,7 +226,7 @@ class CutPointExtractor(FeatureExtractor):
     @property
     def model(self):
         if self._bottom is None:
-            self._bottom = self._split()
+            self._bottom = self._saved.keras() if self._saved is not None else self._split()
         return self._bottom
 
     def with_view(self, view: str) -> "CutPointExtractor":
@@ -235,7 +235,7 @@ class CutPointExtractor(FeatureExtractor):
         self.weights_id
         other = copy.copy(self)
         other.view = view
-        other._forward = None
+        other._forward = self._saved.forward(self.engine) if self._saved is not None else None
         if view not in VIEWS:
             raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
         return other
@@ -701,10 +701,10 @@ class FineTunedLearner(Learner):
         return (spec["base"], cls.kind, spec["finetune"]["blocks"], spec["finetune"]["cut_dtype"])
 
     @classmethod
-    def make_source(cls, spec, settings, model=None, weights_id=None):
+    def make_source(cls, spec, settings, model=None, weights_id=None, saved=None):
         ft = spec["finetune"]
         return CutPointExtractor(spec["backbone"], blocks=ft["blocks"], feature_dtype=ft["cut_dtype"],
-                                 **extractor_kwargs(spec, settings, model, weights_id))
+                                 **extractor_kwargs(spec, settings, model, weights_id, saved))
 
     def views(self) -> dict:
         ft = self.spec["finetune"]

@@ -26,7 +26,9 @@ import os
 import sqlite3
 import stat
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 
 __all__ = ["HASH", "MEMO_FILE", "probe", "fingerprints"]
 
@@ -35,6 +37,7 @@ MEMO_FILE = "fingerprints.sqlite"
 _CHUNK = 1 << 20
 
 _memo: dict = {}  # stat key -> digest, for this process
+_stored: dict = {}  # memo file -> stat keys known to be in it (so a warm call reads no SQLite)
 _memo_lock = threading.Lock()
 
 
@@ -79,10 +82,10 @@ class _DiskMemo:
     """The stat memo of one cache folder (SQLite: safe for several processes)."""
 
     def __init__(self, cache_dir: str):
-        os.makedirs(cache_dir, exist_ok=True)
         self.path = os.path.join(cache_dir, MEMO_FILE)
 
     def _connect(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         con = sqlite3.connect(self.path, timeout=60)
         con.execute("CREATE TABLE IF NOT EXISTS memo (path TEXT PRIMARY KEY, dev INTEGER, ino INTEGER, "
                     "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, digest TEXT)")
@@ -90,7 +93,7 @@ class _DiskMemo:
 
     def get(self, keys: list) -> dict:
         found = {}
-        with self._connect() as con:
+        with closing(self._connect()) as con, con:
             for i in range(0, len(keys), 500):
                 part = {k[0]: k for k in keys[i : i + 500]}
                 marks = ",".join("?" * len(part))
@@ -104,7 +107,7 @@ class _DiskMemo:
     def put(self, items: dict) -> None:
         if not items:
             return
-        with self._connect() as con:
+        with closing(self._connect()) as con, con:
             con.executemany("INSERT OR REPLACE INTO memo VALUES (?, ?, ?, ?, ?, ?, ?)",
                             [(*k, d) for k, d in items.items()])
 
@@ -128,22 +131,39 @@ def fingerprints(paths, cache_dir=None, workers: int = 8) -> tuple[list, dict]:
     with _memo_lock:
         digests = {k: _memo[k] for k in unique if k in _memo}
     disk = _DiskMemo(cache_dir) if cache_dir else None
+    unstored = []  # keys this process has not yet seen in this cache's memo
+    if disk:
+        with _memo_lock:
+            stored = _stored.setdefault(disk.path, set())
+            unstored = [k for k in unique if k not in stored]
+        try:
+            on_disk = disk.get(unstored) if unstored else {}
+        except (sqlite3.Error, OSError) as e:  # a read-only or damaged memo: hash instead, never fail
+            warnings.warn(f"fingerprint memo {disk.path} not usable ({e}); hashing the files", stacklevel=2)
+            disk, on_disk = None, {}
+        digests.update(on_disk)
+        unstored = [k for k in unstored if k not in on_disk]
+        with _memo_lock:
+            stored.update(on_disk)
     missing = [k for k in unique if k not in digests]
-    if disk and missing:
-        digests.update(disk.get(missing))
-        missing = [k for k in missing if k not in digests]
     failed = {}
     if missing:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(_safe_digest, [k[0] for k in missing]))
-        new = {k: d for k, (d, _) in zip(missing, results) if d}
+        digests.update({k: d for k, (d, _) in zip(missing, results) if d})
         failed = {k: reason for k, (d, reason) in zip(missing, results) if not d}
-        digests.update(new)
-        if disk:
+    if disk and unstored:  # new digests, and ones this process knew but this cache's memo did not
+        new = {k: digests[k] for k in unstored if k in digests}
+        try:
             disk.put(new)
+            with _memo_lock:
+                stored.update(new)
+        except (sqlite3.Error, OSError) as e:
+            warnings.warn(f"fingerprint memo {disk.path} not writable ({e})", stacklevel=2)
     with _memo_lock:
         if len(_memo) > 2_000_000:  # bound the process memo; the disk memo keeps the rest
             _memo.clear()
+            _stored.clear()
         _memo.update(digests)
     for i, k in keys.items():
         if k in failed:

@@ -23,14 +23,16 @@ from . import __version__
 from . import backbones as _backbones
 from . import images as _images
 from .cache import result_store, stable_hash
+from .engines import SavedNetwork
 from .features import FeatureExtractor
 from .meta import _align, score
-from .models import code_fingerprint, make_model, model_label, model_names
-from .persist import PERSIST_FORMAT, UntrustedTypeError, load_estimator, load_keras, member, save_estimator
+from .models import code_fingerprint, make_model, model_label, model_names, proba_function
+from .persist import (PERSIST_FORMAT, UntrustedTypeError, check_keras_archive, load_estimator, member,
+                      save_estimator)
 from .streaming import streaming_code, streaming_model
 
 __all__ = ["Learner", "FrozenLearner", "LEARNER_KINDS", "register_learner", "learner_specs", "make_learners",
-           "describe"]
+           "describe", "saved_networks"]
 
 LEARNER_KINDS: dict = {}
 
@@ -104,9 +106,9 @@ class Learner:
         return (spec["base"], cls.kind)
 
     @classmethod
-    def make_source(cls, spec: dict, settings: Settings, model=None, weights_id=None):
+    def make_source(cls, spec: dict, settings: Settings, model=None, weights_id=None, saved=None):
         return FeatureExtractor(spec["backbone"], feature_dtype=settings.feature_dtype,
-                                **extractor_kwargs(spec, settings, model, weights_id))
+                                **extractor_kwargs(spec, settings, model, weights_id, saved))
 
     def views(self) -> dict:
         """View name -> extractor of the cached inputs this learner reads."""
@@ -125,6 +127,17 @@ class Learner:
             extra["out_of_core"] = streaming_code()
         return extra
 
+    def entry_meta(self) -> dict:
+        """Whose a cache entry is and which code made it (its meta.json, read by ``stacker cache``).
+
+        ``code`` holds the key parts that are code fingerprints (names ending in ``code``),
+        the storage format and the stacker version: an entry made by other code is stale.
+        """
+        parts = {**self.source.key_meta(), **self._key_extra()}
+        code = {k: v for k, v in parts.items() if k.endswith("code") or k == "persist"}
+        return {"backbone": self.spec["backbone"], "learner": self.name, "learner_key": getattr(self, "key_", None),
+                "data": getattr(self, "images_fp_", None), "code": {**code, "stacker": __version__}}
+
     # -- fitting ----------------------------------------------------------------------
     def fit_oof(self, inputs: dict, y, folds, k: int, data, images_fp: str, run_folds=None) -> "Learner":
         """Fit one model per fold on the other folds; keep out-of-fold outputs (or read them from the cache).
@@ -134,6 +147,7 @@ class Learner:
         one after another, through their checkpoints (:mod:`stacker.distributed` runs them on Ray).
         """
         self.key_ = self.key(images_fp, len(folds), self.settings.random_state)
+        self.images_fp_ = images_fp
         store = result_store(self.settings.cache_dir, "learners")
         hit = store.get(self.key_) if store else None
         t0 = time.perf_counter()
@@ -157,7 +171,7 @@ class Learner:
                           f"{score(y[va], arrays['oof_proba'], k)['log_loss']:.4f}")
             self.train_s_ = time.perf_counter() - t0
             if store:
-                with store.put(self.key_) as tmp:
+                with store.put(self.key_, meta=self.entry_meta()) as tmp:
                     for i, est in enumerate(self.fold_models_):
                         save_estimator(est, os.path.join(tmp, f"fold{i}"))
                     np.savez(os.path.join(tmp, "arrays.npz"), **self.arrays_)
@@ -193,7 +207,7 @@ class Learner:
             return models[0], arrays
         est, arrays = fit()
         if store:
-            with store.put(f"{self.key_}-fold{i}") as tmp:
+            with store.put(f"{self.key_}-fold{i}", meta=self.entry_meta()) as tmp:
                 save_estimator(est, os.path.join(tmp, "model"))
                 np.savez(os.path.join(tmp, "arrays.npz"), **arrays)
         return est, arrays
@@ -227,8 +241,34 @@ class Learner:
 
     # -- prediction -------------------------------------------------------------------
     def fold_average(self, X) -> np.ndarray:
+        """Mean of the fold models' probabilities.
+
+        The inputs are checked once here, and known model kinds then skip scikit-learn's
+        per-call checks (:func:`stacker.models.proba_function`): for one image those cost
+        more than the models. Each such function is compared with ``predict_proba`` on the
+        first inputs it gets and replaced by ``predict_proba`` if they differ.
+        """
         k = self.settings.n_classes
-        return np.mean([_align(est, est.predict_proba(X), k) for est in self.fold_models_], axis=0)
+        X = np.asarray(X)
+        width = getattr(self.fold_models_[0], "n_features_in_", X.shape[-1])
+        if X.ndim != 2 or X.shape[1] != width or not np.isfinite(X).all():
+            raise ValueError(f"{self.name}: expected finite inputs of shape (n, {width}), got {X.shape}"
+                             + (" holding NaN or infinity" if X.ndim == 2 and X.shape[1] == width else ""))
+        return np.mean([_align(est, f(X), k) for est, f in zip(self.fold_models_, self._proba_functions(X))], axis=0)
+
+    def _proba_functions(self, X) -> list:
+        """Per fold model: its check-free probability function, verified against ``predict_proba`` on ``X`` once."""
+        cached = self.__dict__.get("_proba_fns")
+        if cached is not None and cached[0] is self.fold_models_:
+            return cached[1]
+        fns = []
+        for est in self.fold_models_:
+            fast = proba_function(est)
+            if fast != est.predict_proba and not np.allclose(fast(X), est.predict_proba(X), rtol=1e-6, atol=1e-9):
+                fast = est.predict_proba
+            fns.append(fast)
+        self._proba_fns = (self.fold_models_, fns)
+        return fns
 
     def _test_proba(self, X, paths, view="original") -> np.ndarray:
         """Fold-averaged probabilities, cached per learner key and image files when there is a cache."""
@@ -241,7 +281,7 @@ class Learner:
         if hit:
             return np.load(os.path.join(hit, "proba.npy"), allow_pickle=False)
         proba = self.fold_average(X)
-        with store.put(pkey) as tmp:
+        with store.put(pkey, meta=self.entry_meta()) as tmp:
             np.save(os.path.join(tmp, "proba.npy"), proba)
         return proba
 
@@ -255,12 +295,17 @@ class Learner:
     def source_file(self) -> str:
         return f"backbones/{self.spec['base'].replace('@', '_')}.keras"
 
-    def save(self, directory: str) -> dict:
-        """Write the source network (once per source) and the fold models; return the manifest entry."""
+    def save(self, directory: str, onnx: bool | None = None) -> dict:
+        """Write the source network (once per source) and the fold models; return the manifest entry.
+
+        ``onnx``: also write the source's ONNX graph, so a loaded model never exports;
+        None writes it when the source runs on ONNX Runtime.
+        """
         bb_file = self.source_file()
         if not os.path.exists(os.path.join(directory, bb_file)):
             os.makedirs(os.path.dirname(os.path.join(directory, bb_file)), exist_ok=True)
             self.source.model.save(os.path.join(directory, bb_file))
+        onnx_file = self._save_graph(directory, bb_file[:-len(".keras")] + ".onnx", onnx)
         stems = []
         for i, est in enumerate(self.fold_models_):
             stem = f"learners/{self.name.replace('@', '_').replace(':', '-')}_fold{i}"
@@ -268,17 +313,37 @@ class Learner:
             save_estimator(est, os.path.join(directory, stem))
             stems.append(stem)
         spec = {k: (describe(v) if k == "model" and not isinstance(v, str) else v) for k, v in self.spec.items()}
-        return {"name": self.name, "kind": self.kind, "spec": spec, "backbone_file": bb_file,
+        return {"name": self.name, "kind": self.kind, "spec": spec, "backbone_file": bb_file, "onnx_file": onnx_file,
                 "weights_id": self.source.weights_id, "folds": stems, "learner_key": getattr(self, "key_", None)}
 
+    def _save_graph(self, directory: str, rel: str, onnx: bool | None) -> str | None:
+        """Write the source's ONNX graph to ``rel`` (once per source); its path, or None without one."""
+        if os.path.exists(os.path.join(directory, rel)):
+            return rel
+        if not (onnx or (onnx is None and self.source.engine == "onnx")):
+            return None
+        try:
+            graph = self.source.onnx_graph()
+        except Exception as exc:  # noqa: BLE001 - the model still loads and runs on Keras without it
+            if onnx:
+                raise
+            warnings.warn(f"{self.name}: no ONNX graph saved ({type(exc).__name__}: {exc}); a loaded model "
+                          "will export it or run on Keras")
+            return None
+        with open(os.path.join(directory, rel), "wb") as f:
+            f.write(graph)
+        return rel
+
     @classmethod
-    def load(cls, entry: dict, directory: str, settings: Settings, models: dict) -> "Learner":
-        """Rebuild a saved learner; ``models`` caches loaded source networks by file."""
-        bb_file = entry["backbone_file"]
-        if bb_file not in models:
-            models[bb_file] = load_keras(member(directory, bb_file), _backbones.custom_objects())
+    def load(cls, entry: dict, directory: str, settings: Settings, networks: dict) -> "Learner":
+        """Rebuild a saved learner; ``networks`` maps a saved network's file to its :class:`SavedNetwork`.
+
+        The source network is not loaded here: the ONNX graph opens in the background and
+        the ``.keras`` archive is read only if an engine or a fine-tuned model needs it.
+        """
         spec = dict(entry["spec"])
-        source = cls.make_source(spec, settings, model=models[bb_file], weights_id=entry["weights_id"])
+        source = cls.make_source(spec, settings, weights_id=entry["weights_id"],
+                                 saved=networks[entry["backbone_file"]])
         learner = cls(spec, source, settings)
         learner.fold_models_ = [load_estimator(member(directory, stem), settings.trusted)
                                 for stem in entry["folds"]]
@@ -312,11 +377,29 @@ class FrozenLearner(Learner):
 register_learner("frozen", FrozenLearner)
 
 
-def extractor_kwargs(spec, settings, model=None, weights_id=None) -> dict:
+def saved_networks(entries, directory: str, files: dict) -> dict:
+    """Backbone file -> :class:`~stacker.engines.SavedNetwork` for the learners' manifest entries.
+
+    ``files`` (the manifest's sha256 per file) is what each ONNX graph is checked against
+    when it is opened. Each ``.keras`` archive is checked here (a forged one is refused by
+    the load itself) and loaded by Keras only if it is ever needed.
+    """
+    out = {}
+    for e in entries:
+        graph = e.get("onnx_file")
+        if e["backbone_file"] not in out:
+            check_keras_archive(member(directory, e["backbone_file"]), _backbones.CUSTOM_OBJECT_NAMES)
+            out[e["backbone_file"]] = SavedNetwork(
+                member(directory, e["backbone_file"]), member(directory, graph) if graph else None,
+                files.get(graph) if graph else None, custom_objects=_backbones.custom_objects)
+    return out
+
+
+def extractor_kwargs(spec, settings, model=None, weights_id=None, saved=None) -> dict:
     return dict(weights=spec["weights"], input_size=spec["input_size"], batch_size=settings.batch_size,
                 cache_dir=settings.cache_dir, weights_dir=settings.weights_dir, on_bad_image=settings.on_bad_image,
                 resize=settings.resize, verbose=settings.verbose, model=model, weights_id=weights_id,
-                chunk_size=settings.chunk_size, engine=settings.engine, strategy=settings.strategy)
+                chunk_size=settings.chunk_size, engine=settings.engine, strategy=settings.strategy, saved=saved)
 
 
 def learner_specs(backbones, models, input_size=None, weights="imagenet", finetune=None) -> list[dict]:

@@ -35,7 +35,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 __all__ = ["DenseClassifier", "PrototypeClassifier", "MODELS", "PRESETS", "ModelSpec", "make_model",
-           "model_names", "register_model", "fresh_estimator", "code_fingerprint"]
+           "model_names", "register_model", "fresh_estimator", "code_fingerprint", "proba_function"]
 
 
 class DenseClassifier(ClassifierMixin, BaseEstimator):
@@ -293,12 +293,52 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X):
         check_is_fitted(self, "prototypes_")
-        X = validate_data(self, X, dtype=np.float64, reset=False)
-        return np.exp(log_softmax(self.scale_ * (self._normalise(X) @ self.prototypes_.T), axis=1))
+        return self._proba(validate_data(self, X, dtype=np.float64, reset=False))
+
+    def _proba(self, X):
+        z = self.scale_ * (self._normalise(np.asarray(X, np.float64)) @ self.prototypes_.T)
+        e = np.exp(z - z.max(axis=1, keepdims=True))  # numpy's softmax: scipy's costs 60 us a call on one row
+        return e / e.sum(axis=1, keepdims=True)
 
     def predict(self, X):
         proba = self.predict_proba(X)  # first: it raises NotFittedError before fit
         return self.classes_[np.argmax(proba, axis=1)]
+
+
+def proba_function(model):
+    """``X -> model.predict_proba(X)`` without scikit-learn's per-call input checks, where the model kind is known.
+
+    For one image those checks cost ten times a linear head's arithmetic (40 fold models
+    of a 4-backbone ensemble: 13 ms against 1 ms). The ``prototype`` model and a
+    standardised logistic regression (the ``logistic`` model) are evaluated directly, with
+    scikit-learn's own operations in its order; any other model keeps ``predict_proba``.
+    The caller checks the inputs (2-D, finite, as many features as the model was fitted on).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(model, PrototypeClassifier) and hasattr(model, "prototypes_"):
+        return model._proba
+    if (isinstance(model, Pipeline) and len(model.steps) == 2 and type(model.steps[0][1]) is StandardScaler
+            and isinstance(model.steps[1][1], LogisticRegression) and hasattr(model.steps[1][1], "coef_")):
+        return functools.partial(_scaled_logistic_proba, model.steps[0][1], model.steps[1][1])
+    return model.predict_proba
+
+
+def _scaled_logistic_proba(scaler, logistic, X):
+    """``StandardScaler`` then ``LogisticRegression.predict_proba``, as scikit-learn computes them."""
+    from scipy.special import expit, softmax
+
+    X = np.array(X, dtype=X.dtype if X.dtype in (np.float32, np.float64) else np.float64)
+    if scaler.with_mean:
+        X -= scaler.mean_.astype(X.dtype)
+    if scaler.with_std:
+        X /= scaler.scale_.astype(X.dtype)
+    scores = X @ logistic.coef_.T + logistic.intercept_
+    if len(logistic.classes_) <= 2:
+        p = expit(scores[:, 0])
+        return np.stack([1 - p, p], axis=1)
+    return softmax(scores, axis=1)
 
 
 def _unit(M):

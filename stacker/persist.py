@@ -25,7 +25,7 @@ import zipfile
 
 __all__ = ["register_format", "save_estimator", "load_estimator", "save_unfitted", "load_unfitted",
            "load_keras", "check_keras_archive", "member", "checked_params", "trusted_types", "UntrustedTypeError", "LegacyFormatError",
-           "TRUSTED_TYPES", "TRUSTED_TYPES_ENV", "PERSIST_FORMAT"]
+           "ModelIntegrityError", "TRUSTED_TYPES", "TRUSTED_TYPES_ENV", "PERSIST_FORMAT"]
 
 PERSIST_FORMAT = "skops-1"  # part of cache keys: results written in another format are not reused
 TRUSTED_TYPES_ENV = "STACKER_TRUSTED_TYPES"  # extra fully qualified type names, comma-separated
@@ -61,6 +61,10 @@ class UntrustedTypeError(TypeError):
             f"refusing to load {path}: it needs the untrusted type(s) {names}. Nothing was loaded. If this is "
             f"your own model and you trust these exact types, pass trusted=[{', '.join(map(repr, self.types))}] "
             f"(CLI: --trust {' --trust '.join(self.types)}) or set ${TRUSTED_TYPES_ENV}={','.join(self.types)}.")
+
+
+class ModelIntegrityError(ValueError):
+    """A saved ensemble's files do not match its manifest (tampered, truncated or foreign)."""
 
 
 class LegacyFormatError(ValueError):

@@ -1,25 +1,34 @@
-"""A finished run explains itself: ``report.html`` with PNG figures beside it.
+"""A finished run explains itself: one self-contained ``report.html``, its figures also as PNGs.
 
-:func:`report` reads a saved ensemble directory (manifest, out-of-fold arrays, training
-histories) and writes, next to it, a leaderboard chart and table, training curves, a
-normalised confusion matrix (the most confused pairs as a table when there are many
-classes), a per-class precision/recall/F1 table, a grid of training images with their
-true and out-of-fold predicted labels (wrong ones marked), how much the meta-learner
-relies on each base learner (permutation importance), and the run's configuration and
-environment. Figures use matplotlib's non-interactive Agg backend.
+:func:`report` reads a saved ensemble directory (``manifest.json`` and ``oof.npz`` only:
+no model is loaded, so runs saved in older formats are reported too) and writes a
+leaderboard chart and table, level 2's weight for each learner, training curves, a
+reliability diagram with the expected calibration error of the ensemble and of every
+learner, a normalised confusion matrix (the most confused pairs as a table), per-class
+precision/recall/F1, a sample of training images with their out-of-fold predictions, the
+training images that cost the most out-of-fold log loss, how much level 2 relies on each
+learner (permutation importance), and the run's configuration and environment.
+
+Figures are embedded in the HTML as data URIs (the file opens anywhere on its own) and
+written beside it as PNGs; a figure whose section cannot be drawn this time (e.g. the
+training images have moved) is deleted, so no stale figure is left next to the report.
+Figures use matplotlib's non-interactive Agg backend and are widened until their titles fit.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import os
 
 import numpy as np
 
-__all__ = ["report"]
+__all__ = ["FIGURES", "calibration_bins", "report"]
 
-FIGURES = ("leaderboard.png", "curves.png", "confusion.png", "images.png", "meta_importance.png")
+FIGURES = ("leaderboard.png", "level2_weights.png", "curves.png", "reliability.png", "confusion.png", "images.png",
+           "worst_images.png", "meta_importance.png")
+ECE_BINS = 15
 
 
 def _plt():
@@ -37,7 +46,69 @@ def _table(header, rows) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _leaderboard_figure(scores: dict, path: str) -> None:
+# --------------------------------------------------------------------------- figure plumbing
+
+
+def _title_overflow(fig, pad_px: float = 6.0) -> float:
+    """Pixels by which the widest title (axes titles, suptitle) sticks out of the figure (<= 0: all fit)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width = fig.bbox.width
+    titles = [ax.title for ax in fig.axes] + [t for t in [getattr(fig, "_suptitle", None)] if t is not None]
+    boxes = [t.get_window_extent(renderer) for t in titles if t.get_text()]
+    return max([-np.inf] + [max(pad_px - b.x0, b.x1 - (width - pad_px)) for b in boxes])
+
+
+def _fit_titles(fig) -> None:
+    """Widen ``fig`` until every title fits (a narrow plot, e.g. a 2-class matrix, cuts a long title)."""
+    for _ in range(4):
+        over = _title_overflow(fig)
+        if over <= 0:
+            return
+        w, h = fig.get_size_inches()
+        fig.set_size_inches(w + 2 * over / fig.dpi + 0.2, h)
+        fig.tight_layout()
+
+
+def _save(fig, path: str, dpi: int = 100) -> None:
+    _fit_titles(fig)
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+
+
+class _Page:
+    """The sections of a report, and the figures written for them."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.sections: list[tuple[str, str]] = []
+        self.figures: list[str] = []
+
+    def add(self, heading: str, body: str) -> None:
+        self.sections.append((heading, body))
+
+    def figure(self, fig, name: str, alt: str, dpi: int = 100) -> str:
+        """Save ``fig`` as ``name`` and return its ``<figure>``: the PNG embedded, with a link to the file."""
+        path = os.path.join(self.out_dir, name)
+        _save(fig, path, dpi)
+        self.figures.append(name)
+        with open(path, "rb") as f:
+            data = base64.b64encode(f.read()).decode("ascii")
+        return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+                f'<figcaption><a href="{name}">{name}</a></figcaption></figure>')
+
+    def remove_stale(self) -> None:
+        """Delete figures of earlier reports whose sections were not drawn this time."""
+        for name in FIGURES:
+            path = os.path.join(self.out_dir, name)
+            if name not in self.figures and os.path.exists(path):
+                os.remove(path)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _leaderboard_figure(scores: dict):
     plt = _plt()
     names = list(scores)
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(names) + 1.8))
@@ -52,15 +123,14 @@ def _leaderboard_figure(scores: dict, path: str) -> None:
         if metric == "accuracy":
             ax.set_xlim(min(vals) - 0.05 * (1 - min(vals) + 0.01) - 0.01, 1.0)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
-def _curves_figure(histories: dict, path: str) -> bool:
+def _curves_figure(histories: dict):
     series = {n: [h for h in hs if h] for n, hs in histories.items()}
     series = {n: hs for n, hs in series.items() if hs}
     if not series:
-        return False
+        return None
     plt = _plt()
     fig, axes = plt.subplots(len(series), 2, figsize=(10, 2.6 * len(series)), squeeze=False)
     for row, (name, hs) in enumerate(series.items()):
@@ -75,9 +145,7 @@ def _curves_figure(histories: dict, path: str) -> bool:
             ax.set_xlabel("epoch")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def _confusion(y, pred, k):
@@ -86,18 +154,18 @@ def _confusion(y, pred, k):
     return cm
 
 
-def _confusion_figure(cm, classes, path: str) -> None:
+def _confusion_figure(cm, classes):
     plt = _plt()
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     k = len(classes)
-    size = min(14, 3 + 0.25 * k)
-    fig, ax = plt.subplots(figsize=(size, size))
+    size = min(14, max(5.5, 3 + 0.25 * k))
+    fig, ax = plt.subplots(figsize=(size + 0.8, size))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_title("confusion matrix (rows: true, normalised; out-of-fold)")
+    ax.set_title("confusion matrix, out of fold\n(rows: true class, normalised)", fontsize=10)
     if k <= 30:
-        ax.set_xticks(range(k), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(k), classes, fontsize=7)
+        ax.set_xticks(range(k), classes, rotation=90 if k > 6 else 0, fontsize=7 if k > 6 else 9)
+        ax.set_yticks(range(k), classes, fontsize=7 if k > 6 else 9)
         if k <= 10:
             for i in range(k):
                 for j in range(k):
@@ -106,63 +174,278 @@ def _confusion_figure(cm, classes, path: str) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig
 
 
-def _image_grid_figure(paths, y, pred, proba, classes, path: str, n: int = 24, seed: int = 0) -> bool:
+def _thumbnail(ax, path: str) -> None:
     from PIL import Image
 
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((160, 160))
+            ax.imshow(np.asarray(img))
+    except Exception:  # noqa: BLE001 - a broken file still gets its caption
+        pass
+
+
+def _grid(n: int, cols: int = 6, height: float = 2.5):
+    plt = _plt()
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, height * rows + 0.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    return fig, axes.ravel()
+
+
+def _image_grid_figure(paths, y, pred, proba, classes, n: int = 24, seed: int = 0):
     ok = [i for i, p in enumerate(paths) if os.path.isfile(p)]
     if not ok:
-        return False
+        return None
     rng = np.random.default_rng(seed)
     wrong = [i for i in ok if y[i] != pred[i]]
     right = [i for i in ok if y[i] == pred[i]]
     pick = list(rng.permutation(wrong)[: n // 2]) if wrong else []
     pick += list(rng.permutation(right)[: n - len(pick)])
-    plt = _plt()
-    cols = 6
-    rows = (len(pick) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, i in zip(axes.ravel(), pick):
-        try:
-            with Image.open(paths[i]) as img:
-                img = img.convert("RGB")
-                img.thumbnail((160, 160))
-                ax.imshow(np.asarray(img))
-        except Exception:  # noqa: BLE001 - a broken file still gets its caption
-            pass
+    fig, axes = _grid(len(pick))
+    for ax, i in zip(axes, pick):
+        _thumbnail(ax, paths[i])
         bad = y[i] != pred[i]
         ax.set_title(f"{'✗' if bad else '✓'} true {classes[y[i]]}\npred {classes[pred[i]]} ({proba[i, pred[i]]:.2f})",
                      fontsize=8, color="#d62728" if bad else "#2ca02c")
-    fig.suptitle("training images with out-of-fold predictions (wrong ones in red)", fontsize=10)
+    fig.suptitle("a sample of training images with out-of-fold predictions (wrong ones in red)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return fig
 
 
-def _importance_figure(importance: dict, path: str) -> bool:
+def _worst_rows(paths, y, proba, n: int) -> list[int]:
+    """The ``n`` training rows with the highest out-of-fold log loss whose image files are present."""
+    p_true = proba[np.arange(len(y)), y]
+    out = []
+    for i in np.argsort(p_true, kind="stable"):
+        if len(out) == n:
+            break
+        if i < len(paths) and os.path.isfile(paths[i]):
+            out.append(int(i))
+    return out
+
+
+def _worst_figure(rows, paths, y, proba, classes):
+    fig, axes = _grid(len(rows), height=2.7)
+    for rank, (ax, i) in enumerate(zip(axes, rows), start=1):
+        _thumbnail(ax, paths[i])
+        p_true, pred = proba[i, y[i]], int(proba[i].argmax())
+        ax.set_title(f"#{rank} {os.path.basename(paths[i])[:22]}\ntrue {classes[y[i]]}: p = {p_true:.3f}\n"
+                     f"pred {classes[pred]} {proba[i, pred]:.3f}", fontsize=8, color="#d62728")
+    fig.suptitle("training images with the highest out-of-fold log loss "
+                 "(p = the ensemble's probability of the true class)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _importance_figure(importance: dict):
     if not importance:
-        return False
+        return None
     plt = _plt()
     names = list(importance)
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.5))
     ax.barh(names, [importance[n] for n in names], color="#9467bd")
     ax.invert_yaxis()
-    ax.set_title("meta-learner: log-loss increase when a learner's inputs are shuffled")
+    ax.set_title("level 2: log-loss increase when a learner's inputs are shuffled", fontsize=10)
     ax.set_xlabel("permutation importance (higher = relied on more)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return fig
 
 
-def report(run_dir, out_dir=None, max_pairs: int = 20) -> str:
-    """Write ``report.html`` and its PNG figures for a saved ensemble.
+# --------------------------------------------------------------------------- calibration
+
+
+def calibration_bins(y, proba, n_bins: int = ECE_BINS) -> dict:
+    """Top-label reliability of probabilities, and their expected calibration error.
+
+    The predicted class's probability (the confidence) is binned into ``n_bins``
+    equal-width bins of [0, 1] (Guo et al. 2017). Per bin: mean confidence, accuracy and
+    count; ``ece`` is the count-weighted mean of ``|accuracy - confidence|``.
+    """
+    proba = np.asarray(proba, dtype=np.float64)
+    conf, correct = proba.max(axis=1), (proba.argmax(axis=1) == np.asarray(y)).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        confidence = np.bincount(idx, weights=conf, minlength=n_bins) / count
+        accuracy = np.bincount(idx, weights=correct, minlength=n_bins) / count
+    used = count > 0
+    ece = float(np.sum(count[used] * np.abs(accuracy[used] - confidence[used])) / max(len(conf), 1))
+    return {"confidence": confidence, "accuracy": accuracy, "count": count, "edges": edges, "ece": ece,
+            "mean_confidence": float(conf.mean()) if len(conf) else float("nan")}
+
+
+def _reliability_figure(curves: dict, k: int, cols: int = 4):
+    """One panel per curve (the ensemble first): accuracy against confidence per bin, points sized by count."""
+    plt = _plt()
+    rows = (len(curves) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 3.0 * rows + 0.5), squeeze=False)
+    low = max(0.0, 1.0 / k - 0.05)
+    for ax in axes.ravel()[len(curves):]:
+        ax.axis("off")
+    for ax, (name, c) in zip(axes.ravel(), curves.items()):
+        used = c["count"] > 0
+        color = "#d62728" if name == "ensemble" else "#1f77b4"
+        ax.plot([low, 1], [low, 1], color="#999999", linestyle="--", linewidth=1)
+        ax.plot(c["confidence"][used], c["accuracy"][used], color=color, linewidth=1, alpha=0.6)
+        ax.scatter(c["confidence"][used], c["accuracy"][used], s=8 + 120 * np.sqrt(c["count"][used] / c["count"].max()),
+                   color=color, zorder=3)
+        for x, a, n in zip(c["confidence"][used], c["accuracy"][used], c["count"][used]):
+            ax.annotate(str(n), (x, a), textcoords="offset points", xytext=(-5, -10), ha="right", fontsize=6,
+                        color="#555555")
+        ax.set_xlim(low, 1.01)
+        ax.set_ylim(min(low, np.nanmin(c["accuracy"][used]) - 0.05), 1.01)
+        ax.set_title(f"{name}\nECE {c['ece']:.4f}", fontsize=9, color=color)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("confidence", fontsize=7)
+        ax.set_ylabel("accuracy", fontsize=7)
+    fig.suptitle(f"reliability out of fold: accuracy per bin of the predicted class's probability ({ECE_BINS} "
+                 "equal-width bins; numbers: images per bin; dashed: perfect calibration)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- level 2's weights
+
+_WEIGHT_MEANING = {
+    "greedy": "each learner's share of the greedy ensemble selection (the shares sum to 1)",
+    "logit": "the coefficient of each learner's log-probability in softmax(sum w log p + b)",
+    "stack2": "each learner's direct share of the final greedy mix; the rest goes to the second layer's "
+              "combiners (logit, mean), drawn as one grey bar",
+    "best": "1 for the single learner kept, 0 for the others",
+    "mean": "equal weights: the plain average",
+}
+
+
+def _weights_figure(weights: dict, combiner: str):
+    plt = _plt()
+    names, values = list(weights), [weights[n] for n in weights]
+    colors = ["#1f77b4"] * len(names)
+    if combiner.split("+")[0] == "stack2":
+        names.append("second layer (logit, mean)")
+        values.append(max(0.0, 1.0 - sum(values)))
+        colors.append("#999999")
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.6))
+    ax.barh(names, values, color=colors)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.3f}", va="center", fontsize=8)
+    ax.set_title(f"level 2 ({combiner}): weight of each learner", fontsize=10)
+    ax.set_xlabel("weight (logit: coefficient)" if combiner.startswith("logit") else "weight")
+    fig.tight_layout()
+    return fig
+
+
+def _level2_section(page: _Page, manifest: dict) -> None:
+    level2 = manifest.get("level2")
+    if not level2:
+        return
+    name = level2["name"]
+    body = (f"<p>Chosen by cross-validated log loss: <b>{html.escape(name)}</b> (temperature "
+            f"{level2['temperature']:.3f}, floor {level2['floor']:.4f}).</p>")
+    weights = level2.get("weights") or {n: s["weight"] for n, s in manifest.get("scores", {}).items()
+                                        if s.get("weight") is not None}
+    if weights:
+        meaning = _WEIGHT_MEANING.get(name.split("+")[0], "each learner's weight in the combiner")
+        body += f"<p>Weights: {html.escape(meaning)}.</p>"
+        body += page.figure(_weights_figure(weights, name), "level2_weights.png", "level-2 weights")
+        body += _table(["learner", "weight"], [[n, f"{w:.4f}"] for n, w in weights.items()])
+    else:
+        body += (f"<p>{html.escape(name)} has no per-learner weights; the permutation importance below shows "
+                 "how much it relies on each learner.</p>")
+    body += "<h3>Every candidate</h3>" + _table(
+        ["candidate", "log loss", "accuracy"],
+        [[n, f"{c['log_loss']:.4f}", f"{c['accuracy']:.4f}"] for n, c in level2["table"].items()])
+    page.add("Level 2", body)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _leaderboard_section(page: _Page, scores: dict) -> None:
+    rows = []
+    for name, s in scores.items():
+        spi, w = s.get("s_per_image"), s.get("weight")
+        ms = f"{spi * 1000:.1f}" if spi else ("cached" if "extract_s" in s else "")
+        rows.append([name, f"{s['accuracy']:.4f}", f"{s['log_loss']:.4f}", "" if w is None else f"{w:.3f}",
+                     f"{s.get('extract_s', 0):.1f}", ms, f"{s.get('train_s', 0):.1f}", s.get("feature_dim", "")])
+    page.add("Leaderboard (out-of-fold)", page.figure(_leaderboard_figure(scores), "leaderboard.png", "leaderboard")
+             + _table(["learner", "accuracy", "log loss", "level-2 weight", "feature extraction s",
+                       "inference ms/image", "training s", "feature size"], rows))
+
+
+def _calibration_section(page: _Page, y, probas: dict, k: int) -> None:
+    from .meta import score
+
+    curves = {name: calibration_bins(y, p) for name, p in probas.items()}
+    rows = [[name, f"{c['ece']:.4f}", f"{score(y, probas[name], k)['log_loss']:.4f}",
+             f"{c['mean_confidence']:.4f}", f"{score(y, probas[name], k)['accuracy']:.4f}"]
+            for name, c in curves.items()]
+    body = (f"<p>How far the probabilities are from the frequencies they claim, out of fold: expected calibration "
+            f"error (ECE) of the top label, {ECE_BINS} equal-width bins of the predicted class's probability "
+            "(the count-weighted mean of |accuracy - confidence| per bin). Log loss punishes confident "
+            "mistakes; points below the diagonal are over-confident.</p>")
+    body += page.figure(_reliability_figure(curves, k), "reliability.png", "reliability diagram")
+    page.add("Calibration", body + _table(["", "ECE", "log loss", "mean confidence", "accuracy"], rows))
+
+
+def _confusion_sections(page: _Page, y, pred, classes, max_pairs: int) -> None:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    k = len(classes)
+    cm = _confusion(y, pred, k)
+    body = page.figure(_confusion_figure(cm, classes), "confusion.png", "confusion matrix", dpi=90)
+    off = sorted(((cm[i, j], classes[i], classes[j]) for i in range(k) for j in range(k) if i != j and cm[i, j]),
+                 reverse=True)
+    page.add("Confusion matrix", body + "<h3>Most confused pairs</h3>"
+             + _table(["count", "true", "predicted as"], off[:max_pairs]))
+    p, r, f, support = precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=0)
+    page.add("Per-class precision, recall, F1", _table(
+        ["class", "precision", "recall", "F1", "images"],
+        [[c, f"{p[i]:.3f}", f"{r[i]:.3f}", f"{f[i]:.3f}", int(support[i])] for i, c in enumerate(classes)]))
+
+
+def _image_sections(page: _Page, paths, y, proba, classes, n_worst: int) -> None:
+    """The image grid and the highest-loss gallery; both left out when the training images are not here."""
+    pred = proba.argmax(axis=1)
+    fig = _image_grid_figure(paths, y, pred, proba, classes)
+    if fig is not None:
+        page.add("Images", page.figure(fig, "images.png", "image grid", dpi=90))
+    rows = _worst_rows(paths, y, proba, n_worst)
+    if not rows:
+        return
+    loss = -np.log(np.clip(proba[np.arange(len(y)), y], 1e-15, 1.0))
+    body = (f"<p>The {len(rows)} training images that cost the most out-of-fold log loss ({loss[rows].sum():.1f} "
+            f"of the total {loss.sum():.1f}): often mislabelled, ambiguous or unusual photos.</p>")
+    body += page.figure(_worst_figure(rows, paths, y, proba, classes), "worst_images.png", "highest-loss images",
+                        dpi=90)
+    body += _table(["#", "file", "true", "p(true)", "predicted", "p(predicted)", "log loss"],
+                   [[r + 1, paths[i], classes[y[i]], f"{proba[i, y[i]]:.4f}", classes[pred[i]],
+                     f"{proba[i, pred[i]]:.4f}", f"{loss[i]:.3f}"] for r, i in enumerate(rows)])
+    page.add("Highest out-of-fold loss", body)
+
+
+def _read_run(run_dir: str) -> tuple[dict, dict | None]:
+    """``manifest.json`` (any format version: only JSON is read) and ``oof.npz`` (None when absent)."""
+    from .ensemble import read_manifest
+
+    manifest = read_manifest(run_dir, check_version=False)  # only JSON is read: any version can be reported
+    oof_path = os.path.join(run_dir, "oof.npz")
+    if not os.path.exists(oof_path):
+        return manifest, None
+    with np.load(oof_path, allow_pickle=False) as oof:
+        return manifest, {name: oof[name] for name in oof.files}
+
+
+def report(run_dir, out_dir=None, max_pairs: int = 20, n_worst: int = 18) -> str:
+    """Write ``report.html`` (self-contained) and its PNG figures for a saved ensemble.
 
     Parameters
     ----------
@@ -172,101 +455,65 @@ def report(run_dir, out_dir=None, max_pairs: int = 20) -> str:
         Where to write (default: ``run_dir``).
     max_pairs : int
         Rows of the most-confused-pairs table.
+    n_worst : int
+        Images in the highest-loss gallery.
 
     Returns
     -------
     str
         Path of ``report.html``.
     """
-    from sklearn.metrics import precision_recall_fscore_support
-
-    from .ensemble import format_leaderboard, read_manifest
+    from .ensemble import format_leaderboard
 
     run_dir = os.fspath(run_dir)
     out_dir = os.fspath(out_dir or run_dir)
     os.makedirs(out_dir, exist_ok=True)
-    manifest = read_manifest(run_dir)
-    classes = manifest["classes"]
-    k = len(classes)
-    scores = manifest.get("scores", {})
-    sections = []
-    figures = []
-
-    _leaderboard_figure(scores, os.path.join(out_dir, "leaderboard.png"))
-    figures.append("leaderboard.png")
-    rows = []
-    for name, s in scores.items():
-        spi = s.get("s_per_image")
-        w = s.get("weight")
-        rows.append([name, f"{s['accuracy']:.4f}", f"{s['log_loss']:.4f}", "" if w is None else f"{w:.3f}",
-                     f"{s.get('extract_s', 0):.1f}", f"{spi * 1000:.1f}" if spi else ("cached" if "extract_s" in s else ""),
-                     f"{s.get('train_s', 0):.1f}", s.get("feature_dim", "")])
-    sections.append(("Leaderboard (out-of-fold)", '<img src="leaderboard.png" alt="leaderboard">' + _table(
-        ["learner", "accuracy", "log loss", "level-2 weight", "feature extraction s", "inference ms/image",
-         "training s", "feature size"], rows)))
-    level2 = manifest.get("level2")
-    if level2:
-        sections.append(("Level 2", f"<p>Chosen by cross-validated log loss: <b>{html.escape(level2['name'])}</b> "
-                         f"(temperature {level2['temperature']:.3f}, floor {level2['floor']:.4f}).</p>" + _table(
-                             ["candidate", "log loss", "accuracy"],
-                             [[n, f"{c['log_loss']:.4f}", f"{c['accuracy']:.4f}"] for n, c in level2["table"].items()])))
-
-    if _curves_figure(manifest.get("histories", {}), os.path.join(out_dir, "curves.png")):
-        figures.append("curves.png")
-        sections.append(("Training curves", '<img src="curves.png" alt="training curves">'))
-
-    oof_path = os.path.join(run_dir, "oof.npz")
-    if os.path.exists(oof_path):
-        with np.load(oof_path, allow_pickle=False) as oof:
-            y, proba = oof["y"], oof["ensemble"]
-        pred = proba.argmax(axis=1)
-        cm = _confusion(y, pred, k)
-        _confusion_figure(cm, classes, os.path.join(out_dir, "confusion.png"))
-        figures.append("confusion.png")
-        body = '<img src="confusion.png" alt="confusion matrix">'
-        off = [(cm[i, j], classes[i], classes[j]) for i in range(k) for j in range(k) if i != j and cm[i, j]]
-        off.sort(reverse=True)
-        body += "<h3>Most confused pairs</h3>" + _table(["count", "true", "predicted as"], off[:max_pairs])
-        sections.append(("Confusion matrix", body))
-        p, r, f, support = precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=0)
-        sections.append(("Per-class precision, recall, F1", _table(
-            ["class", "precision", "recall", "F1", "images"],
-            [[c, f"{p[i]:.3f}", f"{r[i]:.3f}", f"{f[i]:.3f}", int(support[i])] for i, c in enumerate(classes)])))
-        if _image_grid_figure(manifest.get("train_paths", []), y, pred, proba, classes,
-                              os.path.join(out_dir, "images.png")):
-            figures.append("images.png")
-            sections.append(("Images", '<img src="images.png" alt="image grid">'))
-
+    manifest, oof = _read_run(run_dir)
+    classes, scores = manifest["classes"], manifest.get("scores", {})
+    page = _Page(out_dir)
+    _leaderboard_section(page, scores)
+    _level2_section(page, manifest)
+    fig = _curves_figure(manifest.get("histories", {}))
+    if fig is not None:
+        page.add("Training curves", page.figure(fig, "curves.png", "training curves", dpi=90))
+    if oof is not None:
+        y, proba = oof["y"], oof["ensemble"]
+        learners = [e["name"] for e in manifest.get("learners", [])]
+        probas = {"ensemble": proba, **{n: oof[f"learner_{i}"] for i, n in enumerate(learners)
+                                        if f"learner_{i}" in oof}}
+        _calibration_section(page, y, probas, len(classes))
+        _confusion_sections(page, y, proba.argmax(axis=1), classes, max_pairs)
+        _image_sections(page, manifest.get("train_paths", []), y, proba, classes, n_worst)
     importance = manifest.get("meta_importance", {})
-    if _importance_figure(importance, os.path.join(out_dir, "meta_importance.png")):
-        figures.append("meta_importance.png")
-        sections.append(("How the meta-learner uses its inputs", '<img src="meta_importance.png" alt="importance">'
-                         + _table(["learner", "log-loss increase when shuffled"],
-                                  [[n, f"{v:.4f}"] for n, v in importance.items()])))
-
+    fig = _importance_figure(importance)
+    if fig is not None:
+        page.add("How level 2 uses its inputs", page.figure(fig, "meta_importance.png", "importance") + _table(
+            ["learner", "log-loss increase when shuffled"], [[n, f"{v:.4f}"] for n, v in importance.items()]))
     skipped = manifest.get("skipped", {})
     if skipped:
-        sections.append(("Skipped images", _table(["file", "reason"], sorted(skipped.items()))))
+        page.add("Skipped images", _table(["file", "reason"], sorted(skipped.items())))
     config = {"meta": manifest.get("meta"), "meta_inputs": manifest.get("meta_inputs"), "cv": manifest.get("cv"),
               "random_state": manifest.get("random_state"), **manifest.get("config", {})}
-    sections.append(("Configuration and environment",
-                     "<pre>" + html.escape(json.dumps({"configuration": config,
-                                                       "environment": manifest.get("environment", {})},
-                                                      indent=1, default=str)) + "</pre>"))
+    page.add("Configuration and environment", "<pre>" + html.escape(json.dumps(
+        {"configuration": config, "environment": manifest.get("environment", {})}, indent=1, default=str)) + "</pre>")
+    page.remove_stale()
     title = f"stacker report: {os.path.basename(os.path.abspath(run_dir))}"
+    intro = (f"<p>{len(classes)} classes; {manifest.get('config', {}).get('n_train', '?')} training images; "
+             f"stacker {html.escape(str(manifest.get('stacker_version')))}</p>"
+             "<pre>" + html.escape(format_leaderboard(scores)) + "</pre>")
+    return _write_html(os.path.join(out_dir, "report.html"), title, intro, page.sections)
+
+
+def _write_html(path: str, title: str, intro: str, sections) -> str:
     page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
             "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+            "figure{margin:1em 0}figcaption{font-size:80%;color:#666}"
             "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>",
-            f"<h1>{html.escape(title)}</h1>",
-            f"<p>{len(classes)} classes; {manifest.get('config', {}).get('n_train', '?')} training images; "
-            f"stacker {html.escape(str(manifest.get('stacker_version')))}</p>",
-            "<pre>" + html.escape(format_leaderboard(scores)) + "</pre>"]
-    for heading, body in sections:
-        page.append(f"<h2>{html.escape(heading)}</h2>{body}")
+            f"<h1>{html.escape(title)}</h1>", intro]
+    page += [f"<h2>{html.escape(heading)}</h2>{body}" for heading, body in sections]
     page.append("</body></html>")
-    path = os.path.join(out_dir, "report.html")
     with open(path, "w") as f:
         f.write("\n".join(page))
     return path

@@ -39,8 +39,8 @@ def _filled(proba, ids, classes, fill, skipped: dict, positive) -> np.ndarray:
     if fill is None:
         detail = ", ".join(f"{ids[i]} ({skipped[i]})" if i in skipped else str(ids[i]) for i in missing[:5])
         raise SubmissionError(f"no prediction for {missing.size} ids: {detail}{', ...' if missing.size > 5 else ''}. "
-                              "Every id needs a row: fix those files, or pass fill='uniform' or a probability "
-                              "(CLI: --fill) to write one for them")
+                              "Every id needs a row: fix those files, or pass fill='uniform' (or a probability such as "
+                              "fill=0.5) to write one for them")
     proba = proba.copy()
     if isinstance(fill, str):
         if fill != "uniform":

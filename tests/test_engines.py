@@ -1,6 +1,11 @@
-"""Inference engines give the same features; Pillow resizing gives a Pillow script's pixels."""
+"""Inference engines give the same features; Pillow resizing gives a Pillow script's pixels;
+a saved model runs its saved ONNX graphs (checked, never exported again)."""
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +14,11 @@ from PIL import Image
 from conftest import TINY, make_class_folders, make_image, save_tiny_weights
 from stacker import engines
 from stacker import images as im
+from stacker.ensemble import Ensemble, ModelIntegrityError
 from stacker.features import FeatureExtractor
+from stacker.torch_checkpoint import sha256_file
+
+needs_onnx = pytest.mark.skipif(not engines.available("onnx"), reason="onnxruntime/tf2onnx not installed")
 
 
 @pytest.fixture
@@ -76,6 +85,14 @@ def test_pil_resize_gives_exactly_the_pixels_of_a_pillow_script(tmp_path, photos
     assert 60 < deep.mean() < 200, "16-bit greys are scaled to 8 bits, not clipped to white"
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in photos]
     np.testing.assert_array_equal(np.concatenate(list(im.array_batches(arrays, 24, method="pil"))), got)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(open(photos[0], "rb").read()[:200])
+    for files in ([*photos[:3], str(broken), *photos[3:]], photos[:1]):  # threads, and the one-image path
+        out = list(im.pil_batches(files, 24, batch_size=4))
+        rows = np.concatenate([r for r, _ in out])
+        assert rows.tolist() == [i for i, f in enumerate(files) if f != str(broken)], "a broken file is left out"
+        want = got[[photos.index(files[r]) for r in rows]]
+        np.testing.assert_array_equal(np.concatenate([p for _, p in out]), want)
 
 
 def test_a_tf_distribute_strategy_runs_extraction_heads_and_fine_tuning(tmp_path, photos, weights):
@@ -104,3 +121,122 @@ def test_a_tf_distribute_strategy_runs_extraction_heads_and_fine_tuning(tmp_path
     fold = ens.learners_[ens.specs_[0]["name"]].fold_models_[0]
     assert strategy.extended.variable_created_in_scope(fold.model_.weights[0].value)
     assert np.isfinite(ens.predict_proba(im.load_images(root))).all()
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory):
+    """A tiny ensemble fitted on ONNX Runtime and saved (with its graph), and its training images."""
+    root = tmp_path_factory.mktemp("saved-onnx")
+    make_class_folders(root / "train", 6, seed_step=30)
+    weights = save_tiny_weights(root / "tiny.weights.h5")
+    data = im.load_images(root / "train")
+    ens = Ensemble([{**TINY, "weights": weights}], models=("logistic",), cv=2, engine="onnx",
+                   cache_dir=str(root / "cache"), verbose=0).fit(data)
+    ens.save(root / "model")
+    return ens, data, root / "model"
+
+
+_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import tinynet
+import stacker
+from stacker.features import forward_pass_count
+res = stacker.predict(sys.argv[3:], model=sys.argv[2])
+print(json.dumps({"proba": res.proba.tolist(), "forward": forward_pass_count(),
+                  "imported": sorted({"tensorflow", "tf2onnx", "keras"} & set(sys.modules))}))
+"""
+
+
+@needs_onnx
+def test_a_loaded_model_predicts_in_a_fresh_process_without_exporting_or_tensorflow(onnx_model):
+    ens, data, model_dir = onnx_model
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    graph = manifest["learners"][0]["onnx_file"]
+    assert graph.endswith(".onnx") and manifest["files"][graph] == sha256_file(model_dir / graph)
+    paths = data.paths[:3]
+    out = subprocess.run([sys.executable, "-c", _CHILD, os.path.dirname(__file__), str(model_dir), *paths],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    # no exporter and no Keras model: neither tf2onnx nor TensorFlow was even imported
+    assert got["imported"] == [] and got["forward"] == len(paths)
+    np.testing.assert_allclose(got["proba"], ens.predict_proba(paths), rtol=1e-5, atol=1e-7)
+
+
+@needs_onnx
+def test_a_tampered_onnx_graph_is_refused_by_its_checksum(onnx_model, tmp_path):
+    _, data, model_dir = onnx_model
+    forged = tmp_path / "model"
+    shutil.copytree(model_dir, forged)
+    graph = json.loads((forged / "manifest.json").read_text())["learners"][0]["onnx_file"]
+    blob = bytearray((forged / graph).read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (forged / graph).write_bytes(bytes(blob))
+    with pytest.raises(ModelIntegrityError, match=f"{graph} does not match its sha256"):
+        Ensemble.load(forged)
+    # swapped after the load's check: the bytes handed to ONNX Runtime are checked again
+    saved = engines.SavedNetwork(str(forged / "unused.keras"), str(forged / graph), sha256_file(model_dir / graph))
+    with pytest.raises(ModelIntegrityError, match="refusing to open it"):
+        saved.forward("onnx")(np.zeros((1, 32, 32, 3), np.float32))
+
+
+@needs_onnx
+def test_a_loaded_model_saves_again_with_the_same_graph_and_keras_only_when_needed(onnx_model, tmp_path,
+                                                                                monkeypatch):
+    ens, data, model_dir = onnx_model
+    from stacker import persist
+
+    real = persist.load_keras
+    monkeypatch.setattr(persist, "load_keras", lambda *a, **k: pytest.fail("a .keras archive was read"))
+    loaded = Ensemble.load(model_dir)
+    np.testing.assert_allclose(loaded.predict_proba(data.paths[:4]), ens.predict_proba(data.paths[:4]), rtol=1e-5)
+    monkeypatch.setattr(persist, "load_keras", real)  # saving writes the .keras archive too: read on demand
+    loaded.save(tmp_path / "again")
+    first = json.loads((model_dir / "manifest.json").read_text())["files"]
+    again = json.loads((tmp_path / "again" / "manifest.json").read_text())["files"]
+    graphs = [f for f in first if f.endswith(".onnx")]
+    assert graphs and all(again[f] == first[f] for f in graphs)
+
+
+@needs_onnx
+def test_a_graph_cannot_read_other_files(tmp_path):
+    """Saved graphs are opened from their checked bytes, so one naming an external data file is refused."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    (tmp_path / "secret.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    w = numpy_helper.from_array(np.ones(4, np.float32), "w")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "secret.bin"), ("offset", "0"), ("length", "16")):
+        w.external_data.add(key=key, value=value)
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [w])
+    blob = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    (tmp_path / "g.onnx").write_bytes(blob)
+    saved = engines.SavedNetwork(str(tmp_path / "g.keras"), str(tmp_path / "g.onnx"), sha256_file(tmp_path / "g.onnx"))
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        with pytest.raises(Exception, match="(?i)external data|model_path"):
+            saved.forward("onnx")(np.zeros(4, np.float32))
+    finally:
+        os.chdir(cwd)
+
+
+def test_auto_asks_tensorflow_about_gpus_only_when_one_could_exist(monkeypatch, tmp_path):
+    class NoTensorFlow:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "tensorflow":
+                raise ImportError("TensorFlow was imported")
+
+    monkeypatch.delenv("STACKER_ENGINE")
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [NoTensorFlow(), *sys.meta_path])
+    monkeypatch.setattr(engines, "_GPU_DEVICE_FILES", (str(tmp_path / "nvidiactl"),))
+    assert engines.resolve("auto") == ("onnx" if engines.available("onnx") else "keras")
+    (tmp_path / "nvidiactl").touch()  # a GPU could be there: only TensorFlow can tell
+    with pytest.raises(ImportError, match="TensorFlow was imported"):
+        engines.resolve("auto")

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -116,6 +117,7 @@ def test_fingerprints_are_memoised_and_track_content(flat, tmp_path):
     fps, bad = fingerprint.fingerprints(paths, tmp_path / "cache")
     assert not bad and len(set(fps)) == 6 and all(len(f) == 40 for f in fps)
     fingerprint._memo.clear()  # a new process: the SQLite memo answers, no file is read
+    fingerprint._stored.clear()
     reads = []
     real = fingerprint._digest
     fingerprint._digest = lambda p: reads.append(p) or real(p)
@@ -244,7 +246,7 @@ def model(tmp_path_factory):
 
 
 @pytest.mark.faults
-def test_predict_on_paths_and_folders_loses_no_id(model, tmp_path):
+def test_predict_on_paths_and_folders_loses_no_id(model, tmp_path, capsys):
     folder = tmp_path / "test"
     folder.mkdir()
     good = [make_image(folder / f"{i}.png", COLORS["dog"], seed=i) for i in range(3)]
@@ -253,14 +255,23 @@ def test_predict_on_paths_and_folders_loses_no_id(model, tmp_path):
         stacker.predict(folder, model=model / "model")
     res = stacker.predict(folder, model=model / "model", on_bad_image="skip")
     assert len(res) == len(good) + len(bad), "every file has a row"
-    assert {res.ids[r] for r in res.skipped} == {p.stem for p in bad}
+    words = {p.stem: r for p, r in bad.items()}
+    assert {res.ids[r]: words[res.ids[r]] in why for r, why in res.skipped.items()} == dict.fromkeys(words, True)
     assert all(res.labels[i] == "dog" for i in range(len(res)) if i not in res.skipped)
+    paths = [str(p) for p in good] + [str(p) for p in bad]
+    with pytest.raises(BadImageError, match="dangling.jpg: dangling symbolic link"):
+        stacker.predict(paths, model=model / "model")
     # only unusable files (W3): every row NaN, no exception
     only_bad = stacker.predict([str(p) for p in bad], model=model / "model", on_bad_image="skip")
     assert np.isnan(only_bad.proba).all() and len(only_bad.skipped) == len(bad)
-    # the CLI: raise names the file; skip lists it on stderr and still prints every row
+    # the CLI: raise names the file; skip lists every file and reason on stderr and prints every row
     assert cli.main(["predict", str(model / "model"), str(folder)]) == 1
+    assert "dangling.jpg: dangling symbolic link" in capsys.readouterr().err
     assert cli.main(["predict", str(model / "model"), str(folder), "--on-bad-image", "skip", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)) == len(paths)
+    for p, reason in bad.items():
+        assert f"skipped {p}: " in err and reason in err.split(f"skipped {p}: ")[1].splitlines()[0]
 
 
 @pytest.mark.faults
@@ -281,6 +292,23 @@ def test_submit_fails_loudly_on_a_skipped_id_unless_filled(model, tmp_path, caps
     rows = out.read_text().splitlines()
     assert rows[0] == "id,label" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
     assert rows[4] == "4,0.500000"
+
+
+@pytest.mark.faults
+def test_fit_raises_or_lists_every_unusable_training_file(tmp_path):
+    root = make_class_folders(tmp_path / "train", 6)
+    bad = _bad_entries(root / "cat")
+    (root / "dog" / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(BadImageError, match="dangling.jpg: dangling symbolic link") as err:
+        Ensemble([TINY], models="logistic", cv=2, verbose=0).fit(root)
+    assert set(err.value.paths) == {str(p) for p in bad}
+    ens = Ensemble([TINY], models="logistic", cv=2, on_bad_image="skip", verbose=0)
+    with pytest.warns(UserWarning, match=f"{len(bad) + 1} files were not used for training"):
+        ens.fit(root)
+    for p, reason in bad.items():
+        assert reason in ens.skipped_[str(p)]
+    assert ens.skipped_[str(root / "dog" / ".DS_Store")] == "hidden file"
+    assert len(ens.train_paths_) == 12
 
 
 @pytest.mark.faults

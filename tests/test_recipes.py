@@ -12,7 +12,8 @@ RECIPES = os.path.join(REPO, "recipes")
 
 
 def run(script, *args, timeout=600):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.path.join(REPO, "tests"),
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",  # the checkout under test, not an installed stacker
+           "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
            "STACKER_PLUGINS": "tinynet"}
     proc = subprocess.run([sys.executable, os.path.join(RECIPES, script), *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
@@ -143,7 +144,7 @@ def test_top5_quick(tmp_path):
 
     photos = [make_image(tmp_path / f"p{i}.jpg", (50 * i, 100, 150), size=(40, 30), seed=i) for i in range(2)]
     out = tmp_path / "out"
-    stdout = run("top5.py", *map(str, photos), "--models", "tiny_cnn,tiny_cnn", "--weights", "none",
+    stdout = run("top5.py", *map(str, photos), "--backbones", "tiny_cnn, tiny_cnn", "--weights", "none",
                  "--out", str(out), "--quick")
     assert "tiny_cnn:" in stdout
     report = json.loads((out / "top5.json").read_text())
@@ -159,3 +160,41 @@ def test_every_recipe_has_help_data_out_quick():
         text = run(script, "--help")
         for flag in ("--data", "--out", "--quick"):
             assert flag in text, (script, flag)
+
+
+def _recipe_parser(script):
+    import importlib
+
+    sys.path.insert(0, RECIPES)
+    try:
+        return importlib.import_module(script).parser()
+    finally:
+        sys.path.remove(RECIPES)
+
+
+def _options(parser):
+    """Flag -> argparse action of every option of a parser, but its own recipe group and --help."""
+    own = {id(a) for a in getattr(getattr(parser, "recipe_options", None), "_group_actions", [])}
+    return {a.option_strings[0]: a for a in parser._actions
+            if a.option_strings and a.dest != "help" and id(a) not in own}
+
+
+def test_every_recipe_option_is_a_stacker_option_with_the_same_default():
+    from stacker.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for script, command in (("dogs_vs_cats", "fit"), ("caltech101", "fit"), ("cifar100", "fit"),
+                            ("stanford_dogs", "fit"), ("top5", "top5")):
+        recipe, cli = _options(_recipe_parser(script)), _options(commands[command])
+        changed = _recipe_parser(script).recipe_defaults
+        assert len(recipe) >= (25 if command == "fit" else 4), script
+        for flag, action in recipe.items():
+            assert flag in cli, f"{script}: {flag} is not an option of stacker {command}"
+            other = cli[flag]
+            assert (action.option_strings, action.dest, action.choices, action.type) == \
+                   (other.option_strings, other.dest, other.choices, other.type), (script, flag)
+            if action.dest in changed:  # this data set's choice, said in the recipe's --help
+                assert f"stacker {command}:" in action.help, (script, flag)
+            else:
+                assert action.default == other.default, (script, flag, action.default, other.default)
+    assert set(_recipe_parser("cifar100").recipe_defaults) == {"backbones", "weights_dir", "resize"}

@@ -244,25 +244,26 @@ def test_a_forged_keras_archive_is_refused_before_keras_reads_it(saved, tmp_path
         Ensemble.load(model_dir)
 
 
-def test_manifest_paths_cannot_leave_the_directory(saved, tmp_path):
-    _, _, root = saved
-    model_dir = tmp_path / "model"
-    shutil.copytree(root / "model", model_dir)
-    manifest = json.loads((model_dir / "manifest.json").read_text())
+def _escape_path(manifest):
     manifest["learners"][0]["folds"][0] = "../../outside/fold0"
-    (model_dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="not a file inside the model directory"):
-        Ensemble.load(model_dir)
 
 
-def test_old_pickle_format_directory_gets_a_clear_error(saved, tmp_path):
+def _old_format(manifest):
+    manifest["format_version"] = 2
+
+
+@pytest.mark.parametrize("edit,error,match", [
+    (_escape_path, ValueError, "not a file inside the model directory"),  # paths cannot leave the directory
+    (_old_format, ModelIntegrityError, "format version 2.*pickles.*Refit"),  # pickle-era: a clear error
+])
+def test_forged_manifests_are_refused(saved, tmp_path, edit, error, match):
     _, _, root = saved
     model_dir = tmp_path / "model"
     shutil.copytree(root / "model", model_dir)
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    manifest["format_version"] = 2
+    edit(manifest)
     (model_dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelIntegrityError, match="format version 2.*pickles.*Refit"):
+    with pytest.raises(error, match=match):
         Ensemble.load(model_dir)
 
 

@@ -30,3 +30,6 @@ def build_tiny_cnn(include_top=False, weights=None, input_shape=(32, 32, 3), poo
 
 register_backbone(BackboneCfg("tiny_cnn", "tinynet:build_tiny_cnn", 32, "tf", 16, block_pattern=r"^(block\d+)_"),
                   overwrite=True)
+# A second name for the same network at another default size: a test can stack two backbones.
+register_backbone(BackboneCfg("tiny_cnn_b", "tinynet:build_tiny_cnn", 24, "tf", 16, block_pattern=r"^(block\d+)_"),
+                  overwrite=True)

@@ -29,7 +29,7 @@ from .meta import _align, score
 from .models import code_fingerprint, make_model, model_label, model_names, proba_function
 from .persist import (PERSIST_FORMAT, UntrustedTypeError, check_keras_archive, load_estimator, member,
                       save_estimator)
-from .streaming import streaming_code, streaming_model
+from .streaming import CachedRows, streaming_code, streaming_model
 
 __all__ = ["Learner", "FrozenLearner", "LEARNER_KINDS", "register_learner", "learner_specs", "make_learners",
            "describe", "saved_networks"]
@@ -249,6 +249,11 @@ class Learner:
         first inputs it gets and replaced by ``predict_proba`` if they differ.
         """
         k = self.settings.n_classes
+        if isinstance(X, CachedRows):  # out of core: a window of cached rows at a time
+            out = np.empty((len(X), k))
+            for pos, rows in X.windows():
+                out[pos] = self.fold_average(rows)
+            return out
         X = np.asarray(X)
         width = getattr(self.fold_models_[0], "n_features_in_", X.shape[-1])
         if X.ndim != 2 or X.shape[1] != width or not np.isfinite(X).all():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, make_class_folders, save_tiny_weights
-from stacker import streaming
+from stacker import finetune, streaming
 from stacker.cache import FeatureCache, FeatureEntry
 from stacker.ensemble import Ensemble
 from stacker.models import PrototypeClassifier
@@ -139,6 +139,7 @@ def test_out_of_core_fine_tuning_streams_cut_activations_and_matches_in_memory(t
     with monkeypatch.context() as m:
         m.setattr(FeatureEntry, "read", lambda *_a, **_k: pytest.fail("a whole matrix was read"))
         m.setattr(CachedRows, "__array__", small_only)
+        m.setattr(finetune, "READ_ROWS", 8)  # the frozen top and predictions read a few batches at a time
         streamed = Ensemble([{**TINY, "weights": weights}], out_of_core=True, **kw).fit(folders)
     name = "tiny_cnn@32:finetune"
     np.testing.assert_allclose(streamed.oof_proba_[name], exact.oof_proba_[name], atol=1e-5)

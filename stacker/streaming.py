@@ -236,6 +236,22 @@ class _Adam:
             p -= self.lr * (m / c1) / (np.sqrt(v / c2) + self.eps)
 
 
+def _chunked_nll(S, y_idx, chunk: int = WINDOW):
+    """``log_s -> mean -log softmax(exp(log_s) * S)[y]``, computed ``chunk`` rows at a time.
+
+    The whole-matrix expression makes four ``(n, k)`` temporaries per call: 256 MB at
+    800,000 rows of ten classes, the largest allocation of an out-of-core fit.
+    """
+    def nll(log_s):
+        total = 0.0
+        for a in range(0, len(S), chunk):
+            block, t = S[a:a + chunk], y_idx[a:a + chunk]
+            total += float(log_softmax(np.exp(log_s) * block, axis=1)[np.arange(len(t)), t].sum())
+        return -total / len(S)
+
+    return nll
+
+
 class StreamingPrototype(PrototypeClassifier):
     """:class:`~stacker.models.PrototypeClassifier` fitted in three passes (mean, prototypes, scale).
 
@@ -261,9 +277,7 @@ class StreamingPrototype(PrototypeClassifier):
             S[pos] = U @ self.prototypes_.T
             own = _unit(sums[y_idx[pos]] - U)
             S[pos, y_idx[pos]] = np.where(counts[y_idx[pos], 0] > 1, np.sum(U * own, axis=1), 0.0)
-        rows_ = np.arange(n)
-        nll = lambda log_s: -np.mean(log_softmax(np.exp(log_s) * S, axis=1)[rows_, y_idx])  # noqa: E731
-        self.scale_ = float(np.exp(minimize_scalar(nll, bounds=(-3.0, 8.0), method="bounded").x))
+        self.scale_ = float(np.exp(minimize_scalar(_chunked_nll(S, y_idx), bounds=(-3.0, 8.0), method="bounded").x))
         return self
 
     def _normalise(self, X):

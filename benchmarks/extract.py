@@ -19,7 +19,7 @@ after each step, and the largest relative difference between (a) and (b) feature
 
 Then the engine's own limit: the shipped engine alone on the same images already decoded
 and resized (one session of the same graph, batches of --batch-size, nothing else in the
-loop) against (b) again, each the best of three runs taken alternately, (b) into a fresh
+loop) against (b) again, each the best of five runs taken alternately, (b) into a fresh
 cache every time; ``pipeline_efficiency`` = (b) img/s / engine img/s.
 The last line is machine-readable: ``first_vs_tutorial=<b/a> warm_vs_tutorial=<c/a>
 max_rel_diff=<d> pipeline_efficiency=<e>`` (first backbone).
@@ -142,7 +142,7 @@ def fingerprint_rates(paths, cache) -> dict:
     return {"cold": len(paths) / cold, "cold_mb_s": mb / cold, "warm": len(paths) / warm, "hot": len(paths) / hot}
 
 
-def engine_limit(ext, data, batch_size: int, cache: str, reps: int = 3) -> dict:
+def engine_limit(ext, data, batch_size: int, cache: str, reps: int = 5) -> dict:
     """Best-of-``reps`` img/s of the engine alone on decoded tensors and of ``ext`` on a cold cache, alternately."""
     from stacker import engines
     from stacker.images import _pil_pixels
@@ -231,7 +231,7 @@ def main() -> None:
         for engine, e in r["engines"].items():
             print(f"{r['backbone']:20s} {engine:8s} {e['img_s']:8.1f} "
                   f"{e['img_s'] / base if base else float('nan'):9.2f} {e['rel_keras']:18.2e}")
-    print(f"\nthe engine's own limit (batch {args.batch_size}, best of 3, alternately): the engine alone on "
+    print(f"\nthe engine's own limit (batch {args.batch_size}, best of 5, alternately): the engine alone on "
           "decoded tensors vs (b) on a fresh cache")
     print(f"{'backbone':20s} {'engine':8s} {'engine img/s':>13s} {'stacker img/s':>14s} {'pipeline_efficiency':>20s}")
     for r in rows:

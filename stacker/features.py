@@ -50,7 +50,7 @@ def _code_fingerprint() -> str:
 
     parts = [_images._decode, _images._orient, _images.resize_pixels, _images.pixel_batches,
              _images.array_batches, _images._as_rgb_array, _images._pil_rgb, _images._pil_pixels, _images._to_8bit,
-             _images._tf_decodes, _images._pil_decoded, _images._pil_uint8, _images._upright_rgb,
+             _images._tf_decodes, _images._pil_decoded, _images._pil_uint8, _images._upright_rgb, _images.open_image,
              _backbones._preprocessing_layer_class, _backbones.build, FeatureExtractor._run, efficientnet_lite,
              _images.pil_batches, _engines.forward_function, _engines.export_onnx, _engines.open_session,
              _engines.session_forward]

@@ -24,6 +24,7 @@ import csv
 import hashlib
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -344,6 +345,32 @@ def file_fingerprints(paths, cache_dir=None) -> list[str]:
     return fps
 
 
+_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"))
+
+
+def open_image(path: str):
+    """``PIL.Image.open(path)``, asking the format its first bytes name first.
+
+    Pillow otherwise tries its plugins in registration order, building a file object
+    for each that might accept the file: that halved the cost of opening a JPEG
+    (0.11 -> 0.06 ms), paid twice per image (header scan, decode). A file the named
+    plugin refuses gets Pillow's full search, so what opens is unchanged.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+    fmt = next((f for magic, f in _MAGIC if head.startswith(magic)), None)
+    if fmt is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        fmt = "WEBP"
+    if fmt is not None:
+        try:
+            return Image.open(path, formats=[fmt])
+        except UnidentifiedImageError:
+            pass
+    return Image.open(path)
+
+
 def _scan_one(path: str) -> tuple[int, str | None]:
     """(EXIF orientation, reason it is unusable or None) from the file header."""
     from PIL import Image, UnidentifiedImageError
@@ -354,7 +381,7 @@ def _scan_one(path: str) -> tuple[int, str | None]:
     if reason:
         return 1, reason
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 return 1, f"{w}x{h} pixels exceeds the {MAX_PIXELS}-pixel limit (decompression bomb?)"
@@ -376,17 +403,25 @@ def _scan_one(path: str) -> tuple[int, str | None]:
         return 1, f"unreadable header ({type(exc).__name__}: {exc})"
 
 
-def scan_images(paths, workers: int = 8) -> tuple[np.ndarray, dict]:
-    """Read every file's header in threads.
+def scan_images(paths, workers: int = 8, probe_files: int = 64) -> tuple[np.ndarray, dict]:
+    """Read every file's header: in this thread, or in ``workers`` threads when storage is slow.
 
     Returns ``(orientations, bad)``: the EXIF orientation (1..8) per file, and
-    ``{row: reason}`` for files that cannot be used.
+    ``{row: reason}`` for files that cannot be used. Parsing a header is Python work
+    that holds the GIL, so on a local disk threads only add contention (256 JPEGs:
+    24 ms in one thread, 39-62 ms in a pool of 1-8); they help when opening a file waits
+    on storage (a network file system). The first ``probe_files`` files tell which: the
+    rest go to the pool when their wall time was more than twice their CPU time.
     """
-    if len(paths) <= 1:  # one file (a prediction): a thread pool would only add latency
-        results = [_scan_one(p) for p in paths]
-    else:
+    wall, cpu = time.perf_counter(), time.thread_time()
+    results = [_scan_one(p) for p in paths[:probe_files]]
+    rest = paths[probe_files:]
+    slow_storage = time.perf_counter() - wall > 2 * (time.thread_time() - cpu)
+    if rest and slow_storage and workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_scan_one, paths, chunksize=64))
+            results += pool.map(_scan_one, rest, chunksize=64)
+    else:
+        results += [_scan_one(p) for p in rest]
     orientations = np.array([r[0] for r in results], dtype=np.int32)
     bad = {i: r[1] for i, r in enumerate(results) if r[1] is not None}
     return orientations, bad
@@ -397,7 +432,7 @@ def decode_failure_reason(path: str) -> str:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.load()
         return "the image data could not be decoded"
     except Exception as exc:  # noqa: BLE001
@@ -430,7 +465,7 @@ def _pil_decoded(tf, path):
     def read(p):
         from PIL import Image
 
-        with Image.open(p.decode()) as img:
+        with open_image(p.decode()) as img:
             return np.asarray(_pil_rgb(img), dtype=np.uint8)
 
     image = tf.numpy_function(read, [path], tf.uint8, stateful=False)
@@ -507,7 +542,7 @@ def _upright_rgb(path: str):
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     rgb = _DECODED.get(key)
     if rgb is None:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             rgb = _pil_rgb(img)  # a new image (converted, transposed or copied): independent of the file
         _DECODED.put(key, rgb, rgb.width * rgb.height * 3)
     return rgb

@@ -109,6 +109,31 @@ def test_scan_finds_bad_files(tmp_path):
     assert "empty" in bad[1] and "not an image" in bad[2]
 
 
+def test_scan_in_threads_agrees_with_one_thread(tmp_path, monkeypatch):
+    paths = [str(make_image(tmp_path / f"{i}.jpg", COLORS["cat"])) for i in range(5)]
+    (tmp_path / "text.jpg").write_text("not an image")
+    paths.insert(2, str(tmp_path / "text.jpg"))
+    serial = im.scan_images(paths, probe_files=2)
+    monkeypatch.setattr(im.time, "thread_time", lambda: 0.0)  # every file looks like it waited on storage
+    pooled = im.scan_images(paths, probe_files=2)
+    np.testing.assert_array_equal(serial[0], pooled[0])
+    assert serial[1] == pooled[1] and set(serial[1]) == {2}
+
+
+@pytest.mark.parametrize("fmt,ext", [("JPEG", "jpg"), ("PNG", "png"), ("GIF", "gif"), ("BMP", "bmp"),
+                                     ("WEBP", "webp"), ("TIFF", "tif")])
+def test_open_image_opens_what_pillow_opens(tmp_path, fmt, ext):
+    path = tmp_path / f"a.{ext}"
+    Image.new("RGB", (9, 7), (10, 200, 30)).save(path, fmt)
+    with im.open_image(str(path)) as a, Image.open(path) as b:
+        assert (a.format, a.size, a.mode) == (b.format, b.size, b.mode)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    fake = tmp_path / "fake.jpg"  # a JPEG's first bytes, then nothing: refused as by Image.open, after the full search
+    fake.write_bytes(b"\xff\xd8\xff" + b"\x00" * 5)
+    with pytest.raises(Image.UnidentifiedImageError):
+        im.open_image(str(fake))
+
+
 def test_truncated_jpeg_is_dropped_from_the_stream(tmp_path):
     good = make_image(tmp_path / "good.jpg", COLORS["cat"], size=(64, 64))
     data = open(good, "rb").read()

@@ -108,12 +108,12 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         self.verbose = verbose
         self.strategy = strategy
 
-    def _build(self, n_features: int, n_classes: int, X):
+    def _build(self, n_features: int, n_classes: int, mean, variance):
         import keras
         from keras import layers
 
         inputs = keras.Input((n_features,), name="features")
-        x = layers.Normalization(mean=X.mean(axis=0), variance=X.var(axis=0), name="standardize")(inputs)
+        x = layers.Normalization(mean=mean, variance=variance, name="standardize")(inputs)
         reg = keras.regularizers.L2(self.l2) if self.l2 else None
         for i, width in enumerate(self.hidden):
             if self.batch_norm:
@@ -139,36 +139,52 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y):
         import keras
-        from sklearn.model_selection import train_test_split
-
-        from .engines import strategy_scope
 
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
-        self.classes_, y_idx = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(f"need at least two classes to train a classifier; got 1 class ({self.classes_[0]!r})")
+        y_idx = self._classes(y)
         keras.utils.set_random_seed(int(self.random_state))
         Y = keras.utils.to_categorical(y_idx, len(self.classes_))
-        val = None
-        fit_X, fit_Y = X, Y
-        if (self.validation_fraction and np.bincount(y_idx).min() >= 2
-                and len(X) * self.validation_fraction >= len(self.classes_)):
-            tr, va = train_test_split(np.arange(len(X)), test_size=self.validation_fraction, stratify=y_idx,
-                                      random_state=self.random_state)
-            fit_X, fit_Y, val = X[tr], Y[tr], (X[va], Y[va])
-        with strategy_scope(self.strategy):
-            self.model_ = self._build(X.shape[1], len(self.classes_), fit_X)
-        # too few rows to hold any out: stop when the training loss stops improving instead
-        monitor = "val_loss" if val is not None else "loss"
-        callbacks = [_RelativeEarlyStopping(monitor, self.patience, self.min_delta)]
-        # at least ~20 steps an epoch: on a few hundred rows one big batch per epoch barely learns
-        batch_size = int(max(1, min(self.batch_size, max(16, len(fit_X) // 20), len(fit_X))))
-        hist = self.model_.fit(fit_X, fit_Y, validation_data=val, epochs=self.epochs, batch_size=batch_size,
-                               callbacks=callbacks,
+        tr, va = self._holdout(y_idx)
+        fit_X, fit_Y, val = (X, Y, None) if va is None else (X[tr], Y[tr], (X[va], Y[va]))
+        self._compile(X.shape[1], fit_X.mean(axis=0), fit_X.var(axis=0))
+        hist = self.model_.fit(fit_X, fit_Y, validation_data=val, epochs=self.epochs,
+                               batch_size=self._batch_size(len(fit_X)), callbacks=self._callbacks(val is not None),
                                verbose=self.verbose, shuffle=True)
         self.history_ = {k: [float(v) for v in vs] for k, vs in hist.history.items()}
         return self
+
+    # -- the parts of fit that a streaming fit (stacker.streaming.StreamingDense) shares
+    def _classes(self, y) -> np.ndarray:
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"need at least two classes to train a classifier; got 1 class ({self.classes_[0]!r})")
+        return y_idx
+
+    def _holdout(self, y_idx):
+        """``(train rows, validation rows or None)``: a stratified split when every class can spare rows."""
+        from sklearn.model_selection import train_test_split
+
+        n = len(y_idx)
+        if (self.validation_fraction and np.bincount(y_idx).min() >= 2
+                and n * self.validation_fraction >= len(self.classes_)):
+            return train_test_split(np.arange(n), test_size=self.validation_fraction, stratify=y_idx,
+                                    random_state=self.random_state)
+        return np.arange(n), None
+
+    def _compile(self, n_features: int, mean, variance) -> None:
+        from .engines import strategy_scope
+
+        with strategy_scope(self.strategy):
+            self.model_ = self._build(n_features, len(self.classes_), mean, variance)
+
+    def _batch_size(self, n_rows: int) -> int:
+        # at least ~20 steps an epoch: on a few hundred rows one big batch per epoch barely learns
+        return int(max(1, min(self.batch_size, max(16, n_rows // 20), n_rows)))
+
+    def _callbacks(self, validated: bool) -> list:
+        # too few rows to hold any out: stop when the training loss stops improving instead
+        return [_RelativeEarlyStopping("val_loss" if validated else "loss", self.patience, self.min_delta)]
 
     def predict_proba(self, X):
         check_is_fitted(self, "model_")

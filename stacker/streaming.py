@@ -13,9 +13,12 @@ of passes over the windows (:data:`STREAMING_MODELS`):
 - ``logistic``: :class:`StreamingLogistic`, standardised multinomial logistic regression
   fitted by seeded mini-batch Adam (one statistics pass, then a few epochs);
 - ``prototype``: :class:`StreamingPrototype`, the same estimator as
-  :class:`stacker.models.PrototypeClassifier`, computed in three passes.
+  :class:`stacker.models.PrototypeClassifier`, computed in three passes;
+- ``dense``, ``resnet`` and any :class:`~stacker.models.DenseClassifier`:
+  :class:`StreamingDense`, the same Keras head trained on batches that Keras reads from
+  one window of cached rows at a time.
 
-Both accept NumPy arrays as well (read in windows of positions instead of file rows).
+They accept NumPy arrays as well (read in windows of positions instead of file rows).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .cache import _read_rows
-from .models import PrototypeClassifier, _unit
+from .models import MODELS, DenseClassifier, PrototypeClassifier, _unit, make_model
 
 __all__ = ["CachedRows", "StreamingLogistic", "StreamingPrototype", "STREAMING_MODELS", "streaming_model",
            "blocks", "OUT_OF_CORE_BYTES", "use_out_of_core", "streaming_code"]
@@ -290,6 +293,108 @@ class StreamingPrototype(PrototypeClassifier):
                                                                 axis=1)), len(self.classes_))
 
 
+def _moments(X) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and (population) variance of an array or :class:`CachedRows`, a window at a time.
+
+    Windows are merged with Chan et al.'s pairwise update, as accurate as one pass over
+    all rows in memory.
+    """
+    n, mean, m2 = 0, np.zeros(X.shape[1]), np.zeros(X.shape[1])
+    for _, rows in blocks(X, np.float64):
+        b, b_mean = len(rows), rows.mean(axis=0)
+        delta = b_mean - mean
+        m2 += np.square(rows - b_mean).sum(axis=0) + np.square(delta) * n * b / (n + b)
+        mean += delta * b / (n + b)
+        n += b
+    return mean, m2 / max(n, 1)
+
+
+def _row_batches(X, y_idx, k: int, batch_size: int, seed=None):
+    """A ``keras.utils.PyDataset`` of ``(rows, one-hot labels)`` batches holding one window of rows.
+
+    With ``seed`` every epoch visits the windows in a new seeded order, rows shuffled
+    within each (the order :meth:`CachedRows.windows` reads); without, in file order.
+    Keras asks for batches in order, so each window is read from the cache once an epoch.
+    """
+    import keras
+
+    sorted_pos = np.argsort(X.rows, kind="stable") if isinstance(X, CachedRows) else np.arange(len(X))
+    spans = [sorted_pos[a:a + WINDOW] for a in range(0, len(sorted_pos), WINDOW)]
+
+    class RowBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.epoch, self.held = 0, (None, None)
+            self._plan()
+
+        def _plan(self):
+            order = list(range(len(spans)))
+            rng = None if seed is None else np.random.default_rng([seed, self.epoch])
+            if rng is not None:
+                order = list(rng.permutation(len(spans)))
+            self.order = np.concatenate([spans[i] if rng is None else rng.permutation(spans[i]) for i in order])
+            self.window_of = np.concatenate([np.full(len(spans[i]), i) for i in order])
+
+        def __len__(self):
+            return int(np.ceil(len(sorted_pos) / batch_size))
+
+        def _rows(self, window: int, pos: np.ndarray) -> np.ndarray:
+            if self.held[0] != window:  # one read per window: its rows in file order
+                held = spans[window]
+                values = _read_file_rows(X.path, X.rows[held]) if isinstance(X, CachedRows) else X[held]
+                self.held = (window, np.asarray(values, dtype=np.float32), np.argsort(held), held)
+            _, values, by_pos, held = self.held
+            return values[by_pos[np.searchsorted(held, pos, sorter=by_pos)]]
+
+        def __getitem__(self, i):
+            pos = self.order[i * batch_size:(i + 1) * batch_size]
+            windows = self.window_of[i * batch_size:(i + 1) * batch_size]
+            rows = np.empty((len(pos), X.shape[1]), np.float32)
+            for w in np.unique(windows):  # a batch at the seam of two windows reads both
+                rows[windows == w] = self._rows(int(w), pos[windows == w])
+            return rows, np.eye(k, dtype=np.float32)[y_idx[pos]]
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            self._plan()
+
+    return RowBatches()
+
+
+class StreamingDense(DenseClassifier):
+    """:class:`~stacker.models.DenseClassifier` trained on rows read from the cache a window at a time.
+
+    The same network, standardisation (its mean and variance computed in one streaming
+    pass), stratified validation split, early stopping and batch size; Keras reads its
+    batches from a ``PyDataset`` that holds one window of rows (:func:`_row_batches`),
+    visiting windows in a seeded order each epoch. Arrays are fitted as by the parent.
+    Saved and loaded as a ``DenseClassifier``.
+    """
+
+    def fit(self, X, y):
+        if not isinstance(X, CachedRows):
+            return super().fit(X, y)
+        import keras
+
+        y_idx = self._classes(np.asarray(y))
+        self.n_features_in_ = X.shape[1]
+        keras.utils.set_random_seed(int(self.random_state))
+        tr, va = self._holdout(y_idx)
+        self._compile(X.shape[1], *_moments(X[tr]))
+        k, batch_size = len(self.classes_), self._batch_size(len(tr))
+        train = _row_batches(X[tr], y_idx[tr], k, batch_size, seed=int(self.random_state))
+        val = None if va is None else _row_batches(X[va], y_idx[va], k, batch_size)
+        hist = self.model_.fit(train, validation_data=val, epochs=self.epochs, callbacks=self._callbacks(val is not None),
+                               verbose=self.verbose)
+        self.history_ = {key: [float(v) for v in vs] for key, vs in hist.history.items()}
+        return self
+
+    def predict_proba(self, X):
+        if not isinstance(X, CachedRows):
+            return super().predict_proba(X)
+        return _predict_rows(X, super().predict_proba, len(self.classes_))
+
+
 STREAMING_MODELS = {
     "logistic": lambda random_state: StreamingLogistic(random_state=random_state),
     "prototype": lambda random_state: StreamingPrototype(),
@@ -297,14 +402,29 @@ STREAMING_MODELS = {
 
 
 def streaming_model(item, random_state: int = 0):
-    """The out-of-core estimator standing in for a model entry (a name of :data:`STREAMING_MODELS`)."""
+    """The out-of-core estimator standing in for a model entry.
+
+    A name of :data:`STREAMING_MODELS`, or any entry that makes a plain
+    :class:`~stacker.models.DenseClassifier` (``dense``, ``resnet``, an instance):
+    its streaming twin with the same parameters. Anything else is refused.
+    """
     if isinstance(item, str) and item in STREAMING_MODELS:
         return STREAMING_MODELS[item](random_state)
+    if (isinstance(item, str) and item in MODELS) or isinstance(item, DenseClassifier):
+        est = make_model(item, random_state)
+        if type(est) in (DenseClassifier, StreamingDense):
+            return StreamingDense(**est.get_params())
     raise ValueError(f"model {item if isinstance(item, str) else type(item).__name__!r} needs every row in memory; "
-                     f"out-of-core ensembles fit {sorted(STREAMING_MODELS)} (or pass out_of_core=False)")
+                     f"out-of-core ensembles fit {sorted(STREAMING_MODELS) + ['dense', 'resnet']} "
+                     "(or pass out_of_core=False)")
 
 
 @functools.lru_cache(maxsize=None)
 def streaming_code() -> str:
     """Hash of this module: learner results of other streaming code are not reused."""
     return hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:16]
+
+
+from .persist import register_format  # noqa: E402 - saved as its parent's .keras + JSON
+
+register_format("StreamingDense", StreamingDense)

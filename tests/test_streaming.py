@@ -9,9 +9,9 @@ from conftest import TINY, make_class_folders, save_tiny_weights
 from stacker import finetune, streaming
 from stacker.cache import FeatureCache, FeatureEntry
 from stacker.ensemble import Ensemble
-from stacker.models import PrototypeClassifier
+from stacker.models import DenseClassifier, PrototypeClassifier
 from stacker.persist import load_estimator, save_estimator, trusted_types
-from stacker.streaming import CachedRows, StreamingLogistic, StreamingPrototype
+from stacker.streaming import CachedRows, StreamingDense, StreamingLogistic, StreamingPrototype
 
 
 @pytest.fixture
@@ -62,6 +62,51 @@ def test_streaming_logistic_is_seeded_accurate_and_saved_safely(cached, tmp_path
     save_estimator(a, str(tmp_path / "m"))
     assert np.array_equal(load_estimator(str(tmp_path / "m"), trusted_types()).predict_proba(view),
                           a.predict_proba(view))
+
+
+def test_moments_are_numpys(cached):
+    view, X, _ = cached
+    mean, var = streaming._moments(view)
+    np.testing.assert_allclose(mean, X.astype(np.float64).mean(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(var, X.astype(np.float64).var(axis=0), rtol=1e-12)
+
+
+def test_streaming_dense_reads_a_window_at_a_time_is_seeded_and_saved_as_dense(cached, tmp_path, monkeypatch):
+    view, X, y = cached
+    reads, original = [], streaming._read_file_rows
+
+    def spy(path, rows):
+        reads.append(len(rows))
+        return original(path, rows)
+
+    monkeypatch.setattr(streaming, "_read_file_rows", spy)
+    a = StreamingDense(epochs=8, random_state=3).fit(view, y)
+    assert reads and max(reads) <= streaming.WINDOW  # one window of rows at a time, never the matrix
+    assert sum(reads) >= 8 * 0.9 * len(y)  # every training row read once an epoch
+    b = StreamingDense(epochs=8, random_state=3).fit(view, y)
+    proba = a.predict_proba(view)
+    assert np.array_equal(proba, b.predict_proba(view))
+    in_memory = DenseClassifier(epochs=8, random_state=3).fit(X.astype(np.float32), y)
+    assert (a.predict(view) == y).mean() >= (in_memory.predict(X.astype(np.float32)) == y).mean() - 0.02 > 0.88
+    np.testing.assert_allclose(proba, a.predict_proba(X.astype(np.float32)), atol=1e-6)
+    save_estimator(a, str(tmp_path / "m"))
+    loaded = load_estimator(str(tmp_path / "m"))
+    assert type(loaded).__name__ == "DenseClassifier"
+    np.testing.assert_allclose(loaded.predict_proba(X.astype(np.float32)), proba, atol=1e-6)
+
+
+def test_out_of_core_dense_heads_stream(folders, tmp_path, monkeypatch):
+    ens = Ensemble([TINY], models="best", cv=3, batch_size=4, cache_dir=str(tmp_path / "cache"), out_of_core=True,
+                   verbose=0)
+    with monkeypatch.context() as m:
+        m.setattr(FeatureEntry, "read", lambda *_a, **_k: pytest.fail("a whole feature matrix was read"))
+        m.setattr(CachedRows, "__array__", lambda *_a, **_k: pytest.fail("a whole feature matrix was read"))
+        ens.fit(folders)
+        proba = ens.predict_proba(folders / "cat")
+    assert type(ens.learners_["tiny_cnn@32:dense"].fold_models_[0]).__name__ == "StreamingDense"
+    assert ens.scores_["tiny_cnn@32:dense"]["accuracy"] > 0.8 and (proba.argmax(1) == 0).all()
+    saved = Ensemble.load(ens.save(tmp_path / "model"))
+    np.testing.assert_allclose(saved.predict_proba(folders / "cat"), proba, atol=1e-6)
 
 
 def test_auto_switches_on_size():
@@ -116,7 +161,10 @@ def test_bad_settings_fail_before_any_work(folders, kw, match):
 def test_models_that_need_every_row_are_refused_out_of_core_before_extraction(folders, tmp_path):
     from stacker.features import forward_pass_count
 
-    ens = Ensemble([TINY], models=("dense",), cv=3, cache_dir=str(tmp_path / "c"), out_of_core=True, verbose=0)
+    from sklearn.neighbors import KNeighborsClassifier
+
+    ens = Ensemble([TINY], models=(KNeighborsClassifier(),), cv=3, cache_dir=str(tmp_path / "c"), out_of_core=True,
+                   verbose=0)
     before = forward_pass_count()
     with pytest.raises(ValueError, match="needs every row in memory"):
         ens.fit(folders)

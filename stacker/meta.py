@@ -207,14 +207,19 @@ class LogitStacker(_BlockCombiner):
         L, n, k = P.shape
         logP = P if not np.may_share_memory(P, X) else P.copy()  # P is usually a fresh float64 copy: reuse it
         np.log(np.clip(logP, _EPS, None, out=logP), out=logP)
-        onehot = np.eye(k)[y_idx]
+        rows = np.arange(n)
 
-        def loss(theta):
+        def loss(theta):  # two (n, k) arrays per call, written in place: level 2 at a million rows
             w, b = theta[:L], theta[L:]
-            z = np.tensordot(w, logP, axes=1) + b
-            lsm = log_softmax(z, axis=1)
-            d = (np.exp(lsm) - onehot) / n
-            value = -np.sum(onehot * lsm) / n + 0.5 * self.alpha * w @ w
+            z = np.tensordot(w, logP, axes=1)
+            z += b
+            z -= z.max(axis=1, keepdims=True)
+            d = np.exp(z)
+            total = d.sum(axis=1)
+            value = -np.sum(z[rows, y_idx] - np.log(total)) / n + 0.5 * self.alpha * w @ w
+            d /= total[:, None]  # softmax; minus the one-hot target, per row: the gradient
+            d[rows, y_idx] -= 1.0
+            d /= n
             grad_w = np.einsum("lnk,nk->l", logP, d) + self.alpha * w
             return value, np.concatenate([grad_w, d.sum(axis=0)])
 

@@ -239,7 +239,7 @@ def finetune_arg(args):
 
 def ensemble_params(args, **overrides) -> dict:
     """The :class:`stacker.Ensemble` parameters that parsed :data:`GROUPS` options describe."""
-    params = {"backbones": args.backbones.split(","), "models": args.models, "meta": args.meta,
+    params = {"backbones": args.backbones.split(",") if args.backbones else None, "models": args.models, "meta": args.meta,
               "meta_inputs": args.meta_inputs, "calibration": not args.no_calibration, "cv": args.folds,
               "random_state": args.seed, "weights": weights_arg(args.weights), "input_size": args.image_size,
               "weights_dir": args.weights_dir, "resize": args.resize, "feature_dtype": args.feature_dtype,

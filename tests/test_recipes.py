@@ -198,3 +198,15 @@ def test_every_recipe_option_is_a_stacker_option_with_the_same_default():
             else:
                 assert action.default == other.default, (script, flag, action.default, other.default)
     assert set(_recipe_parser("cifar100").recipe_defaults) == {"backbones", "weights_dir", "resize"}
+
+
+def test_recipe_defaults_become_ensemble_parameters():
+    """A recipe run with its own default backbones (no --backbones) builds its Ensemble."""
+    import stacker
+    from stacker.options import ensemble_params
+
+    for script in ("dogs_vs_cats", "caltech101", "cifar100", "stanford_dogs"):
+        args = _recipe_parser(script).parse_args([])
+        assert args.backbones is None and args.default_backbones, script
+        params = ensemble_params(args, backbones=args.default_backbones.split(","))
+        assert stacker.Ensemble(**params).backbones == args.default_backbones.split(","), script

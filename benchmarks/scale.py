@@ -110,8 +110,11 @@ def fit(n: int, folder: str) -> dict:
     from stacker.learners import make_learners
     from stacker.streaming import CachedRows
 
+    from stacker.memory import return_freed_blocks
+
     specs = register(folder)
     y = labels(n)
+    return_freed_blocks()  # as Ensemble.fit does once extraction is over
     t0 = time.perf_counter()
     ens = Ensemble(specs, models="default", feature_dtype="float16", cv=CV, out_of_core=True, engine="keras",
                    cache_dir=os.path.join(folder, f"n{n}"), verbose=0)

@@ -31,6 +31,7 @@ from .meta import (META_INPUTS, PROBABILITY_COMBINERS, Level2, combiner_names, f
                    score)
 from .persist import (ModelIntegrityError, load_estimator, load_unfitted, member, save_estimator, save_unfitted,
                       trusted_types)
+from .memory import return_freed_blocks
 from .streaming import streaming_model, use_out_of_core
 from .torch_checkpoint import sha256_file
 
@@ -300,6 +301,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         settings = self._settings()
         self.learners_ = make_learners(specs, settings)
         inputs, data, timings = self._extract_training(data, settings)
+        return_freed_blocks()  # training allocates and frees blocks of MiBs for a long time (stacker.memory)
         y, k = data.y, len(self.classes_)
         splitter = StratifiedKFold(n_splits=self.cv, shuffle=True, random_state=self.random_state)
         self.folds_ = list(splitter.split(np.zeros(len(y)), y))

@@ -199,3 +199,15 @@ def test_the_ray_executor_without_ray_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r"pip install 'stacker\[ray\]'"):
         distributed.connect()
+
+
+def test_freed_blocks_go_back_to_the_system(monkeypatch):
+    from stacker import memory
+
+    monkeypatch.setattr(memory, "_applied", None)
+    monkeypatch.setenv("STACKER_MMAP_THRESHOLD", "0")
+    assert memory.return_freed_blocks() == 0  # left alone when asked
+    monkeypatch.setattr(memory, "_applied", None)
+    monkeypatch.delenv("STACKER_MMAP_THRESHOLD")
+    expected = memory.MMAP_THRESHOLD if sys.platform.startswith("linux") else 0
+    assert memory.return_freed_blocks() == expected and memory.return_freed_blocks() == expected

@@ -429,8 +429,6 @@ def scan_images(paths, workers: int = 8, probe_files: int = 64) -> tuple[np.ndar
 
 def decode_failure_reason(path: str) -> str:
     """Why a file that passed the header scan failed to decode (for the error message)."""
-    from PIL import Image
-
     try:
         with open_image(path) as im:
             im.load()
@@ -463,8 +461,6 @@ def _tf_decodes(tf, contents):
 def _pil_decoded(tf, path):
     """Any other format (TIFF, PPM, ICO, TGA, SGI, ...): decoded by Pillow, upright, uint8 RGB."""
     def read(p):
-        from PIL import Image
-
         with open_image(p.decode()) as img:
             return np.asarray(_pil_rgb(img), dtype=np.uint8)
 
@@ -536,8 +532,6 @@ def _upright_rgb(path: str):
     kept, so the others only resize. Predicting one image with four backbones decodes it
     once instead of four times.
     """
-    from PIL import Image
-
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     rgb = _DECODED.get(key)

@@ -80,11 +80,10 @@ def _true_class(X, n_learners: int, y_idx) -> np.ndarray:
 class _BlockCombiner(ClassifierMixin, BaseEstimator):
     """Shared checks of combiners that read ``n_learners`` probability blocks."""
 
-    def _prepare(self, X, y, blocks: bool = True):
-        """Classes, and ``(blocks, y_idx)``; ``blocks=False`` checks ``X`` without converting it."""
+    def _prepare(self, X, y):
+        """Classes, and ``(X, y_idx)``: ``X`` checked to hold the blocks, in its own dtype (no copy)."""
         self.classes_, y_idx = np.unique(y, return_inverse=True)
-        k = len(self.classes_)
-        return (_blocks(X, self.n_learners, k) if blocks else _checked(X, self.n_learners, k)), y_idx
+        return _checked(X, self.n_learners, len(self.classes_)), y_idx
 
     def predict(self, X):
         proba = self.predict_proba(X)  # first: it raises NotFittedError before fit
@@ -104,7 +103,7 @@ class MeanClassifier(_BlockCombiner):
         self.n_learners = n_learners
 
     def fit(self, X, y):
-        self._prepare(X, y, blocks=False)
+        self._prepare(X, y)
         self.weights_ = np.full(self.n_learners, 1.0 / self.n_learners)
         return self
 
@@ -121,7 +120,7 @@ class SingleBest(_BlockCombiner):
         self.index = index
 
     def fit(self, X, y):
-        X, y_idx = self._prepare(X, y, blocks=False)
+        X, y_idx = self._prepare(X, y)
         if self.index is None:
             true_p = np.clip(_true_class(X, self.n_learners, y_idx), _EPS, None)
             self.index_ = int(np.argmin(-np.mean(np.log(true_p), axis=1)))
@@ -159,7 +158,7 @@ class GreedyEnsemble(_BlockCombiner):
         self.n_iter = n_iter
 
     def fit(self, X, y):
-        X, y_idx = self._prepare(X, y, blocks=False)
+        X, y_idx = self._prepare(X, y)
         return self._select(_true_class(X, self.n_learners, y_idx))
 
     def _select(self, true_p):
@@ -203,7 +202,8 @@ class LogitStacker(_BlockCombiner):
         self.alpha = alpha
 
     def fit(self, X, y):
-        P, y_idx = self._prepare(X, y)
+        X, y_idx = self._prepare(X, y)
+        P = _blocks(X, self.n_learners, len(self.classes_))
         L, n, k = P.shape
         logP = P if not np.may_share_memory(P, X) else P.copy()  # P is usually a fresh float64 copy: reuse it
         np.log(np.clip(logP, _EPS, None, out=logP), out=logP)
@@ -260,7 +260,7 @@ class TwoLayerStack(_BlockCombiner):
     def fit(self, X, y):
         from sklearn.model_selection import StratifiedKFold
 
-        X, y_idx = self._prepare(X, y, blocks=False)  # its own dtype: the combiners convert what they use
+        X, y_idx = self._prepare(X, y)  # its own dtype: the combiners convert what they use
         k = len(self.classes_)
         cv = min(int(self.cv), int(np.bincount(y_idx, minlength=k).min()))
         inner = self.inner if cv >= 2 else ()  # a class with one row: no inner split, greedy on level 1 alone

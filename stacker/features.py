@@ -51,9 +51,10 @@ def _code_fingerprint() -> str:
     parts = [_images._decode, _images._orient, _images.resize_pixels, _images.pixel_batches,
              _images.array_batches, _images._as_rgb_array, _images._pil_rgb, _images._pil_pixels, _images._to_8bit,
              _images._tf_decodes, _images._pil_decoded, _images._pil_uint8, _images._upright_rgb, _images.open_image,
-             _backbones._preprocessing_layer_class, _backbones.build, FeatureExtractor._run, efficientnet_lite,
+             _backbones._preprocessing_layer_class, _backbones.build, FeatureExtractor._run,
+             FeatureExtractor._run_batches, efficientnet_lite,
              _images.pil_batches, _engines.forward_function, _engines.export_onnx, _engines.open_session,
-             _engines.session_forward]
+             _engines._run_session, FeatureExtractor._network_input, FeatureExtractor._network_output]
     h = hashlib.sha256()
     for obj in parts:
         h.update(inspect.getsource(obj).encode())
@@ -239,17 +240,45 @@ class FeatureExtractor:
     def feature_dim(self) -> int:
         return int(self.model.output_shape[-1]) if self._model is not None else self.cfg.feature_dim
 
-    def _run(self, pixels) -> np.ndarray:
-        global _FORWARD_IMAGES
+    def _network(self):
+        """The forward function (built on first use, once)."""
         if self._forward is None:
             with self._lock:
                 if self._forward is None:
                     self._forward = _engines.forward_function(
                         self.model, self.engine, self.cache_dir,
                         identity=f"{self.weights_id}|{_code_fingerprint()}", strategy=self.strategy)
-        out = self._forward(pixels)
+        return self._forward
+
+    def _network_input(self, pixels):
+        """What the network is fed for decoded ``pixels`` (subclasses transform them)."""
+        return pixels
+
+    def _network_output(self, out) -> np.ndarray:
+        """A cached row per image from the network's output (subclasses reshape it)."""
+        return out
+
+    def _run(self, pixels) -> np.ndarray:
+        global _FORWARD_IMAGES
+        out = self._network_output(self._network()(self._network_input(pixels)))
         _FORWARD_IMAGES += int(out.shape[0])
         return out
+
+    def _run_batches(self, batches, count: int | None = None):
+        """``(tag, pixels)`` -> ``(tag, rows)`` for each batch (``count`` of them), in order: extraction's bulk path.
+
+        On ONNX Runtime two batches run at once (:meth:`stacker.engines.OnnxForward.map`);
+        other engines take one batch at a time through :meth:`_run`.
+        """
+        global _FORWARD_IMAGES
+        bulk = getattr(self._network(), "map", None)
+        if bulk is None:
+            yield from ((tag, self._run(pixels)) for tag, pixels in batches)
+            return
+        for tag, out in bulk(((tag, self._network_input(pixels)) for tag, pixels in batches), count):
+            out = self._network_output(out)
+            _FORWARD_IMAGES += int(out.shape[0])
+            yield tag, out
 
     # -- features ---------------------------------------------------------------------
     def extract(self, images, on_bad_image=None, batch_size=None, lazy: bool = False) -> Features:
@@ -369,9 +398,12 @@ class FeatureExtractor:
             pending_feats.clear()
 
         done = 0
-        for rows, pixels in ds:
+        if good.size > batch_size:
+            runs = self._run_batches(ds, count=-(-good.size // batch_size))
+        else:  # one batch: the single-batch session, no bulk sessions to open
+            runs = ((r, self._run(p)) for r, p in ds)
+        for rows, feats in runs:
             rows = np.asarray(rows)
-            feats = self._run(pixels)
             pending_rows.append(rows)
             pending_feats.append(feats)
             seen.update(int(r) for r in rows)

@@ -179,7 +179,8 @@ def view_pixels(pixels, view: str):
 @functools.lru_cache(maxsize=None)
 def _cut_code_fingerprint() -> str:
     """Hash of the code that decides cut-point values (split, views), on top of the feature code's."""
-    parts = [split_backbone, _inner_network, view_pixels, CutPointExtractor._run]
+    parts = [split_backbone, _inner_network, view_pixels, CutPointExtractor._network_input,
+             CutPointExtractor._network_output]
     return hashlib.sha256("".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:16]
 
 
@@ -252,8 +253,10 @@ class CutPointExtractor(FeatureExtractor):
         return {**super().key_meta(), "output": "cut-activations", "blocks": self.blocks, "view": self.view,
                 "cut_code": _cut_code_fingerprint()}
 
-    def _run(self, pixels) -> np.ndarray:
-        out = super()._run(view_pixels(tf_float32(pixels), self.view))
+    def _network_input(self, pixels):
+        return view_pixels(tf_float32(pixels), self.view)
+
+    def _network_output(self, out) -> np.ndarray:
         return out.reshape(len(out), -1)
 
 

@@ -70,19 +70,23 @@ def test_bulk_extraction_runs_two_sessions_in_turn_with_the_features_of_one(tmp_
     opened, real = [], engines.open_session
     monkeypatch.setattr(engines, "open_session", lambda graph, threads=0: opened.append(threads) or real(graph, threads))
     shrunk, run = [], engines._run_session
+    monkeypatch.setattr(engines.OnnxForward, "shrink_after", 3)
     monkeypatch.setattr(engines, "_run_session", lambda s, p, o=None: shrunk.append(o is not None) or run(s, p, o))
     common = dict(backbone="tiny_cnn", input_size=32, weights=weights, verbose=0, engine="onnx")
     bulk = FeatureExtractor(**common, batch_size=2, cache_dir=tmp_path / "bulk")
     feats = bulk.transform(photos)  # three batches: the bulk path
     half = max(1, engines._cores() // 2)
     assert opened == [0, half, half], "one session for single batches, two with half the cores for bulk work"
-    assert shrunk == [False, True, True], "each session's last batch returns its arena's memory"
+    assert shrunk == [False, True, True], "each session's last batch of a long call returns the arena's memory"
     single = FeatureExtractor(**common, batch_size=32, cache_dir=tmp_path / "single").transform(photos)
     np.testing.assert_array_equal(feats, single)
     assert opened == [0, half, half, 0], "a single batch opens no bulk sessions"
     forward = bulk._network()
     batches = list(im.pil_batches(photos, 32, 2))
-    mapped = list(forward.map(iter(batches)))
+    monkeypatch.setattr(engines.OnnxForward, "shrink_after", 4)
+    shrunk.clear()
+    mapped = list(forward.map(iter(batches), count=len(batches)))
+    assert shrunk == [False] * 3, "a call shorter than shrink_after keeps the arena"
     assert [tag.tolist() for tag, _ in mapped] == [rows.tolist() for rows, _ in batches], "in order"
     for (_, out), (_, pixels) in zip(mapped, batches):
         np.testing.assert_array_equal(out, forward(pixels))

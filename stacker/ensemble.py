@@ -28,7 +28,7 @@ from .cache import stable_hash
 from .features import forward_pass_count
 from .learners import LEARNER_KINDS, Settings, describe, learner_specs, make_learners, saved_networks
 from .meta import (META_INPUTS, PROBABILITY_COMBINERS, Level2, combiner_names, fit_level2, meta_matrix,
-                   score)
+                   row_blocks, score)
 from .persist import (ModelIntegrityError, load_estimator, load_unfitted, member, save_estimator, save_unfitted,
                       trusted_types)
 from .memory import return_freed_blocks
@@ -730,13 +730,17 @@ def _permutation_importance(level2, Z, y, blocks: dict, k: int, seed: int, repea
     """How much level 2's log loss grows when one learner's inputs are shuffled across rows."""
     rng = np.random.default_rng(seed)
     base = score(y, level2.predict_proba(Z), k)["log_loss"]
+    proba = np.empty((len(Z), k))
     out = {}
     for name, cols in blocks.items():
         losses = []
         for _ in range(repeats):
-            Zp = Z.copy()
-            Zp[:, cols] = Z[rng.permutation(len(Z))][:, cols]
-            losses.append(score(y, level2.predict_proba(Zp), k)["log_loss"])
+            order = rng.permutation(len(Z))
+            for rows in row_blocks(len(Z)):  # shuffled a block at a time: no copy of Z
+                part = Z[rows].copy()
+                part[:, cols] = Z[order[rows]][:, cols]
+                proba[rows] = level2.predict_proba(part)
+            losses.append(score(y, proba, k)["log_loss"])
         out[name] = float(np.mean(losses) - base)
     return out
 

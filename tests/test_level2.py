@@ -98,6 +98,40 @@ def test_combiners_read_probability_blocks():
     assert TwoLayerStack(3).fit(Z3, lonely).inner_ == []
 
 
+def test_level2_works_a_block_of_rows_at_a_time_with_the_numbers_of_one_block(monkeypatch):
+    """Blocks of rows bound level 2's memory at a million rows; they must not move a number."""
+    from sklearn.metrics import log_loss
+
+    from stacker.ensemble import _permutation_importance
+
+    y, blocks = random_members(3, n=700, k=7)
+    Z = np.hstack(blocks).astype(np.float32)
+    folds = [(np.where(np.arange(700) % 4 != i)[0], np.where(np.arange(700) % 4 == i)[0]) for i in range(4)]
+    cols = {f"m{j}": list(range(7 * j, 7 * j + 7)) for j in range(4)}
+
+    def run():
+        level2 = fit_level2(Z, y, folds, "auto", 4, 7)
+        proba = level2.predict_proba(Z)
+        scaler = TemperatureScaler().fit(level2.oof_proba, y)
+        return (level2.name, level2.table, level2.oof_proba, proba, scaler.temperature_, scaler.floor_,
+                scaler.transform(proba), score(y, proba, 7), _permutation_importance(level2, Z, y, cols, 7, 0))
+
+    whole = run()
+    monkeypatch.setattr(_meta, "ROW_BLOCK", 64)  # eleven blocks
+    blocked = run()
+    for a, b in zip(whole, blocked):
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert a == b
+    proba = whole[3]  # scikit-learn's log loss, to the last bit, for float64 and float32 probabilities
+    assert score(y, proba, 7)["log_loss"] == log_loss(y, np.clip(proba, 1e-15, 1) / np.clip(proba, 1e-15, 1).sum(1,
+                                                      keepdims=True), labels=np.arange(7))
+    p32 = proba.astype(np.float32)
+    p32n = np.clip(p32, 1e-15, 1.0)
+    assert score(y, p32, 7)["log_loss"] == log_loss(y, p32n / p32n.sum(1, keepdims=True), labels=np.arange(7))
+
+
 def test_no_level2_model_ever_sees_an_in_fold_prediction(monkeypatch):
     """Spy on every combiner fit: its rows are all rows (the final fit) or exactly one fold's training rows."""
     from sklearn.model_selection import StratifiedKFold

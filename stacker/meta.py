@@ -531,16 +531,23 @@ def fit_level2(Z, y, folds, meta="auto", n_learners=1, k=2, random_state=0, cali
     """
     y = np.asarray(y)
     candidates = combiner_names(meta)
-    table, best = {}, None  # only the best candidate's out-of-fold arrays are kept (memory at a million rows)
+    # only the best candidate's uncalibrated out-of-fold array is kept (80 MB at a million rows
+    # of ten classes); its calibrated one is computed again at the end, to the same numbers
+    table, best = {}, None
     for item in candidates:
         label = combiner_label(item)
         raw = _cross_fit(item, Z, y, folds, n_learners, k, random_state, on_fold)
-        tried = [(label, raw, False)] + ([(label + "+T", _cross_calibrate(raw, y, folds), True)] if calibration else [])
-        for name, oof, calibrated in tried:
-            table[name] = score(y, oof, k)
-            if best is None or table[name]["log_loss"] < table[best[0]]["log_loss"]:
-                best = (name, item, oof, calibrated, raw)
-    label, item, oof, calibrated, best_raw = best
+        table[label] = score(y, raw, k)
+        if best is None or table[label]["log_loss"] < table[best[0]]["log_loss"]:
+            best = (label, item, False, raw)
+        if calibration:
+            name = label + "+T"
+            table[name] = score(y, _cross_calibrate(raw, y, folds), k)
+            if table[name]["log_loss"] < table[best[0]]["log_loss"]:
+                best = (name, item, True, raw)
+        del raw
+    label, item, calibrated, best_raw = best
+    oof = best_raw
     if member_oof is not None:
         member_ll = [score(y, p, k)["log_loss"] for p in member_oof]
         best = int(np.argmin(member_ll))
@@ -553,6 +560,7 @@ def fit_level2(Z, y, folds, meta="auto", n_learners=1, k=2, random_state=0, cali
     if calibrated:  # fitted on the combiner's out-of-fold outputs, as its scores were
         cal = TemperatureScaler().fit(best_raw, y)
         level2.temperature, level2.floor = cal.temperature_, cal.floor_
+        level2.oof_proba = _cross_calibrate(best_raw, y, folds)
     return level2
 
 

@@ -24,8 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["ENGINES", "OnnxForward", "SavedNetwork", "available", "export_onnx", "forward_function", "open_session", "resolve",
-           "strategy_scope"]
+__all__ = ["ENGINES", "OnnxForward", "SavedNetwork", "available", "export_onnx", "forward_function", "open_session",
+           "resolve", "strategy_scope"]
 
 ENGINES = ("auto", "keras", "xla", "onnx")
 ENGINE_ENV = "STACKER_ENGINE"  # what "auto" means when set (e.g. keras on a machine without ONNX Runtime)
@@ -205,7 +205,8 @@ class OnnxForward:
     thread that preempts one of them stalls them all; two sessions share no barrier. On
     this project's 2-core machine Lite0 extraction (decode included) went from 145-151 to
     150-157 img/s, with features bit-identical (``benchmarks/extract.py``). The two
-    sessions open on the first :meth:`map` and stay open (a second copy of the weights).
+    sessions open on the first :meth:`map` and stay open (two more copies of the weights;
+    activations come from the process's one arena).
 
     Parameters
     ----------

@@ -53,7 +53,7 @@ def row_blocks(n: int):
     return [slice(s, min(s + ROW_BLOCK, n)) for s in range(0, n, ROW_BLOCK)]
 
 
-def predict_rows(est, Z, k: int, rows=None, out=None) -> np.ndarray:
+def predict_rows(est, Z, k: int, rows=None) -> np.ndarray:
     """``est``'s probabilities ``(len(rows), k)`` in class-index order, a block of rows at a time.
 
     Every combiner works row by row, so the blocks give the numbers of one call, without
@@ -61,7 +61,7 @@ def predict_rows(est, Z, k: int, rows=None, out=None) -> np.ndarray:
     320 MB at a million rows of four learners and ten classes).
     """
     rows = np.arange(len(Z)) if rows is None else np.asarray(rows)
-    out = np.empty((len(rows), k)) if out is None else out
+    out = np.empty((len(rows), k))
     for block in row_blocks(len(rows)):
         out[block] = _align(est, est.predict_proba(Z[rows[block]]), k)
     return out
@@ -222,7 +222,6 @@ class LogitStacker(_BlockCombiner):
 
     def fit(self, X, y):
         X, y_idx = self._prepare(X, y)
-        X = _checked(X, self.n_learners, len(self.classes_))
         L, n, k = self.n_learners, len(X), len(self.classes_)
         # log-probabilities in float32, the precision level 2's inputs have (half the memory of
         # float64: 128 MB saved at 800k rows of four learners and ten classes); sums in float64

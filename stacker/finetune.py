@@ -35,7 +35,7 @@ from . import backbones as _backbones
 from .features import FeatureExtractor, tf_float32
 from .learners import Learner, extractor_kwargs, register_learner
 from .meta import _align, score
-from .models import DenseClassifier
+from .models import DenseClassifier, keras_fit
 from .persist import checked_params, load_keras, register_format
 from .streaming import CachedRows
 
@@ -536,7 +536,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         if self.mode == "cached":
             train = _ViewBatches([X[tr]] + [_subset(V, tr) for V in views], Y[tr], self.batch_size, shape,
                                  self.random_state).dataset
-            hist = model.fit(train, validation_data=val, epochs=self.epochs, callbacks=callbacks,
+            hist = keras_fit(model, train, validation_data=val, epochs=self.epochs, callbacks=callbacks,
                              verbose=self.verbose)
         else:
             hist = self._fit_full(model, bottom, top, head, shape, paths, orientations, Y, tr, va, callbacks)
@@ -581,8 +581,8 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
             ds = ds.apply(tf.data.experimental.assert_cardinality(-(-len(rows) // self.batch_size)))
             return ds.shuffle(64, seed=self.random_state, reshuffle_each_iteration=True) if shuffle else ds
 
-        return full.fit(dataset(tr, True), validation_data=dataset(va, False), epochs=self.epochs,
-                        callbacks=callbacks, verbose=self.verbose, shuffle=False)
+        return keras_fit(full, dataset(tr, True), validation_data=dataset(va, False), epochs=self.epochs,
+                         callbacks=callbacks, verbose=self.verbose, shuffle=False)
 
     # -- using ------------------------------------------------------------------------
     def _inputs(self, X):

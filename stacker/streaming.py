@@ -36,7 +36,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .cache import _read_rows
-from .models import MODELS, DenseClassifier, PrototypeClassifier, _unit, make_model
+from .models import MODELS, DenseClassifier, PrototypeClassifier, _unit, keras_fit, make_model
 
 __all__ = ["CachedRows", "StreamingLogistic", "StreamingPrototype", "STREAMING_MODELS", "streaming_model",
            "blocks", "OUT_OF_CORE_BYTES", "use_out_of_core", "streaming_code"]
@@ -384,8 +384,8 @@ class StreamingDense(DenseClassifier):
         k, batch_size = len(self.classes_), self._batch_size(len(tr))
         train = _row_batches(X[tr], y_idx[tr], k, batch_size, seed=int(self.random_state))
         val = None if va is None else _row_batches(X[va], y_idx[va], k, batch_size)
-        hist = self.model_.fit(train, validation_data=val, epochs=self.epochs, callbacks=self._callbacks(val is not None),
-                               verbose=self.verbose)
+        hist = keras_fit(self.model_, train, validation_data=val, epochs=self.epochs,
+                         callbacks=self._callbacks(val is not None), verbose=self.verbose)
         self.history_ = {key: [float(v) for v in vs] for key, vs in hist.history.items()}
         return self
 

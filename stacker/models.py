@@ -141,7 +141,7 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         self.verbose = verbose
         self.strategy = strategy
 
-    def _build(self, n_features: int, n_classes: int, mean, variance):
+    def _build(self, n_features: int, n_classes: int, mean, variance, steps_per_execution: int = 32):
         import keras
         from keras import layers
 
@@ -166,7 +166,7 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
             optimizer=keras.optimizers.Adam(self.learning_rate),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=self.label_smoothing),
             metrics=["accuracy"],
-            steps_per_execution=32,  # small heads: per-step Python overhead dominates, so run steps in bulk
+            steps_per_execution=steps_per_execution,
         )
         return model
 
@@ -180,7 +180,7 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         Y = keras.utils.to_categorical(y_idx, len(self.classes_))
         tr, va = self._holdout(y_idx)
         fit_X, fit_Y, val = (X, Y, None) if va is None else (X[tr], Y[tr], (X[va], Y[va]))
-        self._compile(X.shape[1], fit_X.mean(axis=0), fit_X.var(axis=0))
+        self._compile(X.shape[1], fit_X.mean(axis=0), fit_X.var(axis=0), len(fit_X))
         hist = keras_fit(self.model_, fit_X, fit_Y, validation_data=val, epochs=self.epochs,
                          batch_size=self._batch_size(len(fit_X)), callbacks=self._callbacks(val is not None),
                          verbose=self.verbose, shuffle=True)
@@ -205,11 +205,23 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
                                     random_state=self.random_state)
         return np.arange(n), None
 
-    def _compile(self, n_features: int, mean, variance) -> None:
+    def _compile(self, n_features: int, mean, variance, n_rows: int) -> None:
         from .engines import strategy_scope
 
         with strategy_scope(self.strategy):
-            self.model_ = self._build(n_features, len(self.classes_), mean, variance)
+            self.model_ = self._build(n_features, len(self.classes_), mean, variance,
+                                      self._steps_per_execution(n_rows))
+
+    def _steps_per_execution(self, n_rows: int) -> int:
+        """Steps per traced call: 32 where per-step Python overhead adds up, 1 for a short fit.
+
+        Small heads spend most of a step in Python, so a long fit runs 32 steps per call; but
+        tracing that loop costs ~0.4 s more than one step, which a fit of fewer than 256
+        steps in all (e.g. a few epochs on a few hundred rows) never wins back. Either way
+        the steps and their numbers are the same.
+        """
+        steps = -(-n_rows // self._batch_size(n_rows)) * int(self.epochs)
+        return 32 if steps >= 256 else 1
 
     def _batch_size(self, n_rows: int) -> int:
         # at least ~20 steps an epoch: on a few hundred rows one big batch per epoch barely learns

@@ -380,7 +380,7 @@ class StreamingDense(DenseClassifier):
         self.n_features_in_ = X.shape[1]
         keras.utils.set_random_seed(int(self.random_state))
         tr, va = self._holdout(y_idx)
-        self._compile(X.shape[1], *_moments(X[tr]))
+        self._compile(X.shape[1], *_moments(X[tr]), len(tr))
         k, batch_size = len(self.classes_), self._batch_size(len(tr))
         train = _row_batches(X[tr], y_idx[tr], k, batch_size, seed=int(self.random_state))
         val = None if va is None else _row_batches(X[va], y_idx[va], k, batch_size)

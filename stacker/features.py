@@ -352,24 +352,46 @@ class FeatureExtractor:
                                                                    self.resize, converted)]
         return np.concatenate(out).astype(self.feature_dtype) if out else np.zeros((0, self.row_dim()))
 
+    def _batches(self, paths, todo, batch_size: int, policy: str):
+        """``(batches or None, their count, rows to compute, {row: reason})`` after the header scan.
+
+        None: nothing to compute (every file refused, or one refused under ``"raise"``).
+        Pillow needs no orientation from the scan, so its first batches decode while the
+        headers are read; its batches are then todo's rows less those the scan refused.
+        """
+        early = (_images.Primed(_images.pil_batches(paths, self.size, batch_size, rows=todo))
+                 if self.resize == "pil" else None)
+        try:
+            orientations, bad = _images.scan_images(paths)
+        except BaseException:
+            if early is not None:
+                early.close()
+            raise
+        skipped = {int(todo[i]): reason for i, reason in bad.items()}
+        good = np.array([r for r in todo if int(r) not in skipped], dtype=np.int64)
+        if (skipped and policy == "raise") or good.size == 0:
+            if early is not None:
+                early.close()
+            return None, 0, good, skipped
+        if early is not None:
+            count = sum(any(int(r) not in skipped for r in todo[i:i + batch_size])
+                        for i in range(0, todo.size, batch_size))
+            return (_without_rows(early, skipped) if skipped else early), count, good, skipped
+        orient = np.array([orientations[i] for i, r in enumerate(todo) if int(r) not in skipped], dtype=np.int32)
+        ds = _images.pixel_batches([paths[i] for i, r in enumerate(todo) if int(r) not in skipped], self.size,
+                                   batch_size, orient, rows=good, method=self.resize)
+        return ds, -(-good.size // batch_size), good, skipped
+
     def _compute(self, images, todo, fps, entry, batch_size: int, policy: str = "skip"):
         """Forward passes for rows ``todo``; ``(features by row, {row: reason})``.
 
         Headers are scanned first: under ``"raise"`` every file found unusable by then
         is reported at once, before any forward pass.
         """
-        orientations, bad = _images.scan_images([images.paths[i] for i in todo])
-        skipped = {int(todo[i]): reason for i, reason in bad.items()}
-        if skipped and policy == "raise":
-            return {}, skipped
-        good = np.array([r for r in todo if int(r) not in skipped], dtype=np.int64)
+        ds, count, good, skipped = self._batches([images.paths[i] for i in todo], todo, batch_size, policy)
         computed: dict = {}
-        if good.size == 0:
+        if ds is None:
             return computed, skipped
-        orient = np.array([orientations[i] for i, r in enumerate(todo) if int(r) not in skipped], dtype=np.int32)
-        paths = [images.paths[i] for i in good]
-        ds = (_images.pil_batches(paths, self.size, batch_size, rows=good) if self.resize == "pil" else
-              _images.pixel_batches(paths, self.size, batch_size, orient, rows=good, method=self.resize))
         bar = None
         if self.verbose:
             import keras
@@ -399,7 +421,7 @@ class FeatureExtractor:
 
         done = 0
         if good.size > batch_size:
-            runs = self._run_batches(ds, count=-(-good.size // batch_size))
+            runs = self._run_batches(ds, count=count)
         else:  # one batch: the single-batch session, no bulk sessions to open
             runs = ((r, self._run(p)) for r, p in ds)
         for rows, feats in runs:
@@ -417,3 +439,13 @@ class FeatureExtractor:
             if int(r) not in seen:
                 skipped[int(r)] = _images.decode_failure_reason(images.paths[r])
         return computed, skipped
+
+
+def _without_rows(batches, rows: dict):
+    """``(rows, pixels)`` batches less the given rows (files the header scan refused), empty batches dropped."""
+    for r, px in batches:
+        keep = np.array([int(i) not in rows for i in r], dtype=bool)
+        if keep.all():
+            yield r, px
+        elif keep.any():
+            yield r[keep], px[keep]

@@ -537,6 +537,9 @@ def _upright_rgb(path: str):
     rgb = _DECODED.get(key)
     if rgb is None:
         with open_image(path) as img:
+            w, h = img.size  # the header scan's limits, also here: a decode may start before the scan ends
+            if w * h > MAX_PIXELS or not w or not h:
+                raise ValueError(f"{w}x{h} pixels: not decoded (see scan_images)")
             rgb = _pil_rgb(img)  # a new image (converted, transposed or copied): independent of the file
         _DECODED.put(key, rgb, rgb.width * rgb.height * 3)
     return rgb
@@ -699,6 +702,43 @@ def _as_rgb_array(img) -> np.ndarray:
         raise ValueError(f"an integer image array must hold pixels in 0..255 (or be uint16), got values in "
                          f"[{arr.min()}, {arr.max()}]")
     return arr.astype(np.float32)
+
+
+class Primed:
+    """An iterator whose first item is being computed in a thread from the moment it is made.
+
+    Extraction scans the files' headers (Python holding the GIL, 24 ms per 256 JPEGs) while
+    Pillow decodes the first batches (releasing it), instead of one after the other. The
+    iterator is then consumed (or :meth:`close`\ d) in the caller's thread.
+    """
+
+    _END = object()
+
+    def __init__(self, iterable):
+        self._it = iter(iterable)
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._first = self._pool.submit(next, self._it, self._END)
+
+    def _take(self):
+        try:
+            return self._first.result()
+        finally:
+            self._pool.shutdown()
+
+    def __iter__(self):
+        first = self._take()
+        if first is not self._END:
+            yield first
+            yield from self._it
+
+    def close(self) -> None:
+        """Stop: wait for the first item (a thread cannot be interrupted), then close the iterator."""
+        try:
+            self._take()
+        except Exception:  # noqa: BLE001 - closing: the caller is already leaving with its own result
+            pass
+        if hasattr(self._it, "close"):
+            self._it.close()
 
 
 def pil_batches(paths, size: int, batch_size: int = 32, rows=None, workers: int | None = None, ahead: int = 2):

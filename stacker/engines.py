@@ -14,6 +14,7 @@ TensorFlow import on a machine without a GPU.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import os
@@ -126,6 +127,10 @@ def export_onnx(model, cache_dir=None, identity: str = "") -> bytes:
     traced = tf.function(lambda x: model(x, training=False), input_signature=[spec])
     proto, _ = tf2onnx.convert.from_function(traced, input_signature=[spec], opset=17)
     data = proto.SerializeToString()
+    del traced, proto
+    # the conversion leaves its graphs in reference cycles: 0.9 GB for Lite0, 1.3 GB for Lite2,
+    # resident until the collector happens to run (often during the extraction that follows)
+    gc.collect()
     if path is not None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"

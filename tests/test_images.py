@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import COLORS, make_image
+from conftest import COLORS, TINY, make_image
 from stacker import images as im
 
 
@@ -152,3 +152,45 @@ def test_arrays_and_pil_images_resize_like_files(tmp_path):
     from_arr = next(im.array_batches([np.asarray(pil)], 16))
     np.testing.assert_allclose(from_file.numpy(), from_pil, atol=1e-4)
     np.testing.assert_allclose(from_pil, from_arr, atol=1e-4)
+
+
+def test_primed_starts_the_first_item_at_once_and_yields_everything_in_order():
+    import threading
+
+    started = threading.Event()
+
+    def items():
+        started.set()  # runs in Primed's thread, before anyone iterates
+        yield from range(5)
+
+    primed = im.Primed(items())
+    assert started.wait(5), "the first item is being made before iteration"
+    assert list(primed) == [0, 1, 2, 3, 4]
+    assert list(im.Primed(iter(()))) == []
+    closed = []
+
+    def closing():
+        try:
+            yield from range(3)
+        finally:
+            closed.append(True)
+
+    im.Primed(closing()).close()
+    assert closed == [True]
+
+
+def test_extraction_with_refused_files_among_the_first_batches_matches_the_good_files_alone(tmp_path):
+    # the decoders start before the header scan: what it refuses must not reach the network
+    from stacker.features import FeatureExtractor
+
+    good = [str(make_image(tmp_path / f"{i}.png", COLORS["cat"], seed=i)) for i in range(7)]
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (10000, 10000)).save(bomb)  # 1e8 pixels: over the limit, a small file
+    paths = [good[0], str(bomb)] + good[1:4] + [str(text)] + good[4:]
+    ext = FeatureExtractor(**TINY, batch_size=2, verbose=0, on_bad_image="skip")
+    feats = ext.extract(paths)
+    assert set(feats.skipped) == {1, 5}
+    # the same images (in batches of another make-up: ONNX Runtime's sums may round differently)
+    np.testing.assert_allclose(feats.values, ext.extract(good).values, rtol=1e-5, atol=1e-7)

@@ -35,7 +35,7 @@ from . import backbones as _backbones
 from .features import FeatureExtractor, tf_float32
 from .learners import Learner, extractor_kwargs, register_learner
 from .meta import _align, score
-from .models import DenseClassifier, keras_fit
+from .models import DenseClassifier, fit_scope, keras_fit
 from .persist import checked_params, load_keras, register_format
 from .streaming import CachedRows
 
@@ -581,8 +581,9 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
             ds = ds.apply(tf.data.experimental.assert_cardinality(-(-len(rows) // self.batch_size)))
             return ds.shuffle(64, seed=self.random_state, reshuffle_each_iteration=True) if shuffle else ds
 
-        return keras_fit(full, dataset(tr, True), validation_data=dataset(va, False), epochs=self.epochs,
-                         callbacks=callbacks, verbose=self.verbose, shuffle=False)
+        with fit_scope(full):  # the datasets too: made and used inside it
+            return full.fit(dataset(tr, True), validation_data=dataset(va, False), epochs=self.epochs,
+                            callbacks=callbacks, verbose=self.verbose, shuffle=False)
 
     # -- using ------------------------------------------------------------------------
     def _inputs(self, X):

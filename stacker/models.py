@@ -15,6 +15,7 @@ is a new row here, nothing else. :data:`PRESETS` names sets of models, so
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -35,30 +36,57 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 __all__ = ["DenseClassifier", "PrototypeClassifier", "MODELS", "PRESETS", "ModelSpec", "make_model",
-           "model_names", "register_model", "fresh_estimator", "code_fingerprint", "proba_function", "keras_fit"]
+           "model_names", "register_model", "fresh_estimator", "code_fingerprint", "proba_function", "keras_fit",
+           "fit_scope"]
 
 
 def keras_fit(model, *args, **kwargs):
-    """``model.fit(*args, **kwargs)`` that leaves none of its training graphs behind once it returns.
-
-    Keras' TensorFlow optimizer sums gradients over replicas even without a strategy, and
-    TensorFlow registers that sum's gradient under a new global name each time a train
-    step is traced (``tf.custom_gradient`` in graph mode), never to remove it. Each entry
-    holds the whole traced train step, and through it the model: about 60 MB for every
-    fine-tuning fold of EfficientNet-Lite0, kept for the life of the process even after
-    the model is dropped. The entries are only read while the step is being traced, so
-    they are removed when ``fit`` returns, with the model's train and test functions
-    (a later ``fit`` traces them again).
-    """
-    registry = _gradient_registry()
-    before = set(registry)
-    try:
+    """``model.fit(*args, **kwargs)`` in a :func:`fit_scope`: none of its training state outlives it."""
+    with fit_scope(model):
         return model.fit(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def fit_scope(model):
+    """Leave nothing of a Keras fit behind that TensorFlow would keep for the life of the process.
+
+    Two global tables grow with every fit and pin what it used (about 60 MB and the fold's
+    training rows, 120 MB, for every fine-tuning fold of EfficientNet-Lite0):
+
+    - Keras' TensorFlow optimizer sums gradients over replicas even without a strategy, and
+      each trace of a train step registers that sum's gradient under a new name
+      (``tf.custom_gradient`` in graph mode), holding the traced step and the model;
+    - ``tf.data.Dataset.from_generator`` (how Keras reads a ``PyDataset``) ties its Python
+      function to the outermost graph, which in eager mode is never freed: the dataset, its
+      ``PyDataset`` and the arrays behind it stay reachable.
+
+    Both are read only while the fit runs, so the entries added inside the scope are removed
+    when it ends, with the model's train and test functions (a later fit traces them again).
+    Datasets made inside the scope must not be used after it.
+    """
+    registry, py_funcs = _gradient_registry(), _graph_py_funcs()
+    names, n_funcs = set(registry), len(py_funcs)
+    try:
+        yield
     finally:
-        for name in set(registry) - before:
+        for name in set(registry) - names:
             if name.startswith("CustomGradient-"):
                 del registry[name]
+        del py_funcs[n_funcs:]
         model.train_function = model.test_function = None
+
+
+def _graph_py_funcs() -> list:
+    """The list by which TensorFlow's outermost graph keeps every eager ``py_func`` alive."""
+    try:
+        from tensorflow.python.framework import ops
+
+        graph = ops.get_default_graph()
+        if not hasattr(graph, "_py_funcs_used_in_graph"):
+            graph._py_funcs_used_in_graph = []
+        return graph._py_funcs_used_in_graph
+    except (ImportError, AttributeError):  # another TensorFlow layout: nothing to release
+        return []
 
 
 def _gradient_registry() -> dict:

@@ -203,12 +203,16 @@ def test_dense_classifier_passes_scikit_learn_estimator_checks():
     assert not failed, [(r["check_name"], str(r["exception"])[:200]) for r in failed]
 
 
-def test_a_keras_fit_leaves_no_traced_train_step_behind():
+def test_a_keras_fit_leaves_no_traced_train_step_or_dataset_behind():
     # TensorFlow keeps a global gradient entry per traced train step (holding the step and the
-    # model) unless stacker removes it: fine-tuning grew ~60 MB per fold that way
+    # model), and the outermost graph keeps a PyDataset's generator (and its arrays) unless
+    # stacker removes them: fine-tuning grew ~60 MB + its training rows per fold that way
+    import weakref
+
+    import keras
     from tensorflow.python.framework import ops
 
-    from stacker.models import DenseClassifier
+    from stacker.models import DenseClassifier, keras_fit
 
     y, blocks = random_members(0, n=120)
     X = np.hstack(blocks).astype(np.float32)
@@ -220,6 +224,28 @@ def test_a_keras_fit_leaves_no_traced_train_step_behind():
     assert est.model_.train_function is None and est.model_.test_function is None
     assert est.predict_proba(X).shape == (120, 3)  # still predicts, and fits again
     assert est.fit(X, y).predict_proba(X).shape == (120, 3)
+
+    class Rows(keras.utils.PyDataset):
+        def __init__(self, X, Y):
+            super().__init__()
+            self.X, self.Y = X, Y
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return self.X[i * 30:(i + 1) * 30], self.Y[i * 30:(i + 1) * 30]
+
+    rows = X.copy()
+    alive = weakref.ref(rows)
+    model = keras.Sequential([keras.Input((X.shape[1],)), keras.layers.Dense(3, activation="softmax")])
+    model.compile("adam", "categorical_crossentropy")
+    keras_fit(model, Rows(rows, np.eye(3, dtype=np.float32)[y]), epochs=1, verbose=0)
+    del rows
+    import gc
+
+    gc.collect()
+    assert alive() is None, "the PyDataset's rows outlive the fit"
 
 
 def test_the_package_has_no_import_cycle_and_the_ensemble_no_fine_tuning_branch():

@@ -62,7 +62,8 @@ def fit_scope(model):
 
     Both are read only while the fit runs, so the entries added inside the scope are removed
     when it ends, with the model's train and test functions (a later fit traces them again).
-    Datasets made inside the scope must not be used after it.
+    Datasets made inside the scope must not be used after it, and scopes must not overlap in
+    threads of one process (stacker fits one model at a time per process; Ray uses processes).
     """
     registry, py_funcs = _gradient_registry(), _graph_py_funcs()
     names, n_funcs = set(registry), len(py_funcs)

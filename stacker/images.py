@@ -371,6 +371,15 @@ def open_image(path: str):
     return Image.open(path)
 
 
+def _size_problem(w: int, h: int) -> str | None:
+    """Why an image of ``w`` x ``h`` pixels is not decoded (too many pixels, or none), or None."""
+    if w * h > MAX_PIXELS:
+        return f"{w}x{h} pixels exceeds the {MAX_PIXELS}-pixel limit (decompression bomb?)"
+    if w == 0 or h == 0:
+        return f"{w}x{h} pixels: no image data"
+    return None
+
+
 def _scan_one(path: str) -> tuple[int, str | None]:
     """(EXIF orientation, reason it is unusable or None) from the file header."""
     from PIL import Image, UnidentifiedImageError
@@ -382,11 +391,9 @@ def _scan_one(path: str) -> tuple[int, str | None]:
         return 1, reason
     try:
         with open_image(path) as im:
-            w, h = im.size
-            if w * h > MAX_PIXELS:
-                return 1, f"{w}x{h} pixels exceeds the {MAX_PIXELS}-pixel limit (decompression bomb?)"
-            if w == 0 or h == 0:
-                return 1, f"{w}x{h} pixels: no image data"
+            problem = _size_problem(*im.size)
+            if problem:
+                return 1, problem
             orientation = int(im.getexif().get(0x0112, 1)) if im.format in ("JPEG", "MPO", "WEBP", "PNG") else 1
             return (orientation if 1 <= orientation <= 8 else 1), None
     except FileNotFoundError:
@@ -537,9 +544,9 @@ def _upright_rgb(path: str):
     rgb = _DECODED.get(key)
     if rgb is None:
         with open_image(path) as img:
-            w, h = img.size  # the header scan's limits, also here: a decode may start before the scan ends
-            if w * h > MAX_PIXELS or not w or not h:
-                raise ValueError(f"{w}x{h} pixels: not decoded (see scan_images)")
+            problem = _size_problem(*img.size)  # the scan's limits: a decode may start before the scan ends
+            if problem:
+                raise ValueError(problem)
             rgb = _pil_rgb(img)  # a new image (converted, transposed or copied): independent of the file
         _DECODED.put(key, rgb, rgb.width * rgb.height * 3)
     return rgb

@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     if not os.path.isdir(args.data):
         raise SystemExit(f"{args.data} not found: pass --data (a folder of cat.N.jpg / dog.N.jpg)")
 
-    from stacker.finetune import CutPointExtractor, FineTunedClassifier
-    from stacker.images import load_images
+    from stacker.learners.finetune import CutPointExtractor, FineTunedClassifier
+    from stacker.data.images import load_images
 
     data = load_images(args.data).head(args.n, seed=0)
     cache = tempfile.mkdtemp(prefix="stacker-ft-bench-")

@@ -94,7 +94,7 @@ def quantize(pre: str, out: str, pixels, recipe: str, exclude=()) -> float:
 
 def measure(graph: bytes, pixels: np.ndarray, batch: int, reference=None, reps: int = 3) -> dict:
     """Best-of-``reps`` images/s of a graph on decoded pixels, and its features' cosine to ``reference``."""
-    from stacker import engines
+    from stacker.features import engines
 
     forward = engines.session_forward(engines.open_session(graph))
     forward(pixels[:batch])
@@ -114,8 +114,8 @@ def explore(variant: str, train, args, workdir: str) -> list[dict]:
     """Every recipe for one variant: (name, graph path, img/s, ratio, cosine)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from stacker.features import FeatureExtractor
-    from stacker.images import _pil_pixels
+    from stacker.features.extractor import FeatureExtractor
+    from stacker.data.images import _pil_pixels
 
     ext = FeatureExtractor(variant, cache_dir=args.cache, weights_dir=args.weights_dir, verbose=0)
     f32 = os.path.join(workdir, f"{variant}.onnx")
@@ -163,8 +163,8 @@ def _row(variant, recipe, pre, pix_cal, pix_eval, base, args, workdir, ends=None
 
 def pipeline(variant: str, graph_path: str, images, args, reps: int = 3) -> float:
     """Best-of-``reps`` img/s of stacker's extraction (decode, engine, cold cache) running ``graph_path``."""
-    from stacker.engines import SavedNetwork
-    from stacker.features import FeatureExtractor
+    from stacker.features.engines import SavedNetwork
+    from stacker.features.extractor import FeatureExtractor
 
     with open(graph_path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
@@ -183,8 +183,8 @@ def pipeline(variant: str, graph_path: str, images, args, reps: int = 3) -> floa
 def oof(train, graphs: dict, args) -> dict:
     """Out-of-fold log loss of the default Dogs vs. Cats ensemble on float and on int8 features (same folds)."""
     from stacker import Ensemble
-    from stacker.engines import SavedNetwork
-    from stacker.features import FeatureExtractor
+    from stacker.features.engines import SavedNetwork
+    from stacker.features.extractor import FeatureExtractor
 
     result = {}
     tmp = tempfile.mkdtemp(prefix="stacker-int8-")
@@ -217,7 +217,7 @@ def main() -> None:
     p.add_argument("--weights-dir", default=os.environ.get("STACKER_WEIGHTS_DIR", os.path.join(SHARED, "weights")))
     p.add_argument("--oof", action="store_true", help="ensemble out-of-fold log loss on int8 features (all images)")
     args = p.parse_args()
-    from stacker.images import load_images
+    from stacker.data.images import load_images
 
     train = load_images(args.data)
     workdir = tempfile.mkdtemp(prefix="stacker-quant-")

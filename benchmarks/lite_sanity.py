@@ -28,8 +28,8 @@ def evaluate(variant: str, data, size: int | None) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from stacker.features import FeatureExtractor
-    from stacker.pretrained import imagenet_proba
+    from stacker.features.extractor import FeatureExtractor
+    from stacker.backbones.pretrained import imagenet_proba
 
     y = np.array([label == "dog" for label in data.labels])
     t0 = time.perf_counter()
@@ -37,7 +37,7 @@ def evaluate(variant: str, data, size: int | None) -> dict:
         from stacker import backbones
 
         model = backbones.build(variant, weights="imagenet", include_top=True, input_size=size)
-        from stacker import images as im
+        from stacker.data import images as im
 
         proba = np.concatenate([model.predict_on_batch(px) for _, px in im.pixel_batches(data.paths, size, 32)])
     else:
@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224, help="input size (0: each variant's own)")
     p.add_argument("--variants", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2")
     args = p.parse_args()
-    from stacker.images import load_images
+    from stacker.data.images import load_images
 
     data = load_images(args.data).head(args.n, seed=0)
     print(f"{len(data)} photos from {args.data}, input {args.size or 'native'}px")

@@ -95,7 +95,7 @@ def cold_without_graphs(model: str, image: str) -> float:
 
 def raw_engine(ens):
     """Per source: input size and a forward function on a fresh session of the same saved graph."""
-    from stacker import engines
+    from stacker.features import engines
 
     sources = {}
     for learner in ens.learners_.values():
@@ -107,7 +107,7 @@ def raw_engine(ens):
 def warm(model: str, paths, reps: int, n: int) -> dict:
     """Median ms of stacker.predict on n files and of the raw engine on the same n images, alternately."""
     import stacker
-    from stacker.images import _pil_pixels
+    from stacker.data.images import _pil_pixels
 
     ens = stacker.load(model)
     forwards = raw_engine(ens)
@@ -147,7 +147,7 @@ def main() -> None:
     p.add_argument("--cold-runs", type=int, default=3)
     p.add_argument("--no-before", action="store_true", help="skip the cold start without saved graphs")
     args = p.parse_args()
-    from stacker.images import from_test_folder
+    from stacker.data.images import from_test_folder
 
     paths = from_test_folder(args.data).paths
     print(describe(args.model))

@@ -13,7 +13,7 @@ peak RSS (``ru_maxrss``).
 
 Part 2 extracts MobileNet (alpha 0.25, the offline ImageNet weights) features of
 ``--extract-n`` Dogs vs. Cats photos into an empty cache, once in one process and once
-with ``stacker.distributed.fill_cache`` on a local Ray cluster of 2 workers, and checks
+with ``stacker.learners.distributed.fill_cache`` on a local Ray cluster of 2 workers, and checks
 the features are equal.
 
 The last line is machine-readable: rss_1m/rss_10k, time_1m/time_100k, ray speed-up.
@@ -82,8 +82,8 @@ def labels(n: int) -> np.ndarray:
 
 def synthesise(n: int, folder: str) -> None:
     """Float16 caches of N rows per backbone, appended in chunks (never a whole matrix in memory)."""
-    from stacker.cache import FeatureCache
-    from stacker.features import FeatureExtractor
+    from stacker.features.cache import FeatureCache
+    from stacker.features.extractor import FeatureExtractor
 
     y = labels(n)
     for b, spec in enumerate(register(folder)):
@@ -105,12 +105,12 @@ def fit(n: int, folder: str) -> dict:
     """What Ensemble.fit does after extraction, out of core, on the synthetic caches; seconds and peak RSS."""
     from sklearn.model_selection import StratifiedKFold
 
-    from stacker.cache import FeatureCache
+    from stacker.features.cache import FeatureCache
     from stacker.ensemble import Ensemble
-    from stacker.learners import make_learners
-    from stacker.streaming import CachedRows
+    from stacker.learners.base import make_learners
+    from stacker.learners.streaming import CachedRows
 
-    from stacker.memory import return_freed_blocks
+    from stacker.learners.memory import return_freed_blocks
 
     specs = register(folder)
     y = labels(n)
@@ -154,9 +154,9 @@ def child(args, *extra) -> dict:
 
 def extraction(n: int, folder: str) -> dict:
     """One process vs. a 2-worker local Ray cluster, MobileNet 0.25 on Dogs vs. Cats photos (empty caches)."""
-    from stacker import distributed
-    from stacker.features import FeatureExtractor
-    from stacker.images import load_images
+    from stacker.learners import distributed
+    from stacker.features.extractor import FeatureExtractor
+    from stacker.data.images import load_images
 
     data = load_images(DOGS).subset(range(n))
     out = {"n": n}
@@ -183,7 +183,7 @@ FINETUNE = {"blocks": 2, "epochs": 1, "head_epochs": 3, "cut_dtype": "float16"}
 def finetune(n: int, folder: str, out_of_core) -> dict:
     """Peak RSS of fine-tuning EfficientNet-Lite0 on n Dogs vs. Cats photos (cut-point cache already filled)."""
     from stacker.ensemble import Ensemble
-    from stacker.images import load_images
+    from stacker.data.images import load_images
 
     data = load_images(DOGS)
     data = data.subset(np.r_[np.arange(n // 2), np.arange(len(data) - n // 2, len(data))])  # cats, then dogs
@@ -193,7 +193,7 @@ def finetune(n: int, folder: str, out_of_core) -> dict:
                    verbose=0)
     t0 = time.perf_counter()
     if out_of_core == "warm":  # only the forward passes: every view's cut-point activations into the cache
-        from stacker.learners import make_learners
+        from stacker.learners.base import make_learners
 
         ens.learners_ = make_learners(ens._validate_params(), ens._settings())
         for ext in ens._sources().values():

@@ -54,7 +54,7 @@ def learner_cache(feature_cache: str) -> str:
 
 
 def features(data, backbones, cache, weights_dir):
-    from stacker.features import FeatureExtractor
+    from stacker.features.extractor import FeatureExtractor
 
     return [FeatureExtractor(b, cache_dir=cache, weights_dir=weights_dir, verbose=0).extract(data).values
             for b in backbones]
@@ -87,7 +87,7 @@ def stacking_oof(X_parts, y, folds) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
 
-    from stacker.meta import score
+    from stacker.level2.combiners import score
 
     k = int(y.max()) + 1
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def level2_variants(Z, y, folds, name, n_blocks, k, seed):
 
     Returns ``[(label, Level2, out-of-fold probabilities, seconds)]``.
     """
-    from stacker.meta import Level2, TemperatureScaler, _cross_calibrate, _cross_fit, make_combiner
+    from stacker.level2.combiners import Level2, TemperatureScaler, _cross_calibrate, _cross_fit, make_combiner
 
     t0 = time.perf_counter()
     oof = _cross_fit(name, Z, y, folds, n_blocks, k, seed)
@@ -125,7 +125,7 @@ def level2_variants(Z, y, folds, name, n_blocks, k, seed):
 def run_stacker(train, test, backbones, cache, args, **params):
     """Fit stacker's default on ``train``; out-of-fold and (when ``test``) held-out rows per variant."""
     import stacker
-    from stacker.meta import COMBINERS, meta_matrix, score
+    from stacker.level2.combiners import COMBINERS, meta_matrix, score
 
     k = len(train.classes)
     t0 = time.perf_counter()
@@ -162,7 +162,7 @@ def run_peers(X_parts, y, folds, seed, test_rows=None, train_rows=None):
     """scikit-learn's StackingClassifier and a single LogisticRegression on concatenated features."""
     from sklearn.model_selection import cross_val_predict
 
-    from stacker.meta import score
+    from stacker.level2.combiners import score
 
     X = np.concatenate(X_parts, axis=1)
     k = int(y.max()) + 1
@@ -198,8 +198,8 @@ def table(title, rows) -> str:
 def bench(key, args, summary):
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
-    from stacker.features import forward_pass_count
-    from stacker.images import load_images
+    from stacker.features.extractor import forward_pass_count
+    from stacker.data.images import load_images
 
     root, default_backbones = DATASETS[key]
     backbones = (args.backbones or default_backbones).split(",")
@@ -251,7 +251,7 @@ def bench_finetune(args, summary):
     """Fine-tuned learners (a subset, fewer folds) feeding the same level 2, out of fold and held out."""
     from sklearn.model_selection import train_test_split
 
-    from stacker.images import load_images
+    from stacker.data.images import load_images
 
     root, default_backbones = DATASETS["dvc"]
     backbones = (args.finetune_backbones or default_backbones).split(",")
@@ -274,7 +274,7 @@ def bench_finetune(args, summary):
 
 
 def main(argv=None) -> int:
-    from stacker.options import default_cache_dir
+    from stacker.app.options import default_cache_dir
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default="dvc,caltech", help="comma-separated from dvc, caltech")

@@ -20,7 +20,7 @@ batch-norm -> dropout -> softmax, as in the Keras ResNet50 Caltech-101 tutorial)
 import os
 import sys
 
-from stacker.recipe import SHARED, common_parser, fit_and_save
+from stacker.app.recipe import SHARED, common_parser, fit_and_save
 
 BACKBONES = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
 
@@ -32,7 +32,7 @@ def parser():
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from stacker.images import from_folder
+    from stacker.data.images import from_folder
 
     train = from_folder(args.data, ignore=("BACKGROUND_Google",))
     if args.quick:  # the ten largest classes: every fold sees each of them

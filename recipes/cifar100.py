@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-from stacker.recipe import SHARED, common_parser, fit_and_save
+from stacker.app.recipe import SHARED, common_parser, fit_and_save
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from sklearn.model_selection import train_test_split
 
-    from stacker.images import ImageSet
+    from stacker.data.images import ImageSet
 
     root = args.data
     if args.download:

@@ -25,8 +25,8 @@ import os
 import sys
 import time
 
-from stacker.options import OPTIONS, progress_output
-from stacker.recipe import SHARED, common_parser, fit_and_save
+from stacker.app.options import OPTIONS, progress_output
+from stacker.app.recipe import SHARED, common_parser, fit_and_save
 
 DEFAULT_BACKBONES = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,mobilenet_025"
 QUICK_BACKBONES = "efficientnet_lite0,mobilenet_025"
@@ -82,7 +82,7 @@ def parser():
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     import stacker
-    from stacker.images import from_test_folder, load_images
+    from stacker.data.images import from_test_folder, load_images
 
     t_start = time.perf_counter()
     train_dir = os.path.join(args.data, "train")

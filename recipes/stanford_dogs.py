@@ -22,11 +22,11 @@ frozen), out of fold and on a cut-point cache; the --finetune-* options tune it 
 import os
 import sys
 
-from stacker.recipe import SHARED, common_parser, fit_and_save
+from stacker.app.recipe import SHARED, common_parser, fit_and_save
 
 
 def from_breed_folders(root):
-    from stacker.images import ImageSet, from_folder
+    from stacker.data.images import ImageSet, from_folder
 
     data = from_folder(root)
     labels = [lab.split("-", 1)[1] if "-" in lab else lab for lab in data.labels]

@@ -15,8 +15,8 @@ import sys
 
 import numpy as np
 
-from stacker.options import OPTIONS, add_options, comma_list, progress_output, weights_arg
-from stacker.recipe import SHARED, WEIGHTS_DIR, recipe_note, recipe_parser
+from stacker.app.options import OPTIONS, add_options, comma_list, progress_output, weights_arg
+from stacker.app.recipe import SHARED, WEIGHTS_DIR, recipe_note, recipe_parser
 
 DEFAULT_PHOTOS = [os.path.join(SHARED, "data", "dogs-vs-cats", "train", f) for f in ("dog.1.jpg", "cat.1.jpg")]
 
@@ -42,8 +42,8 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from stacker.cli import _expand
-    from stacker.pretrained import top_k
+    from stacker.app.cli import _expand
+    from stacker.backbones.pretrained import top_k
 
     paths, unread = _expand(([args.data] if args.data else []) + list(args.images))
     for path, reason in unread.items():

@@ -11,11 +11,12 @@ import os as _os
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
-from . import finetune as _finetune  # noqa: E402,F401 - registers the fine-tuned learner kind
-from .ensemble import Ensemble  # noqa: E402
-from .images import ImageSet, load_images  # noqa: E402
-from .predict import Prediction, load, predict  # noqa: E402
-from . import backbones, submission  # noqa: E402
+from stacker.learners import finetune as _finetune  # noqa: E402,F401 - registers the fine-tuned learner kind
+from stacker.ensemble import Ensemble  # noqa: E402
+from stacker.data.images import ImageSet, load_images  # noqa: E402
+from stacker.predict import Prediction, load, predict  # noqa: E402
+from stacker import backbones  # noqa: E402
+from stacker import submission
 
 __all__ = ["Ensemble", "ImageSet", "Prediction", "backbones", "load", "load_images", "predict", "submission",
            "__version__"]

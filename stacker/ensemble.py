@@ -1,9 +1,9 @@
 """The stacked ensemble: wires feature sources, base learners and level 2 together.
 
 :class:`Ensemble` validates its parameters, builds one learner per (backbone, model)
-(:mod:`stacker.learners`), extracts every source's cached inputs once, makes one set of
+(:mod:`stacker.learners.base`), extracts every source's cached inputs once, makes one set of
 stratified folds, lets every learner fit out of fold on them, then fits level 2
-(:mod:`stacker.meta`) on the out-of-fold outputs only and scores everything on the same
+(:mod:`stacker.level2.combiners`) on the out-of-fold outputs only and scores everything on the same
 folds. It knows nothing of how a learner trains (frozen head or fine-tuned network).
 """
 
@@ -21,19 +21,19 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
-from . import __version__
-from . import engines as _engines
-from . import images as _images
-from .cache import stable_hash
-from .features import forward_pass_count
-from .learners import LEARNER_KINDS, Settings, describe, learner_specs, make_learners, saved_networks
-from .meta import (META_INPUTS, PROBABILITY_COMBINERS, Level2, combiner_names, fit_level2, meta_matrix,
+from stacker import __version__
+from stacker.features import engines as _engines
+from stacker.data import images as _images
+from stacker.features.cache import stable_hash
+from stacker.features.extractor import forward_pass_count
+from stacker.learners.base import LEARNER_KINDS, Settings, describe, learner_specs, make_learners, saved_networks
+from stacker.level2.combiners import (META_INPUTS, PROBABILITY_COMBINERS, Level2, combiner_names, fit_level2, meta_matrix,
                    row_blocks, score)
-from .persist import (ModelIntegrityError, load_estimator, load_unfitted, member, save_estimator, save_unfitted,
+from stacker.io.persist import (ModelIntegrityError, load_estimator, load_unfitted, member, save_estimator, save_unfitted,
                       trusted_types)
-from .memory import return_freed_blocks
-from .streaming import streaming_model, use_out_of_core
-from .torch_checkpoint import sha256_file
+from stacker.learners.memory import return_freed_blocks
+from stacker.learners.streaming import streaming_model, use_out_of_core
+from stacker.backbones.torch_checkpoint import sha256_file
 
 __all__ = ["Ensemble", "FORMAT_VERSION", "format_leaderboard", "ModelIntegrityError"]
 
@@ -52,7 +52,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
     models : str or list
         Models fitted on every backbone's features, each one base learner: a preset
         (``"default"``: logistic + prototype; ``"fast"``, ``"best"``, ``"dense"``), names
-        from :data:`stacker.models.MODELS` (``"logistic"``, ``"prototype"``, ``"dense"``,
+        from :data:`stacker.learners.zoo.MODELS` (``"logistic"``, ``"prototype"``, ``"dense"``,
         ``"resnet"``) or scikit-learn classifiers.
     meta : str, list or estimator
         Level 2: ``"auto"`` picks, by cross-validated log loss, among greedy ensemble
@@ -87,36 +87,36 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         How images are decoded and resized to each backbone's input size.
     finetune : None, True or dict
         Fine-tune every backbone instead of fitting ``models`` on frozen features (two
-        phases on a cut-point cache, see :mod:`stacker.finetune`); ``True`` uses CPU
+        phases on a cut-point cache, see :mod:`stacker.learners.finetune`); ``True`` uses CPU
         defaults, a dict overrides them. A backbone dict may set its own.
     chunk_size : int
         Images whose features are written to the cache at a time (the unit of resume).
     engine : {"auto", "keras", "xla", "onnx"}
-        What runs CNN forward passes (:mod:`stacker.engines`).
+        What runs CNN forward passes (:mod:`stacker.features.engines`).
     strategy : tf.distribute.Strategy, optional
         Extraction and Keras models are built and run in its scope. Not saved.
     verbose : int
     out_of_core : {"auto", True, False}
         Read features from the cache in windows instead of loading every source's
-        matrix (:mod:`stacker.streaming`): models are then the streaming ``logistic`` and
+        matrix (:mod:`stacker.learners.streaming`): models are then the streaming ``logistic`` and
         ``prototype``, and level 2 sees probabilities only. ``"auto"`` streams once the
         training features of all sources would take more than 4 GiB as float32
-        (:data:`stacker.streaming.OUT_OF_CORE_BYTES`); below, results are exactly the
+        (:data:`stacker.learners.streaming.OUT_OF_CORE_BYTES`); below, results are exactly the
         in-memory ones. Needs ``cache_dir``.
     executor : {"local", "ray"}
         ``"ray"``: extract missing features on a Ray actor pool and fit folds as Ray tasks
-        (:mod:`stacker.distributed`; ``pip install 'stacker[ray]'``), on the cluster of
+        (:mod:`stacker.learners.distributed`; ``pip install 'stacker[ray]'``), on the cluster of
         ``$RAY_ADDRESS`` or a local one. Same results as ``"local"``; needs ``cache_dir``.
 
     Attributes
     ----------
     classes_ : list of str
     learners_ : dict
-        Learner name (``"<backbone>:<model>"``) -> fitted :class:`stacker.learners.Learner`.
+        Learner name (``"<backbone>:<model>"``) -> fitted :class:`stacker.learners.base.Learner`.
     folds_ : list of (train_rows, val_rows)
     oof_proba_ : dict
         Learner name -> out-of-fold probabilities of the training images.
-    meta_ : stacker.meta.Level2
+    meta_ : stacker.level2.combiners.Level2
         The chosen combiner (fitted on all out-of-fold inputs) and its calibration.
     meta_oof_proba_ : ndarray
         The ensemble's cross-validated probabilities of the training images.
@@ -130,7 +130,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
     Examples
     --------
     >>> ens = Ensemble(["efficientnet_lite0"], cache_dir="artifacts/cache")  # doctest: +SKIP
-    >>> ens.fit(stacker.images.load_images("data/train")).save("artifacts/model")  # doctest: +SKIP
+    >>> ens.fit(stacker.data.images.load_images("data/train")).save("artifacts/model")  # doctest: +SKIP
     """
 
     def __init__(self, backbones=("efficientnet_lite0",), models="default", meta="auto", meta_inputs="proba",
@@ -301,7 +301,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         settings = self._settings()
         self.learners_ = make_learners(specs, settings)
         inputs, data, timings = self._extract_training(data, settings)
-        return_freed_blocks()  # training allocates and frees blocks of MiBs for a long time (stacker.memory)
+        return_freed_blocks()  # training allocates and frees blocks of MiBs for a long time (stacker.learners.memory)
         y, k = data.y, len(self.classes_)
         splitter = StratifiedKFold(n_splits=self.cv, shuffle=True, random_state=self.random_state)
         self.folds_ = list(splitter.split(np.zeros(len(y)), y))
@@ -563,9 +563,9 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         ``verbose=``, ``on_bad_image=``) override run-time ones.
         Loading runs no code from the directory: scikit-learn parts are skops files
         rebuilt only from trusted types, Keras parts are checked archives loaded with
-        ``safe_mode=True`` (see :mod:`stacker.persist`). ``trusted`` lists extra fully
+        ``safe_mode=True`` (see :mod:`stacker.io.persist`). ``trusted`` lists extra fully
         qualified type names to rebuild (your own estimator classes); a file that needs
-        any other type raises :class:`~stacker.persist.UntrustedTypeError` naming it.
+        any other type raises :class:`~stacker.io.persist.UntrustedTypeError` naming it.
         """
         directory = os.fspath(directory)
         manifest = read_manifest(directory)
@@ -607,7 +607,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
 
 
 def _distributed():
-    from . import distributed
+    from stacker.learners import distributed
 
     return distributed
 

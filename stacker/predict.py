@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .ensemble import MANIFEST, Ensemble, _is_in_memory
-from .images import ImageSet, from_class_folders_unlabelled, from_test_folder, in_memory_list
+from stacker.ensemble import MANIFEST, Ensemble, _is_in_memory
+from stacker.data.images import ImageSet, from_class_folders_unlabelled, from_test_folder, in_memory_list
 
 __all__ = ["Prediction", "load", "predict"]
 
@@ -88,7 +88,7 @@ def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None
     images : path, list of paths, folder, ndarray, PIL image or list of them
         A single path, PIL image or array (``(h, w)``, ``(h, w, 1|3|4)``) is one
         image; ``(n, h, w[, c])`` arrays and lists are several. A folder means every
-        image in it (ids sorted as :func:`stacker.images.from_test_folder` sorts
+        image in it (ids sorted as :func:`stacker.data.images.from_test_folder` sorts
         them); a folder of class sub-folders means every image in those (labels
         ignored, ids are relative paths). Arrays are pixels: uint8, uint16, or floats
         in [0, 255]; floats in [0, 1] are scaled by 255 with a warning.

@@ -36,9 +36,9 @@ def install(point: str) -> None:
     import h5py
 
     import stacker.ensemble
-    import stacker.learners
-    from stacker.finetune import FineTunedClassifier
-    from stacker.models import DenseClassifier
+    import stacker.learners.base
+    from stacker.learners.finetune import FineTunedClassifier
+    from stacker.learners.zoo import DenseClassifier
 
     target, when = KILL_POINTS[point]
     calls = [0]
@@ -68,7 +68,7 @@ def install(point: str) -> None:
                     die()
             return original(est, stem)
 
-        stacker.ensemble.save_estimator = stacker.learners.save_estimator = save_estimator
+        stacker.ensemble.save_estimator = stacker.learners.base.save_estimator = save_estimator
         save = stacker.ensemble.Ensemble.save
 
         def guarded_save(self, directory):
@@ -81,11 +81,11 @@ def install(point: str) -> None:
 def main(config, data_dir, cache, out, result, point=None):
     import tinynet  # noqa: F401 - registers tiny_cnn
 
-    from stacker import images as im
+    from stacker.data import images as im
     from stacker.ensemble import Ensemble
-    from stacker.features import forward_pass_count
-    from stacker.finetune import FineTunedClassifier
-    from stacker.models import DenseClassifier
+    from stacker.features.extractor import forward_pass_count
+    from stacker.learners.finetune import FineTunedClassifier
+    from stacker.learners.zoo import DenseClassifier
 
     fits = {"dense": 0, "finetune": 0}
 

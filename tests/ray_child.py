@@ -15,10 +15,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(address, data, weights, cache, result, kill=None):
-    from stacker import distributed
-    from stacker.cache import FeatureEntry
-    from stacker.features import FeatureExtractor
-    from stacker.images import load_images
+    from stacker.learners import distributed
+    from stacker.features.cache import FeatureEntry
+    from stacker.features.extractor import FeatureExtractor
+    from stacker.data.images import load_images
 
     if kill:
         append, calls = FeatureEntry.append, [0]

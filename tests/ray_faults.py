@@ -11,7 +11,7 @@ import functools
 import os
 import signal
 
-from stacker.features import FeatureExtractor
+from stacker.features.extractor import FeatureExtractor
 
 _DIR = os.environ.get("RAY_FAULTS_DIR")
 _calls = [0]

@@ -15,8 +15,8 @@ import pytest
 
 from conftest import WEIGHTS_DIR, shared_or_skip
 from stacker import backbones
-from stacker.efficientnet_lite import LITE_VARIANTS, build_efficientnet_lite, checkpoint_to_keras
-from stacker.torch_checkpoint import UnsafeCheckpointError, load_state_dict, verify_sha256_prefix
+from stacker.backbones.efficientnet_lite import LITE_VARIANTS, build_efficientnet_lite, checkpoint_to_keras
+from stacker.backbones.torch_checkpoint import UnsafeCheckpointError, load_state_dict, verify_sha256_prefix
 
 REQUIRED = [f"efficientnet_b{i}" for i in range(8)] + [
     "mobilenet", "mobilenet_v2", "resnet50", "inception_v3", "xception"] + [f"efficientnet_lite{i}" for i in range(5)]

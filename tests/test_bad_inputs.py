@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, make_class_folders, make_image
-from stacker import images as im
+from stacker.data import images as im
 from stacker.ensemble import Ensemble
-from stacker.features import FeatureExtractor
-from stacker.images import BadImageError
+from stacker.features.extractor import FeatureExtractor
+from stacker.data.images import BadImageError
 
 pytestmark = pytest.mark.faults
 
@@ -145,7 +145,7 @@ def test_ensemble_skips_every_broken_file_and_reports_it(tmp_path):
     out = ens.save(tmp_path / "model")
     manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
     assert set(manifest["skipped"]) == set(broken)
-    from stacker.report import report
+    from stacker.app.report import report
 
     html = open(report(out)).read()
     for path in broken:

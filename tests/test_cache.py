@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY, make_image
-from stacker import images as im
-from stacker.cache import FeatureCache
-from stacker.features import FeatureExtractor, forward_pass_count
+from stacker.data import images as im
+from stacker.features.cache import FeatureCache
+from stacker.features.extractor import FeatureExtractor, forward_pass_count
 
 
 def extractor(cache_dir, **kw):
@@ -64,7 +64,7 @@ def test_interrupted_extraction_resumes_from_last_complete_chunk(class_folders, 
     with pytest.raises(KeyboardInterrupt):
         ext.transform(data)
     key = ext.key_meta()
-    from stacker.cache import FeatureCache
+    from stacker.features.cache import FeatureCache
 
     entry = FeatureCache(cache_dir).entry(key, 16)
     assert entry.n_complete() == 12  # three complete chunks of 4 survived
@@ -148,9 +148,9 @@ def test_shards_merged_give_exactly_the_features_of_one_unsharded_run(tmp_path, 
     """`stacker extract --shard i/n` on three "machines", `stacker cache merge`, then zero forward passes."""
     import keras
 
-    from stacker import cli
+    from stacker.app import cli
     from stacker.backbones import build
-    from stacker.images import load_images
+    from stacker.data.images import load_images
 
     keras.utils.set_random_seed(0)
     weights = str(tmp_path / "tiny.weights.h5")

@@ -15,9 +15,9 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 from conftest import REPO
-from stacker.cli import build_parser, main
-from stacker.options import default_cache_dir
-from stacker.report import FIGURES, calibration_bins, report
+from stacker.app.cli import build_parser, main
+from stacker.app.options import default_cache_dir
+from stacker.app.report import FIGURES, calibration_bins, report
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_figures_are_widened_until_their_titles_fit(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from stacker import report as rep
+    from stacker.app import report as rep
 
     fig, ax = plt.subplots(figsize=(2.5, 2.5))
     ax.set_title("a title much wider than the two and a half inches of this figure")
@@ -334,7 +334,7 @@ def test_reprs_are_short(fitted_dir):
     import stacker
     from sklearn.base import clone
 
-    from stacker.images import load_images
+    from stacker.data.images import load_images
 
     root, out = fitted_dir
     data = load_images(root / "train")

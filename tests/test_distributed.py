@@ -17,11 +17,11 @@ from conftest import REPO, make_class_folders, save_tiny_weights
 
 ray = pytest.importorskip("ray", reason="the Ray tests need the ray extra: pip install -e '.[ray]'")
 
-from stacker import distributed  # noqa: E402
-from stacker.cache import FeatureCache  # noqa: E402
+from stacker.learners import distributed  # noqa: E402
+from stacker.features.cache import FeatureCache  # noqa: E402
 from stacker.ensemble import Ensemble  # noqa: E402
-from stacker.features import FeatureExtractor, forward_pass_count  # noqa: E402
-from stacker.images import load_images  # noqa: E402
+from stacker.features.extractor import FeatureExtractor, forward_pass_count  # noqa: E402
+from stacker.data.images import load_images  # noqa: E402
 
 TESTS = os.path.join(REPO, "tests")
 N_PER_CLASS = 20  # 40 images: 5 chunks of 8 (2 batches of 4 each)
@@ -136,7 +136,7 @@ def test_ray_folds_give_the_sequential_out_of_fold_probabilities(cluster, data, 
 
 
 def test_cli_extract_with_ray(cluster, data, sequential, tmp_path, capsys):
-    from stacker.cli import main
+    from stacker.app.cli import main
 
     root, weights = data
     cache = tmp_path / "cache"

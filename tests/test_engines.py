@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, make_class_folders, make_image, save_tiny_weights
-from stacker import engines
-from stacker import images as im
+from stacker.features import engines
+from stacker.data import images as im
 from stacker.ensemble import Ensemble, ModelIntegrityError
-from stacker.features import FeatureExtractor
-from stacker.torch_checkpoint import sha256_file
+from stacker.features.extractor import FeatureExtractor
+from stacker.backbones.torch_checkpoint import sha256_file
 
 needs_onnx = pytest.mark.skipif(not engines.available("onnx"), reason="onnxruntime/tf2onnx not installed")
 
@@ -128,7 +128,7 @@ def test_a_tf_distribute_strategy_runs_extraction_heads_and_fine_tuning(tmp_path
     import tensorflow as tf
 
     from stacker.ensemble import Ensemble
-    from stacker.models import DenseClassifier
+    from stacker.learners.zoo import DenseClassifier
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
     common = dict(backbone="tiny_cnn", input_size=32, weights=weights, verbose=0)
@@ -169,7 +169,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import tinynet
 import stacker
-from stacker.features import forward_pass_count
+from stacker.features.extractor import forward_pass_count
 res = stacker.predict(sys.argv[3:], model=sys.argv[2])
 print(json.dumps({"proba": res.proba.tolist(), "forward": forward_pass_count(),
                   "imported": sorted({"tensorflow", "tf2onnx", "keras"} & set(sys.modules))}))
@@ -213,7 +213,7 @@ def test_a_tampered_onnx_graph_is_refused_by_its_checksum(onnx_model, tmp_path):
 def test_a_loaded_model_saves_again_with_the_same_graph_and_keras_only_when_needed(onnx_model, tmp_path,
                                                                                 monkeypatch):
     ens, data, model_dir = onnx_model
-    from stacker import persist
+    from stacker.io import persist
 
     real = persist.load_keras
     monkeypatch.setattr(persist, "load_keras", lambda *a, **k: pytest.fail("a .keras archive was read"))

@@ -11,9 +11,9 @@ from sklearn.exceptions import NotFittedError
 
 import stacker
 from conftest import TINY, make_class_folders, save_tiny_weights
-from stacker import images as im
+from stacker.data import images as im
 from stacker.ensemble import Ensemble, ModelIntegrityError
-from stacker.features import forward_pass_count
+from stacker.features.extractor import forward_pass_count
 
 
 def tiny_ensemble(cache_dir, weights, **kw):
@@ -129,7 +129,7 @@ def test_save_refuses_to_overwrite_a_foreign_directory(fitted, tmp_path):
 
 
 def _params(ens) -> dict:
-    from stacker.learners import describe
+    from stacker.learners.base import describe
 
     return {k: describe(v) if hasattr(v, "get_params") else v for k, v in ens.get_params().items()}
 

@@ -24,12 +24,12 @@ from PIL import Image
 
 import stacker
 from conftest import COLORS, TINY, make_class_folders, make_image, save_tiny_weights
-from stacker import cli
-from stacker import images as im
-from stacker.cache import FeatureCache
+from stacker.app import cli
+from stacker.data import images as im
+from stacker.features.cache import FeatureCache
 from stacker.ensemble import Ensemble
-from stacker.features import FeatureExtractor, forward_pass_count
-from stacker.images import BadImageError
+from stacker.features.extractor import FeatureExtractor, forward_pass_count
+from stacker.data.images import BadImageError
 
 
 def _copy_tree(src, dst):
@@ -111,7 +111,7 @@ def test_shards_from_two_roots_merge_into_a_cache_a_third_root_hits(flat, tmp_pa
 
 
 def test_fingerprints_are_memoised_and_track_content(flat, tmp_path):
-    from stacker import fingerprint
+    from stacker.data import fingerprint
 
     paths = sorted(str(p) for p in flat.iterdir())
     fps, bad = fingerprint.fingerprints(paths, tmp_path / "cache")

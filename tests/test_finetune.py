@@ -8,12 +8,12 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, make_image, save_tiny_weights
-from stacker import images as im
+from stacker.data import images as im
 from stacker.backbones import build
-from stacker.cache import FeatureCache
+from stacker.features.cache import FeatureCache
 from stacker.ensemble import Ensemble
-from stacker.features import forward_pass_count
-from stacker.finetune import CutPointExtractor, FineTunedClassifier, finetune_params, split_backbone
+from stacker.features.extractor import forward_pass_count
+from stacker.learners.finetune import CutPointExtractor, FineTunedClassifier, finetune_params, split_backbone
 
 FT = {"blocks": 1, "epochs": 3, "head_epochs": 5, "learning_rate": 1e-3, "tta": ("original", "flip")}
 

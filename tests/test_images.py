@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import COLORS, TINY, make_image
-from stacker import images as im
+from stacker.data import images as im
 
 
 def test_class_folders(class_folders):
@@ -181,7 +181,7 @@ def test_primed_starts_the_first_item_at_once_and_yields_everything_in_order():
 
 def test_extraction_with_refused_files_among_the_first_batches_matches_the_good_files_alone(tmp_path):
     # the decoders start before the header scan: what it refuses must not reach the network
-    from stacker.features import FeatureExtractor
+    from stacker.features.extractor import FeatureExtractor
 
     good = [str(make_image(tmp_path / f"{i}.png", COLORS["cat"], seed=i)) for i in range(7)]
     text = tmp_path / "notes.png"

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from stacker import meta as _meta
-from stacker.meta import (GreedyEnsemble, LogitStacker, MeanClassifier, SingleBest, TemperatureScaler, TwoLayerStack,
+from stacker.level2 import combiners as _meta
+from stacker.level2.combiners import (GreedyEnsemble, LogitStacker, MeanClassifier, SingleBest, TemperatureScaler, TwoLayerStack,
                           fit_level2, score)
-from stacker.models import MODELS, PRESETS, PrototypeClassifier, make_model, model_names
+from stacker.learners.zoo import MODELS, PRESETS, PrototypeClassifier, make_model, model_names
 
 
 def _nll(P, y):
@@ -191,7 +191,7 @@ def test_prototype_scale_is_fitted_without_its_own_rows():
 def _dense_checks():
     from sklearn.utils.estimator_checks import check_estimator
 
-    from stacker.models import DenseClassifier
+    from stacker.learners.zoo import DenseClassifier
 
     # every check applies (pandas and array-API checks skip themselves when those are not installed)
     return check_estimator(DenseClassifier(epochs=3, batch_size=32, patience=2), on_fail=None)
@@ -212,7 +212,7 @@ def test_a_keras_fit_leaves_no_traced_train_step_or_dataset_behind():
     import keras
     from tensorflow.python.framework import ops
 
-    from stacker.models import DenseClassifier, keras_fit
+    from stacker.learners.zoo import DenseClassifier, keras_fit
 
     y, blocks = random_members(0, n=120)
     X = np.hstack(blocks).astype(np.float32)

@@ -180,7 +180,7 @@ def _options(parser):
 
 
 def test_every_recipe_option_is_a_stacker_option_with_the_same_default():
-    from stacker.cli import build_parser
+    from stacker.app.cli import build_parser
 
     commands = build_parser()._subparsers._group_actions[0].choices
     for script, command in (("dogs_vs_cats", "fit"), ("caltech101", "fit"), ("cifar100", "fit"),
@@ -203,7 +203,7 @@ def test_every_recipe_option_is_a_stacker_option_with_the_same_default():
 def test_recipe_defaults_become_ensemble_parameters():
     """A recipe run with its own default backbones (no --backbones) builds its Ensemble."""
     import stacker
-    from stacker.options import ensemble_params
+    from stacker.app.options import ensemble_params
 
     for script in ("dogs_vs_cats", "caltech101", "cifar100", "stanford_dogs"):
         args = _recipe_parser(script).parse_args([])

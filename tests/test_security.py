@@ -26,12 +26,12 @@ from sklearn.ensemble import RandomForestClassifier
 
 import stacker
 from conftest import TINY, make_class_folders, save_tiny_weights
-from stacker import cli
-from stacker import images as im
-from stacker import persist
-from stacker.cache import result_store
+from stacker.app import cli
+from stacker.data import images as im
+from stacker.io import persist
+from stacker.features.cache import result_store
 from stacker.ensemble import Ensemble, ModelIntegrityError
-from stacker.torch_checkpoint import sha256_file
+from stacker.backbones.torch_checkpoint import sha256_file
 
 
 class _Reduce:
@@ -336,7 +336,7 @@ def test_the_console_script_refuses_a_forged_directory(saved, tmp_path, fake_mes
     shutil.copytree(root / "model", model_dir)
     _, module, name, args = _payloads(tmp_path, marker)[0]
     _forge(model_dir, "meta.skops", lambda p: forged_skops(p, module, name, args))
-    script = ("import sys, tinynet; from stacker.cli import main; "  # tinynet registers the test backbone
+    script = ("import sys, tinynet; from stacker.app.cli import main; "  # tinynet registers the test backbone
               "sys.exit(main(['predict', sys.argv[1], sys.argv[2]]))")
     out = subprocess.run([sys.executable, "-c", script, str(model_dir), data.paths[0]], capture_output=True,
                          text=True, env={**os.environ, "STACKER_ENGINE": "keras",

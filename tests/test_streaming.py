@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from conftest import TINY, make_class_folders, save_tiny_weights
-from stacker import finetune, streaming
-from stacker.cache import FeatureCache, FeatureEntry
+from stacker.learners import finetune
+from stacker.learners import streaming
+from stacker.features.cache import FeatureCache, FeatureEntry
 from stacker.ensemble import Ensemble
-from stacker.models import DenseClassifier, PrototypeClassifier
-from stacker.persist import load_estimator, save_estimator, trusted_types
-from stacker.streaming import CachedRows, StreamingDense, StreamingLogistic, StreamingPrototype
+from stacker.learners.zoo import DenseClassifier, PrototypeClassifier
+from stacker.io.persist import load_estimator, save_estimator, trusted_types
+from stacker.learners.streaming import CachedRows, StreamingDense, StreamingLogistic, StreamingPrototype
 
 
 @pytest.fixture
@@ -159,7 +160,7 @@ def test_bad_settings_fail_before_any_work(folders, kw, match):
 
 
 def test_models_that_need_every_row_are_refused_out_of_core_before_extraction(folders, tmp_path):
-    from stacker.features import forward_pass_count
+    from stacker.features.extractor import forward_pass_count
 
     from sklearn.neighbors import KNeighborsClassifier
 
@@ -194,7 +195,7 @@ def test_out_of_core_fine_tuning_streams_cut_activations_and_matches_in_memory(t
 
 
 def test_the_ray_executor_without_ray_says_how_to_install_it(monkeypatch):
-    from stacker import distributed
+    from stacker.learners import distributed
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r"pip install 'stacker\[ray\]'"):
@@ -202,7 +203,7 @@ def test_the_ray_executor_without_ray_says_how_to_install_it(monkeypatch):
 
 
 def test_freed_blocks_go_back_to_the_system(monkeypatch):
-    from stacker import memory
+    from stacker.learners import memory
 
     monkeypatch.setattr(memory, "_applied", None)
     monkeypatch.setenv("STACKER_MMAP_THRESHOLD", "0")

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import backbones as _backbones
-from . import images as _images
+from stacker.backbones import registry as _backbones
+from stacker.data import images as _images
 
 __all__ = ["TopK", "imagenet_classes", "imagenet_proba", "top_k"]
 

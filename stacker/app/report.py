@@ -382,7 +382,7 @@ def _leaderboard_section(page: _Page, scores: dict) -> None:
 
 
 def _calibration_section(page: _Page, y, probas: dict, k: int) -> None:
-    from .meta import score
+    from stacker.level2.combiners import score
 
     curves = {name: calibration_bins(y, p) for name, p in probas.items()}
     rows = [[name, f"{c['ece']:.4f}", f"{score(y, probas[name], k)['log_loss']:.4f}",
@@ -434,7 +434,7 @@ def _image_sections(page: _Page, paths, y, proba, classes, n_worst: int) -> None
 
 def _read_run(run_dir: str) -> tuple[dict, dict | None]:
     """``manifest.json`` (any format version: only JSON is read) and ``oof.npz`` (None when absent)."""
-    from .ensemble import read_manifest
+    from stacker.ensemble import read_manifest
 
     manifest = read_manifest(run_dir, check_version=False)  # only JSON is read: any version can be reported
     oof_path = os.path.join(run_dir, "oof.npz")
@@ -463,7 +463,7 @@ def report(run_dir, out_dir=None, max_pairs: int = 20, n_worst: int = 18) -> str
     str
         Path of ``report.html``.
     """
-    from .ensemble import format_leaderboard
+    from stacker.ensemble import format_leaderboard
 
     run_dir = os.fspath(run_dir)
     out_dir = os.fspath(out_dir or run_dir)

@@ -11,7 +11,7 @@ forward pass: Pillow in a thread pool (:func:`pil_batches`, the default) or a
 
 Nothing is dropped silently. A folder reader gives every image file a row and lists
 what it did not read (hidden files, documents, sub-folders of a test folder) in
-:attr:`ImageSet.skipped`. Before pixels are decoded, :mod:`stacker.fingerprint` and
+:attr:`ImageSet.skipped`. Before pixels are decoded, :mod:`stacker.data.fingerprint` and
 :func:`scan_images` find files that are missing, dangling links, loops, FIFOs,
 devices, empty, not images or absurdly large; a file that passes but fails to decode
 (a truncated JPEG) is caught in the pipeline. Each is reported by name with its true
@@ -335,8 +335,8 @@ def load_images(source, labelled: bool = True) -> ImageSet:
 
 
 def file_fingerprints(paths, cache_dir=None) -> list[str]:
-    """Content digest of each file (see :mod:`stacker.fingerprint`); raises if one cannot be read."""
-    from .fingerprint import fingerprints
+    """Content digest of each file (see :mod:`stacker.data.fingerprint`); raises if one cannot be read."""
+    from stacker.data.fingerprint import fingerprints
 
     fps, bad = fingerprints(paths, cache_dir)
     if bad:
@@ -384,7 +384,7 @@ def _scan_one(path: str) -> tuple[int, str | None]:
     """(EXIF orientation, reason it is unusable or None) from the file header."""
     from PIL import Image, UnidentifiedImageError
 
-    from .fingerprint import probe
+    from stacker.data.fingerprint import probe
 
     _, reason = probe(path)  # never open a FIFO or a device
     if reason:

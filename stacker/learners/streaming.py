@@ -13,8 +13,8 @@ of passes over the windows (:data:`STREAMING_MODELS`):
 - ``logistic``: :class:`StreamingLogistic`, standardised multinomial logistic regression
   fitted by seeded mini-batch Adam (one statistics pass, then a few epochs);
 - ``prototype``: :class:`StreamingPrototype`, the same estimator as
-  :class:`stacker.models.PrototypeClassifier`, computed in three passes;
-- ``dense``, ``resnet`` and any :class:`~stacker.models.DenseClassifier`:
+  :class:`stacker.learners.zoo.PrototypeClassifier`, computed in three passes;
+- ``dense``, ``resnet`` and any :class:`~stacker.learners.zoo.DenseClassifier`:
   :class:`StreamingDense`, the same Keras head trained on batches that Keras reads from
   one window of cached rows at a time.
 
@@ -35,8 +35,8 @@ from scipy.special import log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .cache import _read_rows
-from .models import MODELS, DenseClassifier, PrototypeClassifier, _unit, keras_fit, make_model
+from stacker.features.cache import _read_rows
+from stacker.learners.zoo import MODELS, DenseClassifier, PrototypeClassifier, _unit, keras_fit, make_model
 
 __all__ = ["CachedRows", "StreamingLogistic", "StreamingPrototype", "STREAMING_MODELS", "streaming_model",
            "blocks", "OUT_OF_CORE_BYTES", "use_out_of_core", "streaming_code"]
@@ -256,7 +256,7 @@ def _chunked_nll(S, y_idx, chunk: int = WINDOW):
 
 
 class StreamingPrototype(PrototypeClassifier):
-    """:class:`~stacker.models.PrototypeClassifier` fitted in three passes (mean, prototypes, scale).
+    """:class:`~stacker.learners.zoo.PrototypeClassifier` fitted in three passes (mean, prototypes, scale).
 
     Only the ``(n, n_classes)`` leave-one-out similarities are kept in memory.
     """
@@ -362,7 +362,7 @@ def _row_batches(X, y_idx, k: int, batch_size: int, seed=None):
 
 
 class StreamingDense(DenseClassifier):
-    """:class:`~stacker.models.DenseClassifier` trained on rows read from the cache a window at a time.
+    """:class:`~stacker.learners.zoo.DenseClassifier` trained on rows read from the cache a window at a time.
 
     The same network, standardisation (its mean and variance computed in one streaming
     pass), stratified validation split, early stopping and batch size; Keras reads its
@@ -405,7 +405,7 @@ def streaming_model(item, random_state: int = 0):
     """The out-of-core estimator standing in for a model entry.
 
     A name of :data:`STREAMING_MODELS`, or any entry that makes a plain
-    :class:`~stacker.models.DenseClassifier` (``dense``, ``resnet``, an instance):
+    :class:`~stacker.learners.zoo.DenseClassifier` (``dense``, ``resnet``, an instance):
     its streaming twin with the same parameters. Anything else is refused.
     """
     if isinstance(item, str) and item in STREAMING_MODELS:
@@ -425,6 +425,6 @@ def streaming_code() -> str:
     return hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:16]
 
 
-from .persist import register_format  # noqa: E402 - saved as its parent's .keras + JSON
+from stacker.io.persist import register_format  # noqa: E402 - saved as its parent's .keras + JSON
 
 register_format("StreamingDense", StreamingDense)

@@ -4,7 +4,7 @@ Every option is a row of :data:`OPTIONS`: its flags, type, choices, default and 
 ``stacker fit``, ``extract``, ``predict``, ``submit``, ``top5`` and every script in
 ``recipes/`` build their parsers from these rows, so a name, a default or a help text
 cannot drift between them; a recipe may only change a default for its data set, and
-says so in its ``--help`` (:func:`stacker.recipe.common_parser`). Defaults show in
+says so in its ``--help`` (:func:`stacker.app.recipe.common_parser`). Defaults show in
 ``--help``. Lists (``--backbones``, ``--models``, ``--meta``, ``--tta``) take commas,
 with or without spaces.
 
@@ -158,7 +158,7 @@ OPTIONS = {
                             help="phase-2 epochs; early stopping may end sooner (default: 4)"),
     "finetune_lr": _opt("--finetune-lr", type=float, metavar="LR", help="phase-2 learning rate (default: 1e-5)"),
     "finetune_batch_size": _opt("--finetune-batch-size", type=int, metavar="N",
-                                help="fine-tuning batch size (default: stacker.finetune's)"),
+                                help="fine-tuning batch size (default: stacker.learners.finetune's)"),
     "label_smoothing": _opt("--label-smoothing", type=float, metavar="EPS",
                             help="label smoothing while fine-tuning (default: none)"),
     "finetune_mode": _opt("--finetune-mode", choices=("cached", "full"),
@@ -187,7 +187,7 @@ GROUPS = {
     "stacking": ("backbones", "models", "meta", "meta_inputs", "no_calibration", "folds", "seed", "train_limit"),
     "features": ("image_size", "weights", "weights_dir", "resize", "feature_dtype", "batch_size", "engine", "cache",
                  "on_bad_image"),
-    "fine-tuning (--finetune: two phases on a cut-point cache; see stacker.finetune)": (
+    "fine-tuning (--finetune: two phases on a cut-point cache; see stacker.learners.finetune)": (
         "finetune", "finetune_blocks", "finetune_epochs", "finetune_lr", "finetune_batch_size", "label_smoothing",
         "finetune_mode", "tta"),
 }

@@ -36,7 +36,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
-from .models import DenseClassifier, fresh_estimator
+from stacker.learners.zoo import DenseClassifier, fresh_estimator
 
 __all__ = ["GreedyEnsemble", "LogitStacker", "MeanClassifier", "SingleBest", "TwoLayerStack", "TemperatureScaler",
            "COMBINERS",

@@ -336,14 +336,14 @@ class SavedNetwork:
         """The Keras network (loaded once, from the checked archive)."""
         with self._lock:
             if self._model is None:
-                from .persist import load_keras
+                from stacker.io.persist import load_keras
 
                 self._model = load_keras(self.keras_path, self.custom_objects() if self.custom_objects else None)
             return self._model
 
     def graph(self) -> bytes:
         """The ONNX graph's bytes, refused unless they match the manifest's sha256."""
-        from .persist import ModelIntegrityError
+        from stacker.io.persist import ModelIntegrityError
 
         with open(self.onnx_path, "rb") as f:
             data = f.read()

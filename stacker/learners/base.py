@@ -5,8 +5,8 @@ its out-of-fold probabilities, its cache key, its fold checkpoints (a killed run
 restarts at the fold it was in) and its save/load. The ensemble only hands it the
 cached inputs of its views, the labels and the shared folds, and never asks which kind
 it is. Kinds are registered in :data:`LEARNER_KINDS`: :class:`FrozenLearner` (a model
-from :mod:`stacker.models` on a frozen backbone's pooled features) here, the fine-tuned
-network in :mod:`stacker.finetune`.
+from :mod:`stacker.learners.zoo` on a frozen backbone's pooled features) here, the fine-tuned
+network in :mod:`stacker.learners.finetune`.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ import warnings
 
 import numpy as np
 
-from . import __version__
-from . import backbones as _backbones
-from . import images as _images
-from .cache import result_store, stable_hash
-from .engines import SavedNetwork
-from .features import FeatureExtractor
-from .meta import _align, score
-from .models import code_fingerprint, make_model, model_label, model_names, proba_function
-from .persist import (PERSIST_FORMAT, UntrustedTypeError, check_keras_archive, load_estimator, member,
+from stacker import __version__
+from stacker.backbones import registry as _backbones
+from stacker.data import images as _images
+from stacker.features.cache import result_store, stable_hash
+from stacker.features.engines import SavedNetwork
+from stacker.features.extractor import FeatureExtractor
+from stacker.level2.combiners import _align, score
+from stacker.learners.zoo import code_fingerprint, make_model, model_label, model_names, proba_function
+from stacker.io.persist import (PERSIST_FORMAT, UntrustedTypeError, check_keras_archive, load_estimator, member,
                       save_estimator)
-from .streaming import CachedRows, streaming_code, streaming_model
+from stacker.learners.streaming import CachedRows, streaming_code, streaming_model
 
 __all__ = ["Learner", "FrozenLearner", "LEARNER_KINDS", "register_learner", "learner_specs", "make_learners",
            "describe", "saved_networks"]
@@ -144,7 +144,7 @@ class Learner:
 
         ``run_folds(learner, fits)`` runs the fold fits (``fits[i]()`` gives fold ``i``'s
         ``(model, arrays)``) and returns their results in order; the default runs them here,
-        one after another, through their checkpoints (:mod:`stacker.distributed` runs them on Ray).
+        one after another, through their checkpoints (:mod:`stacker.learners.distributed` runs them on Ray).
         """
         self.key_ = self.key(images_fp, len(folds), self.settings.random_state)
         self.images_fp_ = images_fp
@@ -244,7 +244,7 @@ class Learner:
         """Mean of the fold models' probabilities.
 
         The inputs are checked once here, and known model kinds then skip scikit-learn's
-        per-call checks (:func:`stacker.models.proba_function`): for one image those cost
+        per-call checks (:func:`stacker.learners.zoo.proba_function`): for one image those cost
         more than the models. Each such function is compared with ``predict_proba`` on the
         first inputs it gets and replaced by ``predict_proba`` if they differ.
         """
@@ -374,7 +374,7 @@ def run_folds_here(learner: Learner, fits: list):
 
 
 class FrozenLearner(Learner):
-    """A model from :mod:`stacker.models` on a frozen backbone's pooled features."""
+    """A model from :mod:`stacker.learners.zoo` on a frozen backbone's pooled features."""
 
     kind = "frozen"
 
@@ -383,7 +383,7 @@ register_learner("frozen", FrozenLearner)
 
 
 def saved_networks(entries, directory: str, files: dict) -> dict:
-    """Backbone file -> :class:`~stacker.engines.SavedNetwork` for the learners' manifest entries.
+    """Backbone file -> :class:`~stacker.features.engines.SavedNetwork` for the learners' manifest entries.
 
     ``files`` (the manifest's sha256 per file) is what each ONNX graph is checked against
     when it is opened. Each ``.keras`` archive is checked here (a forged one is refused by

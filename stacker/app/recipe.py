@@ -2,7 +2,7 @@
 
 A recipe in ``recipes/`` is a configuration (data layout, defaults) plus a call to
 :func:`fit_and_save`; this module keeps the plumbing in one place. Its options are
-``stacker fit``'s (:mod:`stacker.options`), plus a group of the recipe's own (``--data``,
+``stacker fit``'s (:mod:`stacker.app.options`), plus a group of the recipe's own (``--data``,
 ``--out``, ``--quick`` and whatever the recipe adds). Where a recipe's data set calls for
 another default (its backbones, CIFAR's bicubic upscaling, the shared weights folder
 beside this checkout), :func:`common_parser` says so in that option's ``--help``.
@@ -15,7 +15,7 @@ import json
 import os
 import time
 
-from .options import GROUPS, OPTIONS, add_options, ensemble_params, finetune_arg, progress_output, weights_arg
+from stacker.app.options import GROUPS, OPTIONS, add_options, ensemble_params, finetune_arg, progress_output, weights_arg
 
 __all__ = ["REPO", "SHARED", "RECIPE_OPTIONS", "common_parser", "finetune_arg", "fit_and_save", "weights_arg"]
 
@@ -90,7 +90,7 @@ def fit_and_save(args, train, quick_limit: int = 200, extra: dict | None = None)
     Returns ``(ensemble, run_info, train)`` -- ``train`` as fitted (after ``--quick`` sampling).
     """
     import stacker
-    from stacker.report import report
+    from stacker.app.report import report
 
     backbones = args.backbones or (args.quick_backbones if args.quick else args.default_backbones)
     limit = args.train_limit or (quick_limit if args.quick else None)

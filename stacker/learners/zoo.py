@@ -216,7 +216,7 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         self.history_ = {k: [float(v) for v in vs] for k, vs in hist.history.items()}
         return self
 
-    # -- the parts of fit that a streaming fit (stacker.streaming.StreamingDense) shares
+    # -- the parts of fit that a streaming fit (stacker.learners.streaming.StreamingDense) shares
     def _classes(self, y) -> np.ndarray:
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
@@ -235,7 +235,7 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         return np.arange(n), None
 
     def _compile(self, n_features: int, mean, variance, n_rows: int) -> None:
-        from .engines import strategy_scope
+        from stacker.features.engines import strategy_scope
 
         with strategy_scope(self.strategy):
             self.model_ = self._build(n_features, len(self.classes_), mean, variance,
@@ -529,6 +529,6 @@ def fresh_estimator(spec, random_state: int, role: str):
     return est
 
 
-from .persist import checked_params, load_keras, register_format  # noqa: E402 - the registry is filled as estimator classes are defined
+from stacker.io.persist import checked_params, load_keras, register_format  # noqa: E402 - the registry is filled as estimator classes are defined
 
 register_format("DenseClassifier", DenseClassifier)

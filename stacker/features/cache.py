@@ -2,7 +2,7 @@
 
 Features: one HDF5 file per *model key* (backbone config, weights checksum, input
 size, preprocessing, pipeline code). Inside, one row per distinct image content: its
-fingerprint (the BLAKE2b digest of the file's bytes, :mod:`stacker.fingerprint`), and
+fingerprint (the BLAKE2b digest of the file's bytes, :mod:`stacker.data.fingerprint`), and
 beside it, as data, the id, label and path it had when computed, and the pooled
 feature vector. The same bytes under another path, name or machine find their row. Rows are appended
 chunk by chunk as they are computed; the attribute ``n_complete`` moves forward only
@@ -262,7 +262,7 @@ class ResultStore:
 
 
 # The cache folder's layout, in one place: features/ (HDF5, FeatureCache), onnx/ (exported
-# graphs, stacker.engines) and these keyed result stores.
+# graphs, stacker.features.engines) and these keyed result stores.
 STORES = {
     "learners": "learners",      # a learner's fold models, out-of-fold arrays and timing, once complete
     "folds": "folds",            # one finished fold of a learner still in training (resume point)

@@ -9,7 +9,7 @@
     stacker cache ls|rm|prune [--backbone X] [--kind K] [--cache DIR]
     stacker cache merge SHARD_CACHE... [--cache DIR]
 
-Options come from one table (:mod:`stacker.options`) shared with the recipes. Results go
+Options come from one table (:mod:`stacker.app.options`) shared with the recipes. Results go
 to stdout, progress to stderr (``--quiet``: none). Exit codes: 0 success, 2 usage error,
 1 failure (one line saying why, in command-line terms; ``--debug`` for the traceback).
 """
@@ -22,7 +22,7 @@ import json
 import os
 import sys
 
-from .options import CACHE_ENV, GROUPS, OPTIONS, add_options, cli_terms, default_cache_dir, progress_output
+from stacker.app.options import CACHE_ENV, GROUPS, OPTIONS, add_options, cli_terms, default_cache_dir, progress_output
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -46,7 +46,7 @@ def _add_ray(p):
 def _connect_ray(args) -> bool:
     if args.ray is None:
         return False
-    from .distributed import connect
+    from stacker.learners.distributed import connect
 
     connect(args.ray or None)
     return True
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cache_kinds() -> tuple:
-    from .inventory import KINDS
+    from stacker.app.inventory import KINDS
 
     return tuple(k for k in KINDS if k != "other")
 
@@ -141,7 +141,7 @@ def _expand(paths) -> tuple[list[str], dict]:
 
     Paths that do not exist stay in the list: prediction reports them under --on-bad-image.
     """
-    from .predict import _as_input
+    from stacker.predict import _as_input
 
     out, unread = [], {}
     for p in paths:
@@ -156,9 +156,9 @@ def _expand(paths) -> tuple[list[str], dict]:
 
 def cmd_fit(args, out) -> int:
     import stacker
-    from stacker.images import load_images
+    from stacker.data.images import load_images
 
-    from .options import ensemble_params
+    from stacker.app.options import ensemble_params
 
     print(f"cache: {os.path.abspath(args.cache)}")
     data = load_images(args.data)
@@ -170,7 +170,7 @@ def cmd_fit(args, out) -> int:
     ens.save(args.out)
     print(ens.leaderboard(), file=out)
     if not args.no_report:
-        from .report import report
+        from stacker.app.report import report
 
         print(f"report: {report(args.out)}", file=out)
     print(f"saved ensemble to {args.out}", file=out)
@@ -211,7 +211,7 @@ def cmd_predict(args, out) -> int:
 
 def cmd_submit(args, out) -> int:
     import stacker
-    from stacker.images import from_test_folder
+    from stacker.data.images import from_test_folder
 
     test = from_test_folder(args.test_folder)
     ens = stacker.Ensemble.load(args.model, trusted=args.trust, cache_dir=args.cache, verbose=0 if args.quiet else 1)
@@ -238,15 +238,15 @@ def _fill_value(text):
 
 
 def cmd_report(args, out) -> int:
-    from .report import report
+    from stacker.app.report import report
 
     print(report(args.run_dir, args.out), file=out)
     return 0
 
 
 def cmd_top5(args, out) -> int:
-    from .options import weights_arg
-    from .pretrained import top_k
+    from stacker.app.options import weights_arg
+    from stacker.backbones.pretrained import top_k
 
     paths, _ = _expand(args.images)
     res = top_k(paths, backbone=args.backbone, k=args.k, weights=weights_arg(args.weights),
@@ -272,9 +272,9 @@ def _parse_shard(text):
 
 
 def cmd_extract(args, out) -> int:
-    from .features import FeatureExtractor
-    from .images import load_images
-    from .options import weights_arg
+    from stacker.features.extractor import FeatureExtractor
+    from stacker.data.images import load_images
+    from stacker.app.options import weights_arg
 
     try:
         data = load_images(args.data)
@@ -291,7 +291,7 @@ def cmd_extract(args, out) -> int:
                                weights_dir=args.weights_dir, on_bad_image=args.on_bad_image, resize=args.resize,
                                engine=args.engine, verbose=0 if args.quiet else 1)
         if _connect_ray(args):
-            from .distributed import fill_cache
+            from stacker.learners.distributed import fill_cache
 
             done = fill_cache(ext, data)
             part = f" ({done.computed} computed on {done.workers} Ray workers)"
@@ -302,8 +302,8 @@ def cmd_extract(args, out) -> int:
 
 
 def cmd_cache(args, out) -> int:
-    from . import inventory
-    from .cache import FeatureCache
+    from stacker.app import inventory
+    from stacker.features.cache import FeatureCache
 
     if args.action == "merge":
         if not args.sources:

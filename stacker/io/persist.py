@@ -34,17 +34,17 @@ MAX_KERAS_BYTES_ENV = "STACKER_MAX_KERAS_BYTES"
 # Types stacker itself writes that skops does not trust by default. Each is a plain
 # estimator class whose state is arrays and numbers; none runs code when rebuilt.
 TRUSTED_TYPES = (
-    "stacker.models.PrototypeClassifier",
-    "stacker.streaming.StreamingLogistic",
-    "stacker.streaming.StreamingPrototype",
-    "stacker.models.DenseClassifier",  # unfitted, as a parameter; fitted ones are .keras files
-    "stacker.finetune.FineTunedClassifier",
-    "stacker.meta.GreedyEnsemble",
-    "stacker.meta.LogitStacker",
-    "stacker.meta.MeanClassifier",
-    "stacker.meta.SingleBest",
-    "stacker.meta.TwoLayerStack",
-    "stacker.meta.TemperatureScaler",
+    "stacker.learners.zoo.PrototypeClassifier",
+    "stacker.learners.streaming.StreamingLogistic",
+    "stacker.learners.streaming.StreamingPrototype",
+    "stacker.learners.zoo.DenseClassifier",  # unfitted, as a parameter; fitted ones are .keras files
+    "stacker.learners.finetune.FineTunedClassifier",
+    "stacker.level2.combiners.GreedyEnsemble",
+    "stacker.level2.combiners.LogitStacker",
+    "stacker.level2.combiners.MeanClassifier",
+    "stacker.level2.combiners.SingleBest",
+    "stacker.level2.combiners.TwoLayerStack",
+    "stacker.level2.combiners.TemperatureScaler",
     "sklearn.model_selection._split.StratifiedKFold",
 )
 

@@ -31,13 +31,13 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 from sklearn.utils.validation import check_is_fitted
 
-from . import backbones as _backbones
-from .features import FeatureExtractor, tf_float32
-from .learners import Learner, extractor_kwargs, register_learner
-from .meta import _align, score
-from .models import DenseClassifier, fit_scope, keras_fit
-from .persist import checked_params, load_keras, register_format
-from .streaming import CachedRows
+from stacker.backbones import registry as _backbones
+from stacker.features.extractor import FeatureExtractor, tf_float32
+from stacker.learners.base import Learner, extractor_kwargs, register_learner
+from stacker.level2.combiners import _align, score
+from stacker.learners.zoo import DenseClassifier, fit_scope, keras_fit
+from stacker.io.persist import checked_params, load_keras, register_format
+from stacker.learners.streaming import CachedRows
 
 __all__ = ["CutPointExtractor", "FineTunedClassifier", "FineTunedLearner", "VIEWS", "split_backbone", "view_pixels",
            "DEFAULT_FINETUNE", "finetune_params"]
@@ -190,7 +190,7 @@ class CutPointExtractor(FeatureExtractor):
     Parameters
     ----------
     backbone, weights, input_size, ... :
-        As for :class:`stacker.features.FeatureExtractor`.
+        As for :class:`stacker.features.extractor.FeatureExtractor`.
     blocks : int
         Blocks above the cut (see :func:`split_backbone`).
     view : str
@@ -207,7 +207,7 @@ class CutPointExtractor(FeatureExtractor):
         self._bottom = bottom
 
     def _split(self):
-        from .engines import strategy_scope
+        from stacker.features.engines import strategy_scope
 
         with strategy_scope(self.strategy):
             full = _backbones.build(self.cfg.name, weights=self.weights, input_size=self.size,
@@ -266,7 +266,7 @@ class CutPointExtractor(FeatureExtractor):
 class _ViewBatches:
     """Training batches that draw one cached view per image per epoch (seeded; ``seed=None``: in order).
 
-    Views may be :class:`~stacker.streaming.CachedRows`: a batch is then read from the cache.
+    Views may be :class:`~stacker.learners.streaming.CachedRows`: a batch is then read from the cache.
     """
 
     def __init__(self, views, Y, batch_size, shape, seed):
@@ -344,7 +344,7 @@ def _EpochTimer():  # noqa: N802 - a Keras callback factory (keras is imported l
 class FineTunedClassifier(ClassifierMixin, BaseEstimator):
     """A backbone's top blocks plus a softmax head, trained in two phases on cut-point activations.
 
-    Phase 1 trains the head (:class:`~stacker.learners.DenseClassifier`) on the frozen
+    Phase 1 trains the head (:class:`~stacker.learners.base.DenseClassifier`) on the frozen
     top's pooled features; phase 2 unfreezes the top blocks (BatchNorm layers stay frozen
     and in inference mode) and trains head and blocks together with a small learning
     rate, EarlyStopping and ReduceLROnPlateau on the same stratified validation split.
@@ -488,7 +488,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         if k < 2:
             raise ValueError("need at least two classes to train a classifier")
         keras.utils.set_random_seed(int(self.random_state))
-        from .engines import strategy_scope
+        from stacker.features.engines import strategy_scope
 
         with strategy_scope(self.strategy):  # the top's copy, the head and the phase-2 model live in it
             return self._fit(X, y, y_idx, views, pooled, paths, orientations, top, bottom)
@@ -559,7 +559,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         import keras
         import tensorflow as tf
 
-        from . import images as _images
+        from stacker.data import images as _images
 
         size = int(bottom.input_shape[1])
         pixels_in = keras.Input((size, size, 3), name="pixels")
@@ -683,7 +683,7 @@ READ_ROWS = 256  # cut-point rows read from the cache at a time: 256 x 9,408 flo
 def _batched(fn, X, batch: int = 64) -> np.ndarray:
     """Apply a model call (:func:`_on_rows`) to row chunks of ``X``: no per-model ``predict`` set-up.
 
-    A :class:`~stacker.streaming.CachedRows` ``X`` is read :data:`READ_ROWS` rows at a
+    A :class:`~stacker.learners.streaming.CachedRows` ``X`` is read :data:`READ_ROWS` rows at a
     time, in order (not a ``windows()`` window: 8,192 rows of 9,408 activations are 460 MB
     as float32); the rows of a chunk are batched as those of an array would be.
     """
@@ -759,7 +759,7 @@ class FineTunedLearner(Learner):
         return {"top": self.source.frozen_top(), "pooled": self.source.frozen_pooled(inputs["original"])}
 
     def _fit_fold(self, i, tr, va, inputs, y, k, data, state):
-        from . import images as _images
+        from stacker.data import images as _images
 
         ft, st = self.spec["finetune"], self.settings
         params = {p: v for p, v in ft.items() if p in FineTunedClassifier().get_params()}

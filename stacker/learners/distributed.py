@@ -28,10 +28,10 @@ import time
 
 import numpy as np
 
-from . import backbones as _backbones
-from . import fingerprint as _fingerprint
-from . import images as _images
-from .cache import FeatureCache
+from stacker.backbones import registry as _backbones
+from stacker.data import fingerprint as _fingerprint
+from stacker.data import images as _images
+from stacker.features.cache import FeatureCache
 
 __all__ = ["connect", "worker_env", "fill_cache", "run_folds", "ExtractReport"]
 

@@ -6,7 +6,7 @@ and appends their features chunk by chunk, so a second run does no forward pass 
 a killed run resumes from its last complete chunk. The cache key is derived from the
 backbone config, the sha256 of the weights, the input size, the preprocessing and the
 source code of the pixel pipeline and model builders; inside, an image is found by the
-digest of its bytes (:mod:`stacker.fingerprint`), wherever the file now lives.
+digest of its bytes (:mod:`stacker.data.fingerprint`), wherever the file now lives.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import backbones as _backbones
-from . import engines as _engines
-from . import fingerprint as _fingerprint
-from . import images as _images
-from .cache import FeatureCache
-from .torch_checkpoint import sha256_file
+from stacker.backbones import registry as _backbones
+from stacker.features import engines as _engines
+from stacker.data import fingerprint as _fingerprint
+from stacker.data import images as _images
+from stacker.features.cache import FeatureCache
+from stacker.backbones.torch_checkpoint import sha256_file
 
 __all__ = ["FeatureExtractor", "Features", "forward_pass_count"]
 
@@ -46,7 +46,7 @@ def _code_fingerprint() -> str:
     """
     import inspect
 
-    from . import efficientnet_lite
+    from stacker.backbones import efficientnet_lite
 
     parts = [_images._decode, _images._orient, _images.resize_pixels, _images.pixel_batches,
              _images.array_batches, _images._as_rgb_array, _images._pil_rgb, _images._pil_pixels, _images._to_8bit,
@@ -137,12 +137,12 @@ class FeatureExtractor:
     weights_id : str, optional
         Identity of ``model``'s weights for the cache key.
     engine : {"auto", "keras", "xla", "onnx"}
-        What runs the forward pass (:mod:`stacker.engines`); ``"auto"`` is ONNX Runtime
+        What runs the forward pass (:mod:`stacker.features.engines`); ``"auto"`` is ONNX Runtime
         when installed (about 3x faster on a CPU), else Keras. Part of the cache key.
     strategy : tf.distribute.Strategy, optional
         Build the backbone in its scope and split every batch over its replicas
         (MirroredStrategy for several GPUs); implies the Keras engine.
-    saved : stacker.engines.SavedNetwork, optional
+    saved : stacker.features.engines.SavedNetwork, optional
         The network as a saved ensemble stores it (with ``weights_id``): its ONNX graph
         runs as is on the ONNX engine, its ``.keras`` archive is loaded only if needed.
     """
@@ -267,7 +267,7 @@ class FeatureExtractor:
     def _run_batches(self, batches, count: int | None = None):
         """``(tag, pixels)`` -> ``(tag, rows)`` for each batch (``count`` of them), in order: extraction's bulk path.
 
-        On ONNX Runtime two batches run at once (:meth:`stacker.engines.OnnxForward.map`);
+        On ONNX Runtime two batches run at once (:meth:`stacker.features.engines.OnnxForward.map`);
         other engines take one batch at a time through :meth:`_run`.
         """
         global _FORWARD_IMAGES
@@ -287,7 +287,7 @@ class FeatureExtractor:
         Images are found in the cache by the digest of their bytes, so moved, renamed or
         copied files are not computed again. ``on_bad_image`` and ``batch_size`` override
         the extractor's own for this call only (nothing shared is changed). ``lazy``: the
-        values are a :class:`stacker.streaming.CachedRows` view of the cache file, not an
+        values are a :class:`stacker.learners.streaming.CachedRows` view of the cache file, not an
         array (out-of-core learning; needs a ``cache_dir``).
         """
         if lazy and self.cache_dir is None:
@@ -323,7 +323,7 @@ class FeatureExtractor:
             _raise_bad(images, skipped)
         kept = np.array([i for i in range(n) if i not in skipped], dtype=np.int64)
         if entry is not None and lazy:
-            from .streaming import CachedRows
+            from stacker.learners.streaming import CachedRows
 
             values = CachedRows(entry.path, entry.lookup([fps[i] for i in kept]), entry.dim, entry.dtype)
         elif entry is not None:

@@ -1,14 +1,14 @@
 """What a cache folder holds, for ``stacker cache``: every kind of artefact, listed and removed.
 
-A cache folder (``--cache``; :func:`stacker.options.default_cache_dir` by default) has
+A cache folder (``--cache``; :func:`stacker.app.options.default_cache_dir` by default) has
 
-- ``features/``: one HDF5 file per feature key (:class:`stacker.cache.FeatureCache`);
-- ``onnx/``: backbones exported for ONNX Runtime, ``<network>-<key>.onnx`` (:mod:`stacker.engines`);
-- ``learners/``, ``folds/``, ``test_proba/``: the result stores of :data:`stacker.cache.STORES` (a
+- ``features/``: one HDF5 file per feature key (:class:`stacker.features.cache.FeatureCache`);
+- ``onnx/``: backbones exported for ONNX Runtime, ``<network>-<key>.onnx`` (:mod:`stacker.features.engines`);
+- ``learners/``, ``folds/``, ``test_proba/``: the result stores of :data:`stacker.features.cache.STORES` (a
   learner's fold models and out-of-fold arrays; a finished fold of a learner still in training;
   a learner's fold-averaged probabilities of a set of images);
 - ``converted_weights/``: EfficientNet-Lite checkpoints converted to Keras weights;
-- ``fingerprints.sqlite``: the stat memo of image content digests (:mod:`stacker.fingerprint`).
+- ``fingerprints.sqlite``: the stat memo of image content digests (:mod:`stacker.data.fingerprint`).
 
 Each artefact is listed with whose it is (backbone; learner and training-data
 fingerprint for results, from the ``meta.json`` written beside them), its size, its age
@@ -28,8 +28,8 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
-from .cache import STORES, FeatureCache
-from .fingerprint import MEMO_FILE
+from stacker.features.cache import STORES, FeatureCache
+from stacker.data.fingerprint import MEMO_FILE
 
 __all__ = ["Artefact", "KINDS", "NotACacheError", "current_code", "format_table", "human_size", "remove", "scan",
            "select"]
@@ -70,11 +70,11 @@ class Artefact:
 
 def current_code() -> dict:
     """The fingerprints current code gives each code part of a cache key (see ``Learner.entry_meta``)."""
-    from . import __version__
-    from .features import _code_fingerprint
-    from .finetune import _cut_code_fingerprint, _finetune_code
-    from .models import code_fingerprint
-    from .persist import PERSIST_FORMAT
+    from stacker import __version__
+    from stacker.features.extractor import _code_fingerprint
+    from stacker.learners.finetune import _cut_code_fingerprint, _finetune_code
+    from stacker.learners.zoo import code_fingerprint
+    from stacker.io.persist import PERSIST_FORMAT
 
     return {"code": _code_fingerprint(), "cut_code": _cut_code_fingerprint(), "model_code": code_fingerprint(),
             "finetune_code": _finetune_code(), "persist": PERSIST_FORMAT, "stacker": __version__}
@@ -162,11 +162,11 @@ def _features(directory: str, current: dict) -> list[Artefact]:
 
 
 def _onnx_name(meta: dict) -> str:
-    """The ONNX file an extractor with these feature-key parts exports (``stacker.engines._onnx_session``)."""
+    """The ONNX file an extractor with these feature-key parts exports (``stacker.features.engines._onnx_session``)."""
     size = meta.get("input_size")
     network = meta.get("backbone", "")
     if meta.get("output") == "cut-activations":
-        network = f"{network}_bottom{meta.get('blocks')}_pixels"  # stacker.finetune.split_backbone's name
+        network = f"{network}_bottom{meta.get('blocks')}_pixels"  # stacker.learners.finetune.split_backbone's name
     identity = f"{meta.get('weights')}|{meta.get('code')}"
     key = hashlib.sha256(f"{network}|{(None, size, size, 3)}|{identity}".encode()).hexdigest()[:20]
     return f"{network}-{key}.onnx"

@@ -6,7 +6,7 @@ short list of *types*, never a module:
 
 - scikit-learn-style estimators are written with ``skops.io``. Loading rebuilds only
   types that skops trusts by default (scikit-learn's estimators, NumPy arrays, plain
-  containers) or that are listed in :data:`TRUSTED_TYPES` (stacker's own estimators) or
+  containers) or that stacker registered with :func:`trusted` (its own estimators) or
   by the user (``trusted=`` / ``$STACKER_TRUSTED_TYPES``). skops never calls a function
   named in the file; an unknown type stops the load before anything is built.
 - Keras-backed estimators and networks are ``.keras`` archives. Before Keras reads one,
@@ -25,28 +25,16 @@ import zipfile
 
 __all__ = ["register_format", "save_estimator", "load_estimator", "save_unfitted", "load_unfitted",
            "load_keras", "check_keras_archive", "member", "checked_params", "trusted_types", "UntrustedTypeError", "LegacyFormatError",
-           "ModelIntegrityError", "TRUSTED_TYPES", "TRUSTED_TYPES_ENV", "PERSIST_FORMAT"]
+           "ModelIntegrityError", "trusted", "TRUSTED_TYPES_ENV", "PERSIST_FORMAT"]
 
 PERSIST_FORMAT = "skops-1"  # part of cache keys: results written in another format are not reused
 TRUSTED_TYPES_ENV = "STACKER_TRUSTED_TYPES"  # extra fully qualified type names, comma-separated
 MAX_KERAS_BYTES_ENV = "STACKER_MAX_KERAS_BYTES"
 
-# Types stacker itself writes that skops does not trust by default. Each is a plain
-# estimator class whose state is arrays and numbers; none runs code when rebuilt.
-TRUSTED_TYPES = (
-    "stacker.learners.zoo.PrototypeClassifier",
-    "stacker.learners.streaming.StreamingLogistic",
-    "stacker.learners.streaming.StreamingPrototype",
-    "stacker.learners.zoo.DenseClassifier",  # unfitted, as a parameter; fitted ones are .keras files
-    "stacker.learners.finetune.FineTunedClassifier",
-    "stacker.level2.combiners.GreedyEnsemble",
-    "stacker.level2.combiners.LogitStacker",
-    "stacker.level2.combiners.MeanClassifier",
-    "stacker.level2.combiners.SingleBest",
-    "stacker.level2.combiners.TwoLayerStack",
-    "stacker.level2.combiners.TemperatureScaler",
-    "sklearn.model_selection._split.StratifiedKFold",
-)
+# Types stacker itself writes that skops does not trust by default, registered where each
+# is defined (:func:`trusted`). Each is a plain estimator class whose state is arrays and
+# numbers; none runs code when rebuilt.
+_TRUSTED: dict[str, None] = {}
 
 _FORMATS: dict = {}
 
@@ -71,12 +59,19 @@ class LegacyFormatError(ValueError):
     """A file in the pickle-based format of model format 2 and older, which is never loaded."""
 
 
+def trusted(cls_or_name):
+    """Trust a type stacker saves (a class decorator, or a fully qualified name): one line where it is defined."""
+    name = cls_or_name if isinstance(cls_or_name, str) else f"{cls_or_name.__module__}.{cls_or_name.__qualname__}"
+    _TRUSTED[name] = None
+    return cls_or_name
+
+
 def trusted_types(extra=()) -> list[str]:
     """stacker's trusted types plus ``extra`` and ``$STACKER_TRUSTED_TYPES`` (type names, not modules)."""
     if isinstance(extra, str):
         extra = [extra]
     env = [t.strip() for t in os.environ.get(TRUSTED_TYPES_ENV, "").split(",") if t.strip()]
-    names = list(TRUSTED_TYPES) + list(extra or ()) + env
+    names = list(_TRUSTED) + list(extra or ()) + env
     for name in names:
         if not isinstance(name, str) or "." not in name:
             raise ValueError(f"a trusted type is a fully qualified class name such as "

@@ -36,7 +36,7 @@ from stacker.features.extractor import FeatureExtractor, tf_float32
 from stacker.learners.base import Learner, extractor_kwargs, register_learner
 from stacker.level2.combiners import _align, score
 from stacker.learners.zoo import DenseClassifier, fit_scope, keras_fit
-from stacker.io.persist import checked_params, load_keras, register_format
+from stacker.io.persist import checked_params, load_keras, register_format, trusted
 from stacker.learners.streaming import CachedRows
 
 __all__ = ["CutPointExtractor", "FineTunedClassifier", "FineTunedLearner", "VIEWS", "split_backbone", "view_pixels",
@@ -341,6 +341,7 @@ def _EpochTimer():  # noqa: N802 - a Keras callback factory (keras is imported l
     return EpochTimer()
 
 
+@trusted
 class FineTunedClassifier(ClassifierMixin, BaseEstimator):
     """A backbone's top blocks plus a softmax head, trained in two phases on cut-point activations.
 

@@ -37,6 +37,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from stacker.features.cache import _read_rows
 from stacker.learners.zoo import MODELS, DenseClassifier, PrototypeClassifier, _unit, keras_fit, make_model
+from stacker.io.persist import register_format, trusted
 
 __all__ = ["CachedRows", "StreamingLogistic", "StreamingPrototype", "STREAMING_MODELS", "streaming_model",
            "blocks", "OUT_OF_CORE_BYTES", "use_out_of_core", "streaming_code"]
@@ -154,6 +155,7 @@ def _labels(y):
     return classes, y_idx
 
 
+@trusted
 class StreamingLogistic(ClassifierMixin, BaseEstimator):
     """Standardised multinomial logistic regression by seeded mini-batch Adam, a window at a time.
 
@@ -255,6 +257,7 @@ def _chunked_nll(S, y_idx, chunk: int = WINDOW):
     return nll
 
 
+@trusted
 class StreamingPrototype(PrototypeClassifier):
     """:class:`~stacker.learners.zoo.PrototypeClassifier` fitted in three passes (mean, prototypes, scale).
 
@@ -425,6 +428,5 @@ def streaming_code() -> str:
     return hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:16]
 
 
-from stacker.io.persist import register_format  # noqa: E402 - saved as its parent's .keras + JSON
 
 register_format("StreamingDense", StreamingDense)

@@ -35,6 +35,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from stacker.io.persist import checked_params, load_keras, register_format, trusted
+
 __all__ = ["DenseClassifier", "PrototypeClassifier", "MODELS", "PRESETS", "ModelSpec", "make_model",
            "model_names", "register_model", "fresh_estimator", "code_fingerprint", "proba_function", "keras_fit",
            "fit_scope"]
@@ -100,6 +102,7 @@ def _gradient_registry() -> dict:
         return {}
 
 
+@trusted
 class DenseClassifier(ClassifierMixin, BaseEstimator):
     """Dropout + dense softmax (optionally with hidden layers), trained with early stopping.
 
@@ -334,6 +337,7 @@ def _jsonable(params: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
 
 
+@trusted
 class PrototypeClassifier(ClassifierMixin, BaseEstimator):
     """Cosine similarity to class prototypes, as a softmax with a fitted temperature.
 
@@ -435,6 +439,9 @@ def _unit(M):
     return M / np.maximum(np.linalg.norm(M, axis=-1, keepdims=True), 1e-12)
 
 
+trusted(StratifiedKFold)  # the logistic learner's inner folds, saved in its fitted pipeline
+
+
 def _logistic(random_state: int, **_):
     """Standardised L2 logistic regression; C by 3-fold inner CV on log loss, refitted on all rows."""
     inner = StratifiedKFold(3, shuffle=True, random_state=random_state)
@@ -529,6 +536,5 @@ def fresh_estimator(spec, random_state: int, role: str):
     return est
 
 
-from stacker.io.persist import checked_params, load_keras, register_format  # noqa: E402 - the registry is filled as estimator classes are defined
 
 register_format("DenseClassifier", DenseClassifier)

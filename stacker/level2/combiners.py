@@ -37,6 +37,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from stacker.learners.zoo import DenseClassifier, fresh_estimator
+from stacker.io.persist import trusted
 
 __all__ = ["GreedyEnsemble", "LogitStacker", "MeanClassifier", "SingleBest", "TwoLayerStack", "TemperatureScaler",
            "COMBINERS",
@@ -109,6 +110,7 @@ class _BlockCombiner(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(proba, axis=1)]
 
 
+@trusted
 class MeanClassifier(_BlockCombiner):
     """Average of the base learners' probabilities (no learning beyond the class list).
 
@@ -131,6 +133,7 @@ class MeanClassifier(_BlockCombiner):
         return _blocks(X, self.n_learners, len(self.classes_)).mean(axis=0)
 
 
+@trusted
 class SingleBest(_BlockCombiner):
     """The one learner with the lowest log loss on the training rows (or ``index`` when given)."""
 
@@ -153,6 +156,7 @@ class SingleBest(_BlockCombiner):
         return _blocks(X, self.n_learners, len(self.classes_))[self.index_]
 
 
+@trusted
 class GreedyEnsemble(_BlockCombiner):
     """Ensemble selection with replacement (Caruana et al. 2004) on log loss.
 
@@ -200,6 +204,7 @@ class GreedyEnsemble(_BlockCombiner):
         return np.tensordot(self.weights_, _blocks(X, self.n_learners, len(self.classes_)), axes=1)
 
 
+@trusted
 class LogitStacker(_BlockCombiner):
     """``softmax(sum_l w_l log P_l + b)``: a weighted geometric mean with class biases.
 
@@ -258,6 +263,7 @@ class LogitStacker(_BlockCombiner):
         return softmax(np.tensordot(self.weights_, logP, axes=1) + self.bias_, axis=1)
 
 
+@trusted
 class TwoLayerStack(_BlockCombiner):
     """A second stacking layer with passthrough: combiners' out-of-fold outputs next to the learners'.
 
@@ -306,6 +312,7 @@ class TwoLayerStack(_BlockCombiner):
         return self.final_.predict_proba(np.hstack([X] + second))
 
 
+@trusted
 class TemperatureScaler(BaseEstimator):
     """A temperature and a floor on probabilities, fitted by minimising log loss.
 

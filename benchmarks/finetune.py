@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     if not os.path.isdir(args.data):
         raise SystemExit(f"{args.data} not found: pass --data (a folder of cat.N.jpg / dog.N.jpg)")
 
-    from stacker.learners.finetune import CutPointExtractor, FineTunedClassifier
+    from stacker.features.cutpoint import CutPointExtractor
+    from stacker.learners.finetune import FineTunedClassifier
     from stacker.data.images import load_images
 
     data = load_images(args.data).head(args.n, seed=0)

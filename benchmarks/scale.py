@@ -108,7 +108,7 @@ def fit(n: int, folder: str) -> dict:
     from stacker.features.cache import FeatureCache
     from stacker.ensemble import Ensemble
     from stacker.learners.base import make_learners
-    from stacker.learners.streaming import CachedRows
+    from stacker.features.rows import CachedRows
 
     from stacker.learners.memory import return_freed_blocks
 

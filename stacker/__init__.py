@@ -11,7 +11,7 @@ import os as _os
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
-from stacker.learners import finetune as _finetune  # noqa: E402,F401 - registers the fine-tuned learner kind
+from stacker.learners import finetuned as _finetuned  # noqa: E402,F401 - registers the fine-tuned learner kind
 from stacker.ensemble import Ensemble  # noqa: E402
 from stacker.data.images import ImageSet, load_images  # noqa: E402
 from stacker.predict import Prediction, load, predict  # noqa: E402

@@ -32,7 +32,8 @@ from stacker.level2.combiners import (META_INPUTS, PROBABILITY_COMBINERS, Level2
 from stacker.io.persist import (ModelIntegrityError, load_estimator, load_unfitted, member, save_estimator, save_unfitted,
                       trusted_types)
 from stacker.learners.memory import return_freed_blocks
-from stacker.learners.streaming import streaming_model, use_out_of_core
+from stacker.features.rows import use_out_of_core
+from stacker.learners.streaming import streaming_model
 from stacker.backbones.torch_checkpoint import sha256_file
 
 __all__ = ["Ensemble", "FORMAT_VERSION", "format_leaderboard", "ModelIntegrityError"]
@@ -101,7 +102,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         matrix (:mod:`stacker.learners.streaming`): models are then the streaming ``logistic`` and
         ``prototype``, and level 2 sees probabilities only. ``"auto"`` streams once the
         training features of all sources would take more than 4 GiB as float32
-        (:data:`stacker.learners.streaming.OUT_OF_CORE_BYTES`); below, results are exactly the
+        (:data:`stacker.features.rows.OUT_OF_CORE_BYTES`); below, results are exactly the
         in-memory ones. Needs ``cache_dir``.
     executor : {"local", "ray"}
         ``"ray"``: extract missing features on a Ray actor pool and fit folds as Ray tasks

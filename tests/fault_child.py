@@ -38,7 +38,7 @@ def install(point: str) -> None:
     import stacker.ensemble
     import stacker.learners.base
     from stacker.learners.finetune import FineTunedClassifier
-    from stacker.learners.zoo import DenseClassifier
+    from stacker.learners.dense import DenseClassifier
 
     target, when = KILL_POINTS[point]
     calls = [0]
@@ -85,7 +85,7 @@ def main(config, data_dir, cache, out, result, point=None):
     from stacker.ensemble import Ensemble
     from stacker.features.extractor import forward_pass_count
     from stacker.learners.finetune import FineTunedClassifier
-    from stacker.learners.zoo import DenseClassifier
+    from stacker.learners.dense import DenseClassifier
 
     fits = {"dense": 0, "finetune": 0}
 

@@ -128,7 +128,7 @@ def test_a_tf_distribute_strategy_runs_extraction_heads_and_fine_tuning(tmp_path
     import tensorflow as tf
 
     from stacker.ensemble import Ensemble
-    from stacker.learners.zoo import DenseClassifier
+    from stacker.learners.dense import DenseClassifier
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
     common = dict(backbone="tiny_cnn", input_size=32, weights=weights, verbose=0)

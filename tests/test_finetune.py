@@ -13,7 +13,9 @@ from stacker.backbones import build
 from stacker.features.cache import FeatureCache
 from stacker.ensemble import Ensemble
 from stacker.features.extractor import forward_pass_count
-from stacker.learners.finetune import CutPointExtractor, FineTunedClassifier, finetune_params, split_backbone
+from stacker.features.cutpoint import CutPointExtractor, split_backbone
+from stacker.learners.finetune import FineTunedClassifier
+from stacker.learners.finetuned import finetune_params
 
 FT = {"blocks": 1, "epochs": 3, "head_epochs": 5, "learning_rate": 1e-3, "tta": ("original", "flip")}
 

@@ -191,7 +191,7 @@ def test_prototype_scale_is_fitted_without_its_own_rows():
 def _dense_checks():
     from sklearn.utils.estimator_checks import check_estimator
 
-    from stacker.learners.zoo import DenseClassifier
+    from stacker.learners.dense import DenseClassifier
 
     # every check applies (pandas and array-API checks skip themselves when those are not installed)
     return check_estimator(DenseClassifier(epochs=3, batch_size=32, patience=2), on_fail=None)
@@ -212,7 +212,8 @@ def test_a_keras_fit_leaves_no_traced_train_step_or_dataset_behind():
     import keras
     from tensorflow.python.framework import ops
 
-    from stacker.learners.zoo import DenseClassifier, keras_fit
+    from stacker.learners.dense import DenseClassifier
+    from stacker.learners.keras_fit import keras_fit
 
     y, blocks = random_members(0, n=120)
     X = np.hstack(blocks).astype(np.float32)

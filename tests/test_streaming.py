@@ -6,19 +6,21 @@ import numpy as np
 import pytest
 
 from conftest import TINY, make_class_folders, save_tiny_weights
-from stacker.learners import finetune
+from stacker.features import cutpoint, rows
 from stacker.learners import streaming
 from stacker.features.cache import FeatureCache, FeatureEntry
 from stacker.ensemble import Ensemble
-from stacker.learners.zoo import DenseClassifier, PrototypeClassifier
+from stacker.learners.dense import DenseClassifier
+from stacker.learners.zoo import PrototypeClassifier
 from stacker.io.persist import load_estimator, save_estimator, trusted_types
-from stacker.learners.streaming import CachedRows, StreamingDense, StreamingLogistic, StreamingPrototype
+from stacker.features.rows import CachedRows
+from stacker.learners.streaming import StreamingDense, StreamingLogistic, StreamingPrototype
 
 
 @pytest.fixture
 def cached(tmp_path, monkeypatch):
     """3 classes x 1,000 rows of float16 in a cache file, viewed in a shuffled row order."""
-    monkeypatch.setattr(streaming, "WINDOW", 512)  # several windows on little data
+    monkeypatch.setattr(rows, "WINDOW", 512)  # several windows on little data
     rng = np.random.default_rng(0)
     n, d = 3000, 24
     y = rng.integers(0, 3, n)
@@ -39,7 +41,7 @@ def test_cached_rows_read_lazily_and_in_windows(cached):
     assert np.array_equal(view[17], X[17])
     seen = np.concatenate([pos for pos, rows in view.windows(seed=3)])
     assert np.array_equal(np.sort(seen), np.arange(len(X)))
-    assert max(len(pos) for pos, _ in view.windows()) <= streaming.WINDOW
+    assert max(len(pos) for pos, _ in view.windows()) <= rows.WINDOW
     with pytest.raises(TypeError, match="rows only"):
         view[:, 3]
 
@@ -74,15 +76,15 @@ def test_moments_are_numpys(cached):
 
 def test_streaming_dense_reads_a_window_at_a_time_is_seeded_and_saved_as_dense(cached, tmp_path, monkeypatch):
     view, X, y = cached
-    reads, original = [], streaming._read_file_rows
+    reads, original = [], rows.read_file_rows
 
     def spy(path, rows):
         reads.append(len(rows))
         return original(path, rows)
 
-    monkeypatch.setattr(streaming, "_read_file_rows", spy)
+    monkeypatch.setattr(rows, "read_file_rows", spy)
     a = StreamingDense(epochs=8, random_state=3).fit(view, y)
-    assert reads and max(reads) <= streaming.WINDOW  # one window of rows at a time, never the matrix
+    assert reads and max(reads) <= rows.WINDOW  # one window of rows at a time, never the matrix
     assert sum(reads) >= 8 * 0.9 * len(y)  # every training row read once an epoch
     b = StreamingDense(epochs=8, random_state=3).fit(view, y)
     proba = a.predict_proba(view)
@@ -111,9 +113,9 @@ def test_out_of_core_dense_heads_stream(folders, tmp_path, monkeypatch):
 
 
 def test_auto_switches_on_size():
-    assert not streaming.use_out_of_core("auto", 10_000, [1280, 1280])
-    assert streaming.use_out_of_core("auto", 1_000_000, [1280, 1280])
-    assert streaming.use_out_of_core(True, 10, [4]) and not streaming.use_out_of_core(False, 10**9, [4])
+    assert not rows.use_out_of_core("auto", 10_000, [1280, 1280])
+    assert rows.use_out_of_core("auto", 1_000_000, [1280, 1280])
+    assert rows.use_out_of_core(True, 10, [4]) and not rows.use_out_of_core(False, 10**9, [4])
 
 
 @pytest.fixture
@@ -188,7 +190,7 @@ def test_out_of_core_fine_tuning_streams_cut_activations_and_matches_in_memory(t
     with monkeypatch.context() as m:
         m.setattr(FeatureEntry, "read", lambda *_a, **_k: pytest.fail("a whole matrix was read"))
         m.setattr(CachedRows, "__array__", small_only)
-        m.setattr(finetune, "READ_ROWS", 8)  # the frozen top and predictions read a few batches at a time
+        m.setattr(cutpoint, "READ_ROWS", 8)  # the frozen top and predictions read a few batches at a time
         streamed = Ensemble([{**TINY, "weights": weights}], out_of_core=True, **kw).fit(folders)
     name = "tiny_cnn@32:finetune"
     np.testing.assert_allclose(streamed.oof_proba_[name], exact.oof_proba_[name], atol=1e-5)

@@ -72,12 +72,13 @@ def current_code() -> dict:
     """The fingerprints current code gives each code part of a cache key (see ``Learner.entry_meta``)."""
     from stacker import __version__
     from stacker.features.extractor import _code_fingerprint
-    from stacker.learners.finetune import _cut_code_fingerprint, _finetune_code
+    from stacker.features.cutpoint import cut_code_fingerprint
+    from stacker.learners.finetuned import finetune_code
     from stacker.learners.zoo import code_fingerprint
     from stacker.io.persist import PERSIST_FORMAT
 
-    return {"code": _code_fingerprint(), "cut_code": _cut_code_fingerprint(), "model_code": code_fingerprint(),
-            "finetune_code": _finetune_code(), "persist": PERSIST_FORMAT, "stacker": __version__}
+    return {"code": _code_fingerprint(), "cut_code": cut_code_fingerprint(), "model_code": code_fingerprint(),
+            "finetune_code": finetune_code(), "persist": PERSIST_FORMAT, "stacker": __version__}
 
 
 def _stale(recorded: dict, current: dict) -> bool:

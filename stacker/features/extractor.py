@@ -287,7 +287,7 @@ class FeatureExtractor:
         Images are found in the cache by the digest of their bytes, so moved, renamed or
         copied files are not computed again. ``on_bad_image`` and ``batch_size`` override
         the extractor's own for this call only (nothing shared is changed). ``lazy``: the
-        values are a :class:`stacker.learners.streaming.CachedRows` view of the cache file, not an
+        values are a :class:`stacker.features.rows.CachedRows` view of the cache file, not an
         array (out-of-core learning; needs a ``cache_dir``).
         """
         if lazy and self.cache_dir is None:
@@ -323,7 +323,7 @@ class FeatureExtractor:
             _raise_bad(images, skipped)
         kept = np.array([i for i in range(n) if i not in skipped], dtype=np.int64)
         if entry is not None and lazy:
-            from stacker.learners.streaming import CachedRows
+            from stacker.features.rows import CachedRows
 
             values = CachedRows(entry.path, entry.lookup([fps[i] for i in kept]), entry.dim, entry.dtype)
         elif entry is not None:

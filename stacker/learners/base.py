@@ -26,10 +26,12 @@ from stacker.features.cache import result_store, stable_hash
 from stacker.features.engines import SavedNetwork
 from stacker.features.extractor import FeatureExtractor
 from stacker.level2.combiners import _align, score
-from stacker.learners.zoo import code_fingerprint, make_model, model_label, model_names, proba_function
+from stacker.learners.fastpath import proba_function
+from stacker.learners.zoo import code_fingerprint, make_model, model_label, model_names
 from stacker.io.persist import (PERSIST_FORMAT, UntrustedTypeError, check_keras_archive, load_estimator, member,
                       save_estimator)
-from stacker.learners.streaming import CachedRows, streaming_code, streaming_model
+from stacker.features.rows import CachedRows
+from stacker.learners.streaming import streaming_code, streaming_model
 
 __all__ = ["Learner", "FrozenLearner", "LEARNER_KINDS", "register_learner", "learner_specs", "make_learners",
            "describe", "saved_networks"]
@@ -244,7 +246,7 @@ class Learner:
         """Mean of the fold models' probabilities.
 
         The inputs are checked once here, and known model kinds then skip scikit-learn's
-        per-call checks (:func:`stacker.learners.zoo.proba_function`): for one image those cost
+        per-call checks (:func:`stacker.learners.fastpath.proba_function`): for one image those cost
         more than the models. Each such function is compared with ``predict_proba`` on the
         first inputs it gets and replaced by ``predict_proba`` if they differ.
         """

@@ -1,12 +1,13 @@
-"""Fine-tuned base learners: two-phase transfer learning on a cut-point cache.
+"""The fine-tuned network: a backbone's top blocks and a head, trained in two phases on cut-point rows.
 
 The Keras guides fine-tune in two phases: train a new head on the frozen backbone,
 then unfreeze the top blocks and train on with a small learning rate, BatchNorm
 kept in inference mode. On a CPU the expensive part is the frozen bottom of the
 network, and it gives the same activations every epoch. So stacker cuts the backbone
-at the input of the first unfrozen block (:func:`split_backbone`), caches those
-activations in HDF5 once (:class:`CutPointExtractor`, one forward pass of the bottom
-per image and *view*), and trains only the top on them (:class:`FineTunedClassifier`).
+at the input of the first unfrozen block, caches those activations in HDF5 once
+(:mod:`stacker.features.cutpoint`: one forward pass of the bottom per image and *view*),
+and trains only the top on them (:class:`FineTunedClassifier`, this module). The learner
+kind that bags it over folds is :mod:`stacker.learners.finetuned`.
 
 What that costs: pixel-level random augmentation cannot pass through a frozen part
 that is not run. Instead, each cached *view* (``"flip"``, ``"center_crop"``) is an
@@ -19,12 +20,7 @@ augmentation layers (flip, zoom, rotation, contrast), several times slower.
 from __future__ import annotations
 
 import copy
-import functools
-import hashlib
-import inspect
 import json
-import re
-import weakref
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -32,232 +28,21 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.validation import check_is_fitted
 
 from stacker.backbones import registry as _backbones
-from stacker.features.extractor import FeatureExtractor, tf_float32
-from stacker.learners.base import Learner, extractor_kwargs, register_learner
-from stacker.level2.combiners import _align, score
-from stacker.learners.zoo import DenseClassifier, fit_scope, keras_fit
+from stacker.features.cutpoint import batched_rows, on_rows, pooled_rows, set_finetune_trainable, split_backbone
+from stacker.features.rows import CachedRows
 from stacker.io.persist import checked_params, load_keras, register_format, trusted
-from stacker.learners.streaming import CachedRows
+from stacker.learners.dense import DenseClassifier
+from stacker.learners.keras_fit import fit_scope, keras_fit
 
-__all__ = ["CutPointExtractor", "FineTunedClassifier", "FineTunedLearner", "VIEWS", "split_backbone", "view_pixels",
-           "DEFAULT_FINETUNE", "finetune_params"]
+__all__ = ["FineTunedClassifier", "AUGMENTATIONS"]
 
-VIEWS = ("original", "flip", "center_crop")
 AUGMENTATIONS = ("flip", "zoom", "rotation", "contrast", "translation")
-
-# What `--finetune` means on a CPU: the last two blocks unfrozen, a few epochs, flip as the cached view.
-# ``tta``: views averaged at prediction; ``train_views``: cached views drawn from in training;
-# ``tta_meta``: "mean" (one probability block per learner) or "views" (one per view) for the
-# meta-learner; ``cut_dtype``: storage of cut-point activations (float16 halves disk and memory).
-DEFAULT_FINETUNE = {"blocks": 2, "epochs": 4, "learning_rate": 1e-5, "tta": ("original", "flip"),
-                    "train_views": ("original", "flip"), "tta_meta": "mean", "cut_dtype": "float16"}
-
-
-def finetune_params(spec) -> dict | None:
-    """Normalise an ``Ensemble(finetune=...)`` value: None/False, True (CPU defaults) or a dict of overrides."""
-    if spec is None or spec is False:
-        return None
-    params = dict(DEFAULT_FINETUNE)
-    if spec is not True:
-        if not isinstance(spec, dict):
-            raise TypeError(f"finetune must be None, True or a dict of options, got {type(spec).__name__}")
-        unknown = set(spec) - set(DEFAULT_FINETUNE) - set(FineTunedClassifier().get_params())
-        if unknown:
-            raise ValueError(f"unknown finetune options {sorted(unknown)}")
-        params.update(spec)
-    for key in ("tta", "train_views"):
-        params[key] = tuple(params[key])
-        bad = [v for v in params[key] if v not in VIEWS]
-        if bad:
-            raise ValueError(f"finetune {key} views must be among {VIEWS}, got {bad}")
-    if params["tta_meta"] not in ("mean", "views"):
-        raise ValueError(f"tta_meta must be 'mean' or 'views', got {params['tta_meta']!r}")
-    if not params["tta"] or params["tta"][0] != "original":
-        params["tta"] = ("original",) + tuple(v for v in params["tta"] if v != "original")
-    return params
 
 
 # --------------------------------------------------------------------------- cutting
 
 
-def _inner_network(model):
-    """The bare network inside a :func:`stacker.backbones.build` wrapper (or the model itself)."""
-    import keras
-
-    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    return nested[-1] if nested else model
-
-
-def split_backbone(model, blocks: int, block_pattern: str):
-    """Cut a built backbone before its last ``blocks`` blocks.
-
-    Parameters
-    ----------
-    model : keras.Model
-        From :func:`stacker.backbones.build` (pixels in [0, 255] -> pooled features).
-    blocks : int
-        How many whole blocks, counted from the top, go above the cut. Layers after the
-        last block (e.g. EfficientNet's ``top_conv``) are always above it.
-    block_pattern : str
-        Regular expression whose first group is a layer's block id.
-
-    Returns
-    -------
-    bottom : keras.Model
-        Pixels -> activations at the cut (frozen, run once per image and view).
-    top : keras.Model
-        Activations at the cut -> pooled features. Shares its layers with ``model``.
-    cut_layer : str
-        Name of the first layer above the cut.
-    """
-    import keras
-
-    if not block_pattern:
-        raise ValueError(f"backbone {model.name!r} has no block structure registered (block_pattern), "
-                         "so it cannot be fine-tuned by blocks")
-    net = _inner_network(model)
-    regex = re.compile(block_pattern)
-    ids: list[str] = []
-    first: dict = {}
-    for layer in net.layers:
-        m = regex.match(layer.name)
-        if m and m.group(1) not in first:
-            ids.append(m.group(1))
-            first[m.group(1)] = layer
-    if not isinstance(blocks, (int, np.integer)) or not 1 <= blocks <= len(ids):
-        raise ValueError(f"blocks must be an integer between 1 and {len(ids)} for {model.name}, got {blocks!r}")
-    cut_layer = first[ids[-int(blocks)]]
-    cut = cut_layer.input
-    if isinstance(cut, (list, tuple)):
-        raise ValueError(f"cannot cut {model.name} before {cut_layer.name}: that layer has several inputs")
-    try:
-        top = keras.Model(cut, net.output, name=f"{model.name}_top{blocks}")
-    except ValueError as exc:
-        raise ValueError(f"cannot cut {model.name} before block {ids[-int(blocks)]}: layers above the cut "
-                         f"use tensors from below it ({exc})") from exc
-    bottom_net = keras.Model(net.input, cut, name=f"{model.name}_bottom{blocks}")
-    inputs = keras.Input(model.input_shape[1:], name="pixels")
-    x = inputs
-    for layer in model.layers[1:]:
-        if layer is net:
-            break
-        x = layer(x)  # the preprocessing layer(s) in front of the network
-    bottom = keras.Model(inputs, bottom_net(x, training=False), name=f"{model.name}_bottom{blocks}_pixels")
-    bottom.trainable = False
-    return bottom, top, cut_layer.name
-
-
-def set_finetune_trainable(top) -> None:
-    """Unfreeze every layer above the cut except BatchNorm (kept in inference mode with its statistics)."""
-    import keras
-
-    top.trainable = True
-    for layer in top.layers:  # each layer explicitly: clones keep their source's trainable=False
-        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
-
-
 # --------------------------------------------------------------------------- views
-
-
-def view_pixels(pixels, view: str):
-    """An exact, deterministic variant of a pixel batch (for cached augmentation and TTA)."""
-    import tensorflow as tf
-
-    if view == "original":
-        return pixels
-    if view == "flip":
-        return tf.reverse(pixels, axis=[2])
-    if view == "center_crop":
-        size = int(pixels.shape[1])
-        crop = int(round(size * 0.875))
-        off = (size - crop) // 2
-        crop_px = pixels[:, off : off + crop, off : off + crop, :]
-        return tf.clip_by_value(tf.image.resize(crop_px, (size, size), method="bilinear", antialias=True), 0.0, 255.0)
-    raise ValueError(f"unknown view {view!r}; use one of {VIEWS}")
-
-
-@functools.lru_cache(maxsize=None)
-def _cut_code_fingerprint() -> str:
-    """Hash of the code that decides cut-point values (split, views), on top of the feature code's."""
-    parts = [split_backbone, _inner_network, view_pixels, CutPointExtractor._network_input,
-             CutPointExtractor._network_output]
-    return hashlib.sha256("".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:16]
-
-
-class CutPointExtractor(FeatureExtractor):
-    """Activations at a backbone's cut point (flattened rows), cached like pooled features.
-
-    Parameters
-    ----------
-    backbone, weights, input_size, ... :
-        As for :class:`stacker.features.extractor.FeatureExtractor`.
-    blocks : int
-        Blocks above the cut (see :func:`split_backbone`).
-    view : str
-        One of :data:`VIEWS`; applied to the pixels before the network.
-    """
-
-    def __init__(self, backbone, blocks=1, view="original", **kwargs):
-        if view not in VIEWS:
-            raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-        self.blocks = int(blocks)
-        self.view = view
-        bottom = kwargs.pop("model", None)
-        super().__init__(backbone, **kwargs)
-        self._bottom = bottom
-
-    def _split(self):
-        from stacker.features.engines import strategy_scope
-
-        with strategy_scope(self.strategy):
-            full = _backbones.build(self.cfg.name, weights=self.weights, input_size=self.size,
-                                    weights_dir=self.weights_dir)
-        bottom, self._top, _ = split_backbone(full, self.blocks, self.cfg.block_pattern)
-        return bottom
-
-    def frozen_top(self):
-        """The pretrained (not fine-tuned) layers above the cut: cut activations -> pooled features."""
-        if getattr(self, "_top", None) is None:
-            self._bottom = self._split()
-        return self._top
-
-    def frozen_pooled(self, X) -> np.ndarray:
-        """Pooled features of the pretrained top over cached cut-point rows (phase 1's inputs)."""
-        return _pooled(self.frozen_top(), X, self.cut_shape)
-
-    @property
-    def model(self):
-        if self._bottom is None:
-            self._bottom = self._saved.keras() if self._saved is not None else self._split()
-        return self._bottom
-
-    def with_view(self, view: str) -> "CutPointExtractor":
-        """The same extractor (shared network) for another view."""
-        self.model  # build once here: a copy that built its own could differ (random init) and costs time
-        self.weights_id
-        other = copy.copy(self)
-        other.view = view
-        other._forward = self._saved.forward(self.engine) if self._saved is not None else None
-        if view not in VIEWS:
-            raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-        return other
-
-    @property
-    def cut_shape(self) -> tuple:
-        return tuple(int(d) for d in self.model.output_shape[1:])
-
-    def row_dim(self) -> int:
-        return int(np.prod(self.cut_shape))
-
-    def key_meta(self) -> dict:
-        return {**super().key_meta(), "output": "cut-activations", "blocks": self.blocks, "view": self.view,
-                "cut_code": _cut_code_fingerprint()}
-
-    def _network_input(self, pixels):
-        return view_pixels(tf_float32(pixels), self.view)
-
-    def _network_output(self, out) -> np.ndarray:
-        return out.reshape(len(out), -1)
 
 
 # --------------------------------------------------------------------------- the learner
@@ -266,7 +51,7 @@ class CutPointExtractor(FeatureExtractor):
 class _ViewBatches:
     """Training batches that draw one cached view per image per epoch (seeded; ``seed=None``: in order).
 
-    Views may be :class:`~stacker.learners.streaming.CachedRows`: a batch is then read from the cache.
+    Views may be :class:`~stacker.features.rows.CachedRows`: a batch is then read from the cache.
     """
 
     def __init__(self, views, Y, batch_size, shape, seed):
@@ -510,7 +295,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         n_val = max(int(np.ceil(self.validation_fraction * len(X))), k)  # at least one per class
         tr, va = train_test_split(np.arange(len(X)), test_size=n_val, stratify=y_idx, random_state=self.random_state)
         if pooled is None:
-            pooled = _pooled(top, X, shape)
+            pooled = pooled_rows(top, X, shape)
         # phase 1: the head alone on frozen features, with the split phase 2 uses
         head = DenseClassifier(dropout=self.dropout, epochs=self.head_epochs,
                                learning_rate=self.head_learning_rate, validation_fraction=self.validation_fraction,
@@ -597,7 +382,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         check_is_fitted(self, "model_")
         X = self._inputs(X)
-        proba = _batched(_on_rows(self.model_, self.cut_shape_), X)
+        proba = batched_rows(on_rows(self.model_, self.cut_shape_), X)
         proba = proba.astype(np.float64)
         return proba / proba.sum(axis=1, keepdims=True)
 
@@ -615,7 +400,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
             top = next(layer for layer in self.model_.layers if isinstance(layer, keras.Model))
             inputs = keras.Input(self.cut_shape_)
             self._features_model = keras.Model(inputs, top(inputs, training=False))
-        return _batched(_on_rows(self._features_model, self.cut_shape_), X)
+        return batched_rows(on_rows(self._features_model, self.cut_shape_), X)
 
     # -- persistence ------------------------------------------------------------------
     def save(self, path_stem: str) -> list[str]:
@@ -646,167 +431,6 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         return est
 
 
-def _pooled(top, X, shape) -> np.ndarray:
-    """Run a top network (cut activations -> pooled features) over flattened rows."""
-    return _batched(_on_rows(top, shape), X)
-
-
-_ROW_GRAPHS = weakref.WeakKeyDictionary()  # model -> its traced call on flattened rows
-
-
-def _on_rows(model, shape):
-    """``model`` on flattened cut-point rows as a traced graph, built once per model.
-
-    Not an eager call: called eagerly, a Keras model keeps every intermediate activation
-    of the batch until the call returns and the allocator keeps the pages (about 4 MB per
-    row for EfficientNet-Lite0's top two blocks, so ~1 GB at 256 rows, and growing with
-    the number of rows). A graph frees each intermediate once it is consumed. The
-    signature leaves the batch size open (one trace per model, not per shape); the graph
-    holds the model weakly, so a fold model that is dropped is freed with its graph.
-    """
-    import tensorflow as tf
-
-    fn = _ROW_GRAPHS.get(model)
-    if fn is None:
-        ref, shape = weakref.ref(model), tuple(int(d) for d in shape)
-
-        @tf.function(input_signature=[tf.TensorSpec((None, int(np.prod(shape))), tf.float32)])
-        def fn(rows):
-            return ref()(tf.reshape(rows, (-1,) + shape), training=False)
-
-        _ROW_GRAPHS[model] = fn
-    return fn
-
-
-READ_ROWS = 256  # cut-point rows read from the cache at a time: 256 x 9,408 float32 is 10 MB
-
-
-def _batched(fn, X, batch: int = 64) -> np.ndarray:
-    """Apply a model call (:func:`_on_rows`) to row chunks of ``X``: no per-model ``predict`` set-up.
-
-    A :class:`~stacker.learners.streaming.CachedRows` ``X`` is read :data:`READ_ROWS` rows at a
-    time, in order (not a ``windows()`` window: 8,192 rows of 9,408 activations are 460 MB
-    as float32); the rows of a chunk are batched as those of an array would be.
-    """
-    if isinstance(X, CachedRows):
-        out = None
-        for s in range(0, len(X), READ_ROWS):
-            part = _batched(fn, np.asarray(X[s : s + READ_ROWS], dtype=np.float32), batch)
-            out = np.empty((len(X),) + part.shape[1:], part.dtype) if out is None else out
-            out[s : s + len(part)] = part
-        return out
-    X = np.asarray(X)  # float32 a batch at a time: a float16 cache's whole matrix is never doubled
-    return np.concatenate([np.asarray(fn(np.asarray(X[i : i + batch], dtype=np.float32)))
-                           for i in range(0, len(X), batch)])
-
-
 register_format("FineTunedClassifier", FineTunedClassifier)
 
 
-@functools.lru_cache(maxsize=None)
-def _finetune_code() -> str:
-    """Hash of the fine-tuning code: a learner cache made by other training code is not reused.
-
-    Computed once per process, from the code that is running (not from a file edited since).
-    """
-    parts = [FineTunedClassifier, _ViewBatches, _pooled, _on_rows, _batched, FineTunedLearner._fit_fold]
-    return hashlib.sha256("".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:16]
-
-
-class FineTunedLearner(Learner):
-    """A fine-tuned network per fold on a backbone's cut-point cache (every cached view).
-
-    Its cached inputs are the activations at the cut, one HDF5 entry per view; each fold's
-    :class:`FineTunedClassifier` is fine-tuned on the other folds only, and its
-    out-of-fold outputs are the TTA views' probabilities, the phase-1 head's
-    probabilities and the fine-tuned network's pooled features.
-    """
-
-    kind = "finetuned"
-
-    @classmethod
-    def specs(cls, spec, models):
-        ft = finetune_params(spec["finetune"])
-        cfg = _backbones.get_cfg(spec["backbone"])
-        if not cfg.block_pattern:
-            raise ValueError(f"backbone {cfg.name} cannot be fine-tuned by blocks (no block_pattern registered); "
-                             "fine-tune another backbone or give this one finetune=None in its spec")
-        spec.pop("models", None)
-        spec.pop("head", None)
-        return [{**spec, "finetune": ft, "model": "finetune", "name": f"{spec['base']}:finetune"}]
-
-    @classmethod
-    def source_id(cls, spec):
-        return (spec["base"], cls.kind, spec["finetune"]["blocks"], spec["finetune"]["cut_dtype"])
-
-    @classmethod
-    def make_source(cls, spec, settings, model=None, weights_id=None, saved=None):
-        ft = spec["finetune"]
-        return CutPointExtractor(spec["backbone"], blocks=ft["blocks"], feature_dtype=ft["cut_dtype"],
-                                 **extractor_kwargs(spec, settings, model, weights_id, saved))
-
-    def views(self) -> dict:
-        ft = self.spec["finetune"]
-        cache = self.__dict__.setdefault("_views", {})
-        for v in dict.fromkeys(ft["tta"] + ft["train_views"]):
-            if v not in cache:
-                cache[v] = self.source if v == "original" else self.source.with_view(v)
-        return dict(cache)
-
-    def _key_extra(self) -> dict:
-        return {**super()._key_extra(), "finetune": self.spec["finetune"], "finetune_code": _finetune_code()}
-
-    def _prepare(self, inputs, y):
-        return {"top": self.source.frozen_top(), "pooled": self.source.frozen_pooled(inputs["original"])}
-
-    def _fit_fold(self, i, tr, va, inputs, y, k, data, state):
-        from stacker.data import images as _images
-
-        ft, st = self.spec["finetune"], self.settings
-        params = {p: v for p, v in ft.items() if p in FineTunedClassifier().get_params()}
-        est = FineTunedClassifier(**{**params, "backbone": self.source.cfg.name, "weights": self.spec["weights"],
-                                     "input_size": self.source.size, "weights_dir": st.weights_dir,
-                                     "random_state": st.random_state + i, "strategy": st.strategy,
-                                     "verbose": 2 if st.verbose else 0})
-        X = inputs["original"]
-        extra = [inputs[v][tr] for v in ft["train_views"] if v != "original"]
-        self._log(f"{self.name}: fine-tuning fold {i + 1} ({len(tr)} images, views {ft['train_views']})")
-        paths = [data.paths[r] for r in tr]
-        orient = _images.scan_images(paths)[0] if ft.get("mode") == "full" else None
-        est.fit(X[tr], y[tr], views=extra, pooled=state["pooled"][tr], paths=paths, orientations=orient,
-                top=state["top"], bottom=self.source.model)
-        arrays = {f"oof_proba_{v}": _align(est, est.predict_proba(inputs[v][va]), k) for v in ft["tta"]}
-        arrays["oof_proba"] = np.mean([arrays[f"oof_proba_{v}"] for v in ft["tta"]], axis=0)
-        arrays["phase1_oof_proba"] = _align(est.head_, est.head_.predict_proba(state["pooled"][va]), k)
-        arrays["oof_features"] = est.transform(X[va])
-        return est, arrays
-
-    def _meta_proba(self, per_view: dict, proba):
-        ft = self.spec["finetune"]
-        return np.concatenate([per_view[v] for v in ft["tta"]], axis=1) if ft["tta_meta"] == "views" else proba
-
-    def meta_oof(self, inputs):
-        per_view = {v: self.arrays_[f"oof_proba_{v}"] for v in self.spec["finetune"]["tta"]}
-        return self._meta_proba(per_view, self.oof_proba_), self.arrays_["oof_features"]
-
-    def extra_scores(self, y, k) -> dict:
-        phase1 = score(y, self.arrays_["phase1_oof_proba"], k)
-        return {**super().extra_scores(y, k), **{f"phase1_{m}": v for m, v in phase1.items()},
-                "phase2_kept": sum(bool(getattr(est, "phase2_kept_", False)) for est in self.fold_models_),
-                "views": list(self.spec["finetune"]["tta"])}
-
-    def predict(self, inputs, paths=None, features=False):
-        ft = self.spec["finetune"]
-        per_view = {v: self._test_proba(inputs[v], paths, v) for v in ft["tta"]}
-        proba = np.mean(list(per_view.values()), axis=0)
-        X = inputs["original"]
-        feats = (np.mean([est.transform(X) for est in self.fold_models_], axis=0) if features
-                 else np.zeros((len(X), 0), np.float32))
-        return proba, self._meta_proba(per_view, proba), feats
-
-    def source_file(self) -> str:
-        ft = self.spec["finetune"]
-        return f"backbones/{self.spec['base'].replace('@', '_')}_bottom{ft['blocks']}.keras"
-
-
-register_learner("finetuned", FineTunedLearner)

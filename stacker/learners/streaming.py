@@ -1,11 +1,9 @@
-"""Out-of-core learning: feature matrices that stay in the HDF5 cache, and models that stream them.
+"""Out-of-core models: the zoo's models fitted on cached rows read a window at a time.
 
-A million images times 1,280 float32 features is 5 GB per backbone; holding every
-backbone's matrix for the heads does not fit a laptop. Above a size threshold (or with
-``Ensemble(out_of_core=True)``) the extractor hands out :class:`CachedRows` instead of
-arrays: the row numbers of the training images in the cache file, read one window of
-file rows at a time when a model asks. Only what truly grows with the number of images
-stays in memory: labels, folds and probabilities.
+Above a size threshold (or with ``Ensemble(out_of_core=True)``) the extractor hands out
+:class:`~stacker.features.rows.CachedRows` instead of arrays, read one window of file rows
+at a time when a model asks. Only what truly grows with the number of images stays in
+memory: labels, folds and probabilities.
 
 Models that need every row at once get streaming equivalents that make a fixed number
 of passes over the windows (:data:`STREAMING_MODELS`):
@@ -14,7 +12,7 @@ of passes over the windows (:data:`STREAMING_MODELS`):
   fitted by seeded mini-batch Adam (one statistics pass, then a few epochs);
 - ``prototype``: :class:`StreamingPrototype`, the same estimator as
   :class:`stacker.learners.zoo.PrototypeClassifier`, computed in three passes;
-- ``dense``, ``resnet`` and any :class:`~stacker.learners.zoo.DenseClassifier`:
+- ``dense``, ``resnet`` and any :class:`~stacker.learners.dense.DenseClassifier`:
   :class:`StreamingDense`, the same Keras head trained on batches that Keras reads from
   one window of cached rows at a time.
 
@@ -29,116 +27,20 @@ import inspect
 import sys
 
 import numpy as np
-from filelock import FileLock
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from stacker.features.cache import _read_rows
-from stacker.learners.zoo import MODELS, DenseClassifier, PrototypeClassifier, _unit, keras_fit, make_model
+from stacker.features import rows as _rows
+from stacker.features.rows import CachedRows, blocks
+from stacker.learners.dense import DenseClassifier
+from stacker.learners.keras_fit import keras_fit
+from stacker.learners.zoo import MODELS, PrototypeClassifier, make_model, unit_rows
 from stacker.io.persist import register_format, trusted
 
-__all__ = ["CachedRows", "StreamingLogistic", "StreamingPrototype", "STREAMING_MODELS", "streaming_model",
-           "blocks", "OUT_OF_CORE_BYTES", "use_out_of_core", "streaming_code"]
-
-WINDOW = 8192  # rows read at a time: 8192 x 1,280 float16 is 21 MB (contiguous when dense)
-OUT_OF_CORE_BYTES = 4 << 30  # "auto": stream once the float32 training features of all sources pass 4 GiB
-
-
-def use_out_of_core(setting, n_rows: int, row_dims) -> bool:
-    """Whether an ensemble streams its features: ``True``/``False``, or ``"auto"`` by size."""
-    if setting == "auto":
-        return n_rows * sum(int(d) for d in row_dims) * 4 > OUT_OF_CORE_BYTES
-    return bool(setting)
-
-
-class CachedRows:
-    """A lazy ``(n, dim)`` matrix: rows ``rows`` of a cached HDF5 feature file, read on demand.
-
-    Indexing with a slice, mask or index array gives another lazy view; ``np.asarray``
-    reads every row (what an in-memory model does); :meth:`windows` reads one window of
-    file rows at a time. Rows below the file's ``n_complete`` are never rewritten, so a
-    view stays valid while other processes append.
-    """
-
-    ndim = 2
-
-    def __init__(self, path: str, rows, dim: int, dtype):
-        self.path = path
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.dim = int(dim)
-        self.dtype = np.dtype(dtype)
-
-    @property
-    def shape(self) -> tuple:
-        return (len(self.rows), self.dim)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        if isinstance(index, tuple):
-            raise TypeError("CachedRows selects rows only (X[rows]); read it with np.asarray first for columns")
-        picked = self.rows[index]
-        if picked.ndim == 0:
-            return _read_file_rows(self.path, np.array([picked]))[0]
-        return CachedRows(self.path, picked, self.dim, self.dtype)
-
-    def __array__(self, dtype=None, copy=None):
-        out = np.empty(self.shape, self.dtype)
-        for pos, X in self.windows(dtype=self.dtype):
-            out[pos] = X
-        return out if dtype is None else out.astype(dtype, copy=False)
-
-    def windows(self, dtype=np.float32, seed=None):
-        """``(positions, rows)`` per window of ``WINDOW`` rows in file order; ``seed`` shuffles both."""
-        if not len(self.rows):
-            return
-        order = np.argsort(self.rows, kind="stable")
-        sorted_rows = self.rows[order]
-        spans = [(a, min(a + WINDOW, len(order))) for a in range(0, len(order), WINDOW)]
-        rng = None if seed is None else np.random.default_rng(seed)
-        if rng is not None:
-            spans = [spans[i] for i in rng.permutation(len(spans))]
-        for a, b in spans:
-            pos, rows = order[a:b], sorted_rows[a:b]
-            X = _read_file_rows(self.path, rows).astype(dtype, copy=False)
-            if rng is not None:
-                shuffle = rng.permutation(len(pos))
-                pos, X = pos[shuffle], X[shuffle]
-            yield pos, X
-
-
-def _read_file_rows(path: str, sorted_rows: np.ndarray) -> np.ndarray:
-    """Sorted rows of a feature file: one contiguous read when they are dense, else one read per run."""
-    import h5py
-
-    lo, hi = int(sorted_rows[0]), int(sorted_rows[-1]) + 1
-    with FileLock(path + ".lock"), h5py.File(path, "r") as f:
-        if hi > int(f.attrs["n_complete"]):
-            raise KeyError(f"{path}: rows beyond the complete part of the cache")
-        if hi - lo <= 2 * len(sorted_rows):
-            return f["features"][lo:hi][sorted_rows - lo]
-        uniq, inverse = np.unique(sorted_rows, return_inverse=True)
-        return _read_rows(f["features"], uniq)[inverse]
-
-
-def blocks(X, dtype=np.float32, seed=None):
-    """``(positions, rows)`` of an array or :class:`CachedRows`, a window at a time (seeded shuffle)."""
-    if isinstance(X, CachedRows):
-        yield from X.windows(dtype, seed)
-        return
-    X = np.asarray(X)
-    rng = None if seed is None else np.random.default_rng(seed)
-    starts = np.arange(0, len(X), WINDOW)
-    if rng is not None:
-        starts = starts[rng.permutation(len(starts))]
-    for s in starts:
-        pos = np.arange(s, min(s + WINDOW, len(X)))
-        if rng is not None:
-            pos = pos[rng.permutation(len(pos))]
-        yield pos, np.asarray(X[pos], dtype=dtype)
+__all__ = ["StreamingLogistic", "StreamingPrototype", "StreamingDense", "STREAMING_MODELS", "streaming_model",
+           "streaming_code"]
 
 
 def _predict_rows(X, fn, k: int) -> np.ndarray:
@@ -241,7 +143,7 @@ class _Adam:
             p -= self.lr * (m / c1) / (np.sqrt(v / c2) + self.eps)
 
 
-def _chunked_nll(S, y_idx, chunk: int = WINDOW):
+def _chunked_nll(S, y_idx, chunk: int = _rows.WINDOW):
     """``log_s -> mean -log softmax(exp(log_s) * S)[y]``, computed ``chunk`` rows at a time.
 
     The whole-matrix expression makes four ``(n, k)`` temporaries per call: 256 MB at
@@ -276,12 +178,12 @@ class StreamingPrototype(PrototypeClassifier):
         for pos, rows in blocks(X, np.float64):
             sums += np.eye(k)[y_idx[pos]].T @ self._normalise(rows)
         counts = np.bincount(y_idx, minlength=k)[:, None].astype(float)
-        self.prototypes_ = _unit(sums / counts)
+        self.prototypes_ = unit_rows(sums / counts)
         S = np.empty((n, k))
         for pos, rows in blocks(X, np.float64):
             U = self._normalise(rows)
             S[pos] = U @ self.prototypes_.T
-            own = _unit(sums[y_idx[pos]] - U)
+            own = unit_rows(sums[y_idx[pos]] - U)
             S[pos, y_idx[pos]] = np.where(counts[y_idx[pos], 0] > 1, np.sum(U * own, axis=1), 0.0)
         self.scale_ = float(np.exp(minimize_scalar(_chunked_nll(S, y_idx), bounds=(-3.0, 8.0), method="bounded").x))
         return self
@@ -322,7 +224,7 @@ def _row_batches(X, y_idx, k: int, batch_size: int, seed=None):
     import keras
 
     sorted_pos = np.argsort(X.rows, kind="stable") if isinstance(X, CachedRows) else np.arange(len(X))
-    spans = [sorted_pos[a:a + WINDOW] for a in range(0, len(sorted_pos), WINDOW)]
+    spans = [sorted_pos[a:a + _rows.WINDOW] for a in range(0, len(sorted_pos), _rows.WINDOW)]
 
     class RowBatches(keras.utils.PyDataset):
         def __init__(self):
@@ -344,7 +246,7 @@ def _row_batches(X, y_idx, k: int, batch_size: int, seed=None):
         def _rows(self, window: int, pos: np.ndarray) -> np.ndarray:
             if self.held[0] != window:  # one read per window: its rows in file order
                 held = spans[window]
-                values = _read_file_rows(X.path, X.rows[held]) if isinstance(X, CachedRows) else X[held]
+                values = _rows.read_file_rows(X.path, X.rows[held]) if isinstance(X, CachedRows) else X[held]
                 self.held = (window, np.asarray(values, dtype=np.float32), np.argsort(held), held)
             _, values, by_pos, held = self.held
             return values[by_pos[np.searchsorted(held, pos, sorter=by_pos)]]
@@ -365,7 +267,7 @@ def _row_batches(X, y_idx, k: int, batch_size: int, seed=None):
 
 
 class StreamingDense(DenseClassifier):
-    """:class:`~stacker.learners.zoo.DenseClassifier` trained on rows read from the cache a window at a time.
+    """:class:`~stacker.learners.dense.DenseClassifier` trained on rows read from the cache a window at a time.
 
     The same network, standardisation (its mean and variance computed in one streaming
     pass), stratified validation split, early stopping and batch size; Keras reads its
@@ -408,7 +310,7 @@ def streaming_model(item, random_state: int = 0):
     """The out-of-core estimator standing in for a model entry.
 
     A name of :data:`STREAMING_MODELS`, or any entry that makes a plain
-    :class:`~stacker.learners.zoo.DenseClassifier` (``dense``, ``resnet``, an instance):
+    :class:`~stacker.learners.dense.DenseClassifier` (``dense``, ``resnet``, an instance):
     its streaming twin with the same parameters. Anything else is refused.
     """
     if isinstance(item, str) and item in STREAMING_MODELS:
@@ -426,7 +328,6 @@ def streaming_model(item, random_state: int = 0):
 def streaming_code() -> str:
     """Hash of this module: learner results of other streaming code are not reused."""
     return hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:16]
-
 
 
 register_format("StreamingDense", StreamingDense)

@@ -28,22 +28,32 @@ CASES = {
 }
 
 
-def subset(data, n_classes, per_class, seed):
-    """A seeded subset: the first ``n_classes`` classes (all if None), ``per_class`` images of each at most."""
+def subset(data, n_classes, per_class, seed, folder):
+    """A seeded subset as a CSV (so its class list is its own): the first ``n_classes`` classes (all if None),
+    ``per_class`` images of each at most."""
+    import csv
+
+    import stacker
+
     rng = np.random.default_rng(seed)
     keep_classes = data.classes[:n_classes] if n_classes else data.classes
     rows = []
     for c in keep_classes:
         idx = [i for i, lab in enumerate(data.labels) if lab == c]
         rows += sorted(rng.permutation(idx)[:per_class].tolist())
-    return data.subset(sorted(rows))
+    path = os.path.join(folder, "subset.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows([os.path.abspath(data.paths[i]), data.labels[i]] for i in sorted(rows))
+    return stacker.load_images(path)
 
 
 def run(case, cache, weights_dir, seed) -> dict:
     import stacker
 
     folder, backbones, n_classes, per_class = CASES[case]
-    data = subset(stacker.load_images(folder), n_classes, per_class, seed)
+    data = subset(stacker.load_images(folder), n_classes, per_class, seed, tempfile.mkdtemp(prefix="stacker-eq-"))
     ens = stacker.Ensemble(backbones, cv=3, random_state=seed, cache_dir=cache, weights_dir=weights_dir, verbose=0)
     ens.fit(data)
     out = {f"{case}/ensemble": ens.meta_oof_proba_}

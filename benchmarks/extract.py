@@ -74,7 +74,7 @@ def _rel(x, ref) -> float:
 
 def run(backbone: str, paths, batch_size: int, weights_dir, engines=()) -> dict:
     from stacker.features.extractor import FeatureExtractor, forward_pass_count
-    from stacker.data.images import ImageSet
+    from stacker.data.sources import ImageSet
 
     data = ImageSet(paths, list(range(len(paths))))
     cache = tempfile.mkdtemp(prefix="stacker-bench-")
@@ -155,9 +155,9 @@ def engine_limit(ext, data, batch_size: int, cache: str, reps: int = 9) -> dict:
     that a ratio of two bests taken minutes apart does not.
     """
     from stacker.features import engines
-    from stacker.data.images import _pil_pixels
+    from stacker.data.decode import pil_pixels
 
-    pixels = np.stack([_pil_pixels(p, ext.size) for p in data.paths])
+    pixels = np.stack([pil_pixels(p, ext.size) for p in data.paths])
     batches = [pixels[i:i + batch_size] for i in range(0, len(pixels), batch_size)]
     ways = {}
     if ext.engine == "onnx":
@@ -189,7 +189,7 @@ def engine_limit(ext, data, batch_size: int, cache: str, reps: int = 9) -> dict:
 def scale_child(backbone: str, paths, batch_size: int, weights_dir) -> None:
     """Extract ``paths`` into a fresh cache and print peak memory as JSON (run in its own process)."""
     from stacker.features.extractor import FeatureExtractor
-    from stacker.data.images import ImageSet
+    from stacker.data.sources import ImageSet
 
     cache = tempfile.mkdtemp(prefix="stacker-scale-")
     try:
@@ -229,7 +229,7 @@ def main() -> None:
     p.add_argument("--scale", action="store_true", help="peak memory at N and 4N images, in fresh processes")
     p.add_argument("--scale-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    from stacker.data.images import load_images
+    from stacker.data.sources import load_images
 
     paths = load_images(args.data).head(args.n, seed=0).paths
     if args.scale_child:

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
     from stacker.features.cutpoint import CutPointExtractor
     from stacker.learners.finetune import FineTunedClassifier
-    from stacker.data.images import load_images
+    from stacker.data.sources import load_images
 
     data = load_images(args.data).head(args.n, seed=0)
     cache = tempfile.mkdtemp(prefix="stacker-ft-bench-")

@@ -115,7 +115,7 @@ def explore(variant: str, train, args, workdir: str) -> list[dict]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from stacker.features.extractor import FeatureExtractor
-    from stacker.data.images import _pil_pixels
+    from stacker.data.decode import pil_pixels
 
     ext = FeatureExtractor(variant, cache_dir=args.cache, weights_dir=args.weights_dir, verbose=0)
     f32 = os.path.join(workdir, f"{variant}.onnx")
@@ -125,8 +125,8 @@ def explore(variant: str, train, args, workdir: str) -> list[dict]:
     quant_pre_process(f32, pre, skip_symbolic_shape=True)  # sympy is not a dependency; ONNX shape inference runs
     evaluation = train.head(args.n, seed=0)
     rest = train.subset([i for i, p in enumerate(train.paths) if p not in set(evaluation.paths)])
-    pix_eval = np.stack([_pil_pixels(p, ext.size) for p in evaluation.paths])
-    pix_cal = np.stack([_pil_pixels(p, ext.size) for p in rest.head(args.calib, seed=1).paths])
+    pix_eval = np.stack([pil_pixels(p, ext.size) for p in evaluation.paths])
+    pix_cal = np.stack([pil_pixels(p, ext.size) for p in rest.head(args.calib, seed=1).paths])
     with open(f32, "rb") as f:
         base = measure(f.read(), pix_eval, args.batch_size)
     rows = [{"variant": variant, "recipe": "float", "img_s": base["img_s"], "ratio": 1.0, "cos_mean": 1.0,
@@ -217,7 +217,7 @@ def main() -> None:
     p.add_argument("--weights-dir", default=os.environ.get("STACKER_WEIGHTS_DIR", os.path.join(SHARED, "weights")))
     p.add_argument("--oof", action="store_true", help="ensemble out-of-fold log loss on int8 features (all images)")
     args = p.parse_args()
-    from stacker.data.images import load_images
+    from stacker.data.sources import load_images
 
     train = load_images(args.data)
     workdir = tempfile.mkdtemp(prefix="stacker-quant-")

@@ -37,9 +37,9 @@ def evaluate(variant: str, data, size: int | None) -> dict:
         from stacker import backbones
 
         model = backbones.build(variant, weights="imagenet", include_top=True, input_size=size)
-        from stacker.data import images as im
+        from stacker.data.decode import pixel_batches
 
-        proba = np.concatenate([model.predict_on_batch(px) for _, px in im.pixel_batches(data.paths, size, 32)])
+        proba = np.concatenate([model.predict_on_batch(px) for _, px in pixel_batches(data.paths, size, 32)])
     else:
         proba = imagenet_proba(data.paths, backbone=variant)
     zero_shot = float(((proba[:, DOGS].sum(1) > proba[:, CATS].sum(1)) == y).mean())
@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224, help="input size (0: each variant's own)")
     p.add_argument("--variants", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2")
     args = p.parse_args()
-    from stacker.data.images import load_images
+    from stacker.data.sources import load_images
 
     data = load_images(args.data).head(args.n, seed=0)
     print(f"{len(data)} photos from {args.data}, input {args.size or 'native'}px")

@@ -107,7 +107,7 @@ def raw_engine(ens):
 def warm(model: str, paths, reps: int, n: int) -> dict:
     """Median ms of stacker.predict on n files and of the raw engine on the same n images, alternately."""
     import stacker
-    from stacker.data.images import _pil_pixels
+    from stacker.data.decode import pil_pixels
 
     ens = stacker.load(model)
     forwards = raw_engine(ens)
@@ -116,7 +116,7 @@ def warm(model: str, paths, reps: int, n: int) -> dict:
         stacker.predict(b, model=model)
     ours, raw = [], []
     for b in batches:
-        pixels = [np.stack([_pil_pixels(p, size) for p in b]) for size, _ in forwards]
+        pixels = [np.stack([pil_pixels(p, size) for p in b]) for size, _ in forwards]
         for (_, fwd), x in zip(forwards, pixels):
             fwd(x)
         t = time.perf_counter()
@@ -147,7 +147,7 @@ def main() -> None:
     p.add_argument("--cold-runs", type=int, default=3)
     p.add_argument("--no-before", action="store_true", help="skip the cold start without saved graphs")
     args = p.parse_args()
-    from stacker.data.images import from_test_folder
+    from stacker.data.sources import from_test_folder
 
     paths = from_test_folder(args.data).paths
     print(describe(args.model))

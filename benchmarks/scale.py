@@ -156,7 +156,7 @@ def extraction(n: int, folder: str) -> dict:
     """One process vs. a 2-worker local Ray cluster, MobileNet 0.25 on Dogs vs. Cats photos (empty caches)."""
     from stacker.learners import distributed
     from stacker.features.extractor import FeatureExtractor
-    from stacker.data.images import load_images
+    from stacker.data.sources import load_images
 
     data = load_images(DOGS).subset(range(n))
     out = {"n": n}
@@ -183,7 +183,7 @@ FINETUNE = {"blocks": 2, "epochs": 1, "head_epochs": 3, "cut_dtype": "float16"}
 def finetune(n: int, folder: str, out_of_core) -> dict:
     """Peak RSS of fine-tuning EfficientNet-Lite0 on n Dogs vs. Cats photos (cut-point cache already filled)."""
     from stacker.ensemble import Ensemble
-    from stacker.data.images import load_images
+    from stacker.data.sources import load_images
 
     data = load_images(DOGS)
     data = data.subset(np.r_[np.arange(n // 2), np.arange(len(data) - n // 2, len(data))])  # cats, then dogs

@@ -45,8 +45,10 @@ DATASETS = {
 
 def learner_cache(feature_cache: str) -> str:
     """A fresh cache folder that shares the feature files but none of the learner results (fit times are real)."""
+    from stacker.features.layout import FEATURES, ONNX
+
     tmp = tempfile.mkdtemp(prefix="stacker-stacking-")
-    for sub in ("features", "onnx"):
+    for sub in (FEATURES, ONNX):
         src = os.path.abspath(os.path.join(feature_cache, sub))
         if os.path.isdir(src):
             os.symlink(src, os.path.join(tmp, sub))
@@ -87,7 +89,7 @@ def stacking_oof(X_parts, y, folds) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
 
-    from stacker.level2.combiners import score
+    from stacker.level2.arrays import score
 
     k = int(y.max()) + 1
     t0 = time.perf_counter()
@@ -110,22 +112,26 @@ def level2_variants(Z, y, folds, name, n_blocks, k, seed):
 
     Returns ``[(label, Level2, out-of-fold probabilities, seconds)]``.
     """
-    from stacker.level2.combiners import Level2, TemperatureScaler, _cross_calibrate, _cross_fit, make_combiner
+    from stacker.level2.calibration import TemperatureScaler
+    from stacker.level2.crossfit import cross_calibrate, cross_fit
+    from stacker.level2.registry import make_combiner
+    from stacker.level2.selection import Level2
 
     t0 = time.perf_counter()
-    oof = _cross_fit(name, Z, y, folds, n_blocks, k, seed)
+    oof = cross_fit(name, Z, y, folds, n_blocks, k, seed)
     combiner = make_combiner(name, n_blocks, seed).fit(Z, y)
     raw_s = time.perf_counter() - t0
     cal = TemperatureScaler().fit(oof, y)
     return [(name, Level2(name, combiner, k, oof), oof, raw_s),
             (name + "+T", Level2(name + "+T", combiner, k, oof, cal.temperature_, cal.floor_),
-             _cross_calibrate(oof, y, folds), time.perf_counter() - t0)]
+             cross_calibrate(oof, y, folds), time.perf_counter() - t0)]
 
 
 def run_stacker(train, test, backbones, cache, args, **params):
     """Fit stacker's default on ``train``; out-of-fold and (when ``test``) held-out rows per variant."""
     import stacker
-    from stacker.level2.combiners import COMBINERS, meta_matrix, score
+    from stacker.level2.arrays import meta_matrix, score
+    from stacker.level2.registry import COMBINERS
 
     k = len(train.classes)
     t0 = time.perf_counter()
@@ -162,7 +168,7 @@ def run_peers(X_parts, y, folds, seed, test_rows=None, train_rows=None):
     """scikit-learn's StackingClassifier and a single LogisticRegression on concatenated features."""
     from sklearn.model_selection import cross_val_predict
 
-    from stacker.level2.combiners import score
+    from stacker.level2.arrays import score
 
     X = np.concatenate(X_parts, axis=1)
     k = int(y.max()) + 1
@@ -199,7 +205,7 @@ def bench(key, args, summary):
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
     from stacker.features.extractor import forward_pass_count
-    from stacker.data.images import load_images
+    from stacker.data.sources import load_images
 
     root, default_backbones = DATASETS[key]
     backbones = (args.backbones or default_backbones).split(",")
@@ -251,7 +257,7 @@ def bench_finetune(args, summary):
     """Fine-tuned learners (a subset, fewer folds) feeding the same level 2, out of fold and held out."""
     from sklearn.model_selection import train_test_split
 
-    from stacker.data.images import load_images
+    from stacker.data.sources import load_images
 
     root, default_backbones = DATASETS["dvc"]
     backbones = (args.finetune_backbones or default_backbones).split(",")
@@ -274,7 +280,7 @@ def bench_finetune(args, summary):
 
 
 def main(argv=None) -> int:
-    from stacker.app.options import default_cache_dir
+    from stacker.features.layout import default_cache_dir
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default="dvc,caltech", help="comma-separated from dvc, caltech")

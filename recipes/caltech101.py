@@ -32,7 +32,7 @@ def parser():
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from stacker.data.images import from_folder
+    from stacker.data.sources import from_folder
 
     train = from_folder(args.data, ignore=("BACKGROUND_Google",))
     if args.quick:  # the ten largest classes: every fold sees each of them

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from sklearn.model_selection import train_test_split
 
-    from stacker.data.images import ImageSet
+    from stacker.data.sources import ImageSet
 
     root = args.data
     if args.download:

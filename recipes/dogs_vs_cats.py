@@ -82,7 +82,7 @@ def parser():
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     import stacker
-    from stacker.data.images import from_test_folder, load_images
+    from stacker.data.sources import from_test_folder, load_images
 
     t_start = time.perf_counter()
     train_dir = os.path.join(args.data, "train")

@@ -26,7 +26,7 @@ from stacker.app.recipe import SHARED, common_parser, fit_and_save
 
 
 def from_breed_folders(root):
-    from stacker.data.images import ImageSet, from_folder
+    from stacker.data.sources import ImageSet, from_folder
 
     data = from_folder(root)
     labels = [lab.split("-", 1)[1] if "-" in lab else lab for lab in data.labels]

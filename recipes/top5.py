@@ -42,10 +42,10 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from stacker.app.cli import _expand
     from stacker.backbones.pretrained import top_k
+    from stacker.data.inputs import expand_paths
 
-    paths, unread = _expand(([args.data] if args.data else []) + list(args.images))
+    paths, unread = expand_paths(([args.data] if args.data else []) + list(args.images))
     for path, reason in unread.items():
         print(f"not read {path}: {reason}", file=sys.stderr)
     if args.quick:

@@ -1,18 +1,16 @@
 """The stacked ensemble: wires feature sources, base learners and level 2 together.
 
-:class:`Ensemble` validates its parameters, builds one learner per (backbone, model)
-(:mod:`stacker.learners.base`), extracts every source's cached inputs once, makes one set of
-stratified folds, lets every learner fit out of fold on them, then fits level 2
-(:mod:`stacker.level2.combiners`) on the out-of-fold outputs only and scores everything on the same
-folds. It knows nothing of how a learner trains (frozen head or fine-tuned network).
+:class:`Ensemble` holds its parameters (declared where each concept lives, gathered by
+:mod:`stacker.validation`) and wires the pieces: it builds one learner per (backbone,
+model) (:mod:`stacker.learners`), extracts every source's cached inputs once, makes one
+set of stratified folds, lets every learner fit out of fold on them, then fits level 2
+(:mod:`stacker.level2`) on the out-of-fold outputs only and scores everything on the
+same folds. It knows nothing of how a learner trains (frozen head or fine-tuned network);
+saving and loading are :mod:`stacker.io.model_dir`'s, input coercion :mod:`stacker.data.inputs`'.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
 import time
 import warnings
 
@@ -21,93 +19,30 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
-from stacker import __version__
-from stacker.features import engines as _engines
-from stacker.data import images as _images
-from stacker.features.cache import stable_hash
+from stacker import validation
+from stacker.data.inputs import Arrays, as_images
+from stacker.data.sources import file_fingerprints, load_images
+from stacker.features.layout import stable_hash
+from stacker.features.config import ExtractionConfig
 from stacker.features.extractor import forward_pass_count
-from stacker.learners.base import LEARNER_KINDS, Settings, describe, learner_specs, make_learners, saved_networks
-from stacker.level2.combiners import (META_INPUTS, PROBABILITY_COMBINERS, Level2, combiner_names, fit_level2, meta_matrix,
-                   row_blocks, score)
-from stacker.io.persist import (ModelIntegrityError, load_estimator, load_unfitted, member, save_estimator, save_unfitted,
-                      trusted_types)
-from stacker.learners.memory import return_freed_blocks
 from stacker.features.rows import use_out_of_core
-from stacker.learners.streaming import streaming_model
-from stacker.backbones.torch_checkpoint import sha256_file
+from stacker.io.model_dir import FORMAT_VERSION, dataset_fingerprint, environment, load_ensemble, save_ensemble
+from stacker.io.persist import ModelIntegrityError, estimator_types, trusted_types
+from stacker.learners.base import Settings, describe
+from stacker.learners.kinds import make_learners
+from stacker.learners.memory import return_freed_blocks
+from stacker.level2.arrays import meta_matrix, score
+from stacker.level2.importance import meta_blocks, permutation_importance
+from stacker.level2.leaderboard import format_leaderboard
+from stacker.level2.selection import fit_level2
 
 __all__ = ["Ensemble", "FORMAT_VERSION", "format_leaderboard", "ModelIntegrityError"]
 
-FORMAT_VERSION = 3  # 3: skops files instead of pickles
-MANIFEST = "manifest.json"
-
-
-class Ensemble(ClassifierMixin, BaseEstimator):
-    """A stacked ensemble of pretrained CNNs for image classification.
+_DOC = """A stacked ensemble of pretrained CNNs for image classification.
 
     Parameters
     ----------
-    backbones : list of str or dict
-        Registered backbone names; a dict may set ``backbone``, ``input_size``,
-        ``weights``, ``name``, ``models`` and ``finetune`` for one backbone.
-    models : str or list
-        Models fitted on every backbone's features, each one base learner: a preset
-        (``"default"``: logistic + prototype; ``"fast"``, ``"best"``, ``"dense"``), names
-        from :data:`stacker.learners.zoo.MODELS` (``"logistic"``, ``"prototype"``, ``"dense"``,
-        ``"resnet"``) or scikit-learn classifiers.
-    meta : str, list or estimator
-        Level 2: ``"auto"`` picks, by cross-validated log loss, among greedy ensemble
-        selection, the logit stacker, the mean, the best single learner and a second
-        stacking layer (each with and without calibration); a name or list of names
-        (``"greedy"``, ``"logit"``, ``"mean"``, ``"best"``, ``"stack2"``, ``"dense"``,
-        ``"logistic"``) restricts the choice; any
-        scikit-learn classifier is used as given.
-    meta_inputs : {"proba", "features", "both"}
-        What level 2 sees; features need ``meta="dense"``, ``"logistic"`` or an estimator.
-    calibration : bool
-        Also try every combiner followed by a temperature and floor fitted out of fold.
-    cv : int
-        Number of stratified folds, shared by every learner and level 2.
-    random_state : int
-        Seeds folds and every learner: one seed, one result.
-    weights : {"imagenet", None} or path
-        Default weights of every backbone.
-    input_size : int, optional
-        Square input size for every backbone (default: each backbone's own).
-    batch_size : int
-        Images per CNN forward pass.
-    feature_dtype : {"float32", "float16"}
-        Storage type of cached features.
-    cache_dir : path, optional
-        Feature and learner cache; without it nothing is reused between runs.
-    weights_dir : path, optional
-        Offline weight files (default ``$STACKER_WEIGHTS_DIR``).
-    on_bad_image : {"raise", "skip"}
-        Policy for unusable image files.
-    resize : {"pil", "bilinear", "bicubic"}
-        How images are decoded and resized to each backbone's input size.
-    finetune : None, True or dict
-        Fine-tune every backbone instead of fitting ``models`` on frozen features (two
-        phases on a cut-point cache, see :mod:`stacker.learners.finetune`); ``True`` uses CPU
-        defaults, a dict overrides them. A backbone dict may set its own.
-    chunk_size : int
-        Images whose features are written to the cache at a time (the unit of resume).
-    engine : {"auto", "keras", "xla", "onnx"}
-        What runs CNN forward passes (:mod:`stacker.features.engines`).
-    strategy : tf.distribute.Strategy, optional
-        Extraction and Keras models are built and run in its scope. Not saved.
-    verbose : int
-    out_of_core : {"auto", True, False}
-        Read features from the cache in windows instead of loading every source's
-        matrix (:mod:`stacker.learners.streaming`): models are then the streaming ``logistic`` and
-        ``prototype``, and level 2 sees probabilities only. ``"auto"`` streams once the
-        training features of all sources would take more than 4 GiB as float32
-        (:data:`stacker.features.rows.OUT_OF_CORE_BYTES`); below, results are exactly the
-        in-memory ones. Needs ``cache_dir``.
-    executor : {"local", "ray"}
-        ``"ray"``: extract missing features on a Ray actor pool and fit folds as Ray tasks
-        (:mod:`stacker.learners.distributed`; ``pip install 'stacker[ray]'``), on the cluster of
-        ``$RAY_ADDRESS`` or a local one. Same results as ``"local"``; needs ``cache_dir``.
+{params}
 
     Attributes
     ----------
@@ -117,7 +52,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
     folds_ : list of (train_rows, val_rows)
     oof_proba_ : dict
         Learner name -> out-of-fold probabilities of the training images.
-    meta_ : stacker.level2.combiners.Level2
+    meta_ : stacker.level2.selection.Level2
         The chosen combiner (fitted on all out-of-fold inputs) and its calibration.
     meta_oof_proba_ : ndarray
         The ensemble's cross-validated probabilities of the training images.
@@ -131,36 +66,42 @@ class Ensemble(ClassifierMixin, BaseEstimator):
     Examples
     --------
     >>> ens = Ensemble(["efficientnet_lite0"], cache_dir="artifacts/cache")  # doctest: +SKIP
-    >>> ens.fit(stacker.data.images.load_images("data/train")).save("artifacts/model")  # doctest: +SKIP
+    >>> ens.fit(stacker.load_images("data/train")).save("artifacts/model")  # doctest: +SKIP
+    
+
     """
 
-    def __init__(self, backbones=("efficientnet_lite0",), models="default", meta="auto", meta_inputs="proba",
-                 calibration=True, cv=5, random_state=0, weights="imagenet", input_size=None, batch_size=32,
-                 feature_dtype="float32", cache_dir=None, weights_dir=None, on_bad_image="raise", resize="pil",
-                 finetune=None, chunk_size=256, engine="auto", strategy=None, verbose=1, out_of_core="auto",
-                 executor="local"):
+
+class _Declared(type):
+    """Ensemble's signature and docstring are read from the parameter rows whenever they are asked for,
+    so a learner kind or extraction option registered later brings its parameter."""
+
+    @property
+    def __signature__(cls):
+        _refresh_signature()
+        sig = validation.signature()
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+    @property
+    def __doc__(cls):
+        return _DOC.format(params=validation.params_doc())
+
+
+class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
+    def __init__(self, backbones=("efficientnet_lite0",), **params):
+        """Store every parameter under its own name (scikit-learn's contract); nothing else."""
+        _refresh_signature()
         self.backbones = backbones
-        self.models = models
-        self.meta = meta
-        self.meta_inputs = meta_inputs
-        self.calibration = calibration
-        self.cv = cv
-        self.random_state = random_state
-        self.weights = weights
-        self.input_size = input_size
-        self.batch_size = batch_size
-        self.feature_dtype = feature_dtype
-        self.cache_dir = cache_dir
-        self.weights_dir = weights_dir
-        self.on_bad_image = on_bad_image
-        self.resize = resize
-        self.finetune = finetune
-        self.chunk_size = chunk_size
-        self.engine = engine
-        self.strategy = strategy
-        self.verbose = verbose
-        self.out_of_core = out_of_core
-        self.executor = executor
+        for p in validation.ensemble_params()[1:]:
+            setattr(self, p.name, params.pop(p.name, p.default))
+        if params:
+            raise TypeError(f"Ensemble got unexpected parameters {sorted(params)}; its parameters are "
+                            f"{[p.name for p in validation.ensemble_params()]}")
+
+    @classmethod
+    def _get_param_names(cls):
+        _refresh_signature()  # a learner kind or extraction option registered since brings its parameter
+        return super()._get_param_names()
 
     def __repr__(self, N_CHAR_MAX=300) -> str:
         """scikit-learn's parameter repr (changed parameters only, bounded); once fitted, what was fitted.
@@ -181,99 +122,17 @@ class Ensemble(ClassifierMixin, BaseEstimator):
                 f"{len(self.learners_)} learners ({brief(self.learners_)}); level 2 {self.meta_.name}"
                 + ("" if loss is None else f", out-of-fold log loss {loss:.4f}"))
 
-    # ------------------------------------------------------------------ validation
-    def _validate_params(self) -> list[dict]:
-        """Check every parameter (no network is built): a typo fails in milliseconds."""
-        if self.meta_inputs not in META_INPUTS:
-            raise ValueError(f"meta_inputs must be one of {META_INPUTS}, got {self.meta_inputs!r}")
-        candidates = combiner_names(self.meta)
-        if self.meta_inputs != "proba":
-            bad = [c for c in candidates if isinstance(c, str) and c in PROBABILITY_COMBINERS]
-            if bad:
-                raise ValueError(f"meta={bad[0]!r} combines probabilities; with meta_inputs={self.meta_inputs!r} "
-                                 "use meta='dense', 'logistic' or a scikit-learn classifier")
-        for name, ok, what in (
-            ("cv", isinstance(self.cv, (int, np.integer)) and self.cv >= 2, "an integer >= 2"),
-            ("random_state", isinstance(self.random_state, (int, np.integer)), "an integer"),
-            ("batch_size", isinstance(self.batch_size, (int, np.integer)) and self.batch_size > 0, "a positive integer"),
-            ("chunk_size", isinstance(self.chunk_size, (int, np.integer)) and self.chunk_size > 0, "a positive integer"),
-            ("feature_dtype", self.feature_dtype in ("float32", "float16"), "'float32' or 'float16'"),
-            ("on_bad_image", self.on_bad_image in ("raise", "skip"), "'raise' or 'skip'"),
-            ("resize", self.resize in _images.RESIZE_METHODS, f"one of {_images.RESIZE_METHODS}"),
-            ("engine", self.engine in _engines.ENGINES, f"one of {_engines.ENGINES}"),
-            ("calibration", isinstance(self.calibration, (bool, np.bool_)), "True or False"),
-            ("out_of_core", isinstance(self.out_of_core, (bool, np.bool_)) or self.out_of_core == "auto",
-             "'auto', True or False"),
-            ("executor", self.executor in ("local", "ray"), "'local' or 'ray'"),
-        ):
-            if not ok:
-                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
-        if self.executor == "ray" and self.cache_dir is None:
-            raise ValueError("executor='ray' shares features and fold results through the cache: give a cache_dir "
-                             "(on storage every Ray node mounts)")
-        specs = learner_specs(self.backbones, self.models, self.input_size, self.weights, self.finetune)
-        if self.out_of_core is True:
-            self._check_out_of_core(specs)
-        return specs
-
-    def _check_out_of_core(self, specs) -> None:
-        """Out of core needs a cache, probability-only level 2 and streaming models (checked before extraction)."""
-        if self.cache_dir is None:
-            raise ValueError("out_of_core streams features from the cache: give a cache_dir")
-        if self.meta_inputs != "proba":
-            raise ValueError(f"out-of-core level 2 combines probabilities only; meta_inputs={self.meta_inputs!r} "
-                             "would load every feature matrix (use meta_inputs='proba' or out_of_core=False)")
-        for spec in specs:
-            if spec["kind"] == "frozen":
-                streaming_model(spec["model"])
-
-    def _check_data(self, data: _images.ImageSet, skipped: dict | None = None, labels: dict | None = None) -> None:
-        """Two classes or more, each with at least ``cv`` usable images; says which were skipped."""
-        if data.labels is None:
-            raise ValueError("fit needs labelled images")
-        lost = {}
-        for path, reason in (skipped or {}).items():
-            lost.setdefault((labels or {}).get(path), []).append(f"{path}: {reason}")
-        usable = [c for c in data.classes if c in set(data.labels)]
-        if len(usable) < 2:
-            emptied = [c for c in data.classes if c not in usable]
-            note = "".join(f"; every image of class {c!r} was skipped as unusable, e.g. {lost[c][0]}"
-                           for c in emptied if c in lost)
-            which = f"only one class ({usable[0]!r})" if usable else "no class"
-            raise ValueError(f"{which} in the training images has usable images; need two or more{note}")
-        counts = np.bincount(data.y, minlength=len(data.classes))
-        small = [c for c, n in zip(data.classes, counts) if n < self.cv]
-        if small:
-            notes = [f"{c!r}: {n} usable, {len(lost[c])} skipped as unusable (e.g. {lost[c][0]})"
-                     for c, n in zip(data.classes, counts) if c in small and c in lost]
-            raise ValueError(f"classes {small[:10]} have fewer images than cv={self.cv} folds"
-                             + (f" ({'; '.join(notes[:3])})" if notes else "")
-                             + "; add images, merge classes, lower cv or fix the files")
-
-    def _settings(self) -> Settings:
-        return Settings({name: getattr(self, name) for name in (
-            "random_state", "cache_dir", "weights_dir", "batch_size", "feature_dtype", "on_bad_image", "resize",
-            "chunk_size", "engine", "strategy", "verbose")}, n_classes=len(getattr(self, "classes_", [])),
-            trusted=trusted_types(getattr(self, "trusted_types_", ()) + self._own_types()))
+    # ------------------------------------------------------------------ wiring
+    def learner_settings(self) -> Settings:
+        """What every learner shares: the extraction options, the seed, the run options, the trusted types."""
+        return Settings({"random_state": self.random_state, "strategy": self.strategy, "verbose": self.verbose},
+                        extraction=ExtractionConfig.from_params(self.get_params(deep=False)),
+                        n_classes=len(getattr(self, "classes_", [])),
+                        trusted=trusted_types(getattr(self, "trusted_types_", ()) + self._own_types()))
 
     def _own_types(self) -> tuple:
         """Types of the estimators passed in code (``models``, ``meta``): the user named them, so they are trusted."""
-        found = []
-
-        def walk(value):
-            if isinstance(value, (list, tuple)):
-                for v in value:
-                    walk(v)
-            elif isinstance(value, dict):
-                for v in value.values():
-                    walk(v)
-            elif hasattr(value, "get_params"):
-                found.append(f"{type(value).__module__}.{type(value).__qualname__}")
-                for v in value.get_params(deep=False).values():
-                    walk(v)
-
-        walk([self.models, self.meta, self.backbones])
-        return tuple(found)
+        return estimator_types([self.models, self.meta, self.backbones])
 
     def _log(self, msg: str) -> None:
         if self.verbose:
@@ -294,20 +153,19 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         -------
         self
         """
-        specs = self._validate_params()
-        data = _images.load_images(images)
-        self._check_data(data)
+        specs = validation.validate(self)
+        data = load_images(images)
+        validation.check_training_data(data, self.cv)
         self.classes_ = list(data.classes)
         self.specs_ = specs
-        settings = self._settings()
-        self.learners_ = make_learners(specs, settings)
-        inputs, data, timings = self._extract_training(data, settings)
+        self.learners_ = self._make_learners(specs, len(data))
+        inputs, data, timings = self._extract_training(data)
         return_freed_blocks()  # training allocates and frees blocks of MiBs for a long time (stacker.learners.memory)
         y, k = data.y, len(self.classes_)
         splitter = StratifiedKFold(n_splits=self.cv, shuffle=True, random_state=self.random_state)
         self.folds_ = list(splitter.split(np.zeros(len(y)), y))
         self.train_ids_, self.train_paths_, self.y_ = list(data.ids), list(data.paths), y
-        images_fp = stable_hash([_images.file_fingerprints(data.paths, self.cache_dir), data.labels])
+        images_fp = stable_hash([file_fingerprints(data.paths, self.cache_dir), data.labels])
         run_folds = _distributed().run_folds if self.executor == "ray" else None
         for name, learner in self.learners_.items():
             t0 = time.perf_counter()
@@ -318,27 +176,30 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         self._record(data, timings)
         return self
 
+    def _make_learners(self, specs, n_images: int) -> dict:
+        """One learner per spec, sharing sources; out of core (decided here, once) when the sizes call for it."""
+        sources, settings = {}, self.learner_settings()
+        learners = make_learners(specs, settings, sources)
+        dims = [ext.row_dim() for ext in _sources_of(learners).values()]
+        self.out_of_core_ = use_out_of_core(self.out_of_core, n_images, dims)
+        if not self.out_of_core_:
+            return learners
+        validation.check_out_of_core(self, specs)
+        return make_learners(specs, settings.replace(out_of_core=True), sources)
+
     def _sources(self) -> dict:
         """(source id, view) -> extractor, each once, in learner order."""
-        sources = {}
-        for learner in self.learners_.values():
-            for view, ext in learner.views().items():
-                sources.setdefault((learner.source_id(learner.spec), view), ext)
-        return sources
+        return _sources_of(self.learners_)
 
     def _streams(self, n_images: int) -> bool:
         """Whether features of ``n_images`` images are streamed from the cache (``out_of_core``)."""
         dims = [ext.row_dim() for ext in self._sources().values()]
         return self.cache_dir is not None and use_out_of_core(self.out_of_core, n_images, dims)
 
-    def _extract_training(self, data, settings):
+    def _extract_training(self, data):
         """Every source's cached inputs for the training images (each source and view once)."""
         feats, timings, skipped = {}, {}, dict(data.skipped)  # the reader's unread files, then unusable ones
         kept = np.arange(len(data))
-        self.out_of_core_ = settings["out_of_core"] = use_out_of_core(
-            self.out_of_core, len(data), [ext.row_dim() for ext in self._sources().values()])
-        if self.out_of_core_:
-            self._check_out_of_core(self.specs_)
         for name, learner in self.learners_.items():
             t0, before = time.perf_counter(), forward_pass_count()
             for view, ext in learner.views().items():
@@ -359,7 +220,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         self.skipped_ = skipped
         labels = dict(zip(data.paths, data.labels))
         data = data.subset(kept)
-        self._check_data(data, skipped, labels)
+        validation.check_training_data(data, self.cv, skipped, labels)
         inputs = {sid: f.values[np.searchsorted(f.kept, kept)] for sid, f in feats.items()}
         return inputs, data, timings
 
@@ -380,14 +241,14 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         self.meta_oof_proba_ = self.meta_.oof_proba
         self.level2_scores_ = self.meta_.table
         timings["ensemble"] = {"train_s": time.perf_counter() - t0}
-        blocks = _meta_blocks(names, [p.shape[1] for p in meta_p], [f.shape[1] for f in meta_f], self.meta_inputs)
-        self.meta_importance_ = _permutation_importance(self.meta_, Z, y, blocks, k, self.random_state)
+        blocks = meta_blocks(names, [p.shape[1] for p in meta_p], [f.shape[1] for f in meta_f], self.meta_inputs)
+        self.meta_importance_ = permutation_importance(self.meta_, Z, y, blocks, k, self.random_state)
         self._meta_dims = {n: int(f.shape[1]) for n, f in zip(names, meta_f)}
 
     def _record(self, data, timings) -> None:
         """Scores per learner and for the ensemble, configuration and environment."""
         y, k = self.y_, len(self.classes_)
-        weights = self._learner_weights()
+        weights = self.learner_weights()
         self.scores_ = {}
         for name, learner in self.learners_.items():
             self.scores_[name] = {**score(y, learner.oof_proba_, k), **timings[name],
@@ -407,7 +268,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
                         "data_fingerprint": dataset_fingerprint(data.paths, self.cache_dir)}
         self.environment_ = environment()
 
-    def _learner_weights(self) -> dict:
+    def learner_weights(self) -> dict:
         """Learner name -> its level-2 weight (greedy share, logit coefficient), when the combiner has them."""
         w = self.meta_.weights
         names = list(self.learners_)
@@ -426,14 +287,11 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         policy = self.on_bad_image if on_bad_image is None else on_bad_image
         features = self.meta_inputs != "proba"
         sources = self._sources()
-        if _is_in_memory(images):
-            arrays = [_images._as_rgb_array(a) for a in _images.in_memory_list(images)]  # checked once
-            if not arrays:
-                raise ValueError("no images to predict (an empty list)")
-            kept, skipped, paths = np.arange(len(arrays)), {}, None
-            inputs = {sid: ext.transform_arrays(arrays, batch_size, converted=True) for sid, ext in sources.items()}
+        data = as_images(images)
+        if isinstance(data, Arrays):  # checked and converted once, for every source
+            kept, skipped, paths = np.arange(len(data)), {}, None
+            inputs = {sid: ext.transform_arrays(data, batch_size, converted=True) for sid, ext in sources.items()}
         else:
-            data = _as_image_set(images)
             kept, skipped, per = np.arange(len(data)), {}, {}
             lazy = not features and self._streams(len(data))
             for sid, ext in sources.items():
@@ -491,7 +349,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "meta_")
         if images is None:
             return self.scores_
-        data = _as_image_set(images, labelled=True)
+        data = as_images(images, labelled=True)
         if data.labels is None:
             raise ValueError("evaluate needs labelled images")
         unknown = sorted(set(data.labels) - set(self.classes_))
@@ -518,42 +376,7 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         Runtime (``onnx=None``) or ``onnx=True``, as the ONNX graph it ran: a loaded model
         then predicts without exporting anything (seconds per backbone) or importing TensorFlow.
         """
-        check_is_fitted(self, "meta_")
-        directory = os.fspath(directory)
-        if os.path.isdir(directory) and os.listdir(directory) and not os.path.exists(os.path.join(directory, MANIFEST)):
-            raise FileExistsError(f"{directory} exists and is not a stacker model directory; "
-                                  "save into a new or empty directory")
-        tmp = os.path.abspath(directory).rstrip("/") + f".tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        learners = [lr.save(tmp, onnx) for lr in self.learners_.values()]
-        save_estimator(self.meta_.combiner, os.path.join(tmp, "meta"))
-        params = _encode_params(self.get_params(deep=False), tmp)
-        names = list(self.learners_)
-        np.savez_compressed(os.path.join(tmp, "oof.npz"), y=self.y_, ensemble=self.meta_oof_proba_,
-                            **{f"learner_{i}": self.oof_proba_[n] for i, n in enumerate(names)})
-        _write_curves(os.path.join(tmp, "curves.csv"), {n: lr.fold_models_ for n, lr in self.learners_.items()})
-        files = {}
-        for root, _dirs, file_names in os.walk(tmp):
-            for f in file_names:
-                full = os.path.join(root, f)
-                files[os.path.relpath(full, tmp)] = sha256_file(full)
-        manifest = {
-            "format": "stacker-ensemble", "format_version": FORMAT_VERSION, "stacker_version": __version__,
-            "classes": self.classes_, "params": params, "learners": learners,
-            "level2": {"name": self.meta_.name, "temperature": self.meta_.temperature, "floor": self.meta_.floor,
-                       "table": self.meta_.table, "weights": self._learner_weights()},
-            "meta": describe(self.meta), "meta_inputs": self.meta_inputs, "cv": self.cv,
-            "random_state": self.random_state, "scores": self.scores_, "skipped": self.skipped_, "files": files,
-            "meta_importance": self.meta_importance_, "config": self.config_, "environment": self.environment_,
-            "train_ids": [str(i) for i in self.train_ids_], "train_paths": self.train_paths_,
-            "histories": {n: [getattr(est, "history_", None) for est in lr.fold_models_]
-                          for n, lr in self.learners_.items()},
-        }
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1, default=_json_default)
-        _publish(tmp, directory)
-        return directory
+        return save_ensemble(self, directory, onnx)
 
     @classmethod
     def load(cls, directory, *, trusted=None, **params) -> "Ensemble":
@@ -568,43 +391,16 @@ class Ensemble(ClassifierMixin, BaseEstimator):
         qualified type names to rebuild (your own estimator classes); a file that needs
         any other type raises :class:`~stacker.io.persist.UntrustedTypeError` naming it.
         """
-        directory = os.fspath(directory)
-        manifest = read_manifest(directory)
-        for rel, digest in manifest["files"].items():
-            path = member(directory, rel)
-            if not os.path.isfile(path):
-                raise ModelIntegrityError(f"{directory}: file {rel} listed in the manifest is missing")
-            if sha256_file(path) != digest:
-                raise ModelIntegrityError(f"{directory}: {rel} does not match its sha256 in the manifest "
-                                          "(modified or corrupted); refusing to load it")
-        trusted = trusted_types(trusted or ())
-        saved = _decode_params(manifest["params"], directory, trusted)
-        if saved.get("cache_dir") and not os.path.isdir(saved["cache_dir"]):
-            saved["cache_dir"] = None  # fitted on another machine: its cache folder is not here
-        ens = cls(**{**saved, **params})
-        ens.classes_ = manifest["classes"]
-        ens.trusted_types_ = tuple(trusted)
-        settings = ens._settings()
-        networks = saved_networks(manifest["learners"], directory, manifest["files"])
-        ens.learners_ = {e["name"]: LEARNER_KINDS[e["kind"]].load(e, directory, settings, networks)
-                         for e in manifest["learners"]}
-        ens.specs_ = [lr.spec for lr in ens.learners_.values()]
-        lv = manifest["level2"]
-        with np.load(os.path.join(directory, "oof.npz"), allow_pickle=False) as oof:
-            ens.y_ = oof["y"]
-            ens.meta_oof_proba_ = oof["ensemble"]
-            ens.oof_proba_ = {e["name"]: oof[f"learner_{i}"] for i, e in enumerate(manifest["learners"])}
-        ens.meta_ = Level2(lv["name"], load_estimator(os.path.join(directory, "meta"), trusted), len(ens.classes_),
-                           ens.meta_oof_proba_, lv["temperature"], lv["floor"], lv["table"])
-        ens.level2_scores_ = lv["table"]
-        ens.scores_ = manifest.get("scores", {})
-        ens.skipped_ = manifest.get("skipped", {})
-        ens.meta_importance_ = manifest.get("meta_importance", {})
-        ens.config_ = manifest.get("config", {})
-        ens.environment_ = manifest.get("environment", {})
-        ens.train_ids_ = manifest.get("train_ids", [])
-        ens.train_paths_ = manifest.get("train_paths", [])
-        return ens
+        return load_ensemble(cls, directory, trusted, **params)
+
+
+def _sources_of(learners: dict) -> dict:
+    """(source id, view) -> extractor, each once, in learner order."""
+    sources = {}
+    for learner in learners.values():
+        for view, ext in learner.views().items():
+            sources.setdefault((learner.source_id(learner.spec), view), ext)
+    return sources
 
 
 def _distributed():
@@ -613,211 +409,9 @@ def _distributed():
     return distributed
 
 
-def _encode_params(params: dict, directory: str) -> dict:
-    """``get_params()`` as JSON: tuples tagged, estimators saved beside the manifest, the strategy dropped."""
-    def enc(value, name):
-        if isinstance(value, tuple):
-            return {"__tuple__": [enc(v, f"{name}_{i}") for i, v in enumerate(value)]}
-        if isinstance(value, list):
-            return [enc(v, f"{name}_{i}") for i, v in enumerate(value)]
-        if isinstance(value, dict):
-            return {str(k): enc(v, f"{name}_{k}") for k, v in value.items()}
-        if hasattr(value, "get_params"):
-            os.makedirs(os.path.join(directory, "params"), exist_ok=True)
-            save_unfitted(value, os.path.join(directory, "params", name))
-            return {"__estimator__": f"params/{name}.skops"}
-        if isinstance(value, (str, int, float, bool, type(None))):
-            return value
-        return _json_default(value)
-
-    return {k: enc(v, k) for k, v in params.items() if k != "strategy"}
+def _refresh_signature() -> None:
+    """``Ensemble.__init__``'s signature (what scikit-learn reads) from the parameter rows of now."""
+    Ensemble.__init__.__signature__ = validation.signature()
 
 
-def _decode_params(params: dict, directory: str, trusted) -> dict:
-    def dec(value):
-        if isinstance(value, dict) and "__tuple__" in value:
-            return tuple(dec(v) for v in value["__tuple__"])
-        if isinstance(value, dict) and "__estimator__" in value:
-            return load_unfitted(member(directory, value["__estimator__"]), trusted)
-        if isinstance(value, dict):
-            return {k: dec(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [dec(v) for v in value]
-        return value
-
-    return {k: dec(v) for k, v in params.items()}
-
-
-def _write_curves(path: str, learners: dict) -> None:
-    """Every fold's per-epoch training curves as one CSV (learner, fold, phase, epoch, metrics)."""
-    import csv
-
-    rows = []
-    for name, folds in learners.items():
-        for i, est in enumerate(folds):
-            h = getattr(est, "history_", None) or {}
-            n = len(h.get("loss", []))
-            split = int(h.get("phase1_epochs", n))
-            for e in range(n):
-                rows.append({"learner": name, "fold": i, "phase": "head" if e < split else "finetune",
-                             "epoch": e + 1, **{m: h[m][e] for m in ("loss", "accuracy", "val_loss", "val_accuracy")
-                                                 if m in h and e < len(h[m]) and h[m][e] is not None}})
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, ["learner", "fold", "phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"])
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _publish(tmp: str, directory: str) -> None:
-    """Move a freshly written model from ``tmp`` into ``directory``, replacing only its own files.
-
-    The manifest goes last, so a directory with a manifest always has the files it lists.
-    """
-    os.makedirs(directory, exist_ok=True)
-    old_manifest = os.path.join(directory, MANIFEST)
-    if os.path.exists(old_manifest):
-        os.remove(old_manifest)
-    for name in ("backbones", "learners", "params"):
-        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-    for name in os.listdir(directory):
-        if name.startswith("meta."):
-            os.remove(os.path.join(directory, name))
-    for name in sorted(os.listdir(tmp), key=lambda n: n == MANIFEST):
-        os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-    os.rmdir(tmp)
-
-
-def read_manifest(directory, check_version: bool = True) -> dict:
-    """The manifest of a saved ensemble, with its format (and, to load it, its version) checked."""
-    path = os.path.join(os.fspath(directory), MANIFEST)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory} is not a saved stacker ensemble (no {MANIFEST})")
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != "stacker-ensemble":
-        raise ModelIntegrityError(f"{path} is not a stacker ensemble manifest")
-    if not check_version:
-        return manifest
-    version = manifest.get("format_version")
-    if isinstance(version, int) and version < 3:
-        raise ModelIntegrityError(
-            f"{directory} was saved in model format version {version}, whose scikit-learn parts are pickles "
-            f"(a pickle can run code when loaded), so this stacker ({__version__}) does not read it. Refit the "
-            f"ensemble and save it again (format {FORMAT_VERSION}: skops files, loaded by type); with the same "
-            "cache_dir no forward pass is repeated.")
-    if version != FORMAT_VERSION:
-        raise ModelIntegrityError(
-            f"{directory} was saved in format version {version}; this stacker ({__version__}) reads version "
-            f"{FORMAT_VERSION}. Refit the ensemble or use the stacker release that wrote it.")
-    return manifest
-
-
-def _meta_blocks(names, proba_dims, feature_dims, meta_inputs) -> dict:
-    """Column indices of each learner's inputs in the level-2 matrix (see ``meta_matrix``)."""
-    blocks = {n: [] for n in names}
-    col = 0
-    if meta_inputs in ("proba", "both"):
-        for n, d in zip(names, proba_dims):
-            blocks[n] += list(range(col, col + d))
-            col += d
-    if meta_inputs in ("features", "both"):
-        for n, d in zip(names, feature_dims):
-            blocks[n] += list(range(col, col + d))
-            col += d
-    return blocks
-
-
-def _permutation_importance(level2, Z, y, blocks: dict, k: int, seed: int, repeats: int = 3) -> dict:
-    """How much level 2's log loss grows when one learner's inputs are shuffled across rows."""
-    rng = np.random.default_rng(seed)
-    base = score(y, level2.predict_proba(Z), k)["log_loss"]
-    proba = np.empty((len(Z), k))
-    out = {}
-    for name, cols in blocks.items():
-        losses = []
-        for _ in range(repeats):
-            order = rng.permutation(len(Z))
-            for rows in row_blocks(len(Z)):  # shuffled a block at a time: no copy of Z
-                part = Z[rows].copy()
-                part[:, cols] = Z[order[rows]][:, cols]
-                proba[rows] = level2.predict_proba(part)
-            losses.append(score(y, proba, k)["log_loss"])
-        out[name] = float(np.mean(losses) - base)
-    return out
-
-
-def environment() -> dict:
-    """Versions of what decides the numbers (for reports and manifests)."""
-    import platform
-
-    import h5py
-    import keras
-    import sklearn
-
-    try:
-        import tensorflow as tf
-
-        tf_version = tf.__version__
-    except ImportError:  # pragma: no cover - tensorflow is a dependency
-        tf_version = None
-    return {"stacker": __version__, "python": platform.python_version(), "platform": platform.platform(),
-            "tensorflow": tf_version, "keras": keras.__version__, "numpy": np.__version__,
-            "scikit-learn": sklearn.__version__, "h5py": h5py.__version__}
-
-
-def _json_default(obj):
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
-
-
-def _is_in_memory(images) -> bool:
-    if isinstance(images, np.ndarray) or (hasattr(images, "convert") and not isinstance(images, (list, tuple))):
-        return True
-    if isinstance(images, (list, tuple)) and images:
-        return not isinstance(images[0], (str, os.PathLike))
-    return False
-
-
-def _as_image_set(images, labelled: bool = False) -> _images.ImageSet:
-    if isinstance(images, _images.ImageSet):
-        return images
-    if isinstance(images, (str, os.PathLike)):
-        return _images.load_images(images, labelled=labelled)
-    paths = [os.fspath(p) for p in images]
-    if not paths:
-        raise ValueError("no images to predict (an empty list)")
-    return _images.ImageSet(paths, list(range(len(paths))))
-
-
-def format_leaderboard(scores: dict) -> str:
-    """Text table per learner (accuracy, log loss, level-2 weight, timings), then level 2's choice."""
-    top5 = any("top5_accuracy" in s for s in scores.values())
-    rows = [("learner", "accuracy") + (("top5",) if top5 else ()) + ("log_loss", "weight", "extract_s",
-                                                                      "ms/image", "train_s", "dim")]
-    for name, s in scores.items():
-        spi, w = s.get("s_per_image"), s.get("weight")
-        rows.append((name, f"{s['accuracy']:.4f}") + ((f"{s.get('top5_accuracy', 0):.4f}",) if top5 else ()) + (
-            f"{s['log_loss']:.4f}", "" if w is None else f"{w:.3f}",
-            f"{s['extract_s']:.1f}" if "extract_s" in s else "",
-            f"{spi * 1000:.1f}" if spi else "cached" if "extract_s" in s else "",
-            f"{s.get('train_s', 0):.1f}", str(s.get("feature_dim", ""))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    ens = scores.get("ensemble", {})
-    if ens.get("combiner"):
-        lines.append(f"level 2: {ens['combiner']} (temperature {ens.get('temperature', 1.0):.3f}, "
-                     f"floor {ens.get('floor', 0.0):.4f}); cross-validated log loss of each candidate:")
-        lines.append("  " + ", ".join(f"{n} {c['log_loss']:.4f}" for n, c in ens.get("candidates", {}).items()))
-    return "\n".join(lines)
-
-
-def dataset_fingerprint(paths, cache_dir=None) -> str:
-    """Short hash of a set of files (for reports)."""
-    return hashlib.sha256("\n".join(sorted(_images.file_fingerprints(paths, cache_dir))).encode()).hexdigest()[:16]
+_refresh_signature()

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stacker.ensemble import MANIFEST, Ensemble, _is_in_memory
-from stacker.data.images import ImageSet, from_class_folders_unlabelled, from_test_folder, in_memory_list
+from stacker.ensemble import Ensemble
+from stacker.io.model_dir import MANIFEST
+from stacker.data.inputs import as_images
+from stacker.data.sources import ImageSet
 
 __all__ = ["Prediction", "load", "predict"]
 
@@ -88,10 +90,12 @@ def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None
     images : path, list of paths, folder, ndarray, PIL image or list of them
         A single path, PIL image or array (``(h, w)``, ``(h, w, 1|3|4)``) is one
         image; ``(n, h, w[, c])`` arrays and lists are several. A folder means every
-        image in it (ids sorted as :func:`stacker.data.images.from_test_folder` sorts
+        image in it (ids sorted as :func:`stacker.data.sources.from_test_folder` sorts
         them); a folder of class sub-folders means every image in those (labels
-        ignored, ids are relative paths). Arrays are pixels: uint8, uint16, or floats
-        in [0, 255]; floats in [0, 1] are scaled by 255 with a warning.
+        ignored, ids are relative paths); a CSV file the images of its ``path``
+        column (:func:`stacker.data.inputs.as_images` reads them all). Arrays are
+        pixels: uint8, uint16, or floats in [0, 255]; floats in [0, 1] are scaled by
+        255 with a warning.
     model : path
         Directory written by :meth:`Ensemble.save`.
     cache_dir : path, optional
@@ -109,34 +113,18 @@ def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None
     """
     if on_bad_image not in ("raise", "skip"):
         raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
-    images, ids, unread = _as_input(images)
+    data = as_images(images)
     ens = load(model, cache_dir=cache_dir, trusted=trusted)
-    proba, skipped = ens.predict_with_skipped(images, on_bad_image=on_bad_image,
+    proba, skipped = ens.predict_with_skipped(data, on_bad_image=on_bad_image,
                                               batch_size=int(batch_size) if batch_size else None)
     ok = ~np.isnan(proba).any(axis=1)
     labels = [ens.classes_[int(i)] if good else None for i, good in zip(np.nan_to_num(proba).argmax(1), ok)]
-    return Prediction(list(ens.classes_), proba, labels, skipped, ids, unread)
+    unread = dict(data.skipped) if isinstance(data, ImageSet) else {}
+    return Prediction(list(ens.classes_), proba, labels, skipped, _ids(images, data), unread)
 
 
-def _as_input(images):
-    """``(images, ids, unread)``: a folder read (class sub-folders: labels ignored), one image made a list."""
-    if isinstance(images, ImageSet):
-        return images, list(images.ids), dict(images.skipped)
-    if isinstance(images, (str, os.PathLike)):
-        path = os.fspath(images)
-        if os.path.isdir(path):
-            entries = [e for e in os.listdir(path) if not e.startswith(".")]
-            subdirs_only = entries and all(os.path.isdir(os.path.join(path, e)) for e in entries)
-            data = from_class_folders_unlabelled(path) if subdirs_only else from_test_folder(path)
-            return data, list(data.ids), dict(data.skipped)
-        return [path], [path], {}  # a file, or a missing path that extraction reports
-    if _is_in_memory(images):
-        arrays = in_memory_list(images)
-        if not arrays:
-            raise ValueError("no images to predict (an empty list)")
-        return arrays, list(range(len(arrays))), {}
-    items = list(images)
-    if not items:
-        raise ValueError("no images to predict (an empty list)")
-    paths = [os.fspath(p) for p in items]
-    return paths, paths, {}
+def _ids(images, data) -> list:
+    """The ids a :class:`Prediction` reports: the set's own, the paths of a list of paths, rows of arrays."""
+    if not isinstance(data, ImageSet):
+        return list(range(len(data)))
+    return list(data.ids) if isinstance(images, (ImageSet, str, os.PathLike)) else list(data.paths)

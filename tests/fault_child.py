@@ -81,7 +81,7 @@ def install(point: str) -> None:
 def main(config, data_dir, cache, out, result, point=None):
     import tinynet  # noqa: F401 - registers tiny_cnn
 
-    from stacker.data import images as im
+    from stacker.data import sources as im
     from stacker.ensemble import Ensemble
     from stacker.features.extractor import forward_pass_count
     from stacker.learners.finetune import FineTunedClassifier

@@ -18,7 +18,7 @@ def main(address, data, weights, cache, result, kill=None):
     from stacker.learners import distributed
     from stacker.features.cache import FeatureEntry
     from stacker.features.extractor import FeatureExtractor
-    from stacker.data.images import load_images
+    from stacker.data.sources import load_images
 
     if kill:
         append, calls = FeatureEntry.append, [0]

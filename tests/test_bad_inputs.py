@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, make_class_folders, make_image
-from stacker.data import images as im
+from stacker.data import decode, scan
 from stacker.ensemble import Ensemble
 from stacker.features.extractor import FeatureExtractor
-from stacker.data.images import BadImageError
+from stacker.data.sources import BadImageError
 
 pytestmark = pytest.mark.faults
 
@@ -106,13 +106,13 @@ def test_odd_images_decode_to_the_right_pixels(tmp_path):
     gif = write_odd("animated_gif", tmp_path / "anim")
     rotated = write_odd("exif_rotated", tmp_path / "rot")
     one = write_odd("one_pixel", tmp_path / "one")
-    (_, first), = [(r, p.numpy()) for r, p in im.pixel_batches([str(gif)], 20)]
+    (_, first), = [(r, p.numpy()) for r, p in decode.pixel_batches([str(gif)], 20)]
     np.testing.assert_allclose(first[0].mean(axis=(0, 1)), (200, 60, 50), atol=2)  # the first frame only
-    orient, bad = im.scan_images([str(rotated), str(one)])
+    orient, bad = scan.scan_images([str(rotated), str(one)])
     assert orient[0] == 6 and not bad
-    (_, px), = [(r, p.numpy()) for r, p in im.pixel_batches([str(rotated)], 16, orientations=orient[:1])]
+    (_, px), = [(r, p.numpy()) for r, p in decode.pixel_batches([str(rotated)], 16, orientations=orient[:1])]
     assert px.shape == (1, 16, 16, 3)
-    (_, px1), = [(r, p.numpy()) for r, p in im.pixel_batches([str(one)], 8)]
+    (_, px1), = [(r, p.numpy()) for r, p in decode.pixel_batches([str(one)], 8)]
     np.testing.assert_allclose(px1[0], np.broadcast_to([200, 60, 50], (8, 8, 3)), atol=1)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, make_image
-from stacker.data import images as im
+from stacker.data import sources as im
 from stacker.features.cache import FeatureCache
 from stacker.features.extractor import FeatureExtractor, forward_pass_count
 
@@ -150,7 +150,7 @@ def test_shards_merged_give_exactly_the_features_of_one_unsharded_run(tmp_path, 
 
     from stacker.app import cli
     from stacker.backbones import build
-    from stacker.data.images import load_images
+    from stacker.data.sources import load_images
 
     keras.utils.set_random_seed(0)
     weights = str(tmp_path / "tiny.weights.h5")
@@ -175,3 +175,85 @@ def test_shards_merged_give_exactly_the_features_of_one_unsharded_run(tmp_path, 
     np.testing.assert_array_equal(merged, whole)
     assert FeatureCache(tmp_path / "merged").entries()[0]["rows"] == len(data)  # merging twice adds nothing
     assert cli.main(["extract", str(class_folders), "--shard", "3/3", *common]) == 1
+
+
+def test_a_cache_kind_registered_once_is_listed_and_removed(tmp_path, capsys):
+    """One registration is all a new kind needs: `stacker cache ls` lists it, `rm --kind` removes it."""
+    from stacker.app import cli, inventory
+    from stacker.features.layout import Artefact, CacheLayout, register_cache_kind, unregister_cache_kind
+
+    def scan_toy(folder, ctx):
+        return [Artefact.at("toy", os.path.join(folder, name), "a toy file", backbone="tiny_cnn")
+                for name in sorted(os.listdir(folder))]
+
+    register_cache_kind("toy", "toy", scan_toy, "toy files of a test")
+    try:
+        root = tmp_path / "cache"
+        toy = CacheLayout(root).path("toy")
+        os.makedirs(toy)
+        for name in ("a.bin", "b.bin", "c.bin"):
+            with open(os.path.join(toy, name), "wb") as f:
+                f.write(b"x" * 10)
+        result = root / "learners" / "0123456789abcdef01234567"
+        result.mkdir(parents=True)
+        (result / "COMPLETE").write_text("ok\n")
+        (root / "notes.txt").write_text("mine")
+
+        found = inventory.scan(root)
+        assert "toy" in inventory.kinds()
+        assert [os.path.basename(a.path) for a in inventory.select(found, kind="toy")] == ["a.bin", "b.bin", "c.bin"]
+        assert {a.kind for a in found} == {"toy", "learners", "other"}
+        assert inventory.remove(inventory.select(found, kind="toy")[:1]) == 10
+        assert sorted(os.listdir(toy)) == ["b.bin", "c.bin"]
+
+        capsys.readouterr()
+        assert cli.main(["cache", "ls", "--cache", str(root)]) == 0
+        listing = capsys.readouterr().out
+        assert len([line for line in listing.splitlines() if line.startswith("toy ") and "a toy file" in line]) == 2
+        assert cli.main(["cache", "rm", "--cache", str(root), "--kind", "toy"]) == 0
+        assert "2 entries removed" in capsys.readouterr().out
+        assert os.listdir(toy) == [] and result.exists() and (root / "notes.txt").exists()
+    finally:
+        unregister_cache_kind("toy")
+    assert "toy" not in inventory.kinds()
+    assert [a.kind for a in inventory.scan(root) if a.path == toy] == ["other"]  # no longer claimed: never removed
+
+
+def test_converted_weights_follow_the_cache_folder(tmp_path, monkeypatch):
+    """$STACKER_CACHE_DIR, else $XDG_CACHE_HOME/stacker; and an extractor's own cache folder when it has one."""
+    from stacker.backbones import converted_weights_dir, efficientnet_lite
+    from stacker.features.layout import CacheLayout
+
+    monkeypatch.delenv("STACKER_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert converted_weights_dir() == str(tmp_path / "xdg" / "stacker" / "converted_weights")
+    monkeypatch.setenv("STACKER_CACHE_DIR", str(tmp_path / "env"))
+    assert converted_weights_dir() == str(tmp_path / "env" / "converted_weights")
+    assert converted_weights_dir(tmp_path / "mine") == CacheLayout(tmp_path / "mine").converted_weights \
+        == str(tmp_path / "mine" / "converted_weights")
+
+    used = []
+    monkeypatch.setattr(efficientnet_lite, "load_checkpoint_weights",
+                        lambda net, source, cache_dir=None: used.append(os.fspath(cache_dir)))
+    checkpoint = tmp_path / "efficientnet-lite0-0123456789.pth"
+    checkpoint.write_bytes(b"not read: the loader is replaced")
+    FeatureExtractor("efficientnet_lite0", weights=str(checkpoint), input_size=32, cache_dir=tmp_path / "mine",
+                     verbose=0).model
+    FeatureExtractor("efficientnet_lite0", weights=str(checkpoint), input_size=32, verbose=0).model
+    assert used == [str(tmp_path / "mine" / "converted_weights"), str(tmp_path / "env" / "converted_weights")]
+
+
+def test_cache_file_names_are_the_ones_existing_caches_have(tmp_path):
+    """The layout names files as before it was one module, so caches made earlier are still found."""
+    import hashlib
+    import json
+
+    from stacker.features.layout import CacheLayout, onnx_identity, onnx_name
+
+    meta = {"backbone": "tiny_cnn", "input_size": 32, "weights": "values:ab", "code": "cd"}
+    key = hashlib.sha256(json.dumps({**meta, "dtype": "float16"}, sort_keys=True).encode()).hexdigest()
+    assert CacheLayout(tmp_path).feature_file(meta, "float16") == str(tmp_path / "features" / f"tiny_cnn-{key[:16]}.h5")
+    assert FeatureCache(tmp_path).entry(meta, 16, "float16").path == CacheLayout(tmp_path).feature_file(meta, "float16")
+    graph = hashlib.sha256(b"tiny_cnn|(None, 32, 32, 3)|values:ab|cd").hexdigest()[:20]
+    assert onnx_name("tiny_cnn", (None, 32, 32, 3), onnx_identity("values:ab", "cd")) == f"tiny_cnn-{graph}.onnx"
+    assert CacheLayout(tmp_path).store("folds") == str(tmp_path / "folds")

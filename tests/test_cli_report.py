@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 
 from conftest import REPO
 from stacker.app.cli import build_parser, main
-from stacker.app.options import default_cache_dir
+from stacker.features.layout import default_cache_dir
 from stacker.app.report import FIGURES, calibration_bins, report
 
 
@@ -317,14 +317,14 @@ def test_cli_errors_name_cli_flags(tmp_path, capsys):
 
 
 def test_top5_names_the_with_top_weights_file(tmp_path, monkeypatch):
-    from stacker.backbones import _missing_weights, get_cfg, resolve_weights, top_weights_file
+    from stacker.backbones.registry import missing_weights_message, get_cfg, resolve_weights, top_weights_file
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     cfg = get_cfg("mobilenet_025")
     assert top_weights_file(cfg) == "mobilenet_2_5_224_tf.h5"
     (tmp_path / cfg.keras_weights_file).write_bytes(b"headless")
     assert resolve_weights(cfg, "imagenet", tmp_path, include_top=True) == "imagenet"  # only Keras's download left
-    message = _missing_weights(cfg, True, tmp_path, OSError("offline"))
+    message = missing_weights_message(cfg, True, tmp_path, OSError("offline"))
     assert "with-top" in message and "mobilenet_2_5_224_tf.h5" in message and str(tmp_path) in message
     (tmp_path / "mobilenet_2_5_224_tf.h5").write_bytes(b"with top")
     assert resolve_weights(cfg, "imagenet", tmp_path, include_top=True) == str(tmp_path / "mobilenet_2_5_224_tf.h5")
@@ -334,7 +334,7 @@ def test_reprs_are_short(fitted_dir):
     import stacker
     from sklearn.base import clone
 
-    from stacker.data.images import load_images
+    from stacker.data.sources import load_images
 
     root, out = fitted_dir
     data = load_images(root / "train")

@@ -21,7 +21,7 @@ from stacker.learners import distributed  # noqa: E402
 from stacker.features.cache import FeatureCache  # noqa: E402
 from stacker.ensemble import Ensemble  # noqa: E402
 from stacker.features.extractor import FeatureExtractor, forward_pass_count  # noqa: E402
-from stacker.data.images import load_images  # noqa: E402
+from stacker.data.sources import load_images  # noqa: E402
 
 TESTS = os.path.join(REPO, "tests")
 N_PER_CLASS = 20  # 40 images: 5 chunks of 8 (2 batches of 4 each)

@@ -13,7 +13,8 @@ from PIL import Image
 
 from conftest import TINY, make_class_folders, make_image, save_tiny_weights
 from stacker.features import engines
-from stacker.data import images as im
+from stacker.data import decode as im
+from stacker.data.sources import load_images
 from stacker.ensemble import Ensemble, ModelIntegrityError
 from stacker.features.extractor import FeatureExtractor
 from stacker.backbones.torch_checkpoint import sha256_file
@@ -148,7 +149,7 @@ def test_a_tf_distribute_strategy_runs_extraction_heads_and_fine_tuning(tmp_path
     ens.fit(root)
     fold = ens.learners_[ens.specs_[0]["name"]].fold_models_[0]
     assert strategy.extended.variable_created_in_scope(fold.model_.weights[0].value)
-    assert np.isfinite(ens.predict_proba(im.load_images(root))).all()
+    assert np.isfinite(ens.predict_proba(load_images(root))).all()
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def onnx_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("saved-onnx")
     make_class_folders(root / "train", 6, seed_step=30)
     weights = save_tiny_weights(root / "tiny.weights.h5")
-    data = im.load_images(root / "train")
+    data = load_images(root / "train")
     ens = Ensemble([{**TINY, "weights": weights}], models=("logistic",), cv=2, engine="onnx",
                    cache_dir=str(root / "cache"), verbose=0).fit(data)
     ens.save(root / "model")

@@ -11,8 +11,9 @@ from sklearn.exceptions import NotFittedError
 
 import stacker
 from conftest import TINY, make_class_folders, save_tiny_weights
-from stacker.data import images as im
+from stacker.data import sources as im
 from stacker.ensemble import Ensemble, ModelIntegrityError
+from stacker.io.model_dir import FORMAT_VERSION
 from stacker.features.extractor import forward_pass_count
 
 
@@ -72,7 +73,7 @@ def test_save_load_identical_predictions_and_predict_api(fitted, tmp_path):
     model_dir = tmp_path / "model"
     ens.save(model_dir)
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    assert manifest["format_version"] == 3 and manifest["classes"] == ["cat", "dog"]
+    assert manifest["format_version"] == FORMAT_VERSION == 4 and manifest["classes"] == ["cat", "dog"]
     assert any(f.endswith(".keras") for f in manifest["files"])
     assert manifest["level2"]["name"] == ens.meta_.name
     expected = ens.predict_proba(data.paths)
@@ -113,6 +114,10 @@ def test_tampered_model_is_refused(fitted, tmp_path):
     manifest["format_version"] = 99
     (model_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelIntegrityError, match="format version 99"):
+        Ensemble.load(model_dir)
+    manifest["format_version"] = 3  # the layout before sub-packages: its class paths are gone
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelIntegrityError, match="version 3, by a stacker whose classes lived in other modules"):
         Ensemble.load(model_dir)
 
 

@@ -25,11 +25,11 @@ from PIL import Image
 import stacker
 from conftest import COLORS, TINY, make_class_folders, make_image, save_tiny_weights
 from stacker.app import cli
-from stacker.data import images as im
+from stacker.data import decode, scan, sources
 from stacker.features.cache import FeatureCache
 from stacker.ensemble import Ensemble
 from stacker.features.extractor import FeatureExtractor, forward_pass_count
-from stacker.data.images import BadImageError
+from stacker.data.sources import BadImageError
 
 
 def _copy_tree(src, dst):
@@ -52,7 +52,7 @@ def _tiny(**kw):
 
 def _extract(root, cache):
     before = forward_pass_count()
-    feats = _tiny(cache_dir=str(cache)).extract(im.load_images(root, False))
+    feats = _tiny(cache_dir=str(cache)).extract(sources.load_images(root, False))
     return feats, forward_pass_count() - before
 
 
@@ -100,7 +100,7 @@ def test_identical_files_under_two_names_cost_one_forward_pass(flat, tmp_path):
 
 def test_shards_from_two_roots_merge_into_a_cache_a_third_root_hits(flat, tmp_path):
     root_a, root_b = _copy_tree(flat, tmp_path / "machine_a"), _copy_tree(flat, tmp_path / "machine_b")
-    data_a, data_b = im.load_images(root_a, False), im.load_images(root_b, False)
+    data_a, data_b = sources.load_images(root_a, False), sources.load_images(root_b, False)
     for data, cache, part in ((data_a, tmp_path / "ca", 0), (data_b, tmp_path / "cb", 1)):
         _tiny(cache_dir=str(cache)).extract(data.shard(part, 2))
     merged = FeatureCache(tmp_path / "merged")
@@ -169,11 +169,11 @@ def _formats(folder):
 @pytest.mark.parametrize("method", ["pil", "bilinear"])
 def test_every_pillow_format_is_read_as_rgb(tmp_path, method):
     files = {str(p): rgb for p, rgb in _formats(tmp_path).items()}
-    data = im.load_images(tmp_path, labelled=False)
+    data = sources.load_images(tmp_path, labelled=False)
     assert sorted(data.paths) == sorted(files), "a folder reader gives every format a row"
-    orient, bad = im.scan_images(data.paths)
+    orient, bad = scan.scan_images(data.paths)
     assert not bad
-    batches = list(im.pixel_batches(data.paths, 16, batch_size=64, orientations=orient, method=method))
+    batches = list(decode.pixel_batches(data.paths, 16, batch_size=64, orientations=orient, method=method))
     (rows, px), = [(r.numpy(), p.numpy()) for r, p in batches]
     assert sorted(rows) == list(range(len(data)))
     for r, pixels in zip(rows, px):
@@ -228,7 +228,7 @@ def test_unusable_paths_get_their_true_reason_under_both_policies(tmp_path):
     (folder / ".hidden.png").write_bytes(b"x")
     (folder / "README.md").write_text("hello")
     (folder / "sub").mkdir()
-    data = im.from_test_folder(folder)
+    data = sources.from_test_folder(folder)
     assert set(data.paths) == {str(p) for p in good} | {str(p) for p in bad}
     assert {os.path.basename(p): r.split(" ")[0] for p, r in data.skipped.items()} == {
         ".hidden.png": "hidden", "README.md": "not", "sub": "a"}
@@ -348,7 +348,7 @@ def test_in_memory_inputs(model):
     res = stacker.predict(model / "train", model=model / "model")
     assert len(res) == 12 and res.ids[0] == os.path.join("cat", "0.png")
     with pytest.raises(ValueError, match="holds sub-folders .* and no image files; pass one sub-folder"):
-        im.from_test_folder(model / "train")
+        sources.from_test_folder(model / "train")
 
 
 @pytest.mark.faults

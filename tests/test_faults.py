@@ -86,7 +86,7 @@ def test_killed_run_resumes_to_the_same_result(config, point, data_dir, tmp_path
 def test_two_processes_filling_one_cache_at_once_corrupt_nothing(data_dir, tmp_path):
     """Two concurrent `stacker extract` runs on one cache: both finish, every row is whole and right."""
     from stacker.features.extractor import FeatureExtractor, forward_pass_count
-    from stacker.data.images import load_images
+    from stacker.data.sources import load_images
 
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.path.join(REPO, "tests"),
            "STACKER_PLUGINS": "tinynet"}

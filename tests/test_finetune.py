@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, make_image, save_tiny_weights
-from stacker.data import images as im
+from stacker.data import sources as im
 from stacker.backbones import build
 from stacker.features.cache import FeatureCache
 from stacker.ensemble import Ensemble

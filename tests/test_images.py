@@ -1,4 +1,4 @@
-"""Data sources, odd image modes, EXIF orientation and bad-image handling."""
+"""Data sources, the format table, user inputs, odd image modes, EXIF orientation and bad-image handling."""
 
 import os
 
@@ -7,11 +7,11 @@ import pytest
 from PIL import Image
 
 from conftest import COLORS, TINY, make_image
-from stacker.data import images as im
+from stacker.data import decode, formats, inputs, scan, sources
 
 
 def test_class_folders(class_folders):
-    data = im.load_images(class_folders)
+    data = sources.load_images(class_folders)
     assert data.classes == ["cat", "dog"]
     assert len(data) == 24
     assert np.bincount(data.y).tolist() == [12, 12]
@@ -19,7 +19,7 @@ def test_class_folders(class_folders):
 
 
 def test_kaggle_names(kaggle_dir):
-    data = im.load_images(kaggle_dir / "train")
+    data = sources.load_images(kaggle_dir / "train")
     assert data.classes == ["cat", "dog"]
     assert data.labels[:2] == ["cat", "cat"] and data.labels[-1] == "dog"
     assert data.ids[:3] == ["cat.0.jpg", "cat.1.jpg", "cat.2.jpg"]
@@ -28,21 +28,21 @@ def test_kaggle_names(kaggle_dir):
 def test_csv_source(tmp_path, class_folders):
     csv = tmp_path / "labels.csv"
     csv.write_text("path,label\ncat/0.png,cat\ndog/3.png,dog\ncat/1.png,cat\n")
-    data = im.from_csv(csv, root=class_folders)
+    data = sources.from_csv(csv, root=class_folders)
     assert data.labels == ["cat", "dog", "cat"] and data.classes == ["cat", "dog"]
     bad = tmp_path / "bad.csv"
     bad.write_text("path,label\ncat/0.png,cat\nnope.png,dog\n")
-    missing = im.from_csv(bad, root=class_folders)  # the row stays; extraction reports it under the policy
-    assert len(missing) == 2 and im.scan_images(missing.paths)[1] == {1: "file not found"}
-    with pytest.raises(im.BadImageError, match="nope.png: file not found"):
-        im.file_fingerprints(missing.paths)
+    missing = sources.from_csv(bad, root=class_folders)  # the row stays; extraction reports it under the policy
+    assert len(missing) == 2 and scan.scan_images(missing.paths)[1] == {1: "file not found"}
+    with pytest.raises(sources.BadImageError, match="nope.png: file not found"):
+        sources.file_fingerprints(missing.paths)
     with pytest.raises(ValueError, match="no column"):
         (tmp_path / "cols.csv").write_text("file,y\na,b\n")
-        im.from_csv(tmp_path / "cols.csv")
+        sources.from_csv(tmp_path / "cols.csv")
 
 
 def test_test_folder_ids_sorted_numerically(kaggle_dir):
-    data = im.load_images(kaggle_dir / "test", labelled=False)
+    data = sources.load_images(kaggle_dir / "test", labelled=False)
     assert data.ids == list(range(1, 13))
     assert data.labels is None
     assert os.path.basename(data.paths[9]) == "10.jpg"
@@ -52,18 +52,54 @@ def test_errors_are_clear(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="neither image files nor class folders"):
-        im.load_images(empty)
+        sources.load_images(empty)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        im.load_images(tmp_path / "missing")
+        sources.load_images(tmp_path / "missing")
     (empty / "cat").mkdir()
     with pytest.raises(ValueError, match="no image files"):
-        im.from_folder(empty)
+        sources.from_folder(empty)
     with pytest.raises(ValueError, match="duplicate image ids"):
-        im.ImageSet(["a.jpg", "b.jpg"], [1, 1])
+        sources.ImageSet(["a.jpg", "b.jpg"], [1, 1])
     with pytest.raises(ValueError, match="not among the classes"):
-        im.ImageSet(["a.jpg"], [0], ["zebra"], ["cat", "dog"])
+        sources.ImageSet(["a.jpg"], [0], ["zebra"], ["cat", "dog"])
     with pytest.raises(ValueError, match="2 ids for 1 images"):
-        im.ImageSet(["a.jpg"], [0, 1])
+        sources.ImageSet(["a.jpg"], [0, 1])
+
+
+
+def test_the_format_table_gives_magic_exif_formats_and_extensions():
+    assert formats.sniff(b"\xff\xd8\xff\xe0") == "JPEG" and formats.sniff(b"\x89PNG\r\n\x1a\n") == "PNG"
+    assert formats.sniff(b"RIFF\0\0\0\0WEBPVP8 ") == "WEBP" and formats.sniff(b"RIFF\0\0\0\0AVI ") is None
+    assert formats.sniff(b"") is None and formats.HEAD_BYTES == 12
+    assert formats.EXIF_FORMATS == {"JPEG", "MPO", "PNG", "WEBP"}
+    assert {".heic", ".heif", ".jpg", ".png", ".tif", ".webp"} <= set(formats.IMAGE_EXTENSIONS)
+    assert [f.name for f in formats.FORMATS if f.tensorflow] == ["JPEG", "PNG", "GIF", "BMP", "WEBP"]
+
+
+def test_as_images_reads_every_kind_of_input(tmp_path, class_folders, kaggle_dir):
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    arrays = inputs.as_images([rgb, Image.fromarray(rgb)])
+    assert isinstance(arrays, inputs.Arrays) and [a.shape for a in arrays] == [(4, 5, 3)] * 2
+    dark = inputs.as_images(np.ones((4, 5), np.uint8))  # pixels of value 1, not [0, 1] floats
+    assert inputs.as_images(dark) is dark and dark[0].max() == 1.0, "checked arrays are not scaled again"
+    assert inputs.as_images(kaggle_dir / "test").ids == list(range(1, 13))
+    every = inputs.as_images(class_folders)  # class folders: every image, labels ignored
+    assert len(every) == 24 and every.labels is None and every.ids[0] == os.path.join("cat", "0.png")
+    assert inputs.as_images(class_folders, labelled=True).classes == ["cat", "dog"]
+    (tmp_path / "list.csv").write_text(f"path,label\n{class_folders}/cat/0.png,cat\n")
+    assert inputs.as_images(tmp_path / "list.csv").labels == ["cat"]
+    missing = str(tmp_path / "missing.jpg")  # one file: extraction reports it under on_bad_image
+    assert inputs.as_images(missing).paths == inputs.as_images(missing).ids == [missing]
+    assert inputs.as_images([missing, missing]).ids == [0, 1], "a list may name a file twice"
+    given = sources.ImageSet([missing], ["m"])
+    assert inputs.as_images(given) is given
+    for empty in ([], np.zeros((0, 8, 8, 3), np.uint8)):
+        with pytest.raises(ValueError, match="no images to predict"):
+            inputs.as_images(empty)
+    with pytest.raises(ValueError, match="carry no labels"):
+        inputs.as_images(rgb, labelled=True)
+    paths, unread = inputs.expand_paths([str(kaggle_dir / "test"), missing])
+    assert len(paths) == 13 and paths[-1] == missing and not unread
 
 
 @pytest.mark.parametrize("mode,fmt,ext", [
@@ -73,7 +109,7 @@ def test_errors_are_clear(tmp_path):
 ])
 def test_any_mode_decodes_to_rgb(tmp_path, mode, fmt, ext):
     path = make_image(tmp_path / f"x.{ext}", COLORS["dog"], size=(24, 20), mode=mode, fmt=fmt)
-    (rows, pixels), = list(im.pixel_batches([str(path)], 24, 4))
+    (rows, pixels), = list(decode.pixel_batches([str(path)], 24, 4))
     assert rows.numpy().tolist() == [0]
     px = pixels.numpy()[0]
     assert px.shape == (24, 24, 3) and px.dtype == np.float32
@@ -93,9 +129,9 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # "rotate 90 CW to display": the upright image is tall, stripe on top
     path = tmp_path / "rot.jpg"
     img.save(path, exif=exif, quality=95)
-    orient, bad = im.scan_images([str(path)])
+    orient, bad = scan.scan_images([str(path)])
     assert orient.tolist() == [6] and not bad
-    (_, pixels), = list(im.pixel_batches([str(path)], 30, 1, orient))
+    (_, pixels), = list(decode.pixel_batches([str(path)], 30, 1, orient))
     px = pixels.numpy()[0].mean(axis=2)
     assert px[:8].mean() > 200 and px[-8:].mean() < 50
 
@@ -104,7 +140,7 @@ def test_scan_finds_bad_files(tmp_path):
     good = make_image(tmp_path / "good.jpg", COLORS["cat"])
     (tmp_path / "zero.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("not an image")
-    orient, bad = im.scan_images([str(good), str(tmp_path / "zero.jpg"), str(tmp_path / "text.jpg")])
+    orient, bad = scan.scan_images([str(good), str(tmp_path / "zero.jpg"), str(tmp_path / "text.jpg")])
     assert set(bad) == {1, 2}
     assert "empty" in bad[1] and "not an image" in bad[2]
 
@@ -113,9 +149,9 @@ def test_scan_in_threads_agrees_with_one_thread(tmp_path, monkeypatch):
     paths = [str(make_image(tmp_path / f"{i}.jpg", COLORS["cat"])) for i in range(5)]
     (tmp_path / "text.jpg").write_text("not an image")
     paths.insert(2, str(tmp_path / "text.jpg"))
-    serial = im.scan_images(paths, probe_files=2)
-    monkeypatch.setattr(im.time, "thread_time", lambda: 0.0)  # every file looks like it waited on storage
-    pooled = im.scan_images(paths, probe_files=2)
+    serial = scan.scan_images(paths, probe_files=2)
+    monkeypatch.setattr(scan.time, "thread_time", lambda: 0.0)  # every file looks like it waited on storage
+    pooled = scan.scan_images(paths, probe_files=2)
     np.testing.assert_array_equal(serial[0], pooled[0])
     assert serial[1] == pooled[1] and set(serial[1]) == {2}
 
@@ -125,31 +161,31 @@ def test_scan_in_threads_agrees_with_one_thread(tmp_path, monkeypatch):
 def test_open_image_opens_what_pillow_opens(tmp_path, fmt, ext):
     path = tmp_path / f"a.{ext}"
     Image.new("RGB", (9, 7), (10, 200, 30)).save(path, fmt)
-    with im.open_image(str(path)) as a, Image.open(path) as b:
+    with formats.open_image(str(path)) as a, Image.open(path) as b:
         assert (a.format, a.size, a.mode) == (b.format, b.size, b.mode)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     fake = tmp_path / "fake.jpg"  # a JPEG's first bytes, then nothing: refused as by Image.open, after the full search
     fake.write_bytes(b"\xff\xd8\xff" + b"\x00" * 5)
     with pytest.raises(Image.UnidentifiedImageError):
-        im.open_image(str(fake))
+        formats.open_image(str(fake))
 
 
 def test_truncated_jpeg_is_dropped_from_the_stream(tmp_path):
     good = make_image(tmp_path / "good.jpg", COLORS["cat"], size=(64, 64))
     data = open(good, "rb").read()
     (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
-    rows = [r for batch, _ in im.pixel_batches([str(good), str(tmp_path / "trunc.jpg")], 16, 4)
+    rows = [r for batch, _ in decode.pixel_batches([str(good), str(tmp_path / "trunc.jpg")], 16, 4)
             for r in batch.numpy()]
     assert rows == [0]
-    assert "truncated" in im.decode_failure_reason(str(tmp_path / "trunc.jpg"))
+    assert "truncated" in scan.decode_failure_reason(str(tmp_path / "trunc.jpg"))
 
 
 def test_arrays_and_pil_images_resize_like_files(tmp_path):
     path = make_image(tmp_path / "a.png", COLORS["owl"], size=(40, 30))
-    (_, from_file), = list(im.pixel_batches([str(path)], 16, 1))
+    (_, from_file), = list(decode.pixel_batches([str(path)], 16, 1))
     pil = Image.open(path)
-    from_pil = next(im.array_batches([pil], 16))
-    from_arr = next(im.array_batches([np.asarray(pil)], 16))
+    from_pil = next(decode.array_batches([pil], 16))
+    from_arr = next(decode.array_batches([np.asarray(pil)], 16))
     np.testing.assert_allclose(from_file.numpy(), from_pil, atol=1e-4)
     np.testing.assert_allclose(from_pil, from_arr, atol=1e-4)
 
@@ -163,10 +199,10 @@ def test_primed_starts_the_first_item_at_once_and_yields_everything_in_order():
         started.set()  # runs in Primed's thread, before anyone iterates
         yield from range(5)
 
-    primed = im.Primed(items())
+    primed = decode.Primed(items())
     assert started.wait(5), "the first item is being made before iteration"
     assert list(primed) == [0, 1, 2, 3, 4]
-    assert list(im.Primed(iter(()))) == []
+    assert list(decode.Primed(iter(()))) == []
     closed = []
 
     def closing():
@@ -175,7 +211,7 @@ def test_primed_starts_the_first_item_at_once_and_yields_everything_in_order():
         finally:
             closed.append(True)
 
-    im.Primed(closing()).close()
+    decode.Primed(closing()).close()
     assert closed == [True]
 
 

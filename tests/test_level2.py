@@ -1,15 +1,20 @@
-"""Level 2 and the model zoo on plain arrays: selection, calibration, no leakage, estimator contract."""
+"""Level 2 and the model zoo on plain arrays: selection, calibration, no leakage, the combiner registry,
+estimator contract."""
 
 import ast
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from conftest import REPO
-from stacker.level2 import combiners as _meta
-from stacker.level2.combiners import (GreedyEnsemble, LogitStacker, MeanClassifier, SingleBest, TemperatureScaler, TwoLayerStack,
-                          fit_level2, score)
+from stacker.level2 import arrays, registry
+from stacker.level2.arrays import score
+from stacker.level2.calibration import TemperatureScaler
+from stacker.level2.combiners import GreedyEnsemble, LogitStacker, MeanClassifier, SingleBest, TwoLayerStack
+from stacker.level2.selection import fit_level2
 from stacker.learners.zoo import MODELS, PRESETS, PrototypeClassifier, make_model, model_names
 
 
@@ -102,7 +107,7 @@ def test_level2_works_a_block_of_rows_at_a_time_with_the_numbers_of_one_block(mo
     """Blocks of rows bound level 2's memory at a million rows; they must not move a number."""
     from sklearn.metrics import log_loss
 
-    from stacker.ensemble import _permutation_importance
+    from stacker.level2.importance import permutation_importance as _permutation_importance
 
     y, blocks = random_members(3, n=700, k=7)
     Z = np.hstack(blocks).astype(np.float32)
@@ -117,7 +122,7 @@ def test_level2_works_a_block_of_rows_at_a_time_with_the_numbers_of_one_block(mo
                 scaler.transform(proba), score(y, proba, 7), _permutation_importance(level2, Z, y, cols, 7, 0))
 
     whole = run()
-    monkeypatch.setattr(_meta, "ROW_BLOCK", 64)  # eleven blocks
+    monkeypatch.setattr(arrays, "ROW_BLOCK", 64)  # eleven blocks
     blocked = run()
     for a, b in zip(whole, blocked):
         if isinstance(a, np.ndarray):
@@ -141,23 +146,120 @@ def test_no_level2_model_ever_sees_an_in_fold_prediction(monkeypatch):
     folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(y, y))
     row_of = {Z[i].tobytes(): i for i in range(len(Z))}
     seen = []
-    make = _meta.make_combiner
 
-    def spying(item, n_learners, random_state=0):
-        est = make(item, n_learners, random_state)
-        fit = est.fit
+    def spy(cls):  # on the class: every fit is seen, whichever module made the combiner
+        fit = cls.fit
 
-        def fit_spy(X, yy):
+        def fit_spy(self, X, yy):
             seen.append(frozenset(row_of[np.asarray(r, dtype=Z.dtype).tobytes()] for r in X))
-            return fit(X, yy)
-        est.fit = fit_spy
-        return est
+            return fit(self, X, yy)
+        monkeypatch.setattr(cls, "fit", fit_spy)
 
-    monkeypatch.setattr(_meta, "make_combiner", spying)
+    for cls in (GreedyEnsemble, LogitStacker, MeanClassifier, SingleBest):  # the candidates and the fallback
+        spy(cls)
     fit_level2(Z, y, folds, ("greedy", "logit", "mean"), len(blocks), 3, member_oof=blocks)
     allowed = {frozenset(tr) for tr, _ in folds} | {frozenset(range(len(y)))}
     assert seen and all(rows in allowed for rows in seen)
     assert sum(rows == frozenset(range(len(y))) for rows in seen) == 1, "one final fit, on out-of-fold rows only"
+
+
+BUILT_IN = ("greedy", "logit", "mean", "best", "stack2", "dense", "logistic")
+
+
+def _registry_state():
+    return (tuple(registry.COMBINERS), registry.auto_combiners(), registry.probability_combiners(),
+            registry.meta_help(), registry.meta_inputs_help(), registry.meta_doc())
+
+
+def test_the_built_in_combiners_are_registered_in_the_order_auto_tries_them():
+    assert tuple(registry.COMBINERS) == BUILT_IN
+    assert registry.auto_combiners() == registry.probability_combiners() == BUILT_IN[:5]
+    assert registry.combiner_names("auto") == BUILT_IN[:5]
+    # importing any level-2 module alone registers them all (the package imports the combiners)
+    code = "from stacker.level2.registry import COMBINERS; print(','.join(COMBINERS))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.split() == [",".join(BUILT_IN)]
+
+
+def test_a_combiner_registered_in_one_place_is_known_everywhere(monkeypatch):
+    """One decorator: a name for meta=, a candidate of auto, trusted for loading, in the help, the report, the docs."""
+    import argparse
+
+    from sklearn.linear_model import LogisticRegression
+
+    from stacker.app.options import OPTIONS
+    from stacker.io import persist
+
+    monkeypatch.setattr(persist, "_TRUSTED", dict(persist._TRUSTED))  # the toy's trust leaves with the test
+    before = _registry_state()
+
+    @registry.register_combiner("toy", auto=True, meaning="the toy's weights")
+    class Toy(MeanClassifier):
+        """The mean under another name."""
+
+    @registry.register_combiner("toy_lr", inputs="any")
+    def toy_lr(n_learners, random_state):
+        """Logistic regression on any columns."""
+        return LogisticRegression(max_iter=500)
+
+    try:
+        assert tuple(registry.COMBINERS) == BUILT_IN + ("toy", "toy_lr")
+        assert registry.auto_combiners() == BUILT_IN[:5] + ("toy",) == registry.combiner_names("auto")
+        assert registry.probability_combiners() == BUILT_IN[:5] + ("toy",)
+        assert f"{Toy.__module__}.{Toy.__qualname__}" in persist.trusted_types()
+        assert registry.weight_meaning("toy+T") == "the toy's weights"
+        assert registry.weight_meaning("toy_lr") == registry.DEFAULT_MEANING
+        parser = argparse.ArgumentParser()
+        meta, meta_inputs = (OPTIONS[n].add_to(parser) for n in ("meta", "meta_inputs"))
+        assert "among greedy, logit, mean, best, stack2, toy), one of those or dense, logistic, toy_lr," in meta.help
+        assert "(needs --meta dense, logistic or toy_lr)" in meta_inputs.help
+        assert '- ``"toy"`` (auto): The mean under another name.' in registry.meta_doc()
+        assert registry.check_meta("toy_lr", "features") == ("toy_lr",)
+        with pytest.raises(ValueError, match="meta='toy' combines probabilities; .* use meta='dense', 'logistic', "
+                                             "'toy_lr' or a scikit-learn classifier"):
+            registry.check_meta("toy", "both")
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register_combiner("toy")(Toy)
+
+        y, blocks = random_members(5, n=200)
+        Z = np.hstack(blocks)
+        folds = [(np.where(np.arange(200) % 4 != i)[0], np.where(np.arange(200) % 4 == i)[0]) for i in range(4)]
+        toy = fit_level2(Z, y, folds, "toy", len(blocks), 3)
+        mean = fit_level2(Z, y, folds, "mean", len(blocks), 3)
+        assert isinstance(toy.combiner, Toy) and toy.name == mean.name.replace("mean", "toy")
+        np.testing.assert_array_equal(toy.oof_proba, mean.oof_proba)  # the same combiner under a new name
+        assert toy.weights.tolist() == [0.25] * 4
+        assert {"toy", "toy+T"} <= set(fit_level2(Z, y, folds, "auto", len(blocks), 3).table)
+        assert isinstance(fit_level2(Z, y, folds, "toy_lr", len(blocks), 3).combiner, LogisticRegression)
+    finally:
+        registry.unregister_combiner("toy")
+        registry.unregister_combiner("toy_lr")
+    assert _registry_state() == before
+
+
+@pytest.mark.parametrize("name, inputs, problem", [
+    ("auto", "proba", "other than 'auto'"), ("a,b", "proba", "without commas"), ("x+T", "proba", "without commas"),
+    ("", "proba", "a word"), ("fine", "features", "inputs must be one of")])
+def test_a_combiner_name_must_survive_lists_and_labels(name, inputs, problem):
+    with pytest.raises(ValueError, match=problem):
+        registry.register_combiner(name, inputs=inputs)
+
+
+def test_level2_modules_import_each_other_without_a_cycle_and_the_registry_knows_no_combiner():
+    folder = os.path.join(REPO, "stacker", "level2")
+    graph = {}
+    for name in os.listdir(folder):
+        if name.endswith(".py") and name != "__init__.py":
+            tree = ast.parse(open(os.path.join(folder, name)).read())
+            graph[name[:-3]] = {n.module.split(".")[2] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                                and (n.module or "").startswith("stacker.level2.")}
+
+    def below(module, path=()):
+        assert module not in path, f"import cycle: {' -> '.join(path + (module,))}"
+        return set().union({module}, *(below(d, path + (module,)) for d in graph.get(module, ())))
+
+    assert "combiners" not in below("registry") | below("arrays") | below("calibration")
+    assert {m: below(m) for m in graph}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

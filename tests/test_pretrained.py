@@ -44,7 +44,7 @@ def test_lite0_sanity_on_400_photos():
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     from lite_sanity import evaluate
 
-    from stacker.data.images import load_images
+    from stacker.data.sources import load_images
 
     data = load_images(os.path.join(DOGS_VS_CATS, "train")).head(400, seed=0)
     r = evaluate("efficientnet_lite0", data, 224)

@@ -27,7 +27,7 @@ from sklearn.ensemble import RandomForestClassifier
 import stacker
 from conftest import TINY, make_class_folders, save_tiny_weights
 from stacker.app import cli
-from stacker.data import images as im
+from stacker.data import sources as im
 from stacker.io import persist
 from stacker.features.cache import result_store
 from stacker.ensemble import Ensemble, ModelIntegrityError

@@ -17,12 +17,15 @@ to stdout, progress to stderr (``--quiet``: none). Exit codes: 0 success, 2 usag
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
 import sys
 
-from stacker.app.options import CACHE_ENV, GROUPS, OPTIONS, add_options, cli_terms, default_cache_dir, progress_output
+from stacker.app.options import GROUPS, OPTIONS, add_options, cli_terms, progress_output
+from stacker.backbones.registry import load_plugins
+from stacker.features.layout import CACHE_ENV, default_cache_dir
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -131,32 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cache_kinds() -> tuple:
-    from stacker.app.inventory import KINDS
+    from stacker.app.inventory import kinds
 
-    return tuple(k for k in KINDS if k != "other")
-
-
-def _expand(paths) -> tuple[list[str], dict]:
-    """Image paths from files and folders, and ``{path: reason}`` for folder entries given no row.
-
-    Paths that do not exist stay in the list: prediction reports them under --on-bad-image.
-    """
-    from stacker.predict import _as_input
-
-    out, unread = [], {}
-    for p in paths:
-        if os.path.isdir(p):
-            data, _, skipped = _as_input(p)
-            out += data.paths
-            unread.update(skipped)
-        else:
-            out.append(p)
-    return out, unread
+    return tuple(k for k in kinds() if k != "other")
 
 
 def cmd_fit(args, out) -> int:
     import stacker
-    from stacker.data.images import load_images
+    from stacker.data.sources import load_images
 
     from stacker.app.options import ensemble_params
 
@@ -179,8 +164,9 @@ def cmd_fit(args, out) -> int:
 
 def cmd_predict(args, out) -> int:
     import stacker
+    from stacker.data.inputs import expand_paths
 
-    paths, unread = _expand(args.images)
+    paths, unread = expand_paths(args.images)
     res = stacker.predict(paths, model=args.model, cache_dir=args.cache, on_bad_image=args.on_bad_image,
                           trusted=args.trust)
     res.unread.update(unread)
@@ -211,7 +197,7 @@ def cmd_predict(args, out) -> int:
 
 def cmd_submit(args, out) -> int:
     import stacker
-    from stacker.data.images import from_test_folder
+    from stacker.data.sources import from_test_folder
 
     test = from_test_folder(args.test_folder)
     ens = stacker.Ensemble.load(args.model, trusted=args.trust, cache_dir=args.cache, verbose=0 if args.quiet else 1)
@@ -247,8 +233,9 @@ def cmd_report(args, out) -> int:
 def cmd_top5(args, out) -> int:
     from stacker.app.options import weights_arg
     from stacker.backbones.pretrained import top_k
+    from stacker.data.inputs import expand_paths
 
-    paths, _ = _expand(args.images)
+    paths, _ = expand_paths(args.images)
     res = top_k(paths, backbone=args.backbone, k=args.k, weights=weights_arg(args.weights),
                 weights_dir=args.weights_dir)
     if args.json:
@@ -273,9 +260,11 @@ def _parse_shard(text):
 
 def cmd_extract(args, out) -> int:
     from stacker.features.extractor import FeatureExtractor
-    from stacker.data.images import load_images
-    from stacker.app.options import weights_arg
+    from stacker.data.sources import load_images
+    from stacker.app.options import extraction_params
+    from stacker.features.config import ExtractionConfig
 
+    config = ExtractionConfig(**extraction_params(args))
     try:
         data = load_images(args.data)
     except ValueError:
@@ -286,10 +275,7 @@ def cmd_extract(args, out) -> int:
         data = data.shard(i, n, align=args.batch_size)  # same batches as an unsharded run
         part = f" (shard {i}/{n})"
     for name in args.backbones.split(","):
-        ext = FeatureExtractor(name, weights=weights_arg(args.weights), input_size=args.image_size,
-                               batch_size=args.batch_size, feature_dtype=args.feature_dtype, cache_dir=args.cache,
-                               weights_dir=args.weights_dir, on_bad_image=args.on_bad_image, resize=args.resize,
-                               engine=args.engine, verbose=0 if args.quiet else 1)
+        ext = FeatureExtractor(name, **config.extractor_kwargs(), verbose=0 if args.quiet else 1)
         if _connect_ray(args):
             from stacker.learners.distributed import fill_cache
 
@@ -338,13 +324,39 @@ COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "submit": cmd_submit, "repor
             "top5": cmd_top5, "extract": cmd_extract, "cache": cmd_cache}
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced(quiet: bool):
+    """Under ``--quiet``, what native libraries write to file descriptor 2 (TensorFlow's start-up notices,
+    which some CPUs get and others do not) goes nowhere; Python's ``sys.stderr`` keeps the real stderr,
+    so errors are still shown."""
+    if not quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as sink:
+            os.dup2(sink.fileno(), 2)
+        real = os.fdopen(os.dup(saved), "w", buffering=1)
+        old, sys.stderr = sys.stderr, real
+        try:
+            yield
+        finally:
+            sys.stderr = old
+            real.close()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def main(argv=None) -> int:
+    load_plugins()  # $STACKER_PLUGINS may add backbones, learner kinds, combiners, options: before the parser
     args = build_parser().parse_args(argv)  # usage errors exit with 2
     if args.quiet:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     out = sys.stdout  # results; what the library prints while working is progress (stderr, or nothing)
     try:
-        with progress_output(args.quiet):
+        with _native_stderr_silenced(args.quiet), progress_output(args.quiet):
             return COMMANDS[args.command](args, out)
     except KeyboardInterrupt:
         print("stacker: interrupted", file=sys.stderr)

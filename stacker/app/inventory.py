@@ -1,115 +1,71 @@
-"""What a cache folder holds, for ``stacker cache``: every kind of artefact, listed and removed.
+"""What a cache folder holds, for ``stacker cache``: every registered kind of artefact, listed and removed.
 
-A cache folder (``--cache``; :func:`stacker.app.options.default_cache_dir` by default) has
-
-- ``features/``: one HDF5 file per feature key (:class:`stacker.features.cache.FeatureCache`);
-- ``onnx/``: backbones exported for ONNX Runtime, ``<network>-<key>.onnx`` (:mod:`stacker.features.engines`);
-- ``learners/``, ``folds/``, ``test_proba/``: the result stores of :data:`stacker.features.cache.STORES` (a
-  learner's fold models and out-of-fold arrays; a finished fold of a learner still in training;
-  a learner's fold-averaged probabilities of a set of images);
-- ``converted_weights/``: EfficientNet-Lite checkpoints converted to Keras weights;
-- ``fingerprints.sqlite``: the stat memo of image content digests (:mod:`stacker.data.fingerprint`).
+A cache folder (``--cache``; :func:`stacker.features.layout.default_cache_dir` by default)
+holds the cache kinds registered in :mod:`stacker.features.layout` (features, ONNX graphs,
+learner results, converted weights, the fingerprint memo, and any kind registered later):
+:func:`scan` runs each kind's scanner on its folder or file, so a new kind is listed,
+selected and removed here without an edit.
 
 Each artefact is listed with whose it is (backbone; learner and training-data
 fingerprint for results, from the ``meta.json`` written beside them), its size, its age
 and its state: ``current``; ``stale`` (made by other code: no current run can use it);
 ``partial`` or ``corrupt`` (left by a killed run or a broken file); ``unknown`` (a result
 written before results recorded their owner, or a file stacker did not write). Anything
-else at the top of the folder is listed as ``other`` and never removed.
+at the top of the folder that no kind claims is listed as ``other`` and never removed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 import shutil
 import time
-from dataclasses import dataclass, field
 
-from stacker.features.cache import STORES, FeatureCache
-from stacker.data.fingerprint import MEMO_FILE
+from stacker.features.layout import Artefact, ScanContext, cache_kinds
 
-__all__ = ["Artefact", "KINDS", "NotACacheError", "current_code", "format_table", "human_size", "remove", "scan",
+__all__ = ["Artefact", "NotACacheError", "current_code", "format_table", "human_size", "kinds", "remove", "scan",
            "select"]
-
-KINDS = ("features", "onnx", *STORES, "weights", "fingerprints", "other")
-_FOLDERS = {"features": "features", "onnx": "onnx", **STORES, "weights": "converted_weights"}
-_PRUNABLE = ("stale", "partial", "corrupt")
 
 
 class NotACacheError(FileNotFoundError):
     """A folder given as a cache is missing or holds none of what stacker caches."""
 
 
-@dataclass
-class Artefact:
-    """One cached file or result directory.
-
-    ``meta`` holds its key parts (features) or its ``meta.json`` (results); ``extra`` are
-    files removed with it (an HDF5 file's lock).
-    """
-
-    kind: str
-    path: str
-    backbone: str | None
-    detail: str
-    data: str | None
-    bytes: int
-    mtime: float
-    state: str
-    extra: tuple = ()
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def prunable(self) -> bool:
-        """Whether no current code can use it (stale, or left over by a killed run)."""
-        return self.state in _PRUNABLE
+def kinds() -> tuple:
+    """The kind names ``stacker cache`` shows: the registered kinds', then ``other``."""
+    return (*(k.name for k in cache_kinds()), "other")
 
 
 def current_code() -> dict:
-    """The fingerprints current code gives each code part of a cache key (see ``Learner.entry_meta``)."""
+    """The fingerprints current code gives each code part of a cache key (see ``Learner.entry_meta``):
+    the feature code's, every learner kind's (:func:`stacker.learners.kinds.code_parts`), the storage format's."""
     from stacker import __version__
-    from stacker.features.extractor import _code_fingerprint
-    from stacker.features.cutpoint import cut_code_fingerprint
-    from stacker.learners.finetuned import finetune_code
-    from stacker.learners.zoo import code_fingerprint
+    from stacker.features.extractor import code_fingerprint
     from stacker.io.persist import PERSIST_FORMAT
+    from stacker.learners.kinds import code_parts
 
-    return {"code": _code_fingerprint(), "cut_code": cut_code_fingerprint(), "model_code": code_fingerprint(),
-            "finetune_code": finetune_code(), "persist": PERSIST_FORMAT, "stacker": __version__}
-
-
-def _stale(recorded: dict, current: dict) -> bool:
-    return any(name in current and value != current[name] for name, value in recorded.items())
+    return {"code": code_fingerprint(), **code_parts(), "persist": PERSIST_FORMAT, "stacker": __version__}
 
 
 def scan(directory) -> list[Artefact]:
-    """Every artefact in a cache folder; :class:`NotACacheError` if it is not one."""
+    """Every artefact in a cache folder, kind by kind; :class:`NotACacheError` if it is not one."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise NotACacheError(f"{directory} does not exist (no stacker cache there)")
     names = set(os.listdir(directory))
-    if not names & set(_FOLDERS.values()):
+    registered = cache_kinds()
+    folders = [k.entry for k in registered if not k.is_file]
+    if not names & set(folders):
         raise NotACacheError(f"{directory} is not a stacker cache: it has none of "
-                             + ", ".join(f"{v}/" for v in _FOLDERS.values()))
-    current = current_code()
-    found = _features(directory, current)
-    live = {_onnx_name(a.meta) for a in found if a.state == "current" and a.meta.get("engine") == "onnx"}
-    found += _onnx(os.path.join(directory, "onnx"), live)
-    for kind, folder in STORES.items():
-        found += _results(os.path.join(directory, folder), kind, current)
-    found += _weights(os.path.join(directory, _FOLDERS["weights"]))
-    if MEMO_FILE in names:
-        path = os.path.join(directory, MEMO_FILE)
-        found.append(Artefact("fingerprints", path, None, "stat memo: path, inode, size, times -> content digest",
-                              None, _bytes(path), os.path.getmtime(path), "current"))
-    for name in sorted(names - set(_FOLDERS.values()) - {MEMO_FILE}):
-        path = os.path.join(directory, name)
-        found.append(Artefact("other", path, None, "not made by this stacker's caches", None, _bytes(path),
-                              os.path.getmtime(path), "unknown"))
-    return found
+                             + ", ".join(f"{v}/" for v in folders))
+    ctx = ScanContext(directory, current_code())
+    for kind in registered:
+        path = os.path.join(directory, kind.entry)
+        if os.path.lexists(path):
+            ctx.found += kind.scan(path, ctx)
+    for name in sorted(names - {k.entry for k in registered}):
+        ctx.found.append(Artefact.at("other", os.path.join(directory, name), "not made by this stacker's caches",
+                                     "unknown"))
+    return ctx.found
 
 
 def select(artefacts, backbone: str | None = None, kind: str | None = None) -> list[Artefact]:
@@ -132,119 +88,7 @@ def remove(artefacts) -> int:
     return freed
 
 
-# --------------------------------------------------------------------------- kinds
-
-
-def _features(directory: str, current: dict) -> list[Artefact]:
-    folder = os.path.join(directory, "features")
-    out, listed = [], set()
-    for e in FeatureCache(directory).entries():
-        meta = e.get("meta", {})
-        path = e["file"]
-        listed |= {path, path + ".lock"}
-        if "error" in e:
-            state, detail = "corrupt", f"unreadable: {e['error'][:60]}"
-        else:
-            state = "stale" if _stale({k: v for k, v in meta.items() if k.endswith("code")}, current) else "current"
-            detail = f"{e['rows']} rows, {meta.get('input_size')}px, {meta.get('engine', '?')}"
-            if meta.get("output") == "cut-activations":
-                detail += f", cut {meta.get('blocks')} blocks down, view {meta.get('view')}"
-        out.append(Artefact("features", path, meta.get("backbone"), detail, None, e["bytes"], os.path.getmtime(path),
-                            state, _existing(path + ".lock"), meta))
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        path = os.path.join(folder, name)
-        if path in listed:
-            continue
-        state = "corrupt" if ".corrupt-" in name else "partial" if name.endswith(".lock") else "unknown"
-        out.append(Artefact("features", path, _backbone_of(name), "left by a failed or killed run"
-                            if state != "unknown" else "not a feature file", None, _bytes(path),
-                            os.path.getmtime(path), state))
-    return out
-
-
-def _onnx_name(meta: dict) -> str:
-    """The ONNX file an extractor with these feature-key parts exports (``stacker.features.engines._onnx_session``)."""
-    size = meta.get("input_size")
-    network = meta.get("backbone", "")
-    if meta.get("output") == "cut-activations":
-        network = f"{network}_bottom{meta.get('blocks')}_pixels"  # stacker.learners.finetune.split_backbone's name
-    identity = f"{meta.get('weights')}|{meta.get('code')}"
-    key = hashlib.sha256(f"{network}|{(None, size, size, 3)}|{identity}".encode()).hexdigest()[:20]
-    return f"{network}-{key}.onnx"
-
-
-def _onnx(folder: str, live: set) -> list[Artefact]:
-    out = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        path = os.path.join(folder, name)
-        if name.endswith(".onnx"):
-            state = "current" if name in live else "stale"
-            detail = "exported network" + (" (cut-point bottom)" if "_bottom" in name else "")
-            detail += "" if state == "current" else ", no current feature entry uses it"
-        else:
-            state, detail = "partial", "an interrupted export"
-        out.append(Artefact("onnx", path, _backbone_of(name), detail, None, _bytes(path), os.path.getmtime(path),
-                            state))
-    return out
-
-
-def _results(folder: str, kind: str, current: dict) -> list[Artefact]:
-    out = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        path = os.path.join(folder, name)
-        meta = _read_json(os.path.join(path, "meta.json"))
-        complete = os.path.isfile(os.path.join(path, "COMPLETE"))
-        if name.startswith(".tmp-") or not complete:
-            state, detail = "partial", "an unfinished write"
-        elif meta is None:
-            state, detail = "unknown", "written before results recorded their owner"
-        else:
-            state = "stale" if _stale(meta.get("code", {}), current) else "current"
-            fold = re.search(r"-fold(\d+)$", name)
-            detail = str(meta.get("learner")) + (f", fold {int(fold.group(1)) + 1}" if fold and kind == "folds" else "")
-        data = (meta or {}).get("data")
-        out.append(Artefact(kind, path, (meta or {}).get("backbone"), detail, data[:12] if data else None,
-                            _bytes(path), os.path.getmtime(path), state, meta=meta or {}))
-    return out
-
-
-def _weights(folder: str) -> list[Artefact]:
-    out = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        path = os.path.join(folder, name)
-        parts = name.split("-")
-        detail = f"converted checkpoint, {parts[1]} {parts[2]}" if len(parts) > 3 else "converted checkpoint"
-        out.append(Artefact("weights", path, parts[0], detail, None, _bytes(path), os.path.getmtime(path),
-                            "current"))
-    return out
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _backbone_of(file_name: str) -> str:
-    """``efficientnet_lite0_bottom2_pixels-<key>.onnx`` -> ``efficientnet_lite0`` (the network's name)."""
-    network = file_name.split("-")[0]
-    return re.sub(r"_bottom\d+_pixels$", "", network)
-
-
-def _existing(*paths) -> tuple:
-    return tuple(p for p in paths if os.path.lexists(p))
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            value = json.load(f)
-        return value if isinstance(value, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _bytes(path: str) -> int:
-    if not os.path.isdir(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+# --------------------------------------------------------------------------- the table
 
 
 def human_size(n: float) -> str:

@@ -15,9 +15,9 @@ import json
 import os
 import time
 
-from stacker.app.options import GROUPS, OPTIONS, add_options, ensemble_params, finetune_arg, progress_output, weights_arg
+from stacker.app.options import GROUPS, OPTIONS, add_options, ensemble_params, progress_output
 
-__all__ = ["REPO", "SHARED", "RECIPE_OPTIONS", "common_parser", "finetune_arg", "fit_and_save", "weights_arg"]
+__all__ = ["REPO", "SHARED", "RECIPE_OPTIONS", "common_parser", "fit_and_save"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.normpath(os.path.join(REPO, "..", "shared"))

@@ -313,15 +313,6 @@ def _reliability_figure(curves: dict, k: int, cols: int = 4):
 
 # --------------------------------------------------------------------------- level 2's weights
 
-_WEIGHT_MEANING = {
-    "greedy": "each learner's share of the greedy ensemble selection (the shares sum to 1)",
-    "logit": "the coefficient of each learner's log-probability in softmax(sum w log p + b)",
-    "stack2": "each learner's direct share of the final greedy mix; the rest goes to the second layer's "
-              "combiners (logit, mean), drawn as one grey bar",
-    "best": "1 for the single learner kept, 0 for the others",
-    "mean": "equal weights: the plain average",
-}
-
 
 def _weights_figure(weights: dict, combiner: str):
     plt = _plt()
@@ -353,8 +344,9 @@ def _level2_section(page: _Page, manifest: dict) -> None:
     weights = level2.get("weights") or {n: s["weight"] for n, s in manifest.get("scores", {}).items()
                                         if s.get("weight") is not None}
     if weights:
-        meaning = _WEIGHT_MEANING.get(name.split("+")[0], "each learner's weight in the combiner")
-        body += f"<p>Weights: {html.escape(meaning)}.</p>"
+        from stacker.level2.registry import weight_meaning  # a saved run's name, registered or not
+
+        body += f"<p>Weights: {html.escape(weight_meaning(name))}.</p>"
         body += page.figure(_weights_figure(weights, name), "level2_weights.png", "level-2 weights")
         body += _table(["learner", "weight"], [[n, f"{w:.4f}"] for n, w in weights.items()])
     else:
@@ -382,7 +374,7 @@ def _leaderboard_section(page: _Page, scores: dict) -> None:
 
 
 def _calibration_section(page: _Page, y, probas: dict, k: int) -> None:
-    from stacker.level2.combiners import score
+    from stacker.level2.arrays import score
 
     curves = {name: calibration_bins(y, p) for name, p in probas.items()}
     rows = [[name, f"{c['ece']:.4f}", f"{score(y, probas[name], k)['log_loss']:.4f}",
@@ -434,7 +426,7 @@ def _image_sections(page: _Page, paths, y, proba, classes, n_worst: int) -> None
 
 def _read_run(run_dir: str) -> tuple[dict, dict | None]:
     """``manifest.json`` (any format version: only JSON is read) and ``oof.npz`` (None when absent)."""
-    from stacker.ensemble import read_manifest
+    from stacker.io.model_dir import read_manifest
 
     manifest = read_manifest(run_dir, check_version=False)  # only JSON is read: any version can be reported
     oof_path = os.path.join(run_dir, "oof.npz")
@@ -463,7 +455,7 @@ def report(run_dir, out_dir=None, max_pairs: int = 20, n_worst: int = 18) -> str
     str
         Path of ``report.html``.
     """
-    from stacker.ensemble import format_leaderboard
+    from stacker.level2.leaderboard import format_leaderboard
 
     run_dir = os.fspath(run_dir)
     out_dir = os.fspath(out_dir or run_dir)

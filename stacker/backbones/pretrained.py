@@ -1,7 +1,7 @@
 """ImageNet top-k predictions of a pretrained backbone (no training involved).
 
 "Classify a photo with a pretrained model and show its top-5 classes", offline: the
-1000 class names ship with the package (``stacker/data/imagenet_classes.txt``).
+1000 class names ship with the package (``stacker/backbones/imagenet_classes.txt``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from stacker.backbones import registry as _backbones
-from stacker.data import images as _images
+from stacker.data import decode as _decode
+from stacker.data import scan as _scan
+from stacker.data.inputs import in_memory_list
+from stacker.data.sources import BadImageError
 
 __all__ = ["TopK", "imagenet_classes", "imagenet_proba", "top_k"]
 
@@ -21,7 +24,7 @@ __all__ = ["TopK", "imagenet_classes", "imagenet_proba", "top_k"]
 @functools.lru_cache(maxsize=1)
 def imagenet_classes() -> tuple:
     """The 1000 ImageNet class names, index = class id."""
-    path = os.path.join(os.path.dirname(__file__), "data", "imagenet_classes.txt")
+    path = os.path.join(os.path.dirname(__file__), "imagenet_classes.txt")
     with open(path) as f:
         names = tuple(line.rstrip("\n") for line in f if line.strip())
     if len(names) != 1000:
@@ -53,23 +56,23 @@ def imagenet_proba(images, backbone: str = "efficientnet_lite0", weights="imagen
     size = int(model.input_shape[1])
     if isinstance(images, (str, os.PathLike)):
         images = [images]
-    images = list(images) if isinstance(images, (list, tuple)) else _images.in_memory_list(images)
+    images = list(images) if isinstance(images, (list, tuple)) else in_memory_list(images)
     if images and isinstance(images[0], (str, os.PathLike)):
         paths = [os.fspath(p) for p in images]
-        orientations, bad = _images.scan_images(paths)
+        orientations, bad = _scan.scan_images(paths)
         if bad:
             row, reason = next(iter(bad.items()))
-            raise _images.BadImageError(f"{paths[row]}: {reason}")
+            raise BadImageError(f"{paths[row]}: {reason}")
         out = np.zeros((len(paths), 1000), dtype=np.float32)
         seen = np.zeros(len(paths), dtype=bool)
-        for rows, pixels in _images.pixel_batches(paths, size, batch_size, orientations):
+        for rows, pixels in _decode.pixel_batches(paths, size, batch_size, orientations):
             out[rows.numpy()] = model.predict_on_batch(pixels)
             seen[rows.numpy()] = True
         if not seen.all():
             first = paths[int(np.flatnonzero(~seen)[0])]
-            raise _images.BadImageError(f"{first}: {_images.decode_failure_reason(first)}")
+            raise BadImageError(f"{first}: {_scan.decode_failure_reason(first)}")
         return out
-    batches = [model.predict_on_batch(b) for b in _images.array_batches(images, size, batch_size)]
+    batches = [model.predict_on_batch(b) for b in _decode.array_batches(images, size, batch_size)]
     return np.concatenate(batches) if batches else np.zeros((0, 1000), np.float32)
 
 

@@ -24,12 +24,16 @@ from typing import Callable
 
 import numpy as np
 
+from stacker.data.cachedir import default_cache_dir
+
 __all__ = [
     "BackboneCfg",
+    "CONVERTED_WEIGHTS",
     "WEIGHTS_DIR_ENV",
     "ImagePreprocessing",
     "WeightsNotFoundError",
     "build",
+    "converted_weights_dir",
     "get_cfg",
     "list_backbones",
     "register_backbone",
@@ -38,7 +42,7 @@ __all__ = [
 ]
 
 WEIGHTS_DIR_ENV = "STACKER_WEIGHTS_DIR"
-PLUGINS_ENV = "STACKER_PLUGINS"  # comma-separated modules that register extra backbones
+PLUGINS_ENV = "STACKER_PLUGINS"  # comma-separated modules that register backbones, learner kinds, combiners...
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -272,6 +276,7 @@ def build(
     input_size: int | None = None,
     weights_dir=None,
     trainable: bool = False,
+    cache_dir=None,
 ):
     """Build a registered backbone as a Keras model over RGB pixels in [0, 255].
 
@@ -291,6 +296,9 @@ def build(
         Folder of offline weight files (default ``$STACKER_WEIGHTS_DIR``).
     trainable : bool
         Leave the network trainable (for fine-tuning); frozen by default.
+    cache_dir : path, optional
+        The cache folder whose ``converted_weights/`` keeps checkpoints converted to Keras
+        weights (default: :func:`stacker.data.cachedir.default_cache_dir`).
 
     Returns
     -------
@@ -314,7 +322,7 @@ def build(
             if str(source).endswith(".pth"):
                 from stacker.backbones.efficientnet_lite import load_checkpoint_weights
 
-                load_checkpoint_weights(net, source, cache_dir=_converted_weights_dir())
+                load_checkpoint_weights(net, source, cache_dir=converted_weights_dir(cache_dir))
             else:
                 net.load_weights(source)
     else:
@@ -325,7 +333,7 @@ def build(
             )
         except Exception as exc:  # Keras's download fails offline with a bare URL error
             if source == "imagenet":
-                raise WeightsNotFoundError(_missing_weights(cfg, include_top, weights_dir, exc)) from exc
+                raise WeightsNotFoundError(missing_weights_message(cfg, include_top, weights_dir, exc)) from exc
             raise
     inputs = keras.Input(shape=shape, name="pixels")
     x = inputs if cfg.preprocessing == "none" else ImagePreprocessing(cfg.preprocessing, name="preprocessing")(inputs)
@@ -342,7 +350,7 @@ def build(
     return model
 
 
-def _missing_weights(cfg: BackboneCfg, include_top: bool, weights_dir, exc) -> str:
+def missing_weights_message(cfg: BackboneCfg, include_top: bool, weights_dir, exc) -> str:
     """Which weights file to put where, when Keras could not download it."""
     wanted = (top_weights_file(cfg) if include_top else cfg.keras_weights_file) or "the Keras weights file"
     what = "ImageNet classifier (with-top) weights" if include_top else "ImageNet weights"
@@ -354,9 +362,15 @@ def _missing_weights(cfg: BackboneCfg, include_top: bool, weights_dir, exc) -> s
             f"or set ${WEIGHTS_DIR_ENV}, or put it in ~/.keras/models.")
 
 
-def _converted_weights_dir() -> str:
-    base = os.environ.get("STACKER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "stacker")
-    return os.path.join(base, "converted_weights")
+CONVERTED_WEIGHTS = "converted_weights"  # the folder of a cache that keeps converted checkpoints
+
+
+def converted_weights_dir(cache_dir=None) -> str:
+    """Where converted ``.pth`` checkpoints are kept: ``converted_weights/`` of ``cache_dir``.
+
+    Without one, of the default cache folder, so that every caller converts a checkpoint once.
+    """
+    return os.path.join(os.fspath(cache_dir) if cache_dir else default_cache_dir(), CONVERTED_WEIGHTS)
 
 
 def weights_fingerprint(model) -> str:
@@ -439,7 +453,8 @@ def custom_objects() -> dict:
 
 
 def load_plugins() -> list[str]:
-    """Import the modules named in ``$STACKER_PLUGINS`` (they register their own backbones)."""
+    """Import the modules named in ``$STACKER_PLUGINS``: each registers what it adds (backbones, learner
+    kinds, combiners, extraction options, cache kinds) where it defines it."""
     names = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
     for name in names:
         importlib.import_module(name)

@@ -14,11 +14,13 @@ cache wait for each other instead of corrupting it.
 
 :class:`ResultStore` keeps small keyed results (out-of-fold probabilities, fold
 models, test probabilities) in directories that appear atomically.
+
+Where these files go in a cache folder and what they are called is
+:mod:`stacker.features.layout`'s; this module reads and writes them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,14 +32,11 @@ import h5py
 import numpy as np
 from filelock import FileLock
 
-__all__ = ["FeatureCache", "FeatureEntry", "ResultStore", "stable_hash", "result_store", "STORES"]
+from stacker.features.layout import COMPLETE, CORRUPT_MARK, LOCK_SUFFIX, META, TMP_PREFIX, CacheLayout
+
+__all__ = ["FeatureCache", "FeatureEntry", "ResultStore", "read_rows", "result_store"]
 
 _FP_DTYPE = "S40"  # 160-bit hex content digests
-
-
-def stable_hash(obj) -> str:
-    """sha256 of a JSON-serialisable object, independent of dict order."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class FeatureEntry:
@@ -48,7 +47,7 @@ class FeatureEntry:
         self.meta = meta
         self.dim = int(dim)
         self.dtype = np.dtype(dtype)
-        self.lock = FileLock(path + ".lock")
+        self.lock = FileLock(path + LOCK_SUFFIX)
         self._index: dict | None = None
         self._index_n = -1
 
@@ -59,7 +58,7 @@ class FeatureEntry:
         except OSError as exc:
             if mode == "r" and not os.path.exists(self.path):
                 raise
-            bad = f"{self.path}.corrupt-{int(time.time())}"
+            bad = f"{self.path}{CORRUPT_MARK}{int(time.time())}"
             os.replace(self.path, bad)
             warnings.warn(f"feature cache {self.path} could not be opened ({exc}); moved to {bad}, starting afresh")
             return h5py.File(self.path, "a" if mode != "r" else "w")
@@ -105,7 +104,7 @@ class FeatureEntry:
         with self.lock, self._open("r") as f:
             if uniq[-1] >= int(f.attrs["n_complete"]):
                 raise KeyError("asked for rows beyond the complete part of the cache")
-            data = _read_rows(f["features"], uniq)
+            data = read_rows(f["features"], uniq)
         out = np.empty((rows.size, self.dim), dtype=self.dtype)
         out[order] = data[inverse]
         return out
@@ -157,8 +156,8 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _read_rows(ds, rows: np.ndarray) -> np.ndarray:
-    """Read sorted unique rows, as contiguous slices where they run together."""
+def read_rows(ds, rows: np.ndarray) -> np.ndarray:
+    """Sorted unique rows of an HDF5 dataset, read as contiguous slices where they run together."""
     if rows.size == rows[-1] - rows[0] + 1:
         return ds[int(rows[0]) : int(rows[-1]) + 1]
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
@@ -179,10 +178,10 @@ class FeatureCache:
         self.directory = os.fspath(directory)
 
     def entry(self, meta: dict, dim: int, dtype: str = "float32") -> FeatureEntry:
-        key = stable_hash({**meta, "dtype": np.dtype(dtype).name})
-        name = f"{meta.get('backbone', 'features')}-{key[:16]}.h5"
-        os.makedirs(os.path.join(self.directory, "features"), exist_ok=True)
-        return FeatureEntry(os.path.join(self.directory, "features", name), meta, dim, dtype)
+        """The file of the features with these key parts (its folder is created)."""
+        path = CacheLayout(self.directory).feature_file(meta, dtype)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return FeatureEntry(path, meta, dim, dtype)
 
     def merge(self, sources) -> dict:
         """Copy into this cache the rows of other caches (e.g. shards made on other machines).
@@ -193,14 +192,14 @@ class FeatureCache:
         """
         added: dict = {}
         for source in sources:
-            folder = os.path.join(os.fspath(source), "features")
+            folder = CacheLayout(source).features
             if not os.path.isdir(folder):
-                raise FileNotFoundError(f"{source} is not a stacker cache (no features/ folder)")
+                raise FileNotFoundError(f"{source} is not a stacker cache (no {os.path.basename(folder)}/ folder)")
             for name in sorted(os.listdir(folder)):
                 if not name.endswith(".h5"):
                     continue
                 path = os.path.join(folder, name)
-                with FileLock(path + ".lock"), h5py.File(path, "r") as f:
+                with FileLock(path + LOCK_SUFFIX), h5py.File(path, "r") as f:
                     n = int(f.attrs.get("n_complete", 0))
                     meta = json.loads(f.attrs["meta"])
                     dim, dtype = f["features"].shape[1], f["features"].dtype
@@ -223,14 +222,14 @@ class FeatureCache:
 
     def entries(self) -> list[dict]:
         """Every feature file with its size, row count and key parts (for ``stacker cache ls``)."""
-        folder = os.path.join(self.directory, "features")
+        folder = CacheLayout(self.directory).features
         out = []
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
             if not name.endswith(".h5"):
                 continue
             path = os.path.join(folder, name)
             try:
-                with FileLock(path + ".lock"), h5py.File(path, "r") as f:
+                with FileLock(path + LOCK_SUFFIX), h5py.File(path, "r") as f:
                     out.append({"file": path, "rows": int(f.attrs.get("n_complete", 0)),
                                 "bytes": os.path.getsize(path), "meta": json.loads(f.attrs.get("meta", "{}"))})
             except OSError as exc:
@@ -255,24 +254,15 @@ class ResultStore:
 
     def get(self, key: str) -> str | None:
         p = self.path(key)
-        return p if os.path.isfile(os.path.join(p, "COMPLETE")) else None
+        return p if os.path.isfile(os.path.join(p, COMPLETE)) else None
 
     def put(self, key: str, meta: dict | None = None):
         return _AtomicDir(self.path(key), meta)
 
 
-# The cache folder's layout, in one place: features/ (HDF5, FeatureCache), onnx/ (exported
-# graphs, stacker.features.engines) and these keyed result stores.
-STORES = {
-    "learners": "learners",      # a learner's fold models, out-of-fold arrays and timing, once complete
-    "folds": "folds",            # one finished fold of a learner still in training (resume point)
-    "test_proba": "test_proba",  # a learner's fold-averaged probabilities for a set of images
-}
-
-
 def result_store(cache_dir, kind: str) -> ResultStore | None:
-    """The :class:`ResultStore` of one kind of result in ``cache_dir`` (None without a cache)."""
-    return ResultStore(os.path.join(os.fspath(cache_dir), STORES[kind])) if cache_dir else None
+    """The :class:`ResultStore` of one kind of result (:data:`stacker.features.layout.STORES`), None without a cache."""
+    return ResultStore(CacheLayout(cache_dir).store(kind)) if cache_dir else None
 
 
 class _AtomicDir:
@@ -283,20 +273,20 @@ class _AtomicDir:
     def __enter__(self) -> str:
         parent = os.path.dirname(self.final)
         os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        self.tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        meta_path = os.path.join(self.tmp, "meta.json")
+        meta_path = os.path.join(self.tmp, META)
         if self.meta is not None and not os.path.exists(meta_path):
             with open(meta_path, "w") as f:
                 json.dump(self.meta, f, indent=1, sort_keys=True, default=str)
-        with open(os.path.join(self.tmp, "COMPLETE"), "w") as f:
+        with open(os.path.join(self.tmp, COMPLETE), "w") as f:
             f.write("ok\n")
-        if os.path.isfile(os.path.join(self.final, "COMPLETE")):
+        if os.path.isfile(os.path.join(self.final, COMPLETE)):
             shutil.rmtree(self.tmp, ignore_errors=True)  # a concurrent writer published the same key first
             return False
         if os.path.isdir(self.final):

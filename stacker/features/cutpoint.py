@@ -159,7 +159,7 @@ class CutPointExtractor(FeatureExtractor):
 
         with strategy_scope(self.strategy):
             full = _backbones.build(self.cfg.name, weights=self.weights, input_size=self.size,
-                                    weights_dir=self.weights_dir)
+                                    weights_dir=self.weights_dir, cache_dir=self.cache_dir)
         bottom, self._top, _ = split_backbone(full, self.blocks, self.cfg.block_pattern)
         return bottom
 
@@ -202,7 +202,7 @@ class CutPointExtractor(FeatureExtractor):
                 "cut_code": cut_code_fingerprint()}
 
     def _network_input(self, pixels):
-        return view_pixels(tf_float32(pixels), self.view)
+        return view_pixels(tf_float32(super()._network_input(pixels)), self.view)
 
     def _network_output(self, out) -> np.ndarray:
         return out.reshape(len(out), -1)

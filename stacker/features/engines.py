@@ -25,6 +25,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from stacker.features.layout import CacheLayout
+
 __all__ = ["ENGINES", "OnnxForward", "SavedNetwork", "available", "export_onnx", "forward_function", "open_session",
            "resolve", "strategy_scope"]
 
@@ -111,12 +113,12 @@ def export_onnx(model, cache_dir=None, identity: str = "") -> bytes:
     """``model`` as a serialized ONNX graph (opset 17, float32 pixels, any batch size).
 
     Exported with tf2onnx once per (model name, input shape, ``identity``) and kept in
-    ``cache_dir/onnx``; without a cache folder every call exports (10-15 s a backbone).
+    ``cache_dir/onnx`` (:meth:`stacker.features.layout.CacheLayout.onnx_file`); without a
+    cache folder every call exports (10-15 s a backbone).
     """
     path = None
     if cache_dir is not None:
-        key = hashlib.sha256(f"{model.name}|{model.input_shape}|{identity}".encode()).hexdigest()[:20]
-        path = os.path.join(os.fspath(cache_dir), "onnx", f"{model.name}-{key}.onnx")
+        path = CacheLayout(cache_dir).onnx_file(model.name, model.input_shape, identity)
         if os.path.exists(path):
             with open(path, "rb") as f:
                 return f.read()

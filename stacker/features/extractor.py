@@ -21,10 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stacker.backbones import registry as _backbones
+from stacker.features import config as _config
 from stacker.features import engines as _engines
 from stacker.data import fingerprint as _fingerprint
-from stacker.data import images as _images
+from stacker.data import decode as _decode
+from stacker.data import scan as _scan
+from stacker.data import sources as _sources
 from stacker.features.cache import FeatureCache
+from stacker.features.layout import onnx_identity
 from stacker.backbones.torch_checkpoint import sha256_file
 
 __all__ = ["FeatureExtractor", "Features", "forward_pass_count"]
@@ -38,22 +42,23 @@ def forward_pass_count() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _code_fingerprint() -> str:
+def code_fingerprint() -> str:
     """Hash of the code that decides feature values; changing it invalidates cached features.
 
     It covers the pixel pipeline, the preprocessing layer, the model builders and the
     forward call -- not docstrings elsewhere -- so unrelated edits keep caches valid.
+    The decoding modules count whole (the format table and every decode helper, listed
+    or not: a new one cannot leave stale features behind); the rest are single functions.
     """
     import inspect
 
     from stacker.backbones import efficientnet_lite
+    from stacker.data import formats as _formats
 
-    parts = [_images._decode, _images._orient, _images.resize_pixels, _images.pixel_batches,
-             _images.array_batches, _images._as_rgb_array, _images._pil_rgb, _images._pil_pixels, _images._to_8bit,
-             _images._tf_decodes, _images._pil_decoded, _images._pil_uint8, _images._upright_rgb, _images.open_image,
+    parts = [_decode, _formats,
              _backbones._preprocessing_layer_class, _backbones.build, FeatureExtractor._run,
              FeatureExtractor._run_batches, efficientnet_lite,
-             _images.pil_batches, _engines.forward_function, _engines.export_onnx, _engines.open_session,
+             _engines.forward_function, _engines.export_onnx, _engines.open_session,
              _engines._run_session, FeatureExtractor._network_input, FeatureExtractor._network_output]
     h = hashlib.sha256()
     for obj in parts:
@@ -80,7 +85,7 @@ def tf_float32(pixels):
     return tf.cast(pixels, tf.float32)
 
 
-class BadImageError(_images.BadImageError):
+class BadImageError(_sources.BadImageError):
     """Unusable image files under ``on_bad_image="raise"``; ``skipped`` maps row -> reason for all of them."""
 
     def __init__(self, message: str, paths: dict):
@@ -145,17 +150,20 @@ class FeatureExtractor:
     saved : stacker.features.engines.SavedNetwork, optional
         The network as a saved ensemble stores it (with ``weights_id``): its ONNX graph
         runs as is on the ONNX engine, its ``.keras`` archive is loaded only if needed.
+    options : dict, optional
+        Values of registered extraction options (:mod:`stacker.features.config`): their
+        pixel transforms apply before the network and they are part of the cache key.
     """
 
     def __init__(self, backbone, weights="imagenet", input_size=None, batch_size=32, feature_dtype="float32",
                  cache_dir=None, weights_dir=None, chunk_size=256, on_bad_image="raise", verbose=1,
-                 model=None, weights_id=None, resize="pil", engine="auto", strategy=None, saved=None):
+                 model=None, weights_id=None, resize="pil", engine="auto", strategy=None, saved=None, options=None):
         if on_bad_image not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
         if np.dtype(feature_dtype) not in (np.float16, np.float32):
             raise ValueError(f"feature_dtype must be float16 or float32, got {feature_dtype!r}")
-        if resize not in _images.RESIZE_METHODS:
-            raise ValueError(f"resize must be one of {_images.RESIZE_METHODS}, got {resize!r}")
+        if resize not in _decode.RESIZE_METHODS:
+            raise ValueError(f"resize must be one of {_decode.RESIZE_METHODS}, got {resize!r}")
         self.resize = resize
         self.strategy = strategy
         self.engine = "keras" if strategy is not None else _engines.resolve(engine)
@@ -169,6 +177,7 @@ class FeatureExtractor:
         self.chunk_size = int(chunk_size)
         self.on_bad_image = on_bad_image
         self.verbose = verbose
+        self.options = dict(options or {})  # registered extraction options (stacker.features.config)
         self.cfg = _backbones.get_cfg(backbone)
         self.size = int(input_size or self.cfg.input_size)
         self._model = model
@@ -211,8 +220,9 @@ class FeatureExtractor:
             "weights": self.weights_id,
             "pipeline": f"decode-rgb|exif|{self.resize}-antialias|float32",
             "engine": self.engine,
-            "code": _code_fingerprint(),
+            "code": code_fingerprint(),
             "image_key": _fingerprint.HASH,  # rows keyed on file content (path-keyed caches are not read)
+            **_config.key_parts(self.options),
         }
 
     @property
@@ -223,14 +233,15 @@ class FeatureExtractor:
             with self._lock, _engines.strategy_scope(self.strategy):
                 if self._model is None:
                     self._model = _backbones.build(self.cfg.name, weights=self.weights, input_size=self.size,
-                                                   weights_dir=self.weights_dir)
+                                                   weights_dir=self.weights_dir, cache_dir=self.cache_dir)
         return self._model
 
     def onnx_graph(self) -> bytes:
         """The ONNX graph this extractor runs on the ONNX engine: the saved one, else its model's cached export."""
         if self._saved is not None and self._saved.onnx_path is not None:
             return self._saved.graph()
-        return _engines.export_onnx(self.model, self.cache_dir, identity=f"{self.weights_id}|{_code_fingerprint()}")
+        return _engines.export_onnx(self.model, self.cache_dir,
+                                    identity=onnx_identity(self.weights_id, code_fingerprint()))
 
     def row_dim(self) -> int:
         """Width of one cached row."""
@@ -247,12 +258,12 @@ class FeatureExtractor:
                 if self._forward is None:
                     self._forward = _engines.forward_function(
                         self.model, self.engine, self.cache_dir,
-                        identity=f"{self.weights_id}|{_code_fingerprint()}", strategy=self.strategy)
+                        identity=onnx_identity(self.weights_id, code_fingerprint()), strategy=self.strategy)
         return self._forward
 
     def _network_input(self, pixels):
-        """What the network is fed for decoded ``pixels`` (subclasses transform them)."""
-        return pixels
+        """What the network is fed for decoded ``pixels``: registered options' transforms (subclasses add theirs)."""
+        return _config.apply_pixels(np.asarray(pixels, np.float32), self.options) if self.options else pixels
 
     def _network_output(self, out) -> np.ndarray:
         """A cached row per image from the network's output (subclasses reshape it)."""
@@ -295,7 +306,7 @@ class FeatureExtractor:
         policy = self.on_bad_image if on_bad_image is None else on_bad_image
         if policy not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {policy!r}")
-        images = images if isinstance(images, _images.ImageSet) else _images.ImageSet(list(images), list(images))
+        images = images if isinstance(images, _sources.ImageSet) else _sources.ImageSet(list(images), list(images))
         n = len(images)
         fps, skipped = _fingerprint.fingerprints(images.paths, self.cache_dir) if n else ([], {})
         usable = np.array([i for i in range(n) if i not in skipped], dtype=np.int64)
@@ -313,7 +324,7 @@ class FeatureExtractor:
         if first:
             todo = np.array(sorted(first.values()), dtype=np.int64)
             if policy == "raise" and skipped:  # failing anyway: only the cheap header scan, to list every file
-                bad = {int(todo[i]): r for i, r in _images.scan_images([images.paths[i] for i in todo])[1].items()}
+                bad = {int(todo[i]): r for i, r in _scan.scan_images([images.paths[i] for i in todo])[1].items()}
             else:
                 computed, bad = self._compute(images, todo, fps, entry, int(batch_size or self.batch_size), policy)
             bad_fps = {fps[r]: reason for r, reason in bad.items()}
@@ -343,12 +354,12 @@ class FeatureExtractor:
         """Feature matrix ``(n, feature_dim)``; raises if any image is unusable."""
         feats = self.extract(images)
         if feats.skipped:
-            raise _images.BadImageError(f"{len(feats.skipped)} images could not be used")
+            raise _sources.BadImageError(f"{len(feats.skipped)} images could not be used")
         return feats.values
 
     def transform_arrays(self, arrays, batch_size=None, converted: bool = False) -> np.ndarray:
         """Features of in-memory images (NumPy arrays or PIL images); not cached."""
-        out = [self._run(batch) for batch in _images.array_batches(arrays, self.size, int(batch_size or self.batch_size),
+        out = [self._run(batch) for batch in _decode.array_batches(arrays, self.size, int(batch_size or self.batch_size),
                                                                    self.resize, converted)]
         return np.concatenate(out).astype(self.feature_dtype) if out else np.zeros((0, self.row_dim()))
 
@@ -359,10 +370,10 @@ class FeatureExtractor:
         Pillow needs no orientation from the scan, so its first batches decode while the
         headers are read; its batches are then todo's rows less those the scan refused.
         """
-        early = (_images.Primed(_images.pil_batches(paths, self.size, batch_size, rows=todo))
+        early = (_decode.Primed(_decode.pil_batches(paths, self.size, batch_size, rows=todo))
                  if self.resize == "pil" else None)
         try:
-            orientations, bad = _images.scan_images(paths)
+            orientations, bad = _scan.scan_images(paths)
         except BaseException:
             if early is not None:
                 early.close()
@@ -378,7 +389,7 @@ class FeatureExtractor:
                         for i in range(0, todo.size, batch_size))
             return (_without_rows(early, skipped) if skipped else early), count, good, skipped
         orient = np.array([orientations[i] for i, r in enumerate(todo) if int(r) not in skipped], dtype=np.int32)
-        ds = _images.pixel_batches([paths[i] for i, r in enumerate(todo) if int(r) not in skipped], self.size,
+        ds = _decode.pixel_batches([paths[i] for i, r in enumerate(todo) if int(r) not in skipped], self.size,
                                    batch_size, orient, rows=good, method=self.resize)
         return ds, -(-good.size // batch_size), good, skipped
 
@@ -437,7 +448,7 @@ class FeatureExtractor:
         flush()
         for r in good:
             if int(r) not in seen:
-                skipped[int(r)] = _images.decode_failure_reason(images.paths[r])
+                skipped[int(r)] = _scan.decode_failure_reason(images.paths[r])
         return computed, skipped
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 from filelock import FileLock
 
-from stacker.features.cache import _read_rows
+from stacker.features.cache import read_rows
+from stacker.features.layout import LOCK_SUFFIX
 
 __all__ = ["CachedRows", "WINDOW", "OUT_OF_CORE_BYTES", "use_out_of_core", "blocks", "read_file_rows"]
 
@@ -92,13 +93,13 @@ def read_file_rows(path: str, sorted_rows: np.ndarray) -> np.ndarray:
     import h5py
 
     lo, hi = int(sorted_rows[0]), int(sorted_rows[-1]) + 1
-    with FileLock(path + ".lock"), h5py.File(path, "r") as f:
+    with FileLock(path + LOCK_SUFFIX), h5py.File(path, "r") as f:
         if hi > int(f.attrs["n_complete"]):
             raise KeyError(f"{path}: rows beyond the complete part of the cache")
         if hi - lo <= 2 * len(sorted_rows):
             return f["features"][lo:hi][sorted_rows - lo]
         uniq, inverse = np.unique(sorted_rows, return_inverse=True)
-        return _read_rows(f["features"], uniq)[inverse]
+        return read_rows(f["features"], uniq)[inverse]
 
 
 def blocks(X, dtype=np.float32, seed=None):

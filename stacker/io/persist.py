@@ -25,9 +25,9 @@ import zipfile
 
 __all__ = ["register_format", "save_estimator", "load_estimator", "save_unfitted", "load_unfitted",
            "load_keras", "check_keras_archive", "member", "checked_params", "trusted_types", "UntrustedTypeError", "LegacyFormatError",
-           "ModelIntegrityError", "trusted", "TRUSTED_TYPES_ENV", "PERSIST_FORMAT"]
+           "ModelIntegrityError", "trusted", "estimator_types", "TRUSTED_TYPES_ENV", "PERSIST_FORMAT"]
 
-PERSIST_FORMAT = "skops-1"  # part of cache keys: results written in another format are not reused
+PERSIST_FORMAT = "skops-2"  # 2: classes at their sub-package paths  # part of cache keys: results written in another format are not reused
 TRUSTED_TYPES_ENV = "STACKER_TRUSTED_TYPES"  # extra fully qualified type names, comma-separated
 MAX_KERAS_BYTES_ENV = "STACKER_MAX_KERAS_BYTES"
 
@@ -77,6 +77,26 @@ def trusted_types(extra=()) -> list[str]:
             raise ValueError(f"a trusted type is a fully qualified class name such as "
                              f"'mypackage.models.MyClassifier', got {name!r}")
     return list(dict.fromkeys(names))
+
+
+def estimator_types(value) -> tuple:
+    """Fully qualified types of the estimators in ``value`` (nested lists, dicts, estimator parameters)."""
+    found = []
+
+    def walk(item):
+        if isinstance(item, (list, tuple)):
+            for v in item:
+                walk(v)
+        elif isinstance(item, dict):
+            for v in item.values():
+                walk(v)
+        elif hasattr(item, "get_params"):
+            found.append(f"{type(item).__module__}.{type(item).__qualname__}")
+            for v in item.get_params(deep=False).values():
+                walk(v)
+
+    walk(value)
+    return tuple(found)
 
 
 def member(directory: str, rel) -> str:

@@ -4,9 +4,8 @@ A :class:`Learner` is what AutoGluon calls a bagged model. It owns its fold mode
 its out-of-fold probabilities, its cache key, its fold checkpoints (a killed run
 restarts at the fold it was in) and its save/load. The ensemble only hands it the
 cached inputs of its views, the labels and the shared folds, and never asks which kind
-it is. Kinds are registered in :data:`LEARNER_KINDS`: :class:`FrozenLearner` (a model
-from :mod:`stacker.learners.zoo` on a frozen backbone's pooled features) here, the fine-tuned
-network in :mod:`stacker.learners.finetune`.
+it is. Kinds declare themselves in :mod:`stacker.learners.kinds`: the frozen kind
+(:mod:`stacker.learners.frozen`) and the fine-tuned one (:mod:`stacker.learners.finetuned`).
 """
 
 from __future__ import annotations
@@ -21,27 +20,19 @@ import numpy as np
 
 from stacker import __version__
 from stacker.backbones import registry as _backbones
-from stacker.data import images as _images
-from stacker.features.cache import result_store, stable_hash
+from stacker.data.sources import file_fingerprints
+from stacker.features.cache import result_store
+from stacker.features.layout import stable_hash
 from stacker.features.engines import SavedNetwork
 from stacker.features.extractor import FeatureExtractor
-from stacker.level2.combiners import _align, score
-from stacker.learners.fastpath import proba_function
-from stacker.learners.zoo import code_fingerprint, make_model, model_label, model_names
-from stacker.io.persist import (PERSIST_FORMAT, UntrustedTypeError, check_keras_archive, load_estimator, member,
-                      save_estimator)
 from stacker.features.rows import CachedRows
-from stacker.learners.streaming import streaming_code, streaming_model
+from stacker.io.persist import (PERSIST_FORMAT, UntrustedTypeError, check_keras_archive, load_estimator, member,
+                                save_estimator)
+from stacker.learners.fastpath import proba_function
+from stacker.learners.zoo import model_label, model_names
+from stacker.level2.arrays import align_proba, score
 
-__all__ = ["Learner", "FrozenLearner", "LEARNER_KINDS", "register_learner", "learner_specs", "make_learners",
-           "describe", "saved_networks"]
-
-LEARNER_KINDS: dict = {}
-
-
-def register_learner(kind: str, cls) -> None:
-    """Make a learner class available to ensembles and to loading (``kind`` is saved in manifests)."""
-    LEARNER_KINDS[kind] = cls
+__all__ = ["Learner", "Settings", "describe", "extractor_kwargs", "run_folds_here", "saved_networks"]
 
 
 def describe(spec) -> str:
@@ -56,7 +47,23 @@ def describe(spec) -> str:
 
 
 class Settings(dict):
-    """What every learner of one ensemble shares (seed, cache, extraction options)."""
+    """What every learner of one ensemble shares, read-only: seed, extraction options, out of core.
+
+    ``extraction`` is the ensemble's :class:`~stacker.features.config.ExtractionConfig`;
+    its values are also readable by name (``settings.cache_dir``). :meth:`replace` gives
+    a copy with some values changed (the ensemble decides ``out_of_core`` once sizes are known).
+    """
+
+    def __init__(self, values: dict, **more):
+        extraction = more.get("extraction", values.get("extraction"))
+        flat = dict(extraction._values) if extraction is not None else {}
+        super().__init__({**flat, **values, **more})
+
+    def replace(self, **changes) -> "Settings":
+        return Settings({**self, **changes})
+
+    def __setitem__(self, key, value):
+        raise TypeError("Settings are shared by every learner of an ensemble and read-only; use replace()")
 
     def __getattr__(self, name):
         try:
@@ -85,7 +92,25 @@ class Learner:
         Seconds its first fit took (also when its results came from the cache).
     """
 
-    kind = "frozen"
+    kind = None  # the name saved in manifests (set by each kind)
+    param = None  # the stacker.params.Param of the Ensemble parameter that selects this kind, if any
+    saved_types: tuple = ()  # classes its fold models are saved as (trusted when loading)
+    cli_title = None  # the title of its command-line group, and the group's Option rows:
+    cli_options: tuple = ()
+
+    @classmethod
+    def from_cli(cls, args):
+        """The value of :attr:`param` that parsed :attr:`cli_options` describe."""
+        return None
+
+    @classmethod
+    def code_parts(cls, out_of_core: bool = False) -> dict:
+        """Fingerprints of the code that decides this kind's results (names end in ``code``)."""
+        return {}
+
+    @classmethod
+    def check_streaming(cls, spec: dict) -> None:
+        """Raise if this spec cannot be fitted out of core (on cached rows read a window at a time)."""
 
     def __init__(self, spec: dict, source, settings: Settings):
         self.spec = spec
@@ -124,10 +149,8 @@ class Learner:
                             **self._key_extra()})[:24]
 
     def _key_extra(self) -> dict:
-        extra = {"dtype": self.settings.feature_dtype, "model_code": code_fingerprint(), "persist": PERSIST_FORMAT}
-        if self.settings.get("out_of_core"):  # other (streaming) models: other results
-            extra["out_of_core"] = streaming_code()
-        return extra
+        return {"dtype": self.settings.feature_dtype, "persist": PERSIST_FORMAT,
+                **self.code_parts(bool(self.settings.get("out_of_core")))}
 
     def entry_meta(self) -> dict:
         """Whose a cache entry is and which code made it (its meta.json, read by ``stacker cache``).
@@ -189,13 +212,7 @@ class Learner:
 
     def _fit_fold(self, i, tr, va, inputs, y, k, data, state):
         """Fit fold ``i`` on rows ``tr``; return ``(model, {name: out-of-fold array for rows va})``."""
-        X = inputs["original"]
-        if self.settings.get("out_of_core"):
-            est = streaming_model(self.spec["model"], self.settings.random_state + i)
-        else:
-            est = make_model(self.spec["model"], self.settings.random_state + i, self.settings.strategy)
-        est.fit(X[tr], y[tr])
-        return est, {"oof_proba": _align(est, est.predict_proba(X[va]), k)}
+        raise NotImplementedError(f"learner kind {self.kind!r} does not define _fit_fold")
 
     def _checkpointed(self, i, fit):
         """Fold ``i`` from its checkpoint under ``cache_dir/folds``, or fitted and checkpointed."""
@@ -261,7 +278,7 @@ class Learner:
         if X.ndim != 2 or X.shape[1] != width or not np.isfinite(X).all():
             raise ValueError(f"{self.name}: expected finite inputs of shape (n, {width}), got {X.shape}"
                              + (" holding NaN or infinity" if X.ndim == 2 and X.shape[1] == width else ""))
-        return np.mean([_align(est, f(X), k) for est, f in zip(self.fold_models_, self._proba_functions(X))], axis=0)
+        return np.mean([align_proba(est, f(X), k) for est, f in zip(self.fold_models_, self._proba_functions(X))], axis=0)
 
     def _proba_functions(self, X) -> list:
         """Per fold model: its check-free probability function, verified against ``predict_proba`` on ``X`` once."""
@@ -283,7 +300,7 @@ class Learner:
         key = getattr(self, "key_", None)
         if store is None or key is None or not paths:
             return self.fold_average(X)
-        pkey = stable_hash([key, _images.file_fingerprints(paths, self.settings.cache_dir)] + ([view] if view != "original" else []))[:24]
+        pkey = stable_hash([key, file_fingerprints(paths, self.settings.cache_dir)] + ([view] if view != "original" else []))[:24]
         hit = store.get(pkey)
         if hit:
             return np.load(os.path.join(hit, "proba.npy"), allow_pickle=False)
@@ -375,15 +392,6 @@ def run_folds_here(learner: Learner, fits: list):
     return (learner._checkpointed(i, fit) for i, fit in enumerate(fits))
 
 
-class FrozenLearner(Learner):
-    """A model from :mod:`stacker.learners.zoo` on a frozen backbone's pooled features."""
-
-    kind = "frozen"
-
-
-register_learner("frozen", FrozenLearner)
-
-
 def saved_networks(entries, directory: str, files: dict) -> dict:
     """Backbone file -> :class:`~stacker.features.engines.SavedNetwork` for the learners' manifest entries.
 
@@ -403,49 +411,10 @@ def saved_networks(entries, directory: str, files: dict) -> dict:
 
 
 def extractor_kwargs(spec, settings, model=None, weights_id=None, saved=None) -> dict:
-    return dict(weights=spec["weights"], input_size=spec["input_size"], batch_size=settings.batch_size,
-                cache_dir=settings.cache_dir, weights_dir=settings.weights_dir, on_bad_image=settings.on_bad_image,
-                resize=settings.resize, verbose=settings.verbose, model=model, weights_id=weights_id,
-                chunk_size=settings.chunk_size, engine=settings.engine, strategy=settings.strategy, saved=saved)
+    """A learner's extractor arguments: the ensemble's extraction options, the spec's weights and size."""
+    kwargs = settings.extraction.extractor_kwargs()
+    kwargs.pop("feature_dtype")  # each kind stores its rows in its own type
+    return {**kwargs, "weights": spec["weights"], "input_size": spec["input_size"], "verbose": settings.verbose,
+            "model": model, "weights_id": weights_id, "strategy": settings.strategy, "saved": saved}
 
 
-def learner_specs(backbones, models, input_size=None, weights="imagenet", finetune=None) -> list[dict]:
-    """One spec per learner: every backbone entry times its models (or its fine-tuned network).
-
-    A backbone entry is a registered name or a dict that may set ``backbone``,
-    ``input_size``, ``weights``, ``name``, ``models`` (or ``head``) and ``finetune``.
-    """
-    specs = []
-    entries = [backbones] if isinstance(backbones, (str, dict)) else list(backbones)
-    if not entries:
-        raise ValueError("an ensemble needs at least one backbone")
-    for b in entries:
-        spec = {"backbone": b} if isinstance(b, str) else dict(b)
-        if "backbone" not in spec:
-            raise ValueError(f"a backbone dict needs a 'backbone' key, got {sorted(spec)}")
-        cfg = _backbones.get_cfg(spec["backbone"])
-        spec["backbone"] = cfg.name
-        spec.setdefault("input_size", input_size)
-        spec.setdefault("weights", weights)
-        size = spec["input_size"] or cfg.input_size
-        spec["base"] = spec.pop("name", None) or (cfg.name if not spec["input_size"] else f"{cfg.name}@{size}")
-        spec["finetune"] = spec.get("finetune", finetune) or None
-        spec["kind"] = "finetuned" if spec["finetune"] else "frozen"
-        specs += LEARNER_KINDS[spec["kind"]].specs(spec, models)
-    names = [s["name"] for s in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"base learner names must be unique, got {names}")
-    return specs
-
-
-def make_learners(specs, settings: Settings, sources: dict | None = None) -> dict:
-    """Learner objects for specs, sharing one extractor per source id."""
-    sources = {} if sources is None else sources
-    out = {}
-    for spec in specs:
-        cls = LEARNER_KINDS[spec["kind"]]
-        sid = cls.source_id(spec)
-        if sid not in sources:
-            sources[sid] = cls.make_source(spec, settings)
-        out[spec["name"]] = cls(spec, sources[sid], settings)
-    return out

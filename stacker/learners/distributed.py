@@ -30,7 +30,8 @@ import numpy as np
 
 from stacker.backbones import registry as _backbones
 from stacker.data import fingerprint as _fingerprint
-from stacker.data import images as _images
+from stacker.data.scan import scan_images
+from stacker.data.sources import ImageSet
 from stacker.features.cache import FeatureCache
 
 __all__ = ["connect", "worker_env", "fill_cache", "run_folds", "ExtractReport"]
@@ -97,7 +98,7 @@ class _ExtractWorker:
         self.ext.__dict__.update(state)
         self.ext._lock = threading.RLock()
 
-    def compute(self, chunk: _images.ImageSet, batch_size: int):
+    def compute(self, chunk: ImageSet, batch_size: int):
         """``(rows, features, {row: reason}, seconds, pid)`` for every image of ``chunk``."""
         t0 = time.perf_counter()
         computed, bad = self.ext._compute(chunk, np.arange(len(chunk)), None, None, batch_size, "skip")
@@ -135,7 +136,7 @@ def fill_cache(ext, images, workers=None, chunk_size=None, batch_size=None, on_c
     if ext.cache_dir is None:
         raise ValueError("Ray extraction appends to the feature cache: give a cache_dir on shared storage")
     ray = connect()
-    images = images if isinstance(images, _images.ImageSet) else _images.ImageSet(list(images), list(images))
+    images = images if isinstance(images, ImageSet) else ImageSet(list(images), list(images))
     batch_size, chunk_size = int(batch_size or ext.batch_size), int(chunk_size or ext.chunk_size)
     fps, skipped = _fingerprint.fingerprints(images.paths, ext.cache_dir) if len(images) else ([], {})
     entry = FeatureCache(ext.cache_dir).entry(ext.key_meta(), ext.row_dim(), ext.feature_dtype)
@@ -146,7 +147,7 @@ def fill_cache(ext, images, workers=None, chunk_size=None, batch_size=None, on_c
         if hit < 0:
             first.setdefault(fps[i], i)
     todo = np.array(sorted(first.values()), dtype=np.int64)
-    bad = {int(todo[i]): r for i, r in _images.scan_images([images.paths[i] for i in todo])[1].items()}
+    bad = {int(todo[i]): r for i, r in scan_images([images.paths[i] for i in todo])[1].items()}
     good = np.array([r for r in todo if int(r) not in bad], dtype=np.int64)
     pieces = _chunks(good, chunk_size, batch_size)
     report = ExtractReport(cached=int((found >= 0).sum()), computed=0, chunks=len(pieces), skipped=dict(bad),

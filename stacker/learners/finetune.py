@@ -345,7 +345,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         import keras
         import tensorflow as tf
 
-        from stacker.data import images as _images
+        from stacker.data.decode import pixel_batches
 
         size = int(bottom.input_shape[1])
         pixels_in = keras.Input((size, size, 3), name="pixels")
@@ -361,7 +361,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
 
         def dataset(rows, shuffle):
             rows = np.random.default_rng(self.random_state).permutation(rows) if shuffle else rows
-            ds = _images.pixel_batches(list(paths[rows]), size, self.batch_size, orientations[rows], rows=rows)
+            ds = pixel_batches(list(paths[rows]), size, self.batch_size, orientations[rows], rows=rows)
             ds = ds.map(lambda r, px: (px, tf.gather(Yt, r)))
             # the rows' images decoded before (their activations are cached), so the batch count is known
             ds = ds.apply(tf.data.experimental.assert_cardinality(-(-len(rows) // self.batch_size)))

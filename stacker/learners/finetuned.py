@@ -14,9 +14,12 @@ import numpy as np
 
 from stacker.backbones import registry as _backbones
 from stacker.features.cutpoint import CutPointExtractor, VIEWS, batched_rows, on_rows, pooled_rows
-from stacker.learners.base import Learner, extractor_kwargs, register_learner
+from stacker.features.cutpoint import cut_code_fingerprint
+from stacker.learners.base import Learner, extractor_kwargs
 from stacker.learners.finetune import FineTunedClassifier, _ViewBatches
-from stacker.level2.combiners import _align, score
+from stacker.learners.kinds import register_learner
+from stacker.level2.arrays import align_proba, score
+from stacker.params import Option, Param, comma_list
 
 __all__ = ["DEFAULT_FINETUNE", "FineTunedLearner", "finetune_code", "finetune_params"]
 
@@ -63,6 +66,15 @@ def finetune_code() -> str:
     return hashlib.sha256("".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:16]
 
 
+def _finetune_value(value) -> bool:
+    return value is None or isinstance(value, (bool, dict))
+
+
+def _cli(*flags, help, **kw) -> Option:
+    return Option(tuple(flags), help, **kw)
+
+
+@register_learner
 class FineTunedLearner(Learner):
     """A fine-tuned network per fold on a backbone's cut-point cache (every cached view).
 
@@ -73,6 +85,49 @@ class FineTunedLearner(Learner):
     """
 
     kind = "finetuned"
+    param = Param("finetune", None, "None, True or dict\n    Fine-tune every backbone instead of fitting ``models`` on "
+                  "frozen features (two\n    phases on a cut-point cache, see :mod:`stacker.learners.finetune`); "
+                  "``True`` uses CPU\n    defaults, a dict overrides them. A backbone dict may set its own.",
+                  check=_finetune_value, what="None, True, False or a dict of options")
+    saved_types = (FineTunedClassifier,)
+    cli_title = "fine-tuning (--finetune: two phases on a cut-point cache; see stacker.learners.finetune)"
+    cli_options = (
+        _cli("--finetune", action="store_true",
+             help="fine-tune every base learner (CPU defaults: last 2 blocks, 4 epochs at 1e-5, flip view + TTA)"),
+        _cli("--finetune-blocks", type=int, metavar="N", help="whole blocks to unfreeze from the top (default: 2)"),
+        _cli("--finetune-epochs", type=int, metavar="N",
+             help="phase-2 epochs; early stopping may end sooner (default: 4)"),
+        _cli("--finetune-lr", type=float, metavar="LR", help="phase-2 learning rate (default: 1e-5)"),
+        _cli("--finetune-batch-size", type=int, metavar="N",
+             help="fine-tuning batch size (default: stacker.learners.finetune's)"),
+        _cli("--label-smoothing", type=float, metavar="EPS", help="label smoothing while fine-tuning (default: none)"),
+        _cli("--finetune-mode", choices=("cached", "full"),
+             help="cached: train on cached cut-point activations (default); full: run the whole network every "
+                  "epoch with random augmentation (slower)"),
+        _cli("--tta", type=comma_list, metavar="VIEWS",
+             help="views averaged at test time and cached for training, from original, flip, center_crop "
+                  "(default: original,flip)"),
+    )
+
+    @classmethod
+    def from_cli(cls, args):
+        """``Ensemble(finetune=...)`` from the fine-tuning options (None without --finetune)."""
+        if not getattr(args, "finetune", False):
+            return None
+        options = {"blocks": args.finetune_blocks, "epochs": args.finetune_epochs, "learning_rate": args.finetune_lr,
+                   "batch_size": args.finetune_batch_size, "label_smoothing": args.label_smoothing,
+                   "mode": args.finetune_mode}
+        options = {k: v for k, v in options.items() if v is not None}
+        if args.tta:
+            options["tta"] = options["train_views"] = tuple(args.tta.split(","))
+        if getattr(args, "quick", False):
+            options.setdefault("epochs", 2)
+            options.setdefault("head_epochs", 30)
+        return options or True
+
+    @classmethod
+    def code_parts(cls, out_of_core: bool = False) -> dict:
+        return {"finetune_code": finetune_code(), "cut_code": cut_code_fingerprint()}
 
     @classmethod
     def specs(cls, spec, models):
@@ -104,13 +159,13 @@ class FineTunedLearner(Learner):
         return dict(cache)
 
     def _key_extra(self) -> dict:
-        return {**super()._key_extra(), "finetune": self.spec["finetune"], "finetune_code": finetune_code()}
+        return {**super()._key_extra(), "finetune": self.spec["finetune"]}
 
     def _prepare(self, inputs, y):
         return {"top": self.source.frozen_top(), "pooled": self.source.frozen_pooled(inputs["original"])}
 
     def _fit_fold(self, i, tr, va, inputs, y, k, data, state):
-        from stacker.data import images as _images
+        from stacker.data.scan import scan_images
 
         ft, st = self.spec["finetune"], self.settings
         params = {p: v for p, v in ft.items() if p in FineTunedClassifier().get_params()}
@@ -122,12 +177,12 @@ class FineTunedLearner(Learner):
         extra = [inputs[v][tr] for v in ft["train_views"] if v != "original"]
         self._log(f"{self.name}: fine-tuning fold {i + 1} ({len(tr)} images, views {ft['train_views']})")
         paths = [data.paths[r] for r in tr]
-        orient = _images.scan_images(paths)[0] if ft.get("mode") == "full" else None
+        orient = scan_images(paths)[0] if ft.get("mode") == "full" else None
         est.fit(X[tr], y[tr], views=extra, pooled=state["pooled"][tr], paths=paths, orientations=orient,
                 top=state["top"], bottom=self.source.model)
-        arrays = {f"oof_proba_{v}": _align(est, est.predict_proba(inputs[v][va]), k) for v in ft["tta"]}
+        arrays = {f"oof_proba_{v}": align_proba(est, est.predict_proba(inputs[v][va]), k) for v in ft["tta"]}
         arrays["oof_proba"] = np.mean([arrays[f"oof_proba_{v}"] for v in ft["tta"]], axis=0)
-        arrays["phase1_oof_proba"] = _align(est.head_, est.head_.predict_proba(state["pooled"][va]), k)
+        arrays["phase1_oof_proba"] = align_proba(est.head_, est.head_.predict_proba(state["pooled"][va]), k)
         arrays["oof_features"] = est.transform(X[va])
         return est, arrays
 
@@ -158,5 +213,3 @@ class FineTunedLearner(Learner):
         ft = self.spec["finetune"]
         return f"backbones/{self.spec['base'].replace('@', '_')}_bottom{ft['blocks']}.keras"
 
-
-register_learner("finetuned", FineTunedLearner)

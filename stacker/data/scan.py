@@ -1,0 +1,98 @@
+"""The header scan: which files can be decoded, and why the others cannot.
+
+Before pixels are decoded, :func:`scan_images` reads every file's header: the EXIF
+orientation of the formats that carry one, and the true reason a file is unusable
+(missing, a dangling link, a FIFO or device -- never opened, see
+:func:`stacker.data.fingerprint.probe` -- empty, not an image, absurdly large). A file
+that passes but fails to decode (a truncated JPEG) is explained afterwards by
+:func:`decode_failure_reason`.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from stacker.data.formats import EXIF_FORMATS, open_image
+
+__all__ = ["MAX_PIXELS", "decode_failure_reason", "scan_images", "size_problem"]
+
+MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (about 0.25 GB of RGBA)
+
+
+def size_problem(w: int, h: int) -> str | None:
+    """Why an image of ``w`` x ``h`` pixels is not decoded (too many pixels, or none), or None.
+
+    The decoder asks too: a decode may start before the scan of its file ends.
+    """
+    if w * h > MAX_PIXELS:
+        return f"{w}x{h} pixels exceeds the {MAX_PIXELS}-pixel limit (decompression bomb?)"
+    if w == 0 or h == 0:
+        return f"{w}x{h} pixels: no image data"
+    return None
+
+
+def _scan_one(path: str) -> tuple[int, str | None]:
+    """(EXIF orientation, reason it is unusable or None) from the file header."""
+    from PIL import Image, UnidentifiedImageError
+
+    from stacker.data.fingerprint import probe
+
+    _, reason = probe(path)  # never open a FIFO or a device
+    if reason:
+        return 1, reason
+    try:
+        with open_image(path) as im:
+            problem = size_problem(*im.size)
+            if problem:
+                return 1, problem
+            orientation = int(im.getexif().get(0x0112, 1)) if im.format in EXIF_FORMATS else 1
+            return (orientation if 1 <= orientation <= 8 else 1), None
+    except FileNotFoundError:
+        return 1, "file not found"
+    except UnidentifiedImageError:
+        return 1, "not an image file (no Pillow plugin recognises its contents)"
+    except Image.DecompressionBombError as exc:
+        return 1, f"decompression bomb: {exc}"
+    except OSError as exc:
+        if "truncat" in str(exc).lower():
+            return 1, f"truncated file ({exc})"
+        return 1, f"unreadable header ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # noqa: BLE001 - any header error means the file is unusable
+        return 1, f"unreadable header ({type(exc).__name__}: {exc})"
+
+
+def scan_images(paths, workers: int = 8, probe_files: int = 64) -> tuple[np.ndarray, dict]:
+    """Read every file's header: in this thread, or in ``workers`` threads when storage is slow.
+
+    Returns ``(orientations, bad)``: the EXIF orientation (1..8) per file, and
+    ``{row: reason}`` for files that cannot be used. Parsing a header is Python work
+    that holds the GIL, so on a local disk threads only add contention (256 JPEGs:
+    24 ms in one thread, 39-62 ms in a pool of 1-8); they help when opening a file waits
+    on storage (a network file system). The first ``probe_files`` files tell which: the
+    rest go to the pool when their wall time was more than twice their CPU time.
+    """
+    wall, cpu = time.perf_counter(), time.thread_time()
+    results = [_scan_one(p) for p in paths[:probe_files]]
+    rest = paths[probe_files:]
+    slow_storage = time.perf_counter() - wall > 2 * (time.thread_time() - cpu)
+    if rest and slow_storage and workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results += pool.map(_scan_one, rest, chunksize=64)
+    else:
+        results += [_scan_one(p) for p in rest]
+    orientations = np.array([r[0] for r in results], dtype=np.int32)
+    bad = {i: r[1] for i, r in enumerate(results) if r[1] is not None}
+    return orientations, bad
+
+
+def decode_failure_reason(path: str) -> str:
+    """Why a file that passed the header scan failed to decode (for the error message)."""
+    try:
+        with open_image(path) as im:
+            im.load()
+        return "the image data could not be decoded"
+    except Exception as exc:  # noqa: BLE001
+        return f"corrupt or truncated image data ({type(exc).__name__}: {exc})"

@@ -1,0 +1,318 @@
+"""Where images come from: readers that turn folders and CSV files into an :class:`ImageSet`.
+
+Sources: class sub-folders, Kaggle-style names (``cat.12.jpg``), a CSV of
+``path,label``, and unlabelled Kaggle test folders (``17.jpg`` -> id 17). Nothing is
+dropped silently: a folder reader gives every image file a row (by extension, see
+:data:`stacker.data.formats.IMAGE_EXTENSIONS`; whether it decodes is the header scan's
+question) and lists what it did not read (hidden files, documents, sub-folders of a
+test folder) in :attr:`ImageSet.skipped`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stacker.data.formats import IMAGE_EXTENSIONS
+
+__all__ = [
+    "BadImageError",
+    "ImageSet",
+    "file_fingerprints",
+    "from_class_folders_unlabelled",
+    "from_csv",
+    "from_folder",
+    "from_kaggle_names",
+    "from_test_folder",
+    "load_images",
+]
+
+_KAGGLE_NAME = re.compile(r"^(?P<label>[^.]+)\.(?P<id>[^.]+)\.[A-Za-z]+$")
+
+
+class BadImageError(ValueError):
+    """An image file cannot be used; the message names the file and the reason."""
+
+
+@dataclass
+class ImageSet:
+    """Image files with optional labels: what every stacker step takes.
+
+    Attributes
+    ----------
+    paths : list of str
+        Image files.
+    ids : list
+        One id per image (Kaggle ids for test folders; relative paths otherwise).
+    labels : list of str or None
+        Class name per image, or None for unlabelled sets.
+    classes : list of str or None
+        Sorted class names; ``y`` indexes into it.
+    skipped : dict
+        Path -> reason for what a folder reader saw and gave no row (hidden files,
+        documents, sub-folders of a test folder): listed, never silently dropped.
+    """
+
+    paths: list
+    ids: list
+    labels: list | None = None
+    classes: list | None = None
+    skipped: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.paths = [os.fspath(p) for p in self.paths]
+        if len(self.ids) != len(self.paths):
+            raise ValueError(f"{len(self.ids)} ids for {len(self.paths)} images")
+        if len(set(self.ids)) != len(self.ids):
+            dup = sorted({str(i) for i in self.ids if self.ids.count(i) > 1})[:5]
+            raise ValueError(f"duplicate image ids: {', '.join(dup)}")
+        if self.labels is not None:
+            if len(self.labels) != len(self.paths):
+                raise ValueError(f"{len(self.labels)} labels for {len(self.paths)} images")
+            self.labels = [str(v) for v in self.labels]
+            if self.classes is None:
+                self.classes = sorted(set(self.labels))
+            unknown = sorted(set(self.labels) - set(self.classes))
+            if unknown:
+                raise ValueError(f"labels {unknown[:5]} are not among the classes {self.classes[:10]}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        """``ImageSet(300 images, 2 classes: cat 150, dog 150, root='.../train')``: counts, not every path."""
+        parts = [f"{len(self)} images"]
+        if self.labels is None:
+            parts.append("unlabelled")
+        else:
+            counts = {c: 0 for c in self.classes}
+            for label in self.labels:
+                counts[label] += 1
+            shown = ", ".join(f"{c} {n}" for c, n in list(counts.items())[:6])
+            parts.append(f"{len(counts)} classes: {shown}" + (", ..." if len(counts) > 6 else ""))
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} skipped")
+        try:
+            root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in self.paths]) if self.paths else None
+        except ValueError:  # paths on different drives
+            root = None
+        if root:
+            parts.append(f"root={root if len(root) <= 60 else '...' + root[-57:]!r}")
+        return f"ImageSet({', '.join(parts)})"
+
+    @property
+    def y(self) -> np.ndarray:
+        """Integer class index per image (labelled sets only)."""
+        if self.labels is None:
+            raise ValueError("this image set has no labels")
+        index = {c: i for i, c in enumerate(self.classes)}
+        return np.array([index[v] for v in self.labels], dtype=np.int64)
+
+    def subset(self, rows) -> "ImageSet":
+        """The images at ``rows``, in that order, with the same classes (so ``y`` keeps its meaning)."""
+        rows = list(rows)
+        return ImageSet(
+            [self.paths[i] for i in rows], [self.ids[i] for i in rows],
+            None if self.labels is None else [self.labels[i] for i in rows], self.classes,
+        )
+
+    def shard(self, index: int, count: int, align: int = 1) -> "ImageSet":
+        """Part ``index`` of ``count`` contiguous, near-equal parts (for extraction on several machines).
+
+        Boundaries fall on multiples of ``align``: with ``align=batch_size`` every image is
+        computed in the same batch as in one unsharded run, so merged shards hold exactly
+        its features (a CPU's float results may differ in the last bit between batch shapes).
+        """
+        if not (isinstance(count, int) and count >= 1 and isinstance(index, int) and 0 <= index < count):
+            raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+        blocks = -(-len(self) // align)
+        bounds = [min(len(self), int(b) * align) for b in np.linspace(0, blocks, count + 1).round()]
+        return self.subset(range(bounds[index], bounds[index + 1]))
+
+    def head(self, n: int, seed: int = 0) -> "ImageSet":
+        """A class-stratified sample of ``n`` images (all when ``n >= len``), in stable order."""
+        if n >= len(self):
+            return self
+        rng = np.random.default_rng(seed)
+        if self.labels is None:
+            return self.subset(sorted(rng.choice(len(self), n, replace=False)))
+        from sklearn.model_selection import train_test_split
+
+        rows, _ = train_test_split(np.arange(len(self)), train_size=n, stratify=self.y, random_state=seed)
+        return self.subset(sorted(rows))
+
+
+def _is_image(name: str) -> bool:
+    ext = os.path.splitext(name)[1].lower()
+    return not name.startswith(".") and (ext in IMAGE_EXTENSIONS or ext == "")
+
+
+def _list_images(folder: str, subfolders: str = "skip") -> tuple[list[str], dict]:
+    """Image file names in ``folder`` (sorted) and ``{path: reason}`` for every other entry.
+
+    ``subfolders="ignore"`` leaves sub-folders out of the listing (class folders are read
+    separately by :func:`from_folder`).
+    """
+    names, other = [], {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            if subfolders == "skip":
+                other[path] = "a sub-folder; its files are not read"
+        elif name.startswith("."):
+            other[path] = "hidden file"
+        elif _is_image(name):
+            names.append(name)
+        else:
+            other[path] = f"not an image file type ({os.path.splitext(name)[1].lower()})"
+    return names, other
+
+
+def _require_dir(root) -> str:
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    return root
+
+
+def from_folder(root, classes: list | None = None, ignore: tuple = ("BACKGROUND_Google",)) -> ImageSet:
+    """Images in class sub-folders: ``root/<class>/<image>`` (Keras's ``image_dataset_from_directory`` layout).
+
+    Files beside the class folders and non-image files inside them get no row and are
+    listed in ``skipped``.
+    """
+    root = _require_dir(root)
+    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d not in ignore)
+    if classes is not None:
+        missing = sorted(set(classes) - set(found))
+        if missing:
+            raise ValueError(f"class folders {missing} are not in {root}")
+        found = list(classes)
+    loose, other = _list_images(root, subfolders="ignore")
+    other.update({os.path.join(root, f): "an image beside the class folders, not in one" for f in loose})
+    other.update({os.path.join(root, d): f"a folder left out ({'ignore' if d in ignore else 'classes'}=...)"
+                  for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d not in found})
+    paths, labels = [], []
+    for c in found:
+        files, skipped = _list_images(os.path.join(root, c))
+        other.update(skipped)
+        paths += [os.path.join(root, c, f) for f in files]
+        labels += [c] * len(files)
+    if not paths:
+        raise ValueError(f"no image files in the class folders of {root}")
+    empty = [c for c in found if c not in set(labels)]
+    if empty:
+        raise ValueError(f"class folders without image files: {empty[:10]}")
+    ids = [os.path.relpath(p, root) for p in paths]
+    return ImageSet(paths, ids, labels, sorted(found), skipped=other)
+
+
+def from_kaggle_names(root) -> ImageSet:
+    """Labelled images whose file name starts with the label: ``cat.12.jpg``, ``dog.7.jpg``."""
+    root = _require_dir(root)
+    files, other = _list_images(root)
+    if not files:
+        raise ValueError(f"no image files in {root}")
+    labels, bad = [], []
+    for f in files:
+        m = _KAGGLE_NAME.match(f)
+        (labels.append(m.group("label")) if m else bad.append(f))
+    if bad:
+        raise ValueError(f"file names without a '<label>.<id>.<ext>' form in {root}: {bad[:5]}")
+    order = sorted(range(len(files)), key=lambda i: (labels[i], _natural_key(files[i])))
+    files = [files[i] for i in order]
+    return ImageSet([os.path.join(root, f) for f in files], files, [labels[i] for i in order], skipped=other)
+
+
+def from_csv(csv_path, root=None, path_column: str = "path", label_column: str = "label") -> ImageSet:
+    """Images listed in a CSV with ``path`` and ``label`` columns (paths relative to ``root`` or the CSV)."""
+    csv_path = os.fspath(csv_path)
+    root = os.fspath(root) if root else os.path.dirname(os.path.abspath(csv_path))
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{csv_path} has no rows")
+    for col in (path_column, label_column):
+        if col not in rows[0]:
+            raise ValueError(f"{csv_path} has no column {col!r} (columns: {list(rows[0])})")
+    paths = [os.path.join(root, r[path_column]) for r in rows]
+    # missing files keep their row: extraction reports them under the on_bad_image policy
+    return ImageSet(paths, [r[path_column] for r in rows], [r[label_column] for r in rows])
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def from_test_folder(root) -> ImageSet:
+    """Unlabelled images; ids are the file stems (``17.jpg`` -> 17), numeric ids sorted numerically.
+
+    A folder that holds only class sub-folders is refused (read it with
+    :func:`from_folder`, or :func:`from_class_folders_unlabelled` to ignore labels).
+    """
+    root = _require_dir(root)
+    files, other = _list_images(root)
+    if not files:
+        subdirs = [os.path.basename(p) for p, r in other.items() if r.startswith("a sub-folder")]
+        if subdirs:
+            raise ValueError(f"{root} holds sub-folders ({', '.join(subdirs[:5])}{', ...' if len(subdirs) > 5 else ''}) "
+                             "and no image files; pass one sub-folder, or the folder as labelled training data "
+                             "(stacker.load_images), or stacker.predict(folder) to predict every image in them")
+        raise ValueError(f"no image files in {root}" + (f" ({len(other)} other entries, e.g. "
+                                                         f"{next(iter(other))}: {next(iter(other.values()))})"
+                                                         if other else ""))
+    files.sort(key=_natural_key)
+    stems = [os.path.splitext(f)[0] for f in files]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise ValueError(f"{root}: several files share the id {dup[0]!r} "
+                         f"({', '.join(f for f in files if os.path.splitext(f)[0] == dup[0])})")
+    ids = [int(s) for s in stems] if all(s.isdigit() for s in stems) else stems
+    order = sorted(range(len(files)), key=lambda i: ids[i])
+    return ImageSet([os.path.join(root, files[i]) for i in order], [ids[i] for i in order], skipped=other)
+
+
+def from_class_folders_unlabelled(root) -> ImageSet:
+    """Every image in the class sub-folders of ``root``, labels ignored (ids: relative paths)."""
+    data = from_folder(root)
+    return ImageSet(data.paths, data.ids, skipped=data.skipped)
+
+
+def load_images(source, labelled: bool = True) -> ImageSet:
+    """An :class:`ImageSet` from a folder, a CSV file or an existing set, by what it holds.
+
+    A CSV -> :func:`from_csv`; a folder with class sub-folders -> :func:`from_folder`;
+    a folder of ``label.id.ext`` files -> :func:`from_kaggle_names`; otherwise (or with
+    ``labelled=False``) an unlabelled :func:`from_test_folder`.
+    """
+    if isinstance(source, ImageSet):
+        return source
+    source = os.fspath(source)
+    if os.path.isfile(source) and source.lower().endswith(".csv"):
+        return from_csv(source)
+    root = _require_dir(source)
+    if not labelled:
+        return from_test_folder(root)
+    images, other = _list_images(root)
+    if not images and any(r.startswith("a sub-folder") for r in other.values()):
+        return from_folder(root)
+    if images and all(_KAGGLE_NAME.match(f) for f in images):
+        return from_kaggle_names(root)
+    if not images:
+        raise ValueError(f"{root} holds neither image files nor class folders")
+    return from_test_folder(root)
+
+
+def file_fingerprints(paths, cache_dir=None) -> list[str]:
+    """Content digest of each file (see :mod:`stacker.data.fingerprint`); raises if one cannot be read."""
+    from stacker.data.fingerprint import fingerprints
+
+    fps, bad = fingerprints(paths, cache_dir)
+    if bad:
+        row, reason = next(iter(sorted(bad.items())))
+        raise BadImageError(f"{os.fspath(list(paths)[row])}: {reason}")
+    return fps

@@ -1,0 +1,29 @@
+"""The out-of-fold leaderboard as text: every learner's scores and timings, then level 2's choice."""
+
+from __future__ import annotations
+
+__all__ = ["format_leaderboard"]
+
+
+def format_leaderboard(scores: dict) -> str:
+    """Text table per learner (accuracy, log loss, level-2 weight, timings), then level 2's choice."""
+    top5 = any("top5_accuracy" in s for s in scores.values())
+    rows = [("learner", "accuracy") + (("top5",) if top5 else ()) + ("log_loss", "weight", "extract_s",
+                                                                      "ms/image", "train_s", "dim")]
+    for name, s in scores.items():
+        spi, w = s.get("s_per_image"), s.get("weight")
+        rows.append((name, f"{s['accuracy']:.4f}") + ((f"{s.get('top5_accuracy', 0):.4f}",) if top5 else ()) + (
+            f"{s['log_loss']:.4f}", "" if w is None else f"{w:.3f}",
+            f"{s['extract_s']:.1f}" if "extract_s" in s else "",
+            f"{spi * 1000:.1f}" if spi else "cached" if "extract_s" in s else "",
+            f"{s.get('train_s', 0):.1f}", str(s.get("feature_dim", ""))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    ens = scores.get("ensemble", {})
+    if ens.get("combiner"):
+        lines.append(f"level 2: {ens['combiner']} (temperature {ens.get('temperature', 1.0):.3f}, "
+                     f"floor {ens.get('floor', 0.0):.4f}); cross-validated log loss of each candidate:")
+        lines.append("  " + ", ".join(f"{n} {c['log_loss']:.4f}" for n, c in ens.get("candidates", {}).items()))
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""The parameters of :class:`stacker.Ensemble`: every row, its check, its documentation, the signature.
+
+The rows come from where each concept lives: the stacking rows and the run rows here,
+the extraction options from :mod:`stacker.features.config`, and one row per learner kind
+that declares a parameter (:mod:`stacker.learners.kinds`). :func:`signature` is
+``Ensemble.__init__``'s (what scikit-learn's ``get_params`` and ``clone`` read),
+:func:`validate` checks an ensemble's values before any work, :func:`params_doc` writes
+the Parameters section of its docstring, and :func:`check_training_data` the data.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+
+from stacker.features.config import EXTRACTION_OPTIONS
+from stacker.learners.kinds import LEARNER_KINDS, kind_params, learner_specs
+from stacker.level2.registry import check_meta, meta_doc
+from stacker.params import Param
+
+__all__ = ["STACKING", "RUN", "ensemble_params", "signature", "validate", "params_doc", "check_training_data"]
+
+
+def _int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+STACKING = (
+    Param("backbones", ("efficientnet_lite0",), "list of str or dict\n    Registered backbone names; a dict may set "
+          "``backbone``, ``input_size``,\n    ``weights``, ``name``, ``models``, ``kind`` and a learner kind's "
+          "parameter\n    (e.g. ``finetune``) for one backbone."),
+    Param("models", "default", "str or list\n    Models fitted on every backbone's features, each one base learner: "
+          "a preset\n    (``\"default\"``: logistic + prototype; ``\"fast\"``, ``\"best\"``, ``\"dense\"``), names\n"
+          "    from :data:`stacker.learners.zoo.MODELS` or scikit-learn classifiers."),
+    Param("meta", "auto", meta_doc),
+    Param("meta_inputs", "proba", ""),  # documented with ``meta`` (meta_doc)
+    Param("calibration", True, "bool\n    Also try every combiner followed by a temperature and floor fitted out of "
+          "fold.", lambda v: isinstance(v, (bool, np.bool_)), "True or False"),
+    Param("cv", 5, "int\n    Number of stratified folds, shared by every learner and level 2.",
+          lambda v: _int(v) and v >= 2, "an integer >= 2"),
+    Param("random_state", 0, "int\n    Seeds folds and every learner: one seed, one result.", _int, "an integer"),
+)
+
+RUN = (
+    Param("strategy", None, "tf.distribute.Strategy, optional\n    Extraction and Keras models are built and run in "
+          "its scope. Not saved."),
+    Param("verbose", 1, "int\n    0: silent; 1: progress and fold scores."),
+    Param("out_of_core", "auto", "{'auto', True, False}\n    Read features from the cache in windows instead of "
+          "loading every source's\n    matrix (:mod:`stacker.learners.streaming`): models are then streaming ones "
+          "and\n    level 2 sees probabilities only. ``\"auto\"`` streams once the training features\n    of all "
+          "sources would take more than 4 GiB as float32\n    (:data:`stacker.features.rows.OUT_OF_CORE_BYTES`). "
+          "Needs ``cache_dir``.",
+          lambda v: isinstance(v, (bool, np.bool_)) or v == "auto", "'auto', True or False"),
+    Param("executor", "local", "{'local', 'ray'}\n    ``\"ray\"``: extract missing features on a Ray actor pool and "
+          "fit folds as Ray\n    tasks (:mod:`stacker.learners.distributed`; ``pip install 'stacker[ray]'``). Same "
+          "results\n    as ``\"local\"``; needs ``cache_dir``.", lambda v: v in ("local", "ray"), "'local' or 'ray'"),
+)
+
+
+def ensemble_params() -> list[Param]:
+    """Every parameter in signature order: stacking, extraction, learner kinds, run."""
+    return [*STACKING, *(o.param for o in EXTRACTION_OPTIONS.values()), *kind_params(), *RUN]
+
+
+def signature() -> inspect.Signature:
+    """``Ensemble.__init__``'s signature, from the rows (every parameter a keyword with its default)."""
+    first = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return inspect.Signature(first + [inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                        default=p.default) for p in ensemble_params()])
+
+
+def params_doc(indent: str = "    ") -> str:
+    """The numpydoc Parameters entries, one per row, from each row's ``doc``."""
+    out = []
+    for p in ensemble_params():
+        doc = p.doc() if callable(p.doc) else p.doc
+        if not doc:
+            continue
+        if p.doc is meta_doc:
+            out.append(doc)
+            continue
+        kind, _, text = doc.partition("\n")
+        out.append(f"{indent}{p.name} : {kind}" + "".join(f"\n{indent}{line}" for line in text.split("\n") if text))
+    return "\n".join(out)
+
+
+def validate(est) -> list[dict]:
+    """Check every parameter of ``est`` (no network is built: a typo fails in milliseconds); its learner specs."""
+    check_meta(est.meta, est.meta_inputs)
+    for p in ensemble_params():
+        p.validate(getattr(est, p.name))
+    if est.executor == "ray" and est.cache_dir is None:
+        raise ValueError("executor='ray' shares features and fold results through the cache: give a cache_dir "
+                         "(on storage every Ray node mounts)")
+    specs = learner_specs(est.backbones, est.models, est.input_size, est.weights,
+                          {p.name: getattr(est, p.name) for p in kind_params()})
+    if est.out_of_core is True:
+        check_out_of_core(est, specs)
+    return specs
+
+
+def check_out_of_core(est, specs) -> None:
+    """Out of core needs a cache, probability-only level 2 and learners that stream (checked before extraction)."""
+    if est.cache_dir is None:
+        raise ValueError("out_of_core streams features from the cache: give a cache_dir")
+    if est.meta_inputs != "proba":
+        raise ValueError(f"out-of-core level 2 combines probabilities only; meta_inputs={est.meta_inputs!r} "
+                         "would load every feature matrix (use meta_inputs='proba' or out_of_core=False)")
+    for spec in specs:
+        LEARNER_KINDS[spec["kind"]].check_streaming(spec)
+
+
+def check_training_data(data, cv: int, skipped: dict | None = None, labels: dict | None = None) -> None:
+    """Two classes or more, each with at least ``cv`` usable images; says which were skipped."""
+    if data.labels is None:
+        raise ValueError("fit needs labelled images")
+    lost = {}
+    for path, reason in (skipped or {}).items():
+        lost.setdefault((labels or {}).get(path), []).append(f"{path}: {reason}")
+    usable = [c for c in data.classes if c in set(data.labels)]
+    if len(usable) < 2:
+        emptied = [c for c in data.classes if c not in usable]
+        note = "".join(f"; every image of class {c!r} was skipped as unusable, e.g. {lost[c][0]}"
+                       for c in emptied if c in lost)
+        which = f"only one class ({usable[0]!r})" if usable else "no class"
+        raise ValueError(f"{which} in the training images has usable images; need two or more{note}")
+    counts = np.bincount(data.y, minlength=len(data.classes))
+    small = [c for c, n in zip(data.classes, counts) if n < cv]
+    if small:
+        notes = [f"{c!r}: {n} usable, {len(lost[c])} skipped as unusable (e.g. {lost[c][0]})"
+                 for c, n in zip(data.classes, counts) if c in small and c in lost]
+        raise ValueError(f"classes {small[:10]} have fewer images than cv={cv} folds"
+                         + (f" ({'; '.join(notes[:3])})" if notes else "")
+                         + "; add images, merge classes, lower cv or fix the files")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stacker.ensemble import Ensemble
+from stacker.features.config import check_option
 from stacker.io.model_dir import MANIFEST
 from stacker.data.inputs import as_images
 from stacker.data.sources import ImageSet
@@ -111,8 +112,7 @@ def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None
     -------
     Prediction
     """
-    if on_bad_image not in ("raise", "skip"):
-        raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
+    check_option("on_bad_image", on_bad_image)
     data = as_images(images)
     ens = load(model, cache_dir=cache_dir, trusted=trusted)
     proba, skipped = ens.predict_with_skipped(data, on_bad_image=on_bad_image,

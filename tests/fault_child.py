@@ -58,7 +58,7 @@ def install(point: str) -> None:
     elif target == "FineTunedClassifier.fit":
         FineTunedClassifier.fit = counting(FineTunedClassifier.fit)
     elif target == "save_estimator":
-        original = stacker.ensemble.save_estimator
+        original = stacker.io.model_dir.save_estimator
         saving = [False]
 
         def save_estimator(est, stem):
@@ -68,7 +68,7 @@ def install(point: str) -> None:
                     die()
             return original(est, stem)
 
-        stacker.ensemble.save_estimator = stacker.learners.base.save_estimator = save_estimator
+        stacker.io.model_dir.save_estimator = stacker.learners.base.save_estimator = save_estimator
         save = stacker.ensemble.Ensemble.save
 
         def guarded_save(self, directory):

@@ -140,7 +140,8 @@ def _params(ens) -> dict:
 
 
 @pytest.mark.parametrize("meta,meta_inputs", [
-    ("mean", "proba"), ("greedy", "proba"), ("logit", "proba"), ("dense", "proba"), ("logistic", "both"),
+    ("mean", "proba"), ("greedy", "proba"), ("logit", "proba"), pytest.param("dense", "proba", marks=pytest.mark.slow),
+    ("logistic", "both"),
     (RandomForestClassifier(n_estimators=20), "features"),
 ])
 def test_meta_learners_and_inputs(fitted, meta, meta_inputs):
@@ -168,6 +169,7 @@ def test_second_fit_is_served_from_the_cache(fitted):
     np.testing.assert_allclose(refit.meta_oof_proba_, ens.meta_oof_proba_, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_seed_makes_fits_repeatable(fitted):
     _, data, root = fitted
     ens, _, _ = fitted

@@ -191,6 +191,7 @@ def test_toys_fit_save_load_predict_and_show_in_the_cache(toy, tmp_path):
     assert not os.listdir(cache / "centroids")
 
 
+@pytest.mark.slow
 def test_toys_on_the_command_line(toy, tmp_path):
     _, plugin_dir = toy
     data = make_class_folders(tmp_path / "train", 6)

@@ -26,7 +26,7 @@ from stacker.features.layout import CACHE_ENV, default_cache_dir
 from stacker.params import Option, Param
 
 __all__ = ["EXTRACTION_OPTIONS", "ExtractionConfig", "ExtractionOption", "register_extraction_option",
-           "BUILTIN_OPTIONS", "weights_arg"]
+           "BUILTIN_OPTIONS", "check_option", "weights_arg"]
 
 
 def weights_arg(value):
@@ -108,6 +108,11 @@ def register_extraction_option(param: Param, *, in_key: bool = True, pixels: Cal
         raise ValueError(f"{param.name!r} is a built-in extraction option")
     EXTRACTION_OPTIONS[param.name] = option = ExtractionOption(param, in_key, pixels)
     return option
+
+
+def check_option(name: str, value) -> None:
+    """Validate one option's value by its row (the one check of ``on_bad_image``, ``resize``...)."""
+    EXTRACTION_OPTIONS[name].param.validate(value)
 
 
 def unregister_extraction_option(name: str) -> None:

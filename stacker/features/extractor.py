@@ -158,12 +158,10 @@ class FeatureExtractor:
     def __init__(self, backbone, weights="imagenet", input_size=None, batch_size=32, feature_dtype="float32",
                  cache_dir=None, weights_dir=None, chunk_size=256, on_bad_image="raise", verbose=1,
                  model=None, weights_id=None, resize="pil", engine="auto", strategy=None, saved=None, options=None):
-        if on_bad_image not in ("raise", "skip"):
-            raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
-        if np.dtype(feature_dtype) not in (np.float16, np.float32):
+        _config.check_option("on_bad_image", on_bad_image)
+        _config.check_option("resize", resize)
+        if np.dtype(feature_dtype) not in (np.float16, np.float32):  # a dtype object too (cut-point rows)
             raise ValueError(f"feature_dtype must be float16 or float32, got {feature_dtype!r}")
-        if resize not in _decode.RESIZE_METHODS:
-            raise ValueError(f"resize must be one of {_decode.RESIZE_METHODS}, got {resize!r}")
         self.resize = resize
         self.strategy = strategy
         self.engine = "keras" if strategy is not None else _engines.resolve(engine)
@@ -304,8 +302,7 @@ class FeatureExtractor:
         if lazy and self.cache_dir is None:
             raise ValueError("out-of-core features are read from the cache: give a cache_dir")
         policy = self.on_bad_image if on_bad_image is None else on_bad_image
-        if policy not in ("raise", "skip"):
-            raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {policy!r}")
+        _config.check_option("on_bad_image", policy)
         images = images if isinstance(images, _sources.ImageSet) else _sources.ImageSet(list(images), list(images))
         n = len(images)
         fps, skipped = _fingerprint.fingerprints(images.paths, self.cache_dir) if n else ([], {})

@@ -65,6 +65,9 @@ class Settings(dict):
     def __setitem__(self, key, value):
         raise TypeError("Settings are shared by every learner of an ensemble and read-only; use replace()")
 
+    def __reduce__(self):  # pickled for Ray tasks: rebuilt from its items, not item by item
+        return (Settings, (dict(self),))
+
     def __getattr__(self, name):
         try:
             return self[name]

@@ -25,7 +25,7 @@ import skops.io as sio
 from sklearn.ensemble import RandomForestClassifier
 
 import stacker
-from conftest import TINY, make_class_folders, save_tiny_weights
+from conftest import REPO, TINY, make_class_folders, save_tiny_weights
 from stacker.app import cli
 from stacker.data import sources as im
 from stacker.io import persist
@@ -340,6 +340,6 @@ def test_the_console_script_refuses_a_forged_directory(saved, tmp_path, fake_mes
               "sys.exit(main(['predict', sys.argv[1], sys.argv[2]]))")
     out = subprocess.run([sys.executable, "-c", script, str(model_dir), data.paths[0]], capture_output=True,
                          text=True, env={**os.environ, "STACKER_ENGINE": "keras",
-                                         "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))})
+                                         "PYTHONPATH": os.path.join(REPO, "tests")})
     assert out.returncode != 0 and "untrusted type" in out.stderr and "--trust" in out.stderr
     assert not marker.exists()

@@ -21,7 +21,6 @@ from stacker.ensemble import Ensemble
 from stacker.features.extractor import FeatureExtractor
 from stacker.data.sources import BadImageError
 
-pytestmark = pytest.mark.faults
 
 
 def _png_header_only(path, width, height):

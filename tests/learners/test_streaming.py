@@ -98,6 +98,7 @@ def test_streaming_dense_reads_a_window_at_a_time_is_seeded_and_saved_as_dense(c
     np.testing.assert_allclose(loaded.predict_proba(X.astype(np.float32)), proba, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_out_of_core_dense_heads_stream(folders, tmp_path, monkeypatch):
     ens = Ensemble([TINY], models="best", cv=3, batch_size=4, cache_dir=str(tmp_path / "cache"), out_of_core=True,
                    verbose=0)
@@ -174,6 +175,7 @@ def test_models_that_need_every_row_are_refused_out_of_core_before_extraction(fo
     assert forward_pass_count() == before
 
 
+@pytest.mark.slow
 def test_out_of_core_fine_tuning_streams_cut_activations_and_matches_in_memory(tmp_path, monkeypatch):
     weights = save_tiny_weights(tmp_path / "tiny.weights.h5")
     folders = make_class_folders(tmp_path / "train", 9)

@@ -145,6 +145,7 @@ def test_no_fold_model_sees_its_validation_images(tmp_path, monkeypatch, tiny_we
         np.testing.assert_allclose(ens.oof_proba_[name][va], expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tta_views_are_cached_and_reused(tmp_path, tiny_weights):
     data = _striped(tmp_path / "imgs", n=9)
     test = im.ImageSet([make_image(tmp_path / f"t{i}.png", (200, 60, 50), seed=i) for i in range(4)],
@@ -178,6 +179,7 @@ def test_tta_views_are_cached_and_reused(tmp_path, tiny_weights):
     assert views_meta.learners_[name].meta_oof(None)[0].shape == (len(data), 4)
 
 
+@pytest.mark.slow
 def test_finetuned_ensemble_saves_curves_and_predicts_the_same_after_load(tmp_path, tiny_weights):
     data = _striped(tmp_path / "imgs", n=9)
     ens = _ensemble(tmp_path / "cache", tiny_weights, meta_inputs="both").fit(data)

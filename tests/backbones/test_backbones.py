@@ -52,6 +52,7 @@ def test_missing_weights_say_what_to_do(tmp_path, monkeypatch):
         backbones.build("mobilenet_025", weights=str(tmp_path / "nope.h5"))
 
 
+@pytest.mark.shared
 def test_weights_dir_finds_the_shared_mobilenet(monkeypatch, tmp_path):
     shared_or_skip(os.path.join(WEIGHTS_DIR, "mobilenet_2_5_224_tf_no_top.h5"))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import REPO, make_class_folders, save_tiny_weights
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ray = pytest.importorskip("ray", reason="the Ray tests need the ray extra: pip install -e '.[ray]'")
 
 from stacker.learners import distributed  # noqa: E402
@@ -80,6 +81,7 @@ def test_ray_extraction_is_bit_identical(cluster, data, sequential, tmp_path):
     assert (again.computed, again.cached) == (0, 2 * N_PER_CLASS)
 
 
+@pytest.mark.faults
 def test_killed_worker_is_retried_and_only_its_chunk_is_recomputed(cluster, data, sequential, faults_dir, tmp_path):
     root, weights = data
     log = faults_dir / "forward.log"
@@ -99,6 +101,7 @@ def test_killed_worker_is_retried_and_only_its_chunk_is_recomputed(cluster, data
     assert np.array_equal(ext.extract(load_images(root / "train")).values, sequential)
 
 
+@pytest.mark.faults
 def test_killed_driver_resumes_from_the_cache(cluster, data, sequential, tmp_path):
     root, weights = data
     cache, result = tmp_path / "cache", tmp_path / "result.json"

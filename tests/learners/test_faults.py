@@ -17,7 +17,7 @@ import pytest
 
 from conftest import COLORS, REPO, make_class_folders, make_image, save_tiny_weights
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 CHILD = os.path.join(REPO, "tests", "fault_child.py")
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 RECIPES = os.path.join(REPO, "recipes")
@@ -21,6 +22,7 @@ def run(script, *args, timeout=600):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_dogs_vs_cats_quick_end_to_end(kaggle_dir, tmp_path):
     out = tmp_path / "out"
     args = ["--data", str(kaggle_dir), "--out", str(out), "--cache", str(tmp_path / "cache"), "--quick",
@@ -47,6 +49,7 @@ TINY_ARGS = ["--backbones", "tiny_cnn", "--image-size", "32", "--weights", "none
              "--quick"]
 
 
+@pytest.mark.slow
 def test_caltech101_quick(tmp_path):
     from conftest import make_image
 
@@ -89,6 +92,7 @@ def _write_cifar100(root, n_train=60, n_test=20, classes=4):
         pickle.dump({b"fine_label_names": names, b"coarse_label_names": [b"x"] * 20}, f, protocol=2)
 
 
+@pytest.mark.slow
 def test_cifar100_quick_on_the_official_format(tmp_path):
     root = tmp_path / "cifar-100-python"
     _write_cifar100(root)
@@ -121,6 +125,7 @@ def test_cifar100_refuses_a_crafted_pickle(tmp_path):
         cifar100.read_split(str(tmp_path / "meta"))
 
 
+@pytest.mark.slow
 def test_stanford_dogs_quick(tmp_path):
     from conftest import make_image
 
@@ -139,6 +144,7 @@ def test_stanford_dogs_quick(tmp_path):
     assert "optimistic" in run("stanford_dogs.py", "--help")
 
 
+@pytest.mark.slow
 def test_top5_quick(tmp_path):
     from conftest import make_image
 
@@ -155,6 +161,7 @@ def test_top5_quick(tmp_path):
         assert img.format == "PNG" and img.size[0] > 400
 
 
+@pytest.mark.slow
 def test_every_recipe_has_help_data_out_quick():
     for script in ("dogs_vs_cats.py", "caltech101.py", "cifar100.py", "stanford_dogs.py", "top5.py"):
         text = run(script, "--help")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, make_class_folders, make_image, save_tiny_weights
+from conftest import REPO, TINY, make_class_folders, make_image, save_tiny_weights
 from stacker.features import engines
 from stacker.data import decode as im
 from stacker.data.sources import load_images
@@ -184,7 +184,7 @@ def test_a_loaded_model_predicts_in_a_fresh_process_without_exporting_or_tensorf
     graph = manifest["learners"][0]["onnx_file"]
     assert graph.endswith(".onnx") and manifest["files"][graph] == sha256_file(model_dir / graph)
     paths = data.paths[:3]
-    out = subprocess.run([sys.executable, "-c", _CHILD, os.path.dirname(__file__), str(model_dir), *paths],
+    out = subprocess.run([sys.executable, "-c", _CHILD, os.path.join(REPO, "tests"), str(model_dir), *paths],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])

@@ -165,7 +165,6 @@ def _formats(folder):
     return out
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize("method", ["pil", "bilinear"])
 def test_every_pillow_format_is_read_as_rgb(tmp_path, method):
     files = {str(p): rgb for p, rgb in _formats(tmp_path).items()}
@@ -207,7 +206,6 @@ def _bad_entries(folder):
     return bad
 
 
-@pytest.mark.faults
 def test_unusable_paths_get_their_true_reason_under_both_policies(tmp_path):
     folder = tmp_path / "test"
     folder.mkdir()
@@ -245,7 +243,6 @@ def model(tmp_path_factory):
     return root
 
 
-@pytest.mark.faults
 def test_predict_on_paths_and_folders_loses_no_id(model, tmp_path, capsys):
     folder = tmp_path / "test"
     folder.mkdir()
@@ -274,7 +271,6 @@ def test_predict_on_paths_and_folders_loses_no_id(model, tmp_path, capsys):
         assert f"skipped {p}: " in err and reason in err.split(f"skipped {p}: ")[1].splitlines()[0]
 
 
-@pytest.mark.faults
 def test_submit_fails_loudly_on_a_skipped_id_unless_filled(model, tmp_path, capsys):
     folder = tmp_path / "test"
     folder.mkdir()
@@ -294,7 +290,6 @@ def test_submit_fails_loudly_on_a_skipped_id_unless_filled(model, tmp_path, caps
     assert rows[4] == "4,0.500000"
 
 
-@pytest.mark.faults
 def test_fit_raises_or_lists_every_unusable_training_file(tmp_path):
     root = make_class_folders(tmp_path / "train", 6)
     bad = _bad_entries(root / "cat")
@@ -311,7 +306,6 @@ def test_fit_raises_or_lists_every_unusable_training_file(tmp_path):
     assert len(ens.train_paths_) == 12
 
 
-@pytest.mark.faults
 def test_fit_names_the_skipped_images_of_an_emptied_class(tmp_path):
     root = make_class_folders(tmp_path / "train", 4)
     (root / "owl").mkdir()
@@ -326,7 +320,6 @@ def test_fit_names_the_skipped_images_of_an_emptied_class(tmp_path):
             Ensemble([TINY], models="logistic", cv=2, on_bad_image="skip", verbose=0).fit(root)
 
 
-@pytest.mark.faults
 def test_in_memory_inputs(model):
     ens = stacker.load(model / "model")
     rgb = np.zeros((20, 24, 3), np.uint8) + np.array(COLORS["dog"], np.uint8)
@@ -351,7 +344,6 @@ def test_in_memory_inputs(model):
         sources.from_test_folder(model / "train")
 
 
-@pytest.mark.faults
 def test_a_loaded_ensemble_follows_its_on_bad_image_attribute(model, tmp_path):
     ens = Ensemble.load(model / "model")
     ens.on_bad_image = "skip"  # W4

@@ -1,0 +1,38 @@
+"""Learner kinds: the registry decides each backbone's kind from its declared parameter."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TINY
+
+from stacker.learners.kinds import DEFAULT_KIND, LEARNER_KINDS, code_parts, kind_params, learner_specs
+
+
+def test_builtin_kinds_declare_their_parameter_trust_and_code():
+    assert set(LEARNER_KINDS) >= {"frozen", "finetuned"} and DEFAULT_KIND == "frozen"
+    assert [p.name for p in kind_params()] == ["finetune"]
+    parts = code_parts()
+    assert {"model_code", "finetune_code", "cut_code"} <= set(parts)
+    from stacker.io.persist import trusted_types
+
+    assert "stacker.learners.finetune.FineTunedClassifier" in trusted_types()
+
+
+def test_specs_pick_the_kind_per_backbone():
+    specs = learner_specs([TINY, {**TINY, "name": "ft", "finetune": True}], "logistic", kind_values={"finetune": None})
+    assert [(s["name"], s["kind"]) for s in specs] == [("tiny_cnn@32:logistic", "frozen"), ("ft:finetune", "finetuned")]
+    every = learner_specs([TINY], "default", kind_values={"finetune": {"epochs": 1}})
+    assert [s["kind"] for s in every] == ["finetuned"] and every[0]["finetune"]["epochs"] == 1
+    with pytest.raises(ValueError, match="unknown learner kind 'svm'"):
+        learner_specs([{**TINY, "kind": "svm"}], "default")
+    with pytest.raises(ValueError, match="names must be unique"):
+        learner_specs([TINY, TINY], "logistic")
+
+
+def test_out_of_core_refuses_a_model_without_a_streaming_twin():
+    from sklearn.ensemble import RandomForestClassifier
+
+    frozen = LEARNER_KINDS["frozen"]
+    frozen.check_streaming({"model": "logistic"})
+    with pytest.raises((ValueError, TypeError)):
+        frozen.check_streaming({"model": RandomForestClassifier()})

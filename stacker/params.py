@@ -30,8 +30,8 @@ class Option:
     """One command-line option: what argparse needs, plus the Python parameter it sets.
 
     ``param`` names the parameter of :class:`stacker.Ensemble` (or the function called)
-    when it differs from the option's name; :func:`cli_terms` uses it to translate
-    messages such as ``pass on_bad_image='skip'`` into ``pass --on-bad-image skip``.
+    when it differs from the option's name; :func:`~stacker.app.options.cli_terms` uses it to
+    translate messages such as ``pass on_bad_image='skip'`` into ``pass --on-bad-image skip``.
     """
 
     flags: tuple

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import configparser
+import fnmatch
+import importlib
 import os
 
 import pytest
@@ -52,3 +55,14 @@ def test_every_subpackage_lists_its_modules():
         modules = [n[:-3] for n in os.listdir(os.path.join(PACKAGE, sub)) if n.endswith(".py") and n != "__init__.py"]
         missing = [m for m in modules if f".{m}`" not in doc and f"{sub}.{m}" not in doc]
         assert not missing, f"stacker/{sub}/__init__.py does not say what {missing} own"
+
+
+def test_the_console_script_and_package_data_point_at_what_exists():
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+    for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines():
+        module, _, func = line.split("=", 1)[1].strip().partition(":")
+        assert callable(getattr(importlib.import_module(module), func)), line
+    for package, pattern in cfg["options.package_data"].items():
+        folder = os.path.join(REPO, *package.split("."))
+        assert any(fnmatch.fnmatch(n, pattern.strip()) for n in os.listdir(folder)), package

@@ -25,7 +25,7 @@ import sys
 
 from stacker.app.options import GROUPS, OPTIONS, add_options, cli_terms, progress_output
 from stacker.backbones.registry import load_plugins
-from stacker.features.layout import CACHE_ENV, default_cache_dir
+from stacker.features.layout import CACHE_ENV, cache_kinds, default_cache_dir
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -117,9 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = _command(sub, "cache", "list, remove or merge what a cache folder holds",
-                 "Kinds: features (HDF5 per backbone config), onnx (exported networks), learners (fold models "
-                 "and out-of-fold arrays), folds (checkpoints of unfinished learners), test_proba (predictions "
-                 "of image sets), weights (converted checkpoints); anything else is 'other' and never removed.")
+                 "Kinds: " + "; ".join(f"{k.name} ({k.description})" for k in cache_kinds())
+                 + "; anything else is 'other' and never removed.")
     p.add_argument("action", choices=["ls", "rm", "prune", "merge"],
                    help="ls: every entry with its owner, size, age and state; rm: delete the entries of --backbone "
                         "and/or --kind (all entries without them); prune: delete what no current code can use "

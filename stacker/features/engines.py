@@ -320,7 +320,7 @@ class SavedNetwork:
         Required with ``onnx_path``.
     custom_objects : callable, optional
         Returns the registered layers the archive may use (such as
-        :func:`stacker.backbones.custom_objects`); called only when the archive is loaded,
+        :func:`stacker.backbones.registry.custom_objects`); called only when the archive is loaded,
         because building them imports Keras.
     """
 

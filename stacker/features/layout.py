@@ -51,6 +51,9 @@ STORES = {
     "folds": "folds",            # one finished fold of a learner still in training (resume point)
     "test_proba": "test_proba",  # a learner's fold-averaged probabilities for a set of images
 }
+_STORE_DESCRIPTIONS = {"learners": "fold models and out-of-fold arrays of finished learners",
+                       "folds": "checkpoints of the finished folds of unfinished learners",
+                       "test_proba": "fold-averaged predictions of image sets"}
 LOCK_SUFFIX = ".lock"      # beside each feature file: the inter-process lock
 CORRUPT_MARK = ".corrupt-"  # a feature file that could not be opened, moved aside as <file>.corrupt-<time>
 TMP_PREFIX = ".tmp-"       # a result directory still being written
@@ -317,7 +320,7 @@ def _scan_memo(path: str, ctx: ScanContext) -> list[Artefact]:
 register_cache_kind("features", FEATURES, _scan_features, "pooled features: one HDF5 file per feature key")
 register_cache_kind("onnx", ONNX, _scan_onnx, "backbones exported for ONNX Runtime")
 for _kind, _folder in STORES.items():
-    register_cache_kind(_kind, _folder, functools.partial(_scan_results, kind=_kind), f"the {_kind} result store")
+    register_cache_kind(_kind, _folder, functools.partial(_scan_results, kind=_kind), _STORE_DESCRIPTIONS[_kind])
 register_cache_kind("weights", CONVERTED_WEIGHTS, _scan_weights, "EfficientNet-Lite checkpoints as Keras weights")
 register_cache_kind("fingerprints", MEMO_FILE, _scan_memo, "the stat memo of image content digests", is_file=True)
 

@@ -130,7 +130,7 @@ def _EpochTimer():  # noqa: N802 - a Keras callback factory (keras is imported l
 class FineTunedClassifier(ClassifierMixin, BaseEstimator):
     """A backbone's top blocks plus a softmax head, trained in two phases on cut-point activations.
 
-    Phase 1 trains the head (:class:`~stacker.learners.base.DenseClassifier`) on the frozen
+    Phase 1 trains the head (:class:`~stacker.learners.dense.DenseClassifier`) on the frozen
     top's pooled features; phase 2 unfreezes the top blocks (BatchNorm layers stay frozen
     and in inference mode) and trains head and blocks together with a small learning
     rate, EarlyStopping and ReduceLROnPlateau on the same stratified validation split.
@@ -256,8 +256,8 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
             Image files of the rows (``mode="full"`` reads pixels from them).
         top, bottom : keras.Model, optional
             The pretrained networks above and below the cut (from
-            :class:`CutPointExtractor`); ``top`` is copied, never changed. Without them
-            the backbone is built from ``weights``.
+            :class:`~stacker.features.cutpoint.CutPointExtractor`); ``top`` is copied, never
+            changed. Without them the backbone is built from ``weights``.
         """
         import keras
 

@@ -66,3 +66,13 @@ def test_the_console_script_and_package_data_point_at_what_exists():
     for package, pattern in cfg["options.package_data"].items():
         folder = os.path.join(REPO, *package.split("."))
         assert any(fnmatch.fnmatch(n, pattern.strip()) for n in os.listdir(folder)), package
+
+
+def test_paths_found_from_a_module_point_at_the_checkout():
+    from stacker.app import recipe
+    from stacker.learners.distributed import worker_env
+
+    assert os.path.samefile(recipe.REPO, REPO) and os.path.isdir(os.path.join(recipe.REPO, "recipes"))
+    assert recipe.SHARED == os.path.normpath(os.path.join(REPO, "..", "shared"))
+    first = worker_env()["env_vars"]["PYTHONPATH"].split(os.pathsep)[0]
+    assert os.path.isfile(os.path.join(first, "stacker", "__init__.py")), "Ray workers import this stacker"

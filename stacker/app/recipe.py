@@ -19,7 +19,7 @@ from stacker.app.options import GROUPS, OPTIONS, add_options, ensemble_params, p
 
 __all__ = ["REPO", "SHARED", "RECIPE_OPTIONS", "common_parser", "fit_and_save"]
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # stacker/app/ -> the checkout
 SHARED = os.path.normpath(os.path.join(REPO, "..", "shared"))
 RECIPE_OPTIONS = "options of this recipe"
 # Offline weights for the recipes' default backbones live in the shared folder beside the checkout.

@@ -51,7 +51,7 @@ def _ray():
 
 def worker_env(extra_paths=()) -> dict:
     """A Ray ``runtime_env`` giving workers this process's stacker, import path and plugins."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # what holds stacker/
     paths = list(extra_paths) + [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = {name: os.environ[name] for name in _ENV_VARS if name in os.environ}
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))

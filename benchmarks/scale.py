@@ -107,8 +107,9 @@ def fit(n: int, folder: str) -> dict:
 
     from stacker.features.cache import FeatureCache
     from stacker.ensemble import Ensemble
-    from stacker.learners.base import make_learners
+    from stacker import validation
     from stacker.features.rows import CachedRows
+    from stacker.learners.kinds import make_learners
 
     from stacker.learners.memory import return_freed_blocks
 
@@ -119,9 +120,8 @@ def fit(n: int, folder: str) -> dict:
     ens = Ensemble(specs, models="default", feature_dtype="float16", cv=CV, out_of_core=True, engine="keras",
                    cache_dir=os.path.join(folder, f"n{n}"), verbose=0)
     ens.classes_ = [str(c) for c in range(K)]
-    settings = ens._settings()
-    settings.update(out_of_core=True, cache_dir=None)  # features from the cache; no learner results stored
-    ens.learners_ = make_learners(ens._validate_params(), settings)
+    settings = ens.learner_settings().replace(out_of_core=True, cache_dir=None)  # no learner results stored
+    ens.learners_ = make_learners(validation.validate(ens), settings)
     inputs = {}
     for sid, ext in ens._sources().items():
         entry = FeatureCache(ens.cache_dir).entry(ext.key_meta(), DIM, "float16")
@@ -193,9 +193,10 @@ def finetune(n: int, folder: str, out_of_core) -> dict:
                    verbose=0)
     t0 = time.perf_counter()
     if out_of_core == "warm":  # only the forward passes: every view's cut-point activations into the cache
-        from stacker.learners.base import make_learners
+        from stacker import validation
+        from stacker.learners.kinds import make_learners
 
-        ens.learners_ = make_learners(ens._validate_params(), ens._settings())
+        ens.learners_ = make_learners(validation.validate(ens), ens.learner_settings())
         for ext in ens._sources().values():
             ext.extract(data)
         return {"n": n, "extract_s": time.perf_counter() - t0}

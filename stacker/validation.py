@@ -59,15 +59,23 @@ RUN = (
 
 
 def ensemble_params() -> list[Param]:
-    """Every parameter in signature order: stacking, extraction, learner kinds, run."""
-    return [*STACKING, *(o.param for o in EXTRACTION_OPTIONS.values()), *kind_params(), *RUN]
+    """Every parameter in signature order: stacking, extraction, learner kinds, run (each name once)."""
+    params = [*STACKING, *(o.param for o in EXTRACTION_OPTIONS.values()), *kind_params(), *RUN]
+    names = [p.name for p in params]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"Ensemble parameters {twice} are declared twice (an extraction option or learner kind "
+                         "reuses the name of another parameter): rename the registered one")
+    return params
 
 
 def signature() -> inspect.Signature:
-    """``Ensemble.__init__``'s signature, from the rows (every parameter a keyword with its default)."""
-    first = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    return inspect.Signature(first + [inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                        default=p.default) for p in ensemble_params()])
+    """``Ensemble.__init__``'s signature, from the rows: ``backbones`` first, then keyword-only parameters."""
+    params = ensemble_params()
+    positional = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+                  inspect.Parameter(params[0].name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=params[0].default)]
+    return inspect.Signature(positional + [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default)
+                                           for p in params[1:]])
 
 
 def params_doc(indent: str = "    ") -> str:

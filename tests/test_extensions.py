@@ -175,7 +175,7 @@ def test_toys_fit_save_load_predict_and_show_in_the_cache(toy, tmp_path):
     plain = FeatureExtractor("tiny_cnn", weights=None, input_size=32, cache_dir=str(cache), verbose=0)
     inverted = FeatureExtractor("tiny_cnn", weights=None, input_size=32, cache_dir=str(cache), verbose=0,
                                 options={"invert": True})
-    assert inverted.key_meta()["invert"] is True and "invert" not in plain.key_meta()
+    assert inverted.key_meta()["options"] == {"invert": True} and "options" not in plain.key_meta()
     images = stacker.load_images(str(data))
     assert not np.allclose(inverted.extract(images).values, plain.extract(images).values)
 

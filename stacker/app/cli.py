@@ -349,7 +349,12 @@ def _native_stderr_silenced(quiet: bool):
 
 
 def main(argv=None) -> int:
-    load_plugins()  # $STACKER_PLUGINS may add backbones, learner kinds, combiners, options: before the parser
+    try:  # $STACKER_PLUGINS may add backbones, learner kinds, combiners, options: before the parser
+        load_plugins()
+    except Exception as exc:  # noqa: BLE001 - a broken plugin is the user's to fix: one line, not a traceback
+        print(f"stacker: error: a module in $STACKER_PLUGINS failed to import: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 1
     args = build_parser().parse_args(argv)  # usage errors exit with 2
     if args.quiet:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"

@@ -161,6 +161,12 @@ class ExtractionConfig:
     def __repr__(self) -> str:
         return f"ExtractionConfig({', '.join(f'{k}={v!r}' for k, v in self._values.items())})"
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ExtractionConfig) and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
+
     def extra(self) -> dict:
         """Registered (non-built-in) options and their values."""
         return {k: v for k, v in self._values.items() if k not in BUILTIN}
@@ -173,19 +179,26 @@ class ExtractionConfig:
 
 
 def _rebuild(values: dict) -> ExtractionConfig:
-    return ExtractionConfig(**{k: v for k, v in values.items() if k in EXTRACTION_OPTIONS})
+    return ExtractionConfig(**values)  # an option unknown here (a Ray worker without the plugin) fails loudly
+
+
+def _registered(options: dict) -> dict:
+    unknown = sorted(set(options) - set(EXTRACTION_OPTIONS))
+    if unknown:
+        raise ValueError(f"extraction options {unknown} are not registered in this process; register them in a "
+                         "module named in $STACKER_PLUGINS so that every process (Ray workers too) knows them")
+    return options
 
 
 def key_parts(options: dict) -> dict:
     """The cache-key parts of registered options (empty for built-ins only: their keys are unchanged)."""
-    return {name: value for name, value in sorted(options.items())
-            if name in EXTRACTION_OPTIONS and EXTRACTION_OPTIONS[name].in_key}
+    return {name: value for name, value in sorted(_registered(options).items()) if EXTRACTION_OPTIONS[name].in_key}
 
 
 def apply_pixels(pixels, options: dict):
     """Every registered option's pixel transform, in registration order."""
-    for name, value in options.items():
-        transform = EXTRACTION_OPTIONS[name].pixels if name in EXTRACTION_OPTIONS else None
+    for name, value in _registered(options).items():
+        transform = EXTRACTION_OPTIONS[name].pixels
         if transform is not None:
             pixels = transform(pixels, value)
     return pixels

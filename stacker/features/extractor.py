@@ -220,7 +220,7 @@ class FeatureExtractor:
             "engine": self.engine,
             "code": code_fingerprint(),
             "image_key": _fingerprint.HASH,  # rows keyed on file content (path-keyed caches are not read)
-            **_config.key_parts(self.options),
+            **({"options": _config.key_parts(self.options)} if self.options else {}),
         }
 
     @property

@@ -60,10 +60,17 @@ class Settings(dict):
         super().__init__({**flat, **values, **more})
 
     def replace(self, **changes) -> "Settings":
-        return Settings({**self, **changes})
+        """A copy with ``changes``; extraction options among them change ``extraction`` too."""
+        extraction = self.get("extraction")
+        if extraction is not None and set(changes) & set(extraction._values):
+            extraction = type(extraction)(**{**extraction._values, **{k: v for k, v in changes.items()
+                                                                        if k in extraction._values}})
+        return Settings({**self, **changes, "extraction": extraction})
 
-    def __setitem__(self, key, value):
+    def _read_only(self, *args, **kwargs):
         raise TypeError("Settings are shared by every learner of an ensemble and read-only; use replace()")
+
+    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = __ior__ = _read_only
 
     def __reduce__(self):  # pickled for Ray tasks: rebuilt from its items, not item by item
         return (Settings, (dict(self),))

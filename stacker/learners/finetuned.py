@@ -18,6 +18,8 @@ from stacker.features.cutpoint import cut_code_fingerprint
 from stacker.learners.base import Learner, extractor_kwargs
 from stacker.learners.finetune import FineTunedClassifier, _ViewBatches
 from stacker.learners.kinds import register_learner
+from stacker.learners.streaming import streaming_code
+from stacker.learners.zoo import code_fingerprint
 from stacker.level2.arrays import align_proba, score
 from stacker.params import Option, Param, comma_list
 
@@ -127,7 +129,11 @@ class FineTunedLearner(Learner):
 
     @classmethod
     def code_parts(cls, out_of_core: bool = False) -> dict:
-        return {"finetune_code": finetune_code(), "cut_code": cut_code_fingerprint()}
+        # the phase-1 head is the zoo's dense head, and out of core its rows stream: both decide results
+        parts = {"model_code": code_fingerprint(), "finetune_code": finetune_code(), "cut_code": cut_code_fingerprint()}
+        if out_of_core:
+            parts["out_of_core"] = streaming_code()
+        return parts
 
     @classmethod
     def specs(cls, spec, models):

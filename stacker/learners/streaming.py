@@ -326,8 +326,12 @@ def streaming_model(item, random_state: int = 0):
 
 @functools.lru_cache(maxsize=None)
 def streaming_code() -> str:
-    """Hash of this module: learner results of other streaming code are not reused."""
-    return hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:16]
+    """Hash of this module and of the row reader (its windows fix the seeded batch order).
+
+    Learner results of other streaming code are not reused.
+    """
+    source = inspect.getsource(sys.modules[__name__]) + inspect.getsource(_rows)
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
 register_format("StreamingDense", StreamingDense)

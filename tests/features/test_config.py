@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
+
 import pytest
 
 from stacker.features.config import (BUILTIN_OPTIONS, EXTRACTION_OPTIONS, ExtractionConfig, check_option,
@@ -52,3 +54,24 @@ def test_a_registered_option_is_checked_keyed_and_removable():
     finally:
         unregister_extraction_option("gamma")
     assert "gamma" not in EXTRACTION_OPTIONS
+
+
+def test_an_option_unknown_to_this_process_fails_instead_of_being_ignored():
+    from stacker.features.config import apply_pixels
+
+    with pytest.raises(ValueError, match=r"not registered in this process.*STACKER_PLUGINS"):
+        apply_pixels(np.zeros((1, 2, 2, 3), np.float32), {"sepia": True})  # e.g. a Ray worker without the plugin
+    with pytest.raises(ValueError, match="not registered"):
+        key_parts({"sepia": True})
+
+
+def test_an_option_may_not_take_another_parameters_name():
+    import stacker
+
+    register_extraction_option(Param("cv", 3, "int\n    A clash."))
+    try:
+        with pytest.raises(ValueError, match=r"\['cv'\] are declared twice"):
+            stacker.Ensemble()
+    finally:
+        unregister_extraction_option("cv")
+    assert stacker.Ensemble().cv == 5

@@ -36,3 +36,19 @@ def test_out_of_core_refuses_a_model_without_a_streaming_twin():
     frozen.check_streaming({"model": "logistic"})
     with pytest.raises((ValueError, TypeError)):
         frozen.check_streaming({"model": RandomForestClassifier()})
+
+
+def test_settings_are_read_only_and_replace_keeps_extraction_in_step():
+    import pickle
+
+    from stacker.features.config import ExtractionConfig
+    from stacker.learners.base import Settings
+
+    settings = Settings({"random_state": 0, "verbose": 0, "strategy": None}, extraction=ExtractionConfig())
+    for change in (lambda s: s.update(cache_dir="x"), lambda s: s.__setitem__("cache_dir", "x"),
+                   lambda s: s.pop("cache_dir"), lambda s: s.setdefault("new", 1), lambda s: s.clear()):
+        with pytest.raises(TypeError, match="read-only"):
+            change(settings)
+    moved = settings.replace(cache_dir="/elsewhere", out_of_core=True)
+    assert moved.cache_dir == moved.extraction.cache_dir == "/elsewhere" and settings.cache_dir is None
+    assert pickle.loads(pickle.dumps(moved)) == moved

@@ -1,0 +1,68 @@
+"""Run a model directory through every entry point in a child process and say what it touched outside.
+
+:func:`touched_outside` runs ``Ensemble.load`` + predict, ``stacker.predict`` and ``stacker
+predict`` (each in a fresh process, ``sandbox_child.py``) and returns, per entry point, the
+exit code, stderr and the recorded events that reach outside what a prediction may touch:
+the model directory, the image, this Python installation and the checkout's code (reading
+only), and the system's read-only places (``/proc``, ``/sys``, ``/dev``, shared libraries).
+Any write outside the model directory's own temporary files, any network use and any
+process started count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENTRIES = ("load", "predict", "cli")
+_SYSTEM_READ = ("/proc/", "/sys/", "/dev/", "/usr/", "/lib", "/etc/", "/opt/")
+
+
+def _readable_roots() -> tuple:
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, REPO, *sysconfig.get_paths().values()}
+    return tuple(os.path.realpath(p) + os.sep for p in paths if p)
+
+
+def outside(events: list, allowed: list) -> list:
+    """The events that touch anything but ``allowed`` paths (read or write) and the installation (read only)."""
+    allowed = tuple(os.path.realpath(p) for p in allowed)
+    readable = _readable_roots()
+    bad = []
+    for e in events:
+        if e["event"] in ("connect", "resolve", "process", "url"):
+            bad.append(e)
+            continue
+        path = os.path.realpath(e["target"]) if os.path.isabs(e["target"]) else os.path.realpath(e["target"])
+        if any(path == a or path.startswith(a + os.sep) for a in allowed):
+            continue
+        writes = e["event"] != "open" or e["write"]
+        if not writes and (path.startswith(readable) or path.startswith(_SYSTEM_READ)):
+            continue
+        bad.append({**e, "resolved": path})
+    return bad
+
+
+def run_entry(entry: str, model_dir, image, tmp_path, env: dict | None = None) -> tuple[int, str, list]:
+    """``(exit code, stderr, events)`` of one entry point on ``model_dir`` in a fresh process."""
+    record = os.path.join(str(tmp_path), f"record-{entry}.json")
+    child_env = {**os.environ, "STACKER_ENGINE": "keras", "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
+                 **(env or {})}
+    proc = subprocess.run([sys.executable, CHILD, entry, str(model_dir), str(image), record], capture_output=True,
+                          text=True, env=child_env, cwd=str(tmp_path), timeout=300)
+    with open(record) as f:
+        events = json.load(f)
+    return proc.returncode, proc.stderr, events
+
+
+def touched_outside(model_dir, image, tmp_path, env: dict | None = None, entries=ENTRIES) -> dict:
+    """Entry point -> ``(exit code, stderr, events outside)`` for a model directory and one image."""
+    out = {}
+    for entry in entries:
+        code, err, events = run_entry(entry, model_dir, image, tmp_path, env)
+        out[entry] = (code, err, outside(events, [str(model_dir), str(image)]))
+    return out

@@ -5,8 +5,10 @@ predict`` (each in a fresh process, ``sandbox_child.py``) and returns, per entry
 exit code, stderr and the recorded events that reach outside what a prediction may touch:
 the model directory, the image, this Python installation and the checkout's code (reading
 only), and the system's read-only places (``/proc``, ``/sys``, ``/dev``, shared libraries).
-Any write outside the model directory's own temporary files, any network use and any
-process started count.
+The child gets a home of its own: ``$TMPDIR`` and ``$MPLCONFIGDIR`` there are its scratch
+(TensorFlow's autograph and ``tempfile`` write there), and of ``$KERAS_HOME`` it may only
+read ``keras.json``. Anything else read or written, any network use and any process started
+count.
 """
 
 from __future__ import annotations
@@ -23,14 +25,26 @@ ENTRIES = ("load", "predict", "cli")
 _SYSTEM_READ = ("/proc/", "/sys/", "/dev/", "/usr/", "/lib", "/etc/", "/opt/")
 
 
+def _home(tmp_path) -> dict:
+    """The child's own home, scratch and Keras folders (made empty for each run)."""
+    root = os.path.join(str(tmp_path), "sandbox-home")
+    dirs = {"HOME": root, "TMPDIR": os.path.join(root, "tmp"), "MPLCONFIGDIR": os.path.join(root, "mpl"),
+            "KERAS_HOME": os.path.join(root, "keras")}
+    for d in dirs.values():
+        os.makedirs(d, exist_ok=True)
+    return dirs
+
+
 def _readable_roots() -> tuple:
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, REPO, *sysconfig.get_paths().values()}
     return tuple(os.path.realpath(p) + os.sep for p in paths if p)
 
 
-def outside(events: list, allowed: list) -> list:
-    """The events that touch anything but ``allowed`` paths (read or write) and the installation (read only)."""
+def outside(events: list, allowed: list, readable: tuple = ()) -> list:
+    """The events that touch anything but ``allowed`` paths (read or write), ``readable`` files and the
+    installation (read only)."""
     allowed = tuple(os.path.realpath(p) for p in allowed)
+    readable_files = {os.path.realpath(p) for p in readable}
     readable = _readable_roots()
     bad = []
     for e in events:
@@ -41,7 +55,7 @@ def outside(events: list, allowed: list) -> list:
         if any(path == a or path.startswith(a + os.sep) for a in allowed):
             continue
         writes = e["event"] != "open" or e["write"]
-        if not writes and (path.startswith(readable) or path.startswith(_SYSTEM_READ)):
+        if not writes and (path in readable_files or path.startswith(readable) or path.startswith(_SYSTEM_READ)):
             continue
         bad.append({**e, "resolved": path})
     return bad
@@ -50,8 +64,8 @@ def outside(events: list, allowed: list) -> list:
 def run_entry(entry: str, model_dir, image, tmp_path, env: dict | None = None) -> tuple[int, str, list]:
     """``(exit code, stderr, events)`` of one entry point on ``model_dir`` in a fresh process."""
     record = os.path.join(str(tmp_path), f"record-{entry}.json")
-    child_env = {**os.environ, "STACKER_ENGINE": "keras", "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
-                 **(env or {})}
+    child_env = {**os.environ, "STACKER_ENGINE": "keras", **_home(tmp_path),
+                 "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]), **(env or {})}
     proc = subprocess.run([sys.executable, CHILD, entry, str(model_dir), str(image), record], capture_output=True,
                           text=True, env=child_env, cwd=str(tmp_path), timeout=300)
     with open(record) as f:
@@ -62,7 +76,9 @@ def run_entry(entry: str, model_dir, image, tmp_path, env: dict | None = None) -
 def touched_outside(model_dir, image, tmp_path, env: dict | None = None, entries=ENTRIES) -> dict:
     """Entry point -> ``(exit code, stderr, events outside)`` for a model directory and one image."""
     out = {}
+    home = _home(tmp_path)
     for entry in entries:
         code, err, events = run_entry(entry, model_dir, image, tmp_path, env)
-        out[entry] = (code, err, outside(events, [str(model_dir), str(image)]))
+        out[entry] = (code, err, outside(events, [str(model_dir), str(image), home["TMPDIR"], home["MPLCONFIGDIR"]],
+                                         readable=(os.path.join(home["KERAS_HOME"], "keras.json"),)))
     return out

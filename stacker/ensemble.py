@@ -382,9 +382,11 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
     def load(cls, directory, *, trusted=None, **params) -> "Ensemble":
         """Load a saved ensemble after verifying every file's sha256.
 
-        The ensemble gets exactly the parameters it was fitted with (a ``cache_dir`` that
-        does not exist here becomes None); keyword arguments (e.g. ``cache_dir=``,
-        ``verbose=``, ``on_bad_image=``) override run-time ones.
+        The ensemble gets the parameters it was fitted with, except machine paths: the
+        saved ``cache_dir`` and ``weights_dir`` are dropped and weights files become None
+        (they name places on the machine that fitted it; nothing outside ``directory`` is
+        used). Keyword arguments (e.g. ``cache_dir=``, ``verbose=``, ``on_bad_image=``)
+        set run-time ones.
         Loading runs no code from the directory: scikit-learn parts are skops files
         rebuilt only from trusted types, Keras parts are checked archives loaded with
         ``safe_mode=True`` (see :mod:`stacker.io.persist`). ``trusted`` lists extra fully

@@ -79,7 +79,12 @@ def test_save_load_identical_predictions_and_predict_api(fitted, tmp_path):
     expected = ens.predict_proba(data.paths)
     loaded = Ensemble.load(model_dir)
     np.testing.assert_allclose(loaded.predict_proba(data.paths), expected, atol=1e-6)
-    assert _params(loaded) == _params(ens), "a loaded ensemble has exactly the parameters it was fitted with"
+    machine = {"cache_dir", "weights_dir", "weights", "backbones"}  # paths of the machine that fitted it
+    assert {k: v for k, v in _params(loaded).items() if k not in machine} == \
+        {k: v for k, v in _params(ens).items() if k not in machine}, "a loaded ensemble keeps its fitted parameters"
+    assert loaded.cache_dir is None and loaded.weights_dir is None, "never a folder named by the model directory"
+    assert [{**b, "weights": None} for b in ens.backbones] == list(loaded.backbones)  # weights come from the dir
+    assert Ensemble.load(model_dir, cache_dir=ens.cache_dir).cache_dir == ens.cache_dir  # the caller's setting
 
     # stacker.predict on paths, a folder, arrays and PIL images
     res = stacker.predict(data.paths[:5], model=model_dir)

@@ -432,7 +432,9 @@ def _read_run(run_dir: str) -> tuple[dict, dict | None]:
     oof_path = os.path.join(run_dir, "oof.npz")
     if not os.path.exists(oof_path):
         return manifest, None
-    with np.load(oof_path, allow_pickle=False) as oof:
+    from stacker.io.bounds import checked_array_file
+
+    with np.load(checked_array_file(oof_path), allow_pickle=False) as oof:
         return manifest, {name: oof[name] for name in oof.files}
 
 

@@ -120,8 +120,15 @@ def export_onnx(model, cache_dir=None, identity: str = "") -> bytes:
     if cache_dir is not None:
         path = CacheLayout(cache_dir).onnx_file(model.name, model.input_shape, identity)
         if os.path.exists(path):
+            from stacker.io.onnx_graph import UnsafeGraphError, check_graph
+
             with open(path, "rb") as f:
-                return f.read()
+                data = f.read()
+            try:  # a cache folder may come from elsewhere too: a refused graph is exported again
+                check_graph(data, path, model.input_shape[1:])
+                return data
+            except UnsafeGraphError as exc:
+                warnings.warn(f"{exc} Exporting it again.")
     import tensorflow as tf
     import tf2onnx
 
@@ -142,12 +149,15 @@ def export_onnx(model, cache_dir=None, identity: str = "") -> bytes:
     return data
 
 
-def open_session(graph: bytes, threads: int = 0):
+def open_session(graph: bytes, threads: int = 0, name: str = "(graph bytes)", input_shape=None):
     """An ONNX Runtime CPU session for a serialized graph (errors logged only).
 
-    The graph is passed as bytes, never as a path: the session reads no other file, and
-    no custom-op library is registered, so a graph can only name ONNX Runtime's own
-    operators. Idle intra-op threads sleep instead of spinning: an ensemble runs several
+    The graph is passed as bytes, never as a path, and no custom-op library is registered.
+    Bytes alone do not keep ONNX Runtime from reading a tensor's external data relative to
+    the working directory, nor from allocating whatever shape a graph declares, so every
+    graph is first checked by :func:`stacker.io.onnx_graph.check_graph` (self-contained,
+    default ONNX operators only, bounded shapes; ``name`` and ``input_shape`` as there;
+    a graph already checked costs a hash). Idle intra-op threads sleep instead of spinning: an ensemble runs several
     sessions one after another, next to Pillow threads, and a spinning pool steals the
     cores they need (one image through four backbones took 90 ms instead of 31 ms on
     this project's 2-core machine; batches of 32 run as fast either way). ``threads``:
@@ -157,6 +167,9 @@ def open_session(graph: bytes, threads: int = 0):
     """
     import onnxruntime as ort
 
+    from stacker.io.onnx_graph import check_graph
+
+    check_graph(graph, name, input_shape)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = int(threads)
@@ -309,8 +322,9 @@ class SavedNetwork:
     (for the Keras engines, fine-tuning or saving again). :meth:`forward` starts opening the
     ONNX Runtime session in a background thread and returns a forward function that waits
     for it, so the sessions of an ensemble open in parallel while the rest of it loads.
-    The graph's bytes are compared with ``onnx_sha256`` (the manifest's) before ONNX
-    Runtime sees them, and the very bytes checked are the ones opened.
+    The graph's bytes are compared with ``onnx_sha256`` (the manifest's) and checked by
+    :func:`stacker.io.onnx_graph.check_graph` before ONNX Runtime sees them, and the very
+    bytes checked are the ones opened.
 
     Parameters
     ----------
@@ -322,14 +336,17 @@ class SavedNetwork:
         Returns the registered layers the archive may use (such as
         :func:`stacker.backbones.registry.custom_objects`); called only when the archive is loaded,
         because building them imports Keras.
+    input_shape : tuple, optional
+        ``(height, width, 3)`` the graph's input must declare (the learner spec's input size).
     """
 
     def __init__(self, keras_path: str, onnx_path: str | None = None, onnx_sha256: str | None = None,
-                 custom_objects=None):
+                 custom_objects=None, input_shape=None):
         if onnx_path is not None and not onnx_sha256:
             raise ValueError(f"{onnx_path}: a saved graph is opened only against its manifest sha256")
         self.keras_path, self.onnx_path, self.onnx_sha256 = keras_path, onnx_path, onnx_sha256
         self.custom_objects = custom_objects
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
         self._model = None
         self._session = None
         self._lock = threading.Lock()
@@ -344,14 +361,19 @@ class SavedNetwork:
             return self._model
 
     def graph(self) -> bytes:
-        """The ONNX graph's bytes, refused unless they match the manifest's sha256."""
+        """The ONNX graph's bytes, refused unless they match the manifest's sha256 and pass
+        :func:`~stacker.io.onnx_graph.check_graph` (at most ``$STACKER_MAX_ONNX_BYTES`` are read)."""
+        from stacker.io.onnx_graph import MAX_GRAPH_BYTES_ENV, UnsafeGraphError, check_graph, max_graph_bytes
         from stacker.io.persist import ModelIntegrityError
 
         with open(self.onnx_path, "rb") as f:
-            data = f.read()
+            data = f.read(max_graph_bytes() + 1)
+        if len(data) > max_graph_bytes():
+            raise UnsafeGraphError(self.onnx_path, f"over {max_graph_bytes()} bytes (${MAX_GRAPH_BYTES_ENV})")
         if hashlib.sha256(data).hexdigest() != self.onnx_sha256:
             raise ModelIntegrityError(f"{self.onnx_path} does not match its sha256 in the manifest "
                                       "(modified or corrupted); refusing to open it")
+        check_graph(data, self.onnx_path, self.input_shape)
         return data
 
     def forward(self, engine: str):
@@ -360,5 +382,6 @@ class SavedNetwork:
             return None
         with self._lock:
             if self._session is None:
-                self._session = _opener().submit(lambda: open_session(self.graph()))
+                self._session = _opener().submit(
+                    lambda: open_session(self.graph(), name=self.onnx_path, input_shape=self.input_shape))
         return OnnxForward(self.graph, self._session)

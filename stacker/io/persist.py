@@ -5,14 +5,18 @@ by the same hand as its files, so they prove nothing. The unit of trust is there
 short list of *types*, never a module:
 
 - scikit-learn-style estimators are written with ``skops.io``. Loading rebuilds only
-  types that skops trusts by default (scikit-learn's estimators, NumPy arrays, plain
-  containers) or that stacker registered with :func:`trusted` (its own estimators) or
-  by the user (``trusted=`` / ``$STACKER_TRUSTED_TYPES``). skops never calls a function
-  named in the file; an unknown type stops the load before anything is built.
+  types on :mod:`stacker.io.allowlist`'s explicit list (plain containers, NumPy arrays,
+  the few scikit-learn classes stacker's models are made of), those stacker registered
+  with :func:`trusted` (its own estimators) and those the user trusts (``trusted=`` /
+  ``$STACKER_TRUSTED_TYPES``), never skops's defaults (every scikit-learn estimator, some
+  of which read files). An unlisted type stops the load before anything is built; a
+  rebuilt object holding a function or a parameter that names a file, folder or URL
+  (``Pipeline(memory=...)``) is refused before any of its methods runs.
 - Keras-backed estimators and networks are ``.keras`` archives. Before Keras reads one,
-  :func:`check_keras_archive` refuses unexpected members, oversized content and any
-  config object outside Keras's own layers/initialisers or stacker's registered layers;
-  Keras then loads it with ``safe_mode=True``.
+  :func:`check_keras_archive` (in :mod:`stacker.io.keras_archive`, re-exported here) refuses
+  unexpected members, oversized content and any config object that does not resolve, as
+  Keras resolves it, to an allowlisted layer, initialiser or stacker layer; Keras then loads
+  it with ``safe_mode=True``.
 
 No ``pickle`` or ``joblib.load`` is reachable from a load.
 """
@@ -21,7 +25,9 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
+
+from stacker.io.bounds import check_skops_file
+from stacker.io.keras_archive import check_keras_archive, load_keras  # re-exported: callers import them from here
 
 __all__ = ["register_format", "save_estimator", "load_estimator", "save_unfitted", "load_unfitted",
            "load_keras", "check_keras_archive", "member", "checked_params", "trusted_types", "UntrustedTypeError", "LegacyFormatError",
@@ -29,7 +35,6 @@ __all__ = ["register_format", "save_estimator", "load_estimator", "save_unfitted
 
 PERSIST_FORMAT = "skops-2"  # 2: classes at their sub-package paths  # part of cache keys: results written in another format are not reused
 TRUSTED_TYPES_ENV = "STACKER_TRUSTED_TYPES"  # extra fully qualified type names, comma-separated
-MAX_KERAS_BYTES_ENV = "STACKER_MAX_KERAS_BYTES"
 
 # Types stacker itself writes that skops does not trust by default, registered where each
 # is defined (:func:`trusted`). Each is a plain estimator class whose state is arrays and
@@ -100,9 +105,24 @@ def estimator_types(value) -> tuple:
 
 
 def member(directory: str, rel) -> str:
-    """``directory/rel``, refusing a ``rel`` that leaves the directory (a forged manifest's ``../..``)."""
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
+    """``directory/rel``, refusing a ``rel`` that leaves the directory (a forged manifest's ``../..``) or that
+    passes through a symbolic link (a link inside the directory can point anywhere; its text looks harmless).
+
+    Every existing component below ``directory`` is checked with ``lstat`` (no link is followed); a
+    component that does not exist ends the check (the caller reports a missing file).
+    """
+    if (not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel)
+            or ".." in rel.replace("\\", "/").split("/")):
         raise ValueError(f"{directory}: the manifest names {rel!r}, which is not a file inside the model directory")
+    path = os.fspath(directory)
+    for part in rel.split("/"):
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            raise ModelIntegrityError(
+                f"{directory}: {rel} is reached through the symbolic link {os.path.relpath(path, directory)}; "
+                "files of a model directory are never read through links, refusing to load it")
+        if not os.path.lexists(path):
+            break
     return os.path.join(directory, rel)
 
 
@@ -133,6 +153,7 @@ def save_estimator(est, path_stem: str) -> list[str]:
 
 def load_estimator(path_stem: str, trusted=()):
     """Load what :func:`save_estimator` wrote, rebuilding only trusted types."""
+    check_skops_file(path_stem + ".skops")  # declared arrays within stacker.io.bounds, before skops reads any
     if os.path.exists(path_stem + ".keras"):
         with open(path_stem + ".json") as f:
             info = json.load(f)
@@ -159,83 +180,28 @@ def save_unfitted(est, path_stem: str) -> str:
 
 
 def load_unfitted(path: str, trusted=()):
+    check_skops_file(path)  # declared arrays within stacker.io.bounds, before skops reads any
     return _load_skops(path, trusted)
 
 
 def _load_skops(path: str, trusted=()):
+    """A skops file's object, rebuilt only from allowlisted types and checked to hold inert values.
+
+    Every type the file names (skops's audit and its schema) must be on :mod:`stacker.io.allowlist`'s
+    list, one of stacker's ``@trusted`` classes or one the caller trusts; skops's own defaults (every
+    scikit-learn estimator) are not used. The rebuilt object is then checked (:func:`allowlist.check_inert`)
+    before it is returned, so none of its methods has run on a refused file.
+    """
     import skops.io as sio
 
-    allowed = trusted_types(trusted)
-    try:
-        needed = sio.get_untrusted_types(file=path)
-    except Exception as e:  # noqa: BLE001 - any parse failure of a foreign file is "not a stacker file"
-        raise ValueError(f"{path} is not a readable skops file ({type(e).__name__}: {e})") from None
-    untrusted = [t for t in needed if t not in allowed]
-    if untrusted:
-        raise UntrustedTypeError(path, untrusted)
-    return sio.load(path, trusted=needed)
+    from stacker.io import allowlist
 
+    user = [t for t in trusted_types(trusted) if t not in _TRUSTED]
+    found = allowlist.file_types(path)
+    refused = allowlist.refused_types(found, _TRUSTED, user)
+    if refused:
+        raise UntrustedTypeError(path, refused)
+    obj = sio.load(path, trusted=sorted(found))
+    allowlist.check_inert(obj, path, _TRUSTED, user)
+    return obj
 
-# -- Keras archives --------------------------------------------------------------------
-_KERAS_MEMBERS = {"config.json", "metadata.json", "model.weights.h5"}
-_KERAS_MODULES = ("keras", "keras.layers", "keras.initializers", "keras.regularizers", "keras.constraints",
-                  "keras.activations", "keras.losses", "keras.metrics", "keras.optimizers",
-                  "keras.src.models.functional", "keras.src.models.sequential")
-# Layers that run user code or read other files: never in a stacker model.
-_KERAS_REFUSED = {"Lambda", "TFSMLayer", "StringLookup", "IntegerLookup", "TextVectorization", "__lambda__"}
-
-
-def check_keras_archive(path: str, custom_objects=None, max_bytes: int | None = None) -> None:
-    """Refuse a ``.keras`` file that holds more than a stacker network can.
-
-    Allowed: the three standard members, at most ``max_bytes`` uncompressed (default
-    2 GiB, ``$STACKER_MAX_KERAS_BYTES``), and config objects from Keras's own layer,
-    initialiser, regulariser, activation, loss and optimiser modules or stacker's
-    registered custom layers — never layers that run code or open other files.
-    """
-    limit = max_bytes or int(os.environ.get(MAX_KERAS_BYTES_ENV, 2 << 30))
-    registered = set(custom_objects or {})
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            extra = sorted({i.filename for i in infos} - _KERAS_MEMBERS)
-            if extra:
-                raise ValueError(f"unexpected archive members {extra}")
-            total = sum(i.file_size for i in infos)
-            if total > limit:
-                raise ValueError(f"{total} bytes uncompressed, more than the {limit} allowed "
-                                 f"(${MAX_KERAS_BYTES_ENV})")
-            config = json.loads(zf.read("config.json"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, ValueError) as e:
-        raise ValueError(f"refusing to load {path}: {e}") from None
-    for obj in _config_objects(config):
-        cls, module, reg = obj.get("class_name"), obj.get("module"), obj.get("registered_name")
-        if cls in _KERAS_REFUSED or (cls == "function" and module != "keras.activations"):
-            raise ValueError(f"refusing to load {path}: it holds a {cls} layer, which stacker never writes")
-        if module is None and cls in ("__keras_tensor__", "__tuple__", "__bytes__", "__numpy__", "__tensor__"):
-            continue
-        if module in _KERAS_MODULES or reg in registered or cls in registered:
-            continue
-        raise ValueError(f"refusing to load {path}: its config names {module}.{cls}, which is not a Keras "
-                         "layer or a stacker layer")
-
-
-def _config_objects(node):
-    """Every dict with a ``class_name`` in a Keras config tree."""
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            if "class_name" in item:
-                yield item
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-
-
-def load_keras(path: str, custom_objects=None):
-    """A Keras model from a checked archive, with ``safe_mode=True`` and no compilation."""
-    import keras
-
-    check_keras_archive(path, custom_objects)
-    return keras.saving.load_model(path, safe_mode=True, compile=False, custom_objects=custom_objects)

@@ -26,6 +26,7 @@ from stacker.features.layout import stable_hash
 from stacker.features.engines import SavedNetwork
 from stacker.features.extractor import FeatureExtractor
 from stacker.features.rows import CachedRows
+from stacker.io.bounds import checked_array_file
 from stacker.io.persist import (PERSIST_FORMAT, UntrustedTypeError, check_keras_archive, load_estimator, member,
                                 save_estimator)
 from stacker.learners.fastpath import proba_function
@@ -189,7 +190,7 @@ class Learner:
         fold_models = self._load_cached(hit, [f"fold{i}" for i in range(len(folds))]) if hit else None
         if fold_models is not None:
             self.fold_models_ = fold_models
-            with np.load(os.path.join(hit, "arrays.npz"), allow_pickle=False) as z:
+            with np.load(checked_array_file(os.path.join(hit, "arrays.npz")), allow_pickle=False) as z:
                 self.arrays_ = {name: z[name] for name in z.files}
             with open(os.path.join(hit, "timing.json")) as f:
                 self.train_s_ = json.load(f).get("train_s")
@@ -230,7 +231,7 @@ class Learner:
         hit = store.get(f"{self.key_}-fold{i}") if store else None
         models = self._load_cached(hit, ["model"]) if hit else None
         if models is not None:
-            with np.load(os.path.join(hit, "arrays.npz"), allow_pickle=False) as z:
+            with np.load(checked_array_file(os.path.join(hit, "arrays.npz")), allow_pickle=False) as z:
                 arrays = {name: z[name] for name in z.files}
             self._log(f"{self.name}: fold {i + 1} from its checkpoint")
             return models[0], arrays
@@ -313,7 +314,7 @@ class Learner:
         pkey = stable_hash([key, file_fingerprints(paths, self.settings.cache_dir)] + ([view] if view != "original" else []))[:24]
         hit = store.get(pkey)
         if hit:
-            return np.load(os.path.join(hit, "proba.npy"), allow_pickle=False)
+            return np.load(checked_array_file(os.path.join(hit, "proba.npy")), allow_pickle=False)
         proba = self.fold_average(X)
         with store.put(pkey, meta=self.entry_meta()) as tmp:
             np.save(os.path.join(tmp, "proba.npy"), proba)
@@ -416,8 +417,15 @@ def saved_networks(entries, directory: str, files: dict) -> dict:
             check_keras_archive(member(directory, e["backbone_file"]), _backbones.CUSTOM_OBJECT_NAMES)
             out[e["backbone_file"]] = SavedNetwork(
                 member(directory, e["backbone_file"]), member(directory, graph) if graph else None,
-                files.get(graph) if graph else None, custom_objects=_backbones.custom_objects)
+                files.get(graph) if graph else None, custom_objects=_backbones.custom_objects,
+                input_shape=_graph_input(e))
     return out
+
+
+def _graph_input(entry) -> tuple | None:
+    """``(size, size, 3)`` a saved graph must take: the spec's input size (None when the spec gives none)."""
+    size = entry["spec"].get("input_size") if isinstance(entry.get("spec"), dict) else None
+    return (size, size, 3) if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def extractor_kwargs(spec, settings, model=None, weights_id=None, saved=None) -> dict:

@@ -21,11 +21,34 @@ import sysconfig
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# ``STACKER_UNDER_TEST=/path/to/checkout`` runs the children on another build (e.g. the one before a fix,
+# to show a test fails there); its own code is then read like the installation.
+UNDER_TEST = os.environ.get("STACKER_UNDER_TEST")
+
+
+def child_env(**extra) -> dict:
+    """The children's environment: ``extra``, and the build under test first on their path."""
+    return {**extra, **({"PYTHONPATH": os.pathsep.join([UNDER_TEST, os.path.join(REPO, "tests")])}
+                        if UNDER_TEST else {})}
+
+
+def rehash(model_dir) -> None:
+    """Rewrite the sha256 of every file in the manifest, as whoever forges a directory can."""
+    import hashlib
+
+    path = os.path.join(str(model_dir), "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    for rel in manifest["files"]:
+        with open(os.path.join(str(model_dir), rel), "rb") as f:
+            manifest["files"][rel] = hashlib.sha256(f.read()).hexdigest()
+    with open(path, "w") as f:
+        json.dump(manifest, f)
 ENTRIES = ("load", "predict", "cli")
 _SYSTEM_READ = ("/proc/", "/sys/", "/dev/", "/usr/", "/lib", "/etc/", "/opt/")
 
 
-def _home(tmp_path) -> dict:
+def home_dirs(tmp_path) -> dict:
     """The child's own home, scratch and Keras folders (made empty for each run)."""
     root = os.path.join(str(tmp_path), "sandbox-home")
     dirs = {"HOME": root, "TMPDIR": os.path.join(root, "tmp"), "MPLCONFIGDIR": os.path.join(root, "mpl"),
@@ -36,7 +59,7 @@ def _home(tmp_path) -> dict:
 
 
 def _readable_roots() -> tuple:
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, REPO, *sysconfig.get_paths().values()}
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, REPO, UNDER_TEST, *sysconfig.get_paths().values()}
     return tuple(os.path.realpath(p) + os.sep for p in paths if p)
 
 
@@ -64,7 +87,7 @@ def outside(events: list, allowed: list, readable: tuple = ()) -> list:
 def run_entry(entry: str, model_dir, image, tmp_path, env: dict | None = None) -> tuple[int, str, list]:
     """``(exit code, stderr, events)`` of one entry point on ``model_dir`` in a fresh process."""
     record = os.path.join(str(tmp_path), f"record-{entry}.json")
-    child_env = {**os.environ, "STACKER_ENGINE": "keras", **_home(tmp_path),
+    child_env = {**os.environ, "STACKER_ENGINE": "keras", **home_dirs(tmp_path),
                  "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]), **(env or {})}
     proc = subprocess.run([sys.executable, CHILD, entry, str(model_dir), str(image), record], capture_output=True,
                           text=True, env=child_env, cwd=str(tmp_path), timeout=300)
@@ -76,7 +99,7 @@ def run_entry(entry: str, model_dir, image, tmp_path, env: dict | None = None) -
 def touched_outside(model_dir, image, tmp_path, env: dict | None = None, entries=ENTRIES) -> dict:
     """Entry point -> ``(exit code, stderr, events outside)`` for a model directory and one image."""
     out = {}
-    home = _home(tmp_path)
+    home = home_dirs(tmp_path)
     for entry in entries:
         code, err, events = run_entry(entry, model_dir, image, tmp_path, env)
         out[entry] = (code, err, outside(events, [str(model_dir), str(image), home["TMPDIR"], home["MPLCONFIGDIR"]],

@@ -16,8 +16,6 @@ pre-fix commit, to show these tests fail there); run pytest with that checkout f
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -30,11 +28,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import stacker
 from conftest import TINY, make_class_folders, save_tiny_weights
-from sandbox import CHILD, REPO, _home, touched_outside
+from sandbox import home_dirs, CHILD, child_env, rehash, REPO, touched_outside
 
-UNDER_TEST = os.environ.get("STACKER_UNDER_TEST")
-CHILD_ENV = {"STACKER_ENGINE": "onnx",
-             **({"PYTHONPATH": os.pathsep.join([UNDER_TEST, os.path.join(REPO, "tests")])} if UNDER_TEST else {})}
+CHILD_ENV = child_env(STACKER_ENGINE="onnx")
 SECRET = np.full(16, 1000.0, np.float32)  # tiny_cnn's 16 features, shifted by what the file holds
 
 
@@ -61,9 +57,7 @@ def _forge(saved, tmp_path, change):
     proto = onnx.load_model(str(model / rel))
     change(proto)
     (model / rel).write_bytes(proto.SerializeToString())
-    manifest = json.loads((model / "manifest.json").read_text())
-    manifest["files"] = {r: hashlib.sha256((model / r).read_bytes()).hexdigest() for r in manifest["files"]}
-    (model / "manifest.json").write_text(json.dumps(manifest))
+    rehash(model)
     return model, model / rel
 
 
@@ -129,7 +123,7 @@ def _assert_refused(results, *words):
 def _native_opens(entry, model, image, tmp_path, name: str) -> list:
     """Files named ``name`` that the child opened at the system-call level (ONNX Runtime's own reads included)."""
     log = tmp_path / f"strace-{entry}.log"
-    env = {**os.environ, **_home(tmp_path), "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
+    env = {**os.environ, **home_dirs(tmp_path), "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
            **CHILD_ENV}
     subprocess.run(["strace", "-f", "-qq", "-e", "trace=open,openat", "-o", str(log), sys.executable, CHILD, entry,
                     str(model), str(image), str(tmp_path / f"strace-record-{entry}.json")],
@@ -137,6 +131,7 @@ def _native_opens(entry, model, image, tmp_path, name: str) -> list:
     return [line for line in log.read_text().splitlines() if name in line and "ENOENT" not in line]
 
 
+@pytest.mark.slow  # child processes under the audit hook
 def test_external_data_in_a_graph_is_refused_before_onnx_runtime_reads_it(saved, tmp_path):
     (tmp_path / "secret.bin").write_bytes(SECRET.tobytes())  # a file in the user's working directory
     model, graph = _forge(saved, tmp_path, _external_leak)
@@ -151,6 +146,7 @@ def test_external_data_in_a_graph_is_refused_before_onnx_runtime_reads_it(saved,
             assert _native_opens(entry, model, _image(saved, tmp_path), tmp_path, "secret.bin") == [], entry
 
 
+@pytest.mark.slow  # child processes under the audit hook
 def test_a_constant_of_shape_bomb_is_refused_before_onnx_runtime_allocates_it(saved, tmp_path):
     model, graph = _forge(saved, tmp_path, _constant_of_shape_bomb)
     original, base_rss = _run_graph((saved[1] / saved[2]).read_bytes(), tmp_path)
@@ -162,6 +158,7 @@ def test_a_constant_of_shape_bomb_is_refused_before_onnx_runtime_allocates_it(sa
     _assert_refused(results, os.path.basename(graph), "ConstantOfShape", "STACKER_MAX_ONNX_ELEMENTS")
 
 
+@pytest.mark.slow  # child processes under the audit hook
 def test_the_legitimate_graph_still_predicts_on_onnx_runtime(saved, tmp_path):
     model, _graph = _forge(saved, tmp_path, lambda proto: None)
     for entry, (code, err, events) in touched_outside(model, _image(saved, tmp_path), tmp_path,

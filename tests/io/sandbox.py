@@ -32,6 +32,20 @@ def child_env(**extra) -> dict:
                         if UNDER_TEST else {})}
 
 
+def fit_tiny_model(root, models, onnx=None):
+    """``(ensemble, images)``: the tiny test backbone with ``models``, fitted on two classes and saved in root/model."""
+    import stacker
+    from conftest import TINY, make_class_folders, save_tiny_weights
+
+    make_class_folders(root / "train", 8)
+    weights = save_tiny_weights(root / "tiny.weights.h5")
+    data = stacker.load_images(root / "train")
+    ens = stacker.Ensemble(backbones=[{**TINY, "weights": weights}], models=models, cv=2, random_state=0,
+                           verbose=0).fit(data)
+    ens.save(root / "model", onnx=onnx)
+    return ens, data
+
+
 def rehash(model_dir) -> None:
     """Rewrite the sha256 of every file in the manifest, as whoever forges a directory can."""
     import hashlib

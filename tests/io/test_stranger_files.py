@@ -24,8 +24,7 @@ import numpy as np
 import pytest
 
 import stacker
-from conftest import TINY, make_class_folders, save_tiny_weights
-from sandbox import child_env, rehash, REPO, touched_outside, UNDER_TEST
+from sandbox import child_env, rehash, REPO, touched_outside, UNDER_TEST, fit_tiny_model
 
 CHILD_ENV = child_env()
 
@@ -34,12 +33,7 @@ CHILD_ENV = child_env()
 def saved(tmp_path_factory):
     """A fitted tiny ensemble (weights from a file outside its directory, as users' often are), saved."""
     root = tmp_path_factory.mktemp("stranger")
-    make_class_folders(root / "train", 8)
-    weights = save_tiny_weights(root / "tiny.weights.h5")
-    data = stacker.load_images(root / "train")
-    ens = stacker.Ensemble(backbones=[{**TINY, "weights": weights}], models=("logistic", "prototype", "dense"),
-                           cv=2, random_state=0, verbose=0).fit(data)
-    ens.save(root / "model")
+    ens, data = fit_tiny_model(root, ("logistic", "prototype", "dense"))
     return ens, data, root
 
 

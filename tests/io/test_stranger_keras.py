@@ -30,7 +30,7 @@ import pytest
 
 import stacker
 from conftest import TINY, make_class_folders, save_tiny_weights
-from sandbox import child_env, rehash, REPO, touched_outside, UNDER_TEST
+from sandbox import child_env, rehash, REPO, touched_outside, UNDER_TEST, fit_tiny_model
 
 CHILD_ENV = child_env(STACKER_ENGINE="keras")
 
@@ -39,12 +39,7 @@ CHILD_ENV = child_env(STACKER_ENGINE="keras")
 def saved(tmp_path_factory):
     """A fitted tiny ensemble (logistic heads on the tiny backbone), its backbone archive and an image."""
     root = tmp_path_factory.mktemp("stranger-keras")
-    make_class_folders(root / "train", 8)
-    weights = save_tiny_weights(root / "tiny.weights.h5")
-    data = stacker.load_images(root / "train")
-    ens = stacker.Ensemble(backbones=[{**TINY, "weights": weights}], models=("logistic",), cv=2, random_state=0,
-                           verbose=0).fit(data)
-    ens.save(root / "model")
+    ens, data = fit_tiny_model(root, ("logistic",))
     archives = [p for p in os.listdir(root / "model" / "backbones") if p.endswith(".keras")]
     assert len(archives) == 1
     return data, root / "model", "backbones/" + archives[0]

@@ -26,9 +26,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import stacker
-from conftest import TINY, make_class_folders, save_tiny_weights
-from sandbox import home_dirs, CHILD, child_env, rehash, REPO, touched_outside
+from sandbox import home_dirs, CHILD, child_env, rehash, REPO, touched_outside, fit_tiny_model
 
 CHILD_ENV = child_env(STACKER_ENGINE="onnx")
 SECRET = np.full(16, 1000.0, np.float32)  # tiny_cnn's 16 features, shifted by what the file holds
@@ -38,12 +36,7 @@ SECRET = np.full(16, 1000.0, np.float32)  # tiny_cnn's 16 features, shifted by w
 def saved(tmp_path_factory):
     """A fitted tiny ensemble saved with its ONNX graph."""
     root = tmp_path_factory.mktemp("stranger-onnx")
-    make_class_folders(root / "train", 8)
-    weights = save_tiny_weights(root / "tiny.weights.h5")
-    data = stacker.load_images(root / "train")
-    ens = stacker.Ensemble(backbones=[{**TINY, "weights": weights}], models=("logistic",), cv=2, random_state=0,
-                           verbose=0).fit(data)
-    ens.save(root / "model", onnx=True)
+    ens, data = fit_tiny_model(root, ("logistic",), onnx=True)
     graphs = [p for p in os.listdir(root / "model" / "backbones") if p.endswith(".onnx")]
     assert len(graphs) == 1
     return data, root / "model", "backbones/" + graphs[0]

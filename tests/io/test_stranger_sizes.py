@@ -31,8 +31,8 @@ import numpy as np
 import pytest
 
 import stacker
-from conftest import TINY, make_class_folders, save_tiny_weights
-from sandbox import home_dirs, CHILD, child_env, rehash, REPO, touched_outside, UNDER_TEST
+
+from sandbox import home_dirs, CHILD, child_env, rehash, REPO, touched_outside, UNDER_TEST, fit_tiny_model
 
 CHILD_ENV = child_env()
 MARGIN = 300 << 20  # peak RSS a forged directory may add over the legitimate one; every bomb declares >= 0.4 GB
@@ -43,12 +43,7 @@ ZEROS = np.zeros(64 << 20, np.uint8).tobytes()
 def saved(tmp_path_factory):
     """A fitted tiny ensemble with a skops learner (logistic) and a Keras one (dense), saved."""
     root = tmp_path_factory.mktemp("sizes")
-    make_class_folders(root / "train", 8)
-    weights = save_tiny_weights(root / "tiny.weights.h5")
-    data = stacker.load_images(root / "train")
-    ens = stacker.Ensemble(backbones=[{**TINY, "weights": weights}], models=("logistic", "dense"), cv=2,
-                           random_state=0, verbose=0).fit(data)
-    ens.save(root / "model")
+    ens, data = fit_tiny_model(root, ("logistic", "dense"))
     image = root / "image.png"
     shutil.copy(data.paths[0], image)
     return ens, data, root, image

@@ -41,8 +41,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import LabelEncoder, StandardScaler
 
 import stacker
-from conftest import TINY, make_class_folders, save_tiny_weights
-from sandbox import child_env, rehash, touched_outside
+from conftest import TINY, save_tiny_weights
+from sandbox import child_env, rehash, touched_outside, fit_tiny_model
 
 CHILD_ENV = child_env()
 READER_TYPES = ["builtins.slice", "sklearn.compose._column_transformer.ColumnTransformer",
@@ -54,12 +54,7 @@ READER_TYPES = ["builtins.slice", "sklearn.compose._column_transformer.ColumnTra
 def saved(tmp_path_factory):
     """A fitted tiny ensemble (logistic and prototype learners, level 2 chosen by "auto"), saved, and an image."""
     root = tmp_path_factory.mktemp("types")
-    make_class_folders(root / "train", 8)
-    weights = save_tiny_weights(root / "tiny.weights.h5")
-    data = stacker.load_images(root / "train")
-    ens = stacker.Ensemble(backbones=[{**TINY, "weights": weights}], models=("logistic", "prototype"), cv=2,
-                           random_state=0, verbose=0).fit(data)
-    ens.save(root / "model")
+    ens, data = fit_tiny_model(root, ("logistic", "prototype"))
     image = root / "image.png"
     shutil.copy(data.paths[0], image)
     return ens, data, root, image

@@ -27,7 +27,7 @@ BACKBONES = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
 
 def parser():
     return common_parser(__doc__, os.path.join(SHARED, "data", "caltech101"), "caltech101", BACKBONES,
-                         "efficientnet_lite0")
+                         "efficientnet_lite0", quick_limit=300)
 
 
 def main(argv=None) -> int:
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         counts = {c: train.labels.count(c) for c in train.classes}
         keep = sorted(sorted(counts, key=counts.get, reverse=True)[:10])
         train = from_folder(args.data, classes=keep)
-    fit_and_save(args, train, quick_limit=300)
+    fit_and_save(args, train)
     return 0
 
 

@@ -83,7 +83,7 @@ def default_backbone(weights_dir) -> str:
 def parser():
     p = common_parser(__doc__, os.path.join(SHARED, "data", "cifar-100-python"), "cifar100",
                       "auto (efficientnet_b0 when its weights are here, else efficientnet_lite0)", "efficientnet_lite0",
-                      defaults={"resize": "bicubic"})  # 32 px images upscaled about 7x
+                      defaults={"resize": "bicubic"}, quick_limit=300)  # 32 px images upscaled about 7x
     p.recipe_options.add_argument("--download", action="store_true",
                                   help="fetch CIFAR-100 with keras.datasets (online)")
     p.recipe_options.add_argument("--val-fraction", type=float, default=0.2,
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         keep = set(full.classes[:10])
         full = full.subset([i for i, c in enumerate(full.labels) if c in keep])
         full.classes = sorted(keep)
-        full = full.head(min(len(full), 300), seed=args.seed)
+        full = full.head(min(len(full), args.quick_limit), seed=args.seed)
     rows = np.arange(len(full))
     fit_rows, val_rows = train_test_split(rows, test_size=args.val_fraction, stratify=full.y, random_state=args.seed)
     train, val = full.subset(sorted(fit_rows)), full.subset(sorted(val_rows))

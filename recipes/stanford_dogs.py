@@ -54,7 +54,7 @@ def export_tfds(out_dir: str) -> str:
 def parser():
     p = common_parser(__doc__, os.path.join(SHARED, "data", "stanford-dogs", "Images"), "stanford_dogs",
                       "auto (efficientnet_b0 when its weights are here, else efficientnet_lite0,1,2)",
-                      "efficientnet_lite0")
+                      "efficientnet_lite0", quick_limit=300)
     p.recipe_options.add_argument("--tfds", action="store_true",
                                   help="read tensorflow_datasets' stanford_dogs (already downloaded)")
     p.recipe_options.add_argument("--frozen", action="store_true",
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         args.backbones = "efficientnet_b0" if "efficientnet_b0" in offline else \
             "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
     print("note: Stanford Dogs is a subset of ImageNet; ImageNet-pretrained scores on it are optimistic")
-    fit_and_save(args, from_breed_folders(root), quick_limit=300)
+    fit_and_save(args, from_breed_folders(root))
     return 0
 
 

@@ -32,6 +32,7 @@ from stacker.learners.base import Settings, describe
 from stacker.learners.kinds import make_learners
 from stacker.learners.memory import return_freed_blocks
 from stacker.level2.arrays import meta_matrix, score
+from stacker.level2.calibration import check_min_proba, with_min_proba
 from stacker.level2.importance import meta_blocks, permutation_importance
 from stacker.level2.leaderboard import format_leaderboard
 from stacker.level2.selection import fit_level2
@@ -47,15 +48,28 @@ _DOC = """A stacked ensemble of pretrained CNNs for image classification.
     Attributes
     ----------
     classes_ : list of str
+        Class names: the columns of every probability array, ``y_`` indexes them.
+    train_paths_ : list of str
+        The training images used, in the row order of ``y_``, ``oof_proba_`` and
+        ``meta_oof_proba_`` (the training set's order, skipped files left out).
+    y_ : ndarray of int, shape (n_train,)
+        Class index of each training image (``classes_[y_[i]]`` is its label).
     learners_ : dict
         Learner name (``"<backbone>:<model>"``) -> fitted :class:`stacker.learners.base.Learner`.
     folds_ : list of (train_rows, val_rows)
+        The ``cv`` stratified folds shared by every learner and level 2: arrays of row
+        indices into ``train_paths_``; each image is in exactly one ``val_rows``. Not saved
+        (a loaded ensemble has none).
     oof_proba_ : dict
-        Learner name -> out-of-fold probabilities of the training images.
+        Learner name -> ndarray of shape (n_train, n_classes): each training image's
+        probabilities from that learner fitted on the other folds (rows as ``train_paths_``,
+        columns as ``classes_``). The inputs level 2 learnt from.
     meta_ : stacker.level2.selection.Level2
         The chosen combiner (fitted on all out-of-fold inputs) and its calibration.
-    meta_oof_proba_ : ndarray
-        The ensemble's cross-validated probabilities of the training images.
+    meta_oof_proba_ : ndarray of shape (n_train, n_classes)
+        The ensemble's out-of-fold probabilities of the training images (level 2 and its
+        calibration cross-validated on ``folds_``, then the ``min_proba`` floor, as
+        ``predict_proba``'s): what ``scores_["ensemble"]`` and :meth:`oof_predictions` report.
     level2_scores_ : dict
         Every level-2 candidate's cross-validated log loss and accuracy.
     scores_ : dict
@@ -157,6 +171,7 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         data = load_images(images)
         validation.check_training_data(data, self.cv)
         self.classes_ = list(data.classes)
+        check_min_proba(self.min_proba, len(self.classes_))  # before hours of training, not after
         self.specs_ = specs
         self.learners_ = self._make_learners(specs, len(data))
         inputs, data, timings = self._extract_training(data)
@@ -214,9 +229,9 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
             timings[name] = {"extract_s": dt, "forward_images": n_fwd, "s_per_image": dt / n_fwd if n_fwd else None,
                              "inference_s_per_image": learner.source.seconds_per_image()}
         if skipped:
-            first = next(iter(skipped.items()))
-            warnings.warn(f"{len(skipped)} files were not used for training (e.g. {first[0]}: {first[1]}); "
-                          "see Ensemble.skipped_")
+            from stacker.data.sources import SkippedImagesWarning
+
+            warnings.warn(SkippedImagesWarning(skipped), stacklevel=3)  # points at the caller's fit
         self.skipped_ = skipped
         labels = dict(zip(data.paths, data.labels))
         data = data.subset(kept)
@@ -238,7 +253,7 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         members = [self.oof_proba_[n] for n in names] if self.meta_inputs == "proba" else None
         self.meta_ = fit_level2(Z, y, self.folds_, self.meta, n_blocks, k, self.random_state, self.calibration,
                                 member_oof=members)
-        self.meta_oof_proba_ = self.meta_.oof_proba
+        self.meta_oof_proba_ = with_min_proba(self.meta_.oof_proba, self.min_proba)  # as predict_proba's
         self.level2_scores_ = self.meta_.table
         timings["ensemble"] = {"train_s": time.perf_counter() - t0}
         blocks = meta_blocks(names, [p.shape[1] for p in meta_p], [f.shape[1] for f in meta_f], self.meta_inputs)
@@ -304,10 +319,12 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
                 for name, lr in self.learners_.items()}
         return outs, kept, dict(sorted(skipped.items()))
 
-    def _level2(self, outs) -> np.ndarray:
+    def _level2(self, outs, min_proba=None) -> np.ndarray:
+        """Level 2's probabilities, each at least ``min_proba`` (default: the ensemble's); all predictions pass here."""
         meta_p = [o[1] for o in outs.values()]
         meta_f = [o[2] for o in outs.values()]
-        return self.meta_.predict_proba(meta_matrix(meta_p, meta_f, self.meta_inputs))
+        proba = self.meta_.predict_proba(meta_matrix(meta_p, meta_f, self.meta_inputs))
+        return with_min_proba(proba, self.min_proba if min_proba is None else min_proba)
 
     def predict_proba(self, images) -> np.ndarray:
         """Class probabilities ``(n, n_classes)`` in input order.
@@ -319,16 +336,18 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         self.last_skipped_ = skipped
         return out
 
-    def predict_with_skipped(self, images, on_bad_image=None, batch_size=None):
+    def predict_with_skipped(self, images, on_bad_image=None, batch_size=None, min_proba=None):
         """``(probabilities, {row: reason})`` with per-call options; changes nothing on the ensemble.
 
         This is what concurrent callers use (``stacker.predict``): ``predict_proba``'s
         ``last_skipped_`` attribute would be shared between them.
         """
+        check_is_fitted(self, "meta_")
+        check_min_proba(self.min_proba if min_proba is None else min_proba, len(self.classes_))  # before extraction
         outs, kept, skipped = self._level1(images, on_bad_image, batch_size)
         out = np.full((len(kept) + len(skipped), len(self.classes_)), np.nan)
         if len(kept):
-            out[kept] = self._level2(outs)
+            out[kept] = self._level2(outs, min_proba)
         return out, skipped
 
     def predict(self, images) -> np.ndarray:
@@ -340,11 +359,28 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         out[ok] = names[proba[ok].argmax(axis=1)]
         return out
 
-    def evaluate(self, images=None) -> dict:
+    def evaluate(self, images=None, on_bad_image=None, per_image=False):
         """Accuracy and log loss of every base learner and the ensemble.
 
         Without ``images``: the cross-validated (out-of-fold) scores from ``fit``.
-        With a labelled set: scores on it.
+        With a labelled set: scores on it, over the images that could be used.
+
+        Parameters
+        ----------
+        images : ImageSet, folder or CSV path, optional
+            Labelled hold-out images (class folders, ``label.id.ext`` names, ``path,label`` CSV).
+        on_bad_image : {'raise', 'skip'}, optional
+            For this call (default: the ensemble's); skipped images are scored by nobody.
+        per_image : bool
+            Also return what was predicted, so a caller reports it without predicting twice.
+
+        Returns
+        -------
+        dict or (dict, dict)
+            Name -> scores; with ``per_image``, also ``images`` (the ImageSet), ``y``
+            (class index per image), ``proba`` (the ensemble's, NaN rows for skipped
+            images), ``learners`` (name -> probabilities, likewise) and ``skipped``
+            (row -> reason).
         """
         check_is_fitted(self, "meta_")
         if images is None:
@@ -354,14 +390,42 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
             raise ValueError("evaluate needs labelled images")
         unknown = sorted(set(data.labels) - set(self.classes_))
         if unknown:
-            raise ValueError(f"labels {unknown[:5]} were not among the classes this ensemble was trained on")
+            raise ValueError(f"labels {', '.join(map(repr, unknown[:10]))}{' ...' if len(unknown) > 10 else ''} "
+                             f"are not classes of this model (its classes: {', '.join(self.classes_[:20])}"
+                             f"{' ...' if len(self.classes_) > 20 else ''})")
         index = {c: i for i, c in enumerate(self.classes_)}
-        outs, kept, _ = self._level1(data)
-        y = np.array([index[data.labels[i]] for i in kept])
-        k = len(self.classes_)
+        outs, kept, skipped = self._level1(data, on_bad_image)
+        if not len(kept):
+            raise ValueError(f"none of the {len(data)} images could be used: {next(iter(skipped.values()), '')}")
+        y_all = np.array([index[c] for c in data.labels])
+        y, k = y_all[kept], len(self.classes_)
+        ensemble = self._level2(outs)
         result = {name: score(y, o[0], k) for name, o in outs.items()}
-        result["ensemble"] = score(y, self._level2(outs), k)
-        return result
+        result["ensemble"] = score(y, ensemble, k)
+        if not per_image:
+            return result
+
+        def full(p):
+            out = np.full((len(data), k), np.nan)
+            out[kept] = p
+            return out
+
+        return result, {"images": data, "y": y_all, "proba": full(ensemble), "skipped": skipped,
+                        "learners": {name: full(o[0]) for name, o in outs.items()}}
+
+    def oof_predictions(self, images=None) -> list[dict]:
+        """One dict per training image: its out-of-fold prediction and loss, then one per skipped file.
+
+        The rows ``stacker fit --predictions`` writes (:func:`stacker.app.predictions.out_of_fold_rows`):
+        sorting them by ``loss`` shows the images the ensemble gets most wrong (often
+        mislabelled ones). ``images``: the training set, to name the labels of skipped files.
+        """
+        from stacker.app.predictions import out_of_fold_rows
+
+        check_is_fitted(self, "meta_")
+        labels = dict(zip(images.paths, images.labels)) if getattr(images, "labels", None) is not None else None
+        return out_of_fold_rows(self.train_paths_, self.y_, self.meta_oof_proba_, self.classes_,
+                                getattr(self, "folds_", None), self.skipped_, labels)
 
     def leaderboard(self) -> str:
         """The out-of-fold leaderboard as a text table, with level 2's choice and candidates."""

@@ -83,7 +83,8 @@ def load(model, cache_dir=None, trusted=None) -> Ensemble:
     return ens
 
 
-def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None, trusted=None) -> Prediction:
+def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None, trusted=None,
+            min_proba=None) -> Prediction:
     """Predict classes of images with a saved ensemble.
 
     Parameters
@@ -107,6 +108,9 @@ def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None
         Fully qualified type names to rebuild besides stacker's own (your estimator
         classes); files needing any other type are refused, so loading a model from
         someone else runs none of its code.
+    min_proba : float, optional
+        Every probability at least this, rows still summing to 1 (default: the model's,
+        ``1e-6`` unless it was saved with another; ``0``: the raw probabilities).
 
     Returns
     -------
@@ -116,7 +120,8 @@ def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None
     data = as_images(images)
     ens = load(model, cache_dir=cache_dir, trusted=trusted)
     proba, skipped = ens.predict_with_skipped(data, on_bad_image=on_bad_image,
-                                              batch_size=int(batch_size) if batch_size else None)
+                                              batch_size=int(batch_size) if batch_size else None,
+                                              min_proba=min_proba)
     ok = ~np.isnan(proba).any(axis=1)
     labels = [ens.classes_[int(i)] if good else None for i, good in zip(np.nan_to_num(proba).argmax(1), ok)]
     unread = dict(data.skipped) if isinstance(data, ImageSet) else {}

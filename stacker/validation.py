@@ -16,6 +16,7 @@ import numpy as np
 
 from stacker.features.config import EXTRACTION_OPTIONS
 from stacker.learners.kinds import LEARNER_KINDS, kind_params, learner_specs
+from stacker.level2.calibration import MIN_PROBA
 from stacker.level2.registry import check_meta, meta_doc
 from stacker.params import Param
 
@@ -55,6 +56,13 @@ RUN = (
     Param("executor", "local", "{'local', 'ray'}\n    ``\"ray\"``: extract missing features on a Ray actor pool and "
           "fit folds as Ray\n    tasks (:mod:`stacker.learners.distributed`; ``pip install 'stacker[ray]'``). Same "
           "results\n    as ``\"local\"``; needs ``cache_dir``.", lambda v: v in ("local", "ray"), "'local' or 'ray'"),
+    Param("min_proba", MIN_PROBA, "float\n    Every predicted probability is at least this, rows still summing to 1 "
+          "(mixed with\n    uniform: ``(1 - k * min_proba) * p + min_proba``), so one confidently wrong image\n"
+          "    costs at most ``-log(min_proba)`` of log loss (13.8 at the default). The out-of-fold\n"
+          "    ``meta_oof_proba_`` get the same floor. 0: the raw probabilities. Must be below\n"
+          "    ``1 / n_classes``; set it at load time with ``Ensemble.load(..., min_proba=)``.",
+          lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and 0 <= v < 0.5,
+          "a number >= 0 and below 1/n_classes"),
 )
 
 
@@ -120,9 +128,13 @@ def check_out_of_core(est, specs) -> None:
 
 
 def check_training_data(data, cv: int, skipped: dict | None = None, labels: dict | None = None) -> None:
-    """Two classes or more, each with at least ``cv`` usable images; says which were skipped."""
+    """Two classes or more, each with at least ``cv`` usable images, labels without slips; says which were skipped."""
+    from stacker.data.sources import check_labels
+
     if data.labels is None:
-        raise ValueError("fit needs labelled images")
+        raise ValueError(f"fit needs labelled images: class sub-folders (train/cat/1.jpg), Kaggle-style names "
+                         f"(cat.1.jpg) or a CSV with path,label columns; found {_unlabelled(data)}")
+    check_labels(data.labels, data.paths)
     lost = {}
     for path, reason in (skipped or {}).items():
         lost.setdefault((labels or {}).get(path), []).append(f"{path}: {reason}")
@@ -134,10 +146,29 @@ def check_training_data(data, cv: int, skipped: dict | None = None, labels: dict
         which = f"only one class ({usable[0]!r})" if usable else "no class"
         raise ValueError(f"{which} in the training images has usable images; need two or more{note}")
     counts = np.bincount(data.y, minlength=len(data.classes))
-    small = [c for c, n in zip(data.classes, counts) if n < cv]
+    small = [(c, int(n)) for c, n in zip(data.classes, counts) if n < cv]
     if small:
         notes = [f"{c!r}: {n} usable, {len(lost[c])} skipped as unusable (e.g. {lost[c][0]})"
-                 for c, n in zip(data.classes, counts) if c in small and c in lost]
-        raise ValueError(f"classes {small[:10]} have fewer images than cv={cv} folds"
-                         + (f" ({'; '.join(notes[:3])})" if notes else "")
-                         + "; add images, merge classes, lower cv or fix the files")
+                 for c, n in small if c in lost]
+        fewest = min(n for _, n in small if n > 0) if any(n > 0 for _, n in small) else 0
+        listed = ", ".join(f"{c!r} ({n} image{'' if n == 1 else 's'})" for c, n in small[:10])
+        raise ValueError(f"{'class' if len(small) == 1 else 'classes'} {listed}{', ...' if len(small) > 10 else ''} "
+                         f"{'has' if len(small) == 1 else 'have'} fewer images than cv={cv}: every fold needs "
+                         "images of each class" + (f" ({'; '.join(notes[:3])})" if notes else "")
+                         + "; add images, fix the files, merge classes"
+                         + (f" or use cv={fewest}" if fewest >= 2 else " or remove them"))
+
+
+def _unlabelled(data) -> str:
+    """``12 images without labels in /data/test (e.g. 1.jpg, 2.jpg, ...)``: what fit got instead."""
+    import os
+
+    if not len(data):
+        return "no images"
+    try:
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in data.paths])
+    except ValueError:  # paths on different drives
+        root = None
+    names = [os.path.basename(p) for p in data.paths[:3]]
+    return (f"{len(data)} images without labels" + (f" in {root}" if root else "")
+            + f" (e.g. {', '.join(names)}{', ...' if len(data) > 3 else ''})")

@@ -2,11 +2,12 @@
 
     stacker fit DATA --out DIR [--backbones a,b] [--models default] [--meta auto] [--folds 5] ...
     stacker predict MODEL IMAGE_OR_FOLDER... [--json | --csv FILE]
+    stacker evaluate MODEL FOLDER_OR_CSV [--predictions out.csv] [--report DIR]
     stacker submit MODEL TEST_FOLDER --out submission.csv [--sample sample_submission.csv]
     stacker report RUN_DIR
     stacker top5 IMAGE... [--backbone efficientnet_lite0]
     stacker extract DATA --backbones a,b [--shard i/n] [--cache DIR]
-    stacker cache ls|rm|prune [--backbone X] [--kind K] [--cache DIR]
+    stacker cache ls|rm|prune [--backbone X] [--kind K] [--cache DIR] [--dry-run] [--yes]
     stacker cache merge SHARD_CACHE... [--cache DIR]
 
 Options come from one table (:mod:`stacker.app.options`) shared with the recipes. Results go
@@ -56,10 +57,13 @@ def _connect_ray(args) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from stacker import __version__
+
     parser = argparse.ArgumentParser(
         prog="stacker", description="Stacked ensembles of pretrained CNNs.", formatter_class=_FORMATTER,
         epilog=f"The cache (features, ONNX graphs, learner results) is --cache: ${CACHE_ENV}, else "
                f"$XDG_CACHE_HOME/stacker or ~/.cache/stacker; here {default_cache_dir()}. `stacker cache ls` lists it.")
+    parser.add_argument("--version", action="version", version=f"stacker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _command(sub, "fit", "fit an ensemble on labelled images and save it (with report.html)",
@@ -69,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     for title, names in GROUPS.items():
         add_options(p, names, title)
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
+    p.add_argument("--merge-labels", action="store_true", help="merge labels that differ only in case or spaces")
+    OPTIONS["predictions"].add_to(p)
     _add_ray(p)
     _add_common(p)
 
@@ -78,6 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON")
     out.add_argument("--csv", metavar="FILE", help="write a CSV (path, label, one column per class)")
+    p.add_argument("--min-proba", type=float, default=None, metavar="M",
+                   help="every probability at least M, rows still summing to 1 (default: the model's, 1e-06; "
+                        "0: the raw probabilities)")
+    add_options(p, ("predict_cache", "on_bad_image", "trust"))
+    _add_common(p)
+
+    p = _command(sub, "evaluate", "score a saved ensemble on labelled hold-out images",
+                 "Prints accuracy and log loss of the ensemble and of every base learner, a per-class\n"
+                 "table (precision, recall, images, log loss) and the confusion (a matrix up to 10\n"
+                 "classes, else the most confused pairs). Images that cannot be used follow\n"
+                 "--on-bad-image and are listed.")
+    p.add_argument("model")
+    p.add_argument("data", help="class folders, a folder of label.id.jpg files, or a CSV of path,label")
+    p.add_argument("--predictions", metavar="CSV", default=None,
+                   help="write one row per image: path, label, predicted, probability, loss, p_<class>, skipped")
+    p.add_argument("--report", metavar="DIR", default=None,
+                   help="write DIR/evaluation.html (report.html's sections for the hold-out) and its "
+                        "evaluation_*.png figures (default: no report)")
     add_options(p, ("predict_cache", "on_bad_image", "trust"))
     _add_common(p)
 
@@ -121,13 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
                  + "; anything else is 'other' and never removed.")
     p.add_argument("action", choices=["ls", "rm", "prune", "merge"],
                    help="ls: every entry with its owner, size, age and state; rm: delete the entries of --backbone "
-                        "and/or --kind (all entries without them); prune: delete what no current code can use "
-                        "(stale, partial, corrupt); merge: copy the feature rows of SOURCES (shard caches) into "
-                        "--cache")
+                        "and/or --kind (all entries without them, after you confirm or with --yes); prune: delete "
+                        "what no current code can use (stale, partial, corrupt); merge: copy the feature rows of "
+                        "SOURCES (shard caches) into --cache")
     p.add_argument("sources", nargs="*", help="for merge: cache directories made by `stacker extract --shard`")
     OPTIONS["cache"].add_to(p)
     p.add_argument("--backbone", default=None, help="only the entries of this backbone")
     p.add_argument("--kind", default=None, choices=_cache_kinds(), help="only entries of this kind")
+    p.add_argument("--dry-run", action="store_true", help="rm, prune: list what would be removed, remove nothing")
+    p.add_argument("-y", "--yes", action="store_true",
+                   help="rm without --backbone or --kind: remove every entry without asking (needed when stdin is "
+                        "not a terminal)")
     _add_common(p)
     return parser
 
@@ -141,11 +169,13 @@ def _cache_kinds() -> tuple:
 def cmd_fit(args, out) -> int:
     import stacker
     from stacker.data.sources import load_images
+    from stacker.io.model_dir import check_output_dir
 
     from stacker.app.options import ensemble_params
 
+    check_output_dir(args.out, option="--out")  # before the fit, not after it
     print(f"cache: {os.path.abspath(args.cache)}")
-    data = load_images(args.data)
+    data = load_images(args.data, merge_labels=args.merge_labels)
     if args.train_limit:
         data = data.head(args.train_limit, seed=args.seed)
     print(f"training images: {data!r}")
@@ -158,6 +188,10 @@ def cmd_fit(args, out) -> int:
 
         print(f"report: {report(args.out)}", file=out)
     print(f"saved ensemble to {args.out}", file=out)
+    if args.predictions:
+        from stacker.app.predictions import write_predictions
+
+        print(f"out-of-fold predictions: {write_predictions(args.predictions, ens.oof_predictions(data))}", file=out)
     return 0
 
 
@@ -167,7 +201,7 @@ def cmd_predict(args, out) -> int:
 
     paths, unread = expand_paths(args.images)
     res = stacker.predict(paths, model=args.model, cache_dir=args.cache, on_bad_image=args.on_bad_image,
-                          trusted=args.trust)
+                          trusted=args.trust, min_proba=args.min_proba)
     res.unread.update(unread)
     rows = []
     for i, path in enumerate(paths):
@@ -183,15 +217,51 @@ def cmd_predict(args, out) -> int:
             w.writerows(rows)
         print(f"wrote {len(rows)} predictions to {args.csv}", file=out)
     else:
-        width = max(len(r["path"]) for r in rows)
-        for r in rows:
-            p = "" if r["label"] is None else f"{r[r['label']]:.4f}"
-            print(f"{r['path']:<{width}}  {r['label'] or 'SKIPPED'}  {p}", file=out)
+        print(_prediction_table(paths, res), file=out)
     for path, reason in res.unread.items():
         print(f"not read {path}: {reason}", file=sys.stderr)
     for row, reason in res.skipped.items():
         print(f"skipped {paths[row]}: {reason}", file=sys.stderr)
     return 0
+
+
+def _prediction_table(paths, res) -> str:
+    """Aligned columns under a header: path, predicted class, its probability; the runner-up from 3 classes.
+
+    Numbers are right-aligned; a skipped image says SKIPPED, then why.
+    """
+    second = len(res.classes) > 2
+    head = ["path", "predicted", "probability"] + (["second", "probability"] if second else [])
+    rows, notes = [], []
+    for i, path in enumerate(paths):
+        if res.labels[i] is None:
+            rows.append([path, "SKIPPED", "-"])
+            notes.append(res.skipped.get(i, ""))
+            continue
+        top = sorted(range(len(res.classes)), key=lambda j: -res.proba[i, j])[:2 if second else 1]
+        rows.append([path] + [v for j in top for v in (res.classes[j], _shown(res.proba[i, j]))])
+        notes.append("")
+    widths = [max(len(r[c]) for r in (head, *rows) if c < len(r)) for c in range(len(head))]
+
+    def line(cells, note=""):
+        text = "  ".join(v.rjust(w) if c in (2, 4) else v.ljust(w) for c, (v, w) in enumerate(zip(cells, widths)))
+        return f"{text}  {note}".rstrip()
+
+    return "\n".join([line(head)] + [line(r, n) for r, n in zip(rows, notes)])
+
+
+def cmd_evaluate(args, out) -> int:
+    from stacker.app.evaluation import evaluate_model
+
+    evaluate_model(args.model, args.data, out, cache_dir=args.cache, on_bad_image=args.on_bad_image,
+                   trusted=args.trust, predictions=args.predictions, report_dir=args.report,
+                   verbose=0 if args.quiet else 1)
+    return 0
+
+
+def _shown(p: float) -> str:
+    """Four decimals, but ``>0.9999`` / ``<0.0001`` where rounding would print a certainty the model never gives."""
+    return ">0.9999" if p >= 0.99995 else "<0.0001" if p < 0.00005 else f"{p:.4f}"
 
 
 def cmd_submit(args, out) -> int:
@@ -308,6 +378,16 @@ def cmd_cache(args, out) -> int:
         return 0
     keep = [a for a in found if a.kind == "other" or (args.action == "prune" and not a.prunable)]
     doomed = [a for a in found if a not in keep]
+    if args.dry_run:
+        for a in doomed:
+            print(f"would remove {a.kind:10s} {a.backbone or '-':20s} {os.path.relpath(a.path, args.cache)}", file=out)
+        print(f"{len(doomed)} entries, {inventory.human_size(sum(a.bytes for a in doomed))}, would be removed "
+              "(--dry-run: nothing removed)", file=out)
+        return 0
+    everything = args.action == "rm" and not (args.backbone or args.kind) and doomed
+    if everything and not _confirm_remove_all(args, doomed):
+        print("nothing removed", file=out)
+        return 1
     freed = inventory.remove(doomed)
     for a in doomed:
         print(f"removed {a.kind:10s} {a.backbone or '-':20s} {os.path.relpath(a.path, args.cache)}", file=out)
@@ -319,8 +399,23 @@ def cmd_cache(args, out) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "submit": cmd_submit, "report": cmd_report,
-            "top5": cmd_top5, "extract": cmd_extract, "cache": cmd_cache}
+def _confirm_remove_all(args, doomed) -> bool:
+    """Whether ``cache rm`` with no filter may empty the cache: --yes, else the answer on a terminal."""
+    from stacker.app.inventory import human_size
+
+    what = f"all {len(doomed)} entries ({human_size(sum(a.bytes for a in doomed))}) from {args.cache}"
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise ValueError(f"cache rm without --backbone or --kind would remove {what}, and stdin is not a terminal "
+                         "to ask: pass --yes to remove them all, --backbone/--kind to remove fewer, or --dry-run "
+                         "to list them")
+    print(f"remove {what}? [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "submit": cmd_submit,
+            "report": cmd_report, "top5": cmd_top5, "extract": cmd_extract, "cache": cmd_cache}
 
 
 @contextlib.contextmanager
@@ -359,8 +454,18 @@ def main(argv=None) -> int:
     if args.quiet:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     out = sys.stdout  # results; what the library prints while working is progress (stderr, or nothing)
+    import warnings
+
+    def terms(text: str) -> str:
+        return cli_terms(text).replace("merge_labels=True", "--merge-labels")
+
+    def show_warning(message, *_, **__):  # `stacker fit: warning: ...`, no source line (a user's, not a developer's)
+        first, *rest = terms(str(message)).strip().splitlines() or [""]
+        print("\n".join([f"stacker {args.command}: warning: {first}", *rest]), file=sys.stderr, flush=True)
+
     try:
-        with _native_stderr_silenced(args.quiet), progress_output(args.quiet):
+        with warnings.catch_warnings(), _native_stderr_silenced(args.quiet), progress_output(args.quiet):
+            warnings.showwarning = show_warning
             return COMMANDS[args.command](args, out)
     except KeyboardInterrupt:
         print("stacker: interrupted", file=sys.stderr)
@@ -369,7 +474,10 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"stacker {args.command}: error: {cli_terms(message)}", file=sys.stderr)
+        print(f"stacker {args.command}: error: {terms(message)}", file=sys.stderr)
+        bad = getattr(exc, "paths", None)  # every unusable file (BadImageError), so one run finds them all
+        if isinstance(bad, dict) and len(bad) > 1:
+            print("\n".join(f"  {path}: {reason}" for path, reason in bad.items()), file=sys.stderr)
         return 1
 
 

@@ -69,6 +69,11 @@ _STATIC = {
                       "class's probability (without it such ids make the submission fail)"),
     "eps": _opt("--eps", type=float, default=1e-3, help="clip submitted probabilities to [eps, 1 - eps]"),
     "k": _opt("--k", type=int, default=5, help="classes shown per image"),
+    # -- what a fit writes besides the model (stacker fit and the recipes)
+    "predictions": _opt("--predictions", metavar="CSV",
+                        help="also write a CSV with one row per training image: out-of-fold probabilities, "
+                             "predicted class, loss (sort by it to find mislabelled images), fold; skipped files "
+                             "with the reason"),
     # -- every command
     "quiet": _opt("--quiet", action="store_true", help="no progress on stderr (results still go to stdout)"),
 }

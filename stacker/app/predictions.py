@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-__all__ = ["LOSS_CLIP", "prediction_rows", "write_predictions"]
+__all__ = ["LOSS_CLIP", "out_of_fold_rows", "prediction_rows", "write_predictions"]
 
 LOSS_CLIP = 1e-15  # the same clip as the scores (stacker.level2.arrays.score)
 
@@ -38,7 +38,7 @@ def prediction_rows(paths, proba, classes, labels=None, folds=None, skipped=None
         label = None if labels is None else labels[i]
         row = {"path": path, "label": label}
         if folds is not None:
-            row["fold"] = int(folds[i])
+            row["fold"] = None if folds[i] is None else int(folds[i])
         p = proba[i]
         if np.isnan(p).any():
             row.update(predicted=None, probability=None, loss=None,
@@ -50,6 +50,29 @@ def prediction_rows(paths, proba, classes, labels=None, folds=None, skipped=None
                        **{f"p_{c}": float(v) for c, v in zip(classes, p)})
         rows.append(row)
     return rows
+
+
+def out_of_fold_rows(paths, y, proba, classes, folds=None, skipped=None, labels=None) -> list[dict]:
+    """:func:`prediction_rows` of a fitted ensemble's training images, then one row per skipped file.
+
+    ``y`` are class indices and ``proba`` the out-of-fold probabilities of ``paths`` (the
+    images used); ``folds`` the ensemble's ``(train_rows, val_rows)`` pairs (None: no fold
+    column); ``skipped`` maps path -> reason; ``labels`` path -> class name of skipped
+    files, where known. Paths are made absolute, so the table says which file each row is.
+    """
+    classes = [str(c) for c in classes]
+    skipped = {os.path.abspath(p): reason for p, reason in (skipped or {}).items()}
+    fold_of = None
+    if folds is not None:
+        fold_of = np.full(len(paths), -1)
+        for f, (_, val) in enumerate(folds):
+            fold_of[np.asarray(val)] = f
+        fold_of = [int(f) for f in fold_of] + [None] * len(skipped)
+    labels = {os.path.abspath(p): None if c is None else str(c) for p, c in (labels or {}).items()}
+    proba = np.vstack([np.asarray(proba, dtype=np.float64).reshape(len(paths), len(classes)),
+                       np.full((len(skipped), len(classes)), np.nan)])
+    return prediction_rows([os.path.abspath(p) for p in paths] + list(skipped), proba, classes,
+                           [classes[int(i)] for i in y] + [labels.get(p) for p in skipped], fold_of, skipped)
 
 
 def write_predictions(path, rows: list[dict]) -> str:

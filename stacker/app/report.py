@@ -9,6 +9,11 @@ precision/recall/F1, a sample of training images with their out-of-fold predicti
 training images that cost the most out-of-fold log loss, how much level 2 relies on each
 learner (permutation importance), and the run's configuration and environment.
 
+:func:`evaluation_report` writes the same sections for a labelled hold-out set
+(``stacker evaluate --report``): every section builder takes the labels, probabilities,
+class names and image paths it shows, and a :class:`Scope` naming them (out of fold or
+hold-out) and prefixing the figure files, so both reports share one implementation.
+
 Figures are embedded in the HTML as data URIs (the file opens anywhere on its own) and
 written beside it as PNGs; a figure whose section cannot be drawn this time (e.g. the
 training images have moved) is deleted, so no stale figure is left next to the report.
@@ -21,14 +26,30 @@ import base64
 import html
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FIGURES", "calibration_bins", "report"]
+__all__ = ["FIGURES", "HOLDOUT", "OUT_OF_FOLD", "Scope", "calibration_bins", "confused_pairs", "confusion_counts",
+           "evaluation_report", "per_class", "report", "thumbnail_grid"]
 
 FIGURES = ("leaderboard.png", "level2_weights.png", "curves.png", "reliability.png", "confusion.png", "images.png",
            "worst_images.png", "meta_importance.png")
 ECE_BINS = 15
+THUMB_IN, CELL_IN, CAPTION_IN, CAPTION_CHARS = 1.9, 2.2, 0.8, 30  # thumbnail box, cell width, caption band
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Whose predictions a report shows: words for its headings, and a prefix keeping its figure files apart."""
+
+    where: str
+    images: str
+    prefix: str = ""
+
+
+OUT_OF_FOLD = Scope("out-of-fold", "training images")
+HOLDOUT = Scope("hold-out", "hold-out images", "evaluation_")
 
 
 def _plt():
@@ -41,9 +62,10 @@ def _plt():
 
 
 def _table(header, rows) -> str:
+    """An HTML table in a box that scrolls sideways when the table is wider than the page."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 # --------------------------------------------------------------------------- figure plumbing
@@ -79,8 +101,9 @@ def _save(fig, path: str, dpi: int = 100) -> None:
 class _Page:
     """The sections of a report, and the figures written for them."""
 
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, prefix: str = ""):
         self.out_dir = out_dir
+        self.prefix = prefix
         self.sections: list[tuple[str, str]] = []
         self.figures: list[str] = []
 
@@ -88,7 +111,9 @@ class _Page:
         self.sections.append((heading, body))
 
     def figure(self, fig, name: str, alt: str, dpi: int = 100) -> str:
-        """Save ``fig`` as ``name`` and return its ``<figure>``: the PNG embedded, with a link to the file."""
+        """Save ``fig`` as ``name`` (with the page's prefix) and return its ``<figure>``: the PNG embedded,
+        with a link to the file."""
+        name = self.prefix + name
         path = os.path.join(self.out_dir, name)
         _save(fig, path, dpi)
         self.figures.append(name)
@@ -99,7 +124,7 @@ class _Page:
 
     def remove_stale(self) -> None:
         """Delete figures of earlier reports whose sections were not drawn this time."""
-        for name in FIGURES:
+        for name in (self.prefix + f for f in FIGURES):
             path = os.path.join(self.out_dir, name)
             if name not in self.figures and os.path.exists(path):
                 os.remove(path)
@@ -108,7 +133,7 @@ class _Page:
 # --------------------------------------------------------------------------- figures
 
 
-def _leaderboard_figure(scores: dict):
+def _leaderboard_figure(scores: dict, scope: Scope = OUT_OF_FOLD):
     plt = _plt()
     names = list(scores)
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(names) + 1.8))
@@ -117,7 +142,7 @@ def _leaderboard_figure(scores: dict):
         vals = [scores[n][metric] for n in names]
         ax.barh(names, vals, color=colors)
         ax.invert_yaxis()
-        ax.set_title(f"out-of-fold {metric.replace('_', ' ')}")
+        ax.set_title(f"{scope.where} {metric.replace('_', ' ')}")
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.4f}", va="center", fontsize=8)
         if metric == "accuracy":
@@ -148,13 +173,14 @@ def _curves_figure(histories: dict):
     return fig
 
 
-def _confusion(y, pred, k):
+def confusion_counts(y, pred, k):
+    """Counts ``(k, k)``: rows the true class, columns the predicted one."""
     cm = np.zeros((k, k), dtype=np.int64)
     np.add.at(cm, (y, pred), 1)
     return cm
 
 
-def _confusion_figure(cm, classes):
+def _confusion_figure(cm, classes, scope: Scope = OUT_OF_FOLD):
     plt = _plt()
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     k = len(classes)
@@ -162,7 +188,7 @@ def _confusion_figure(cm, classes):
     fig, ax = plt.subplots(figsize=(size + 0.8, size))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_title("confusion matrix, out of fold\n(rows: true class, normalised)", fontsize=10)
+    ax.set_title(f"confusion matrix, {scope.where}\n(rows: true class, normalised)", fontsize=10)
     if k <= 30:
         ax.set_xticks(range(k), classes, rotation=90 if k > 6 else 0, fontsize=7 if k > 6 else 9)
         ax.set_yticks(range(k), classes, fontsize=7 if k > 6 else 9)
@@ -177,28 +203,50 @@ def _confusion_figure(cm, classes):
     return fig
 
 
-def _thumbnail(ax, path: str) -> None:
-    from PIL import Image
+def _letterbox(path: str, px: int = 160) -> np.ndarray:
+    """The image scaled to fit a ``px`` square on a light background: tall and wide images take the same box."""
+    from PIL import Image, ImageOps
 
+    canvas = np.full((px, px, 3), 240, dtype=np.uint8)
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((160, 160))
-            ax.imshow(np.asarray(img))
-    except Exception:  # noqa: BLE001 - a broken file still gets its caption
-        pass
+            a = np.asarray(ImageOps.contain(img.convert("RGB"), (px, px)))  # small images scaled up too
+    except Exception:  # noqa: BLE001 - a broken file still gets its box and caption
+        return canvas
+    top, left = (px - a.shape[0]) // 2, (px - a.shape[1]) // 2
+    canvas[top:top + a.shape[0], left:left + a.shape[1]] = a
+    return canvas
 
 
-def _grid(n: int, cols: int = 6, height: float = 2.5):
+def _short(text: str, n: int = CAPTION_CHARS) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def thumbnail_grid(paths, captions, colors, title: str, cols: int = 6):
+    """Thumbnails in fixed square boxes, each caption in a band below its own box.
+
+    Cells are placed in inches (the figure's height comes from the number of rows), so
+    no image, however tall or wide, reaches a neighbour's caption; caption lines are cut
+    to fit a cell's width.
+    """
     plt = _plt()
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, height * rows + 0.4), squeeze=False)
-    for ax in axes.ravel():
+    rows, head = max(1, -(-len(paths) // cols)), 0.7
+    width, height = CELL_IN * cols, (THUMB_IN + CAPTION_IN) * rows + head
+    fig = plt.figure(figsize=(width, height))
+    for i, (path, caption, color) in enumerate(zip(paths, captions, colors)):
+        r, c = divmod(i, cols)
+        top = height - head - r * (THUMB_IN + CAPTION_IN)
+        ax = fig.add_axes(((c * CELL_IN + (CELL_IN - THUMB_IN) / 2) / width, (top - THUMB_IN) / height,
+                           THUMB_IN / width, THUMB_IN / height))
+        ax.imshow(_letterbox(path))
         ax.axis("off")
-    return fig, axes.ravel()
+        ax.text(0.5, -0.03, "\n".join(_short(line) for line in caption.split("\n")), transform=ax.transAxes,
+                ha="center", va="top", fontsize=8, color=color)
+    fig.suptitle(title, fontsize=10, y=1 - 0.2 / height, va="top")
+    return fig
 
 
-def _image_grid_figure(paths, y, pred, proba, classes, n: int = 24, seed: int = 0):
+def _image_grid_figure(paths, y, pred, proba, classes, scope: Scope = OUT_OF_FOLD, n: int = 24, seed: int = 0):
     ok = [i for i, p in enumerate(paths) if os.path.isfile(p)]
     if not ok:
         return None
@@ -207,19 +255,15 @@ def _image_grid_figure(paths, y, pred, proba, classes, n: int = 24, seed: int = 
     right = [i for i in ok if y[i] == pred[i]]
     pick = list(rng.permutation(wrong)[: n // 2]) if wrong else []
     pick += list(rng.permutation(right)[: n - len(pick)])
-    fig, axes = _grid(len(pick))
-    for ax, i in zip(axes, pick):
-        _thumbnail(ax, paths[i])
-        bad = y[i] != pred[i]
-        ax.set_title(f"{'✗' if bad else '✓'} true {classes[y[i]]}\npred {classes[pred[i]]} ({proba[i, pred[i]]:.2f})",
-                     fontsize=8, color="#d62728" if bad else "#2ca02c")
-    fig.suptitle("a sample of training images with out-of-fold predictions (wrong ones in red)", fontsize=10)
-    fig.tight_layout()
-    return fig
+    captions = [f"{'✗' if y[i] != pred[i] else '✓'} true {classes[y[i]]}\n"
+                f"pred {classes[pred[i]]} ({proba[i, pred[i]]:.2f})" for i in pick]
+    colors = ["#d62728" if y[i] != pred[i] else "#2ca02c" for i in pick]
+    return thumbnail_grid([paths[i] for i in pick], captions, colors,
+                          f"a sample of {scope.images} with {scope.where} predictions (wrong ones in red)")
 
 
 def _worst_rows(paths, y, proba, n: int) -> list[int]:
-    """The ``n`` training rows with the highest out-of-fold log loss whose image files are present."""
+    """The ``n`` rows with the highest log loss whose image files are present."""
     p_true = proba[np.arange(len(y)), y]
     out = []
     for i in np.argsort(p_true, kind="stable"):
@@ -230,17 +274,15 @@ def _worst_rows(paths, y, proba, n: int) -> list[int]:
     return out
 
 
-def _worst_figure(rows, paths, y, proba, classes):
-    fig, axes = _grid(len(rows), height=2.7)
-    for rank, (ax, i) in enumerate(zip(axes, rows), start=1):
-        _thumbnail(ax, paths[i])
-        p_true, pred = proba[i, y[i]], int(proba[i].argmax())
-        ax.set_title(f"#{rank} {os.path.basename(paths[i])[:22]}\ntrue {classes[y[i]]}: p = {p_true:.3f}\n"
-                     f"pred {classes[pred]} {proba[i, pred]:.3f}", fontsize=8, color="#d62728")
-    fig.suptitle("training images with the highest out-of-fold log loss "
-                 "(p = the ensemble's probability of the true class)", fontsize=10)
-    fig.tight_layout()
-    return fig
+def _worst_figure(rows, paths, y, proba, classes, scope: Scope = OUT_OF_FOLD):
+    captions = []
+    for rank, i in enumerate(rows, start=1):
+        pred = int(proba[i].argmax())
+        captions.append(f"#{rank} {os.path.basename(paths[i])}\ntrue {classes[y[i]]}: p = {proba[i, y[i]]:.3f}\n"
+                        f"pred {classes[pred]} {proba[i, pred]:.3f}")
+    return thumbnail_grid([paths[i] for i in rows], captions, ["#d62728"] * len(rows),
+                          f"{scope.images} with the highest {scope.where} log loss "
+                          "(p = the ensemble's probability of the true class)")
 
 
 def _importance_figure(importance: dict):
@@ -281,7 +323,7 @@ def calibration_bins(y, proba, n_bins: int = ECE_BINS) -> dict:
             "mean_confidence": float(conf.mean()) if len(conf) else float("nan")}
 
 
-def _reliability_figure(curves: dict, k: int, cols: int = 4):
+def _reliability_figure(curves: dict, k: int, scope: Scope = OUT_OF_FOLD, cols: int = 4):
     """One panel per curve (the ensemble first): accuracy against confidence per bin, points sized by count."""
     plt = _plt()
     rows = (len(curves) + cols - 1) // cols
@@ -305,7 +347,7 @@ def _reliability_figure(curves: dict, k: int, cols: int = 4):
         ax.tick_params(labelsize=7)
         ax.set_xlabel("confidence", fontsize=7)
         ax.set_ylabel("accuracy", fontsize=7)
-    fig.suptitle(f"reliability out of fold: accuracy per bin of the predicted class's probability ({ECE_BINS} "
+    fig.suptitle(f"reliability, {scope.where}: accuracy per bin of the predicted class's probability ({ECE_BINS} "
                  "equal-width bins; numbers: images per bin; dashed: perfect calibration)", fontsize=10)
     fig.tight_layout()
     return fig
@@ -373,55 +415,109 @@ def _leaderboard_section(page: _Page, scores: dict) -> None:
                        "inference ms/image", "training s", "feature size"], rows))
 
 
-def _calibration_section(page: _Page, y, probas: dict, k: int) -> None:
+def _scores_section(page: _Page, scores: dict, scope: Scope) -> None:
+    """Accuracy and log loss of the ensemble and every learner (a hold-out has no timings to show)."""
+    rows = [[name, f"{s['accuracy']:.4f}", f"{s['log_loss']:.4f}"] for name, s in scores.items()]
+    page.add(f"Scores ({scope.where})", page.figure(_leaderboard_figure(scores, scope), "leaderboard.png", "scores")
+             + _table(["learner", "accuracy", "log loss"], rows))
+
+
+def _calibration_section(page: _Page, y, probas: dict, k: int, scope: Scope = OUT_OF_FOLD) -> None:
     from stacker.level2.arrays import score
 
     curves = {name: calibration_bins(y, p) for name, p in probas.items()}
     rows = [[name, f"{c['ece']:.4f}", f"{score(y, probas[name], k)['log_loss']:.4f}",
              f"{c['mean_confidence']:.4f}", f"{score(y, probas[name], k)['accuracy']:.4f}"]
             for name, c in curves.items()]
-    body = (f"<p>How far the probabilities are from the frequencies they claim, out of fold: expected calibration "
+    body = (f"<p>How far the probabilities are from the frequencies they claim, {scope.where}: expected calibration "
             f"error (ECE) of the top label, {ECE_BINS} equal-width bins of the predicted class's probability "
             "(the count-weighted mean of |accuracy - confidence| per bin). Log loss punishes confident "
             "mistakes; points below the diagonal are over-confident.</p>")
-    body += page.figure(_reliability_figure(curves, k), "reliability.png", "reliability diagram")
+    body += page.figure(_reliability_figure(curves, k, scope), "reliability.png", "reliability diagram")
     page.add("Calibration", body + _table(["", "ECE", "log loss", "mean confidence", "accuracy"], rows))
 
 
-def _confusion_sections(page: _Page, y, pred, classes, max_pairs: int) -> None:
+def per_class(y, proba, k: int) -> dict:
+    """Precision, recall, F1, support and mean log loss of each class (arrays of length ``k``).
+
+    The log loss of a class is the mean ``-log p(class)`` over its images: which classes
+    cost the score most, where precision and recall see only the top label.
+    """
     from sklearn.metrics import precision_recall_fscore_support
 
+    from stacker.app.predictions import LOSS_CLIP
+
+    y, proba = np.asarray(y), np.asarray(proba, dtype=np.float64)
+    p, r, f, support = precision_recall_fscore_support(y, proba.argmax(axis=1), labels=np.arange(k),
+                                                       zero_division=0)
+    loss = -np.log(np.clip(proba[np.arange(len(y)), y], LOSS_CLIP, 1.0))
+    with np.errstate(invalid="ignore"):
+        class_loss = np.bincount(y, weights=loss, minlength=k) / support
+    return {"precision": p, "recall": r, "f1": f, "support": support, "log_loss": class_loss}
+
+
+def confused_pairs(cm, classes) -> list[tuple]:
+    """``(count, true, predicted)`` for every off-diagonal cell of ``cm``, most frequent first."""
     k = len(classes)
-    cm = _confusion(y, pred, k)
-    body = page.figure(_confusion_figure(cm, classes), "confusion.png", "confusion matrix", dpi=90)
-    off = sorted(((cm[i, j], classes[i], classes[j]) for i in range(k) for j in range(k) if i != j and cm[i, j]),
-                 reverse=True)
+    return sorted(((int(cm[i, j]), classes[i], classes[j]) for i in range(k) for j in range(k)
+                   if i != j and cm[i, j]), key=lambda t: -t[0])
+
+
+def _confusion_sections(page: _Page, y, proba, classes, max_pairs: int, scope: Scope = OUT_OF_FOLD) -> None:
+    k = len(classes)
+    cm = confusion_counts(y, proba.argmax(axis=1), k)
+    body = page.figure(_confusion_figure(cm, classes, scope), "confusion.png", "confusion matrix", dpi=90)
     page.add("Confusion matrix", body + "<h3>Most confused pairs</h3>"
-             + _table(["count", "true", "predicted as"], off[:max_pairs]))
-    p, r, f, support = precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=0)
+             + _table(["count", "true", "predicted as"], confused_pairs(cm, classes)[:max_pairs]))
+    s = per_class(y, proba, k)
     page.add("Per-class precision, recall, F1", _table(
-        ["class", "precision", "recall", "F1", "images"],
-        [[c, f"{p[i]:.3f}", f"{r[i]:.3f}", f"{f[i]:.3f}", int(support[i])] for i, c in enumerate(classes)]))
+        ["class", "precision", "recall", "F1", "images", "log loss"],
+        [[c, f"{s['precision'][i]:.3f}", f"{s['recall'][i]:.3f}", f"{s['f1'][i]:.3f}", int(s["support"][i]),
+          "" if np.isnan(s["log_loss"][i]) else f"{s['log_loss'][i]:.4f}"] for i, c in enumerate(classes)]))
 
 
-def _image_sections(page: _Page, paths, y, proba, classes, n_worst: int) -> None:
-    """The image grid and the highest-loss gallery; both left out when the training images are not here."""
+def _not_found_note(paths, scope: Scope) -> str:
+    """Why the image sections are missing: where the first image was looked for (and why relative paths fail)."""
+    first = paths[0]
+    note = (f"<p>None of the {len(paths)} {scope.images} were found, so the sample and the highest-loss "
+            f"gallery are left out. The first one was looked for at <code>{html.escape(os.path.abspath(first))}"
+            "</code>.")
+    if not os.path.isabs(first):
+        note += (f" The model holds paths relative to the folder its fit ran in (a model saved by an older stacker), "
+                 f"so they were looked up relative to the current folder, <code>{html.escape(os.getcwd())}</code>: "
+                 "run <code>stacker report</code> from the folder the fit ran in.")
+    return note + "</p>"
+
+
+def _image_sections(page: _Page, paths, y, proba, classes, n_worst: int, scope: Scope = OUT_OF_FOLD) -> None:
+    """The image grid and the highest-loss gallery; a note saying where they were looked for when no image is here."""
+    if len(paths) and not any(os.path.isfile(p) for p in paths):
+        page.add("Images not found", _not_found_note(paths, scope))
+        return
     pred = proba.argmax(axis=1)
-    fig = _image_grid_figure(paths, y, pred, proba, classes)
+    fig = _image_grid_figure(paths, y, pred, proba, classes, scope)
     if fig is not None:
         page.add("Images", page.figure(fig, "images.png", "image grid", dpi=90))
     rows = _worst_rows(paths, y, proba, n_worst)
     if not rows:
         return
     loss = -np.log(np.clip(proba[np.arange(len(y)), y], 1e-15, 1.0))
-    body = (f"<p>The {len(rows)} training images that cost the most out-of-fold log loss ({loss[rows].sum():.1f} "
+    body = (f"<p>The {len(rows)} {scope.images} that cost the most {scope.where} log loss ({loss[rows].sum():.1f} "
             f"of the total {loss.sum():.1f}): often mislabelled, ambiguous or unusual photos.</p>")
-    body += page.figure(_worst_figure(rows, paths, y, proba, classes), "worst_images.png", "highest-loss images",
-                        dpi=90)
+    body += page.figure(_worst_figure(rows, paths, y, proba, classes, scope), "worst_images.png",
+                        "highest-loss images", dpi=90)
     body += _table(["#", "file", "true", "p(true)", "predicted", "p(predicted)", "log loss"],
                    [[r + 1, paths[i], classes[y[i]], f"{proba[i, y[i]]:.4f}", classes[pred[i]],
                      f"{proba[i, pred[i]]:.4f}", f"{loss[i]:.3f}"] for r, i in enumerate(rows)])
-    page.add("Highest out-of-fold loss", body)
+    page.add(f"Highest {scope.where} loss", body)
+
+
+def _prediction_sections(page: _Page, y, probas: dict, classes, paths, scope: Scope, max_pairs: int,
+                         n_worst: int) -> None:
+    """Calibration, confusion, per-class table and images of ``probas["ensemble"]``: both reports' core."""
+    _calibration_section(page, y, probas, len(classes), scope)
+    _confusion_sections(page, y, probas["ensemble"], classes, max_pairs, scope)
+    _image_sections(page, paths, y, probas["ensemble"], classes, n_worst, scope)
 
 
 def _read_run(run_dir: str) -> tuple[dict, dict | None]:
@@ -436,6 +532,13 @@ def _read_run(run_dir: str) -> tuple[dict, dict | None]:
 
     with np.load(checked_array_file(oof_path), allow_pickle=False) as oof:
         return manifest, {name: oof[name] for name in oof.files}
+
+
+def _oof_probas(manifest: dict, oof: dict) -> dict:
+    """``"ensemble"`` then each learner's out-of-fold probabilities, by name."""
+    learners = [e["name"] for e in manifest.get("learners", [])]
+    return {"ensemble": oof["ensemble"], **{n: oof[f"learner_{i}"] for i, n in enumerate(learners)
+                                            if f"learner_{i}" in oof}}
 
 
 def report(run_dir, out_dir=None, max_pairs: int = 20, n_worst: int = 18) -> str:
@@ -471,13 +574,8 @@ def report(run_dir, out_dir=None, max_pairs: int = 20, n_worst: int = 18) -> str
     if fig is not None:
         page.add("Training curves", page.figure(fig, "curves.png", "training curves", dpi=90))
     if oof is not None:
-        y, proba = oof["y"], oof["ensemble"]
-        learners = [e["name"] for e in manifest.get("learners", [])]
-        probas = {"ensemble": proba, **{n: oof[f"learner_{i}"] for i, n in enumerate(learners)
-                                        if f"learner_{i}" in oof}}
-        _calibration_section(page, y, probas, len(classes))
-        _confusion_sections(page, y, proba.argmax(axis=1), classes, max_pairs)
-        _image_sections(page, manifest.get("train_paths", []), y, proba, classes, n_worst)
+        _prediction_sections(page, oof["y"], _oof_probas(manifest, oof), classes, manifest.get("train_paths", []),
+                             OUT_OF_FOLD, max_pairs, n_worst)
     importance = manifest.get("meta_importance", {})
     fig = _importance_figure(importance)
     if fig is not None:
@@ -498,14 +596,54 @@ def report(run_dir, out_dir=None, max_pairs: int = 20, n_worst: int = 18) -> str
     return _write_html(os.path.join(out_dir, "report.html"), title, intro, page.sections)
 
 
+def evaluation_report(out_dir, y, probas: dict, classes, paths, scores: dict, skipped: dict | None = None,
+                      title: str = "stacker evaluation", max_pairs: int = 20, n_worst: int = 18) -> str:
+    """Write ``evaluation.html``: report.html's sections for a labelled hold-out set.
+
+    Parameters
+    ----------
+    out_dir : path
+        Folder to write into; figures are ``evaluation_*.png``, so a model's own report is untouched.
+    y : array of int
+        Class index of each scored image.
+    probas : dict
+        ``"ensemble"`` and each learner -> probabilities ``(len(y), len(classes))``.
+    classes, paths : list of str
+        Class names; one image path per row of ``y``.
+    scores : dict
+        Name -> ``accuracy`` and ``log_loss`` (:meth:`stacker.Ensemble.evaluate`).
+    skipped : dict, optional
+        Path -> reason for hold-out images that could not be scored (listed in a section).
+
+    Returns
+    -------
+    str
+        Path of ``evaluation.html``.
+    """
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    page = _Page(out_dir, HOLDOUT.prefix)
+    _scores_section(page, scores, HOLDOUT)
+    _prediction_sections(page, np.asarray(y), probas, list(classes), list(paths), HOLDOUT, max_pairs, n_worst)
+    if skipped:
+        page.add("Skipped images", _table(["file", "reason"], sorted(skipped.items())))
+    page.remove_stale()
+    intro = f"<p>{len(y)} hold-out images scored, {len(skipped or {})} skipped; {len(classes)} classes</p>"
+    return _write_html(os.path.join(out_dir, "evaluation.html"), title, intro, page.sections)
+
+
+CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+       ".scroll{max-width:100%;overflow-x:auto}"
+       "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+       "text-align:right;white-space:nowrap}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+       "figure{margin:1em 0}figcaption{font-size:80%;color:#666}"
+       "pre{background:#f6f6f6;padding:1em;max-width:100%;box-sizing:border-box;overflow-x:auto}")
+
+
 def _write_html(path: str, title: str, intro: str, sections) -> str:
+    """One HTML file; wide text and tables scroll inside their own box, never the page sideways."""
     page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-            "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-            "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
-            "figure{margin:1em 0}figcaption{font-size:80%;color:#666}"
-            "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>",
-            f"<h1>{html.escape(title)}</h1>", intro]
+            f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>", intro]
     page += [f"<h2>{html.escape(heading)}</h2>{body}" for heading, body in sections]
     page.append("</body></html>")
     with open(path, "w") as f:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["EXIF_FORMATS", "FORMATS", "Format", "HEAD_BYTES", "IMAGE_EXTENSIONS", "TENSORFLOW_MAGIC",
+__all__ = ["END_MARKERS", "EXIF_FORMATS", "FORMATS", "Format", "HEAD_BYTES", "IMAGE_EXTENSIONS", "TENSORFLOW_MAGIC",
            "open_image", "sniff"]
 
 
@@ -39,6 +39,10 @@ class Format:
         Its EXIF orientation is read by the header scan and applied to the pixels.
     extensions : tuple of str
         File extensions read as images besides those Pillow registers.
+    end : bytes
+        The bytes a complete file ends with (``b""``: not checked). The header scan
+        decodes a file that ends otherwise, so a truncated one is refused before any
+        forward pass, and one with trailing bytes after its end marker still passes.
     """
 
     name: str
@@ -46,13 +50,14 @@ class Format:
     tensorflow: bool = False
     exif: bool = False
     extensions: tuple = ()
+    end: bytes = b""
 
 
 FORMATS = (
-    Format("JPEG", ((0, b"\xff\xd8\xff"),), tensorflow=True, exif=True),
-    Format("MPO", exif=True),  # several JPEGs in one file: Pillow names it apart, its bytes open as JPEG
-    Format("PNG", ((0, b"\x89PNG"),), tensorflow=True, exif=True),
-    Format("GIF", ((0, b"GIF"),), tensorflow=True),
+    Format("JPEG", ((0, b"\xff\xd8\xff"),), tensorflow=True, exif=True, end=b"\xff\xd9"),  # EOI marker
+    Format("MPO", exif=True, end=b"\xff\xd9"),  # several JPEGs in one file: Pillow names it apart, opens as JPEG
+    Format("PNG", ((0, b"\x89PNG"),), tensorflow=True, exif=True, end=b"IEND\xaeB`\x82"),  # IEND chunk and CRC
+    Format("GIF", ((0, b"GIF"),), tensorflow=True, end=b";"),  # trailer byte 0x3B
     Format("BMP", ((0, b"BM"),), tensorflow=True),
     Format("WEBP", ((0, b"RIFF"), (8, b"WEBP")), tensorflow=True, exif=True),
     Format("HEIF", extensions=(".heic", ".heif")),  # a Pillow plugin may be installed
@@ -61,6 +66,7 @@ FORMATS = (
 EXIF_FORMATS = frozenset(f.name for f in FORMATS if f.exif)
 TENSORFLOW_MAGIC = tuple(f.magic for f in FORMATS if f.tensorflow)  # any one of them: TensorFlow decodes the file
 HEAD_BYTES = max(offset + len(m) for f in FORMATS for offset, m in f.magic)  # what sniff needs to read
+END_MARKERS = {f.name: f.end for f in FORMATS if f.end}  # Pillow's format name -> the bytes a whole file ends with
 
 
 def _pillow_extensions() -> tuple:

@@ -3,9 +3,11 @@
 Before pixels are decoded, :func:`scan_images` reads every file's header: the EXIF
 orientation of the formats that carry one, and the true reason a file is unusable
 (missing, a dangling link, a FIFO or device -- never opened, see
-:func:`stacker.data.fingerprint.probe` -- empty, not an image, absurdly large). A file
-that passes but fails to decode (a truncated JPEG) is explained afterwards by
-:func:`decode_failure_reason`.
+:func:`stacker.data.fingerprint.probe` -- empty, not an image, absurdly large, cut
+short). A cut-short file is found by its last bytes (:data:`stacker.data.formats.END_MARKERS`):
+only a file whose tail is wrong is decoded here, so every such file is listed before any
+forward pass. A file that passes but fails to decode (corrupt data in the middle) is
+explained afterwards by :func:`decode_failure_reason`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from stacker.data.formats import EXIF_FORMATS, open_image
+from stacker.data.formats import END_MARKERS, EXIF_FORMATS, open_image
 
 __all__ = ["MAX_PIXELS", "decode_failure_reason", "scan_images", "size_problem"]
 
@@ -40,12 +42,12 @@ def _scan_one(path: str) -> tuple[int, str | None]:
 
     from stacker.data.fingerprint import probe
 
-    _, reason = probe(path)  # never open a FIFO or a device
+    st, reason = probe(path)  # never open a FIFO or a device
     if reason:
         return 1, reason
     try:
         with open_image(path) as im:
-            problem = size_problem(*im.size)
+            problem = size_problem(*im.size) or _cut_short(path, st.st_size, im)
             if problem:
                 return 1, problem
             orientation = int(im.getexif().get(0x0112, 1)) if im.format in EXIF_FORMATS else 1
@@ -62,6 +64,25 @@ def _scan_one(path: str) -> tuple[int, str | None]:
         return 1, f"unreadable header ({type(exc).__name__}: {exc})"
     except Exception as exc:  # noqa: BLE001 - any header error means the file is unusable
         return 1, f"unreadable header ({type(exc).__name__}: {exc})"
+
+
+def _cut_short(path: str, size: int, im) -> str | None:
+    """Why a file is incomplete, or None: decoded only when it does not end with its format's end marker.
+
+    Valid files may carry bytes after the marker (some cameras' JPEGs): those decode and pass.
+    """
+    end = END_MARKERS.get(im.format)
+    if not end:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - len(end)))
+        if fh.read(len(end)) == end:
+            return None
+    try:
+        im.load()
+    except Exception as exc:  # noqa: BLE001 - any decode error means the file is unusable
+        return f"corrupt or truncated image data ({type(exc).__name__}: {exc})"
+    return None
 
 
 def scan_images(paths, workers: int = 8, probe_files: int = 64) -> tuple[np.ndarray, dict]:

@@ -22,6 +22,8 @@ from stacker.data.formats import IMAGE_EXTENSIONS
 __all__ = [
     "BadImageError",
     "ImageSet",
+    "SkippedImagesWarning",
+    "check_labels",
     "file_fingerprints",
     "from_class_folders_unlabelled",
     "from_csv",
@@ -36,6 +38,74 @@ _KAGGLE_NAME = re.compile(r"^(?P<label>[^.]+)\.(?P<id>[^.]+)\.[A-Za-z]+$")
 
 class BadImageError(ValueError):
     """An image file cannot be used; the message names the file and the reason."""
+
+
+class SkippedImagesWarning(UserWarning):
+    """Files left out of training (``on_bad_image="skip"``); ``skipped`` maps each path to why."""
+
+    def __init__(self, skipped: dict, shown: int = 10):
+        self.skipped = dict(skipped)
+        n = len(self.skipped)
+        lines = [f"{n} {'file was' if n == 1 else 'files were'} not used for training:"]
+        lines += [f"  {path}: {reason}" for path, reason in list(self.skipped.items())[:shown]]
+        lines += [f"  and {n - shown} more"] if n > shown else []
+        lines.append("the saved model's manifest.json (\"skipped\") and report.html list every one "
+                     "(in Python: Ensemble.skipped_)")
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self):  # copied or pickled (another process) from what it carries, not from its message
+        return type(self), (self.skipped,)
+
+
+def _label_key(label: str) -> str:
+    """What two spellings of one label share: case and runs of spaces do not count."""
+    return " ".join(label.split()).casefold()
+
+
+def _some(rows, shown, lines, limit: int = 3) -> str:
+    """``line 14 img/12.jpg, line 15 img/13.jpg, ...``: the first rows of a problem, by line when there are lines."""
+    named = [f"line {lines[i]} {shown[i]}" if lines else str(shown[i]) for i in rows[:limit]]
+    return ", ".join(named) + (", ..." if len(rows) > limit else "")
+
+
+def _merged(labels: list) -> list:
+    """Each label replaced by the most frequent spelling of its key (ties: the first in sorted order)."""
+    counts: dict = {}
+    for v in labels:
+        counts[v] = counts.get(v, 0) + 1
+    best: dict = {}
+    for v in sorted(counts):
+        k = _label_key(v)
+        if k not in best or counts[v] > counts[best[k]]:
+            best[k] = v
+    return [best[_label_key(v)] for v in labels]
+
+
+def check_labels(labels, shown, where: str = "", lines=None, merge: bool = False) -> list:
+    """``labels``, refused when some are empty or differ only in case or spaces (or merged: ``merge``).
+
+    Such labels are typing slips that would otherwise train as extra classes. ``shown``
+    names each row in the message (a CSV's path column, a file), ``lines`` its CSV line.
+    """
+    noun = "rows" if lines else "images"
+    empty = [i for i, v in enumerate(labels) if not v.strip()]
+    if empty:
+        n = len(empty)
+        raise ValueError(f"{where}{n} {noun[:-1] if n == 1 else noun} {'has' if n == 1 else 'have'} an empty "
+                         f"label ({_some(empty, shown, lines)}): label or remove {'it' if n == 1 else 'them'}")
+    spellings: dict = {}
+    for i, v in enumerate(labels):
+        spellings.setdefault(_label_key(v), {}).setdefault(v, []).append(i)
+    clashes = [group for group in spellings.values() if len(group) > 1]
+    if not clashes:
+        return list(labels)
+    if merge:
+        return _merged(list(labels))
+    text = "; ".join(" and ".join(f"{v!r} ({len(rows)} {noun[:-1] if len(rows) == 1 else noun}: "
+                                  f"{_some(rows, shown, lines)})" for v, rows in sorted(group.items()))
+                     for group in clashes)
+    raise ValueError(f"{where}labels that differ only in case or spaces: {text}; fix them or pass "
+                     "merge_labels=True to merge them into the most frequent spelling")
 
 
 @dataclass
@@ -179,11 +249,13 @@ def _require_dir(root) -> str:
     return root
 
 
-def from_folder(root, classes: list | None = None, ignore: tuple = ("BACKGROUND_Google",)) -> ImageSet:
+def from_folder(root, classes: list | None = None, ignore: tuple = ("BACKGROUND_Google",),
+                merge_labels: bool = False) -> ImageSet:
     """Images in class sub-folders: ``root/<class>/<image>`` (Keras's ``image_dataset_from_directory`` layout).
 
     Files beside the class folders and non-image files inside them get no row and are
-    listed in ``skipped``.
+    listed in ``skipped``. Folder names that differ only in case or spaces are refused, or
+    merged with ``merge_labels`` (see :func:`check_labels`).
     """
     root = _require_dir(root)
     found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d not in ignore)
@@ -208,11 +280,15 @@ def from_folder(root, classes: list | None = None, ignore: tuple = ("BACKGROUND_
     if empty:
         raise ValueError(f"class folders without image files: {empty[:10]}")
     ids = [os.path.relpath(p, root) for p in paths]
-    return ImageSet(paths, ids, labels, sorted(found), skipped=other)
+    labels = check_labels(labels, ids, f"{root}: ", merge=merge_labels)
+    return ImageSet(paths, ids, labels, sorted(set(labels)), skipped=other)
 
 
-def from_kaggle_names(root) -> ImageSet:
-    """Labelled images whose file name starts with the label: ``cat.12.jpg``, ``dog.7.jpg``."""
+def from_kaggle_names(root, merge_labels: bool = False) -> ImageSet:
+    """Labelled images whose file name starts with the label: ``cat.12.jpg``, ``dog.7.jpg``.
+
+    ``Cat.1.jpg`` beside ``cat.2.jpg`` is refused, or merged with ``merge_labels`` (see :func:`check_labels`).
+    """
     root = _require_dir(root)
     files, other = _list_images(root)
     if not files:
@@ -223,25 +299,37 @@ def from_kaggle_names(root) -> ImageSet:
         (labels.append(m.group("label")) if m else bad.append(f))
     if bad:
         raise ValueError(f"file names without a '<label>.<id>.<ext>' form in {root}: {bad[:5]}")
+    labels = check_labels(labels, files, f"{root}: ", merge=merge_labels)
     order = sorted(range(len(files)), key=lambda i: (labels[i], _natural_key(files[i])))
     files = [files[i] for i in order]
     return ImageSet([os.path.join(root, f) for f in files], files, [labels[i] for i in order], skipped=other)
 
 
-def from_csv(csv_path, root=None, path_column: str = "path", label_column: str = "label") -> ImageSet:
-    """Images listed in a CSV with ``path`` and ``label`` columns (paths relative to ``root`` or the CSV)."""
+def from_csv(csv_path, root=None, path_column: str = "path", label_column: str = "label",
+             merge_labels: bool = False) -> ImageSet:
+    """Images listed in a CSV with ``path`` and ``label`` columns (paths relative to ``root`` or the CSV).
+
+    Empty labels, and labels that differ only in case or spaces, are refused with their
+    line numbers; ``merge_labels`` merges the latter (see :func:`check_labels`).
+    """
     csv_path = os.fspath(csv_path)
     root = os.fspath(root) if root else os.path.dirname(os.path.abspath(csv_path))
     with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows, lines = [], []
+        for row in reader:
+            rows.append(row)
+            lines.append(reader.line_num)
     if not rows:
         raise ValueError(f"{csv_path} has no rows")
     for col in (path_column, label_column):
         if col not in rows[0]:
             raise ValueError(f"{csv_path} has no column {col!r} (columns: {list(rows[0])})")
     paths = [os.path.join(root, r[path_column]) for r in rows]
+    ids = [r[path_column] for r in rows]
+    labels = check_labels([r[label_column] or "" for r in rows], ids, f"{csv_path}: ", lines, merge_labels)
     # missing files keep their row: extraction reports them under the on_bad_image policy
-    return ImageSet(paths, [r[path_column] for r in rows], [r[label_column] for r in rows])
+    return ImageSet(paths, ids, labels)
 
 
 def _natural_key(name: str):
@@ -282,26 +370,31 @@ def from_class_folders_unlabelled(root) -> ImageSet:
     return ImageSet(data.paths, data.ids, skipped=data.skipped)
 
 
-def load_images(source, labelled: bool = True) -> ImageSet:
+def load_images(source, labelled: bool = True, merge_labels: bool = False) -> ImageSet:
     """An :class:`ImageSet` from a folder, a CSV file or an existing set, by what it holds.
 
     A CSV -> :func:`from_csv`; a folder with class sub-folders -> :func:`from_folder`;
     a folder of ``label.id.ext`` files -> :func:`from_kaggle_names`; otherwise (or with
-    ``labelled=False``) an unlabelled :func:`from_test_folder`.
+    ``labelled=False``) an unlabelled :func:`from_test_folder`. Labels that differ only
+    in case or spaces are refused, or merged into the most frequent spelling with
+    ``merge_labels``; empty labels are always refused.
     """
     if isinstance(source, ImageSet):
-        return source
+        if not (merge_labels and source.labels is not None):
+            return source
+        labels = check_labels(source.labels, source.paths, merge=True)
+        return ImageSet(source.paths, source.ids, labels, skipped=source.skipped)
     source = os.fspath(source)
     if os.path.isfile(source) and source.lower().endswith(".csv"):
-        return from_csv(source)
+        return from_csv(source, merge_labels=merge_labels)
     root = _require_dir(source)
     if not labelled:
         return from_test_folder(root)
     images, other = _list_images(root)
     if not images and any(r.startswith("a sub-folder") for r in other.values()):
-        return from_folder(root)
+        return from_folder(root, merge_labels=merge_labels)
     if images and all(_KAGGLE_NAME.match(f) for f in images):
-        return from_kaggle_names(root)
+        return from_kaggle_names(root, merge_labels=merge_labels)
     if not images:
         raise ValueError(f"{root} holds neither image files nor class folders")
     return from_test_folder(root)

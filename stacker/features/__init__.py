@@ -2,6 +2,7 @@
 
 - :mod:`~stacker.features.extractor`: pooled features of one backbone through the cache (the only
   place a CNN forward pass over images happens);
+- :mod:`~stacker.features.progress`: extraction progress as periodic lines when stderr is a log, not a terminal;
 - :mod:`~stacker.features.cutpoint`: activations at a backbone's cut point, per view (for fine-tuning);
 - :mod:`~stacker.features.config`: the extraction options, declared once (parameters, CLI, cache key);
 - :mod:`~stacker.features.engines`: what runs the forward pass (Keras, XLA, ONNX Runtime);

@@ -67,7 +67,7 @@ def code_fingerprint() -> str:
 
 
 def _bar_mode() -> int:
-    """Keras Progbar verbosity: a live bar on a terminal or in a notebook, one plain line in a log file."""
+    """1: a live Keras bar (a terminal, a notebook); 2: periodic plain lines for a log file (:mod:`.progress`)."""
     import sys
 
     live = getattr(sys.stdout, "isatty", lambda: False)() or "ipykernel" in sys.modules
@@ -404,8 +404,11 @@ class FeatureExtractor:
         if self.verbose:
             import keras
 
-            bar = keras.utils.Progbar(good.size, unit_name="image", verbose=_bar_mode())
-            print(f"{self.cfg.name}: extracting features of {good.size} images at {self.size}px")
+            from stacker.features.progress import LogProgress
+
+            print(f"{self.cfg.name}: extracting features of {good.size} images at {self.size}px", flush=True)
+            bar = (keras.utils.Progbar(good.size, unit_name="image") if _bar_mode() == 1
+                   else LogProgress(good.size, self.cfg.name))
         pending_rows, pending_feats = [], []
         seen = set()
         clock = [time.perf_counter()]

@@ -36,8 +36,8 @@ from stacker.learners.base import describe, saved_networks
 from stacker.learners.kinds import LEARNER_KINDS
 from stacker.level2.selection import Level2
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "save_ensemble", "load_ensemble", "read_manifest", "environment",
-           "dataset_fingerprint"]
+__all__ = ["FORMAT_VERSION", "MANIFEST", "check_output_dir", "save_ensemble", "load_ensemble", "read_manifest",
+           "environment", "dataset_fingerprint"]
 
 FORMAT_VERSION = 4  # 3: skops files instead of pickles; 4: classes at the sub-package paths (stacker.learners...)
 MANIFEST = "manifest.json"
@@ -47,13 +47,29 @@ MAX_MANIFEST_BYTES = 256 * 2**20  # a manifest is parameters, scores and file li
 MACHINE_PATH_PARAMS = ("cache_dir", "weights_dir")
 
 
+def check_output_dir(directory, option: str | None = None) -> None:
+    """Refuse a folder a model cannot be saved into, before the work of fitting one.
+
+    New, empty, or a stacker model directory (one with a manifest, which saving replaces):
+    fine. Anything else would mix a model with someone's files. ``option`` (``"--out"``)
+    names the folder in a command line's terms.
+    """
+    directory = os.fspath(directory)
+    where = f"{option} {directory}" if option else directory
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise FileExistsError(f"{where} exists and is a file, not a folder; give a new or empty folder")
+    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    if names and MANIFEST not in names:
+        held = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise FileExistsError(f"{where} exists and is not a stacker model directory (it holds {held}); "
+                              "give a new or empty folder")
+
+
 def save_ensemble(ens, directory, onnx: bool | None = None) -> str:
     """Write a fitted ensemble to ``directory`` (see :meth:`stacker.Ensemble.save`)."""
     check_is_fitted(ens, "meta_")
     directory = os.fspath(directory)
-    if os.path.isdir(directory) and os.listdir(directory) and not os.path.exists(os.path.join(directory, MANIFEST)):
-        raise FileExistsError(f"{directory} exists and is not a stacker model directory; "
-                              "save into a new or empty directory")
+    check_output_dir(directory)
     tmp = os.path.abspath(directory).rstrip("/") + f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -77,7 +93,8 @@ def save_ensemble(ens, directory, onnx: bool | None = None) -> str:
         "meta": describe(ens.meta), "meta_inputs": ens.meta_inputs, "cv": ens.cv,
         "random_state": ens.random_state, "scores": ens.scores_, "skipped": ens.skipped_, "files": files,
         "meta_importance": ens.meta_importance_, "config": ens.config_, "environment": ens.environment_,
-        "train_ids": [str(i) for i in ens.train_ids_], "train_paths": ens.train_paths_,
+        "train_ids": [str(i) for i in ens.train_ids_],
+        "train_paths": [os.path.abspath(p) for p in ens.train_paths_],  # found by a report run from any folder
         "histories": {n: [getattr(est, "history_", None) for est in lr.fold_models_]
                       for n, lr in ens.learners_.items()},
     }

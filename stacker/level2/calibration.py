@@ -2,6 +2,8 @@
 
 :class:`TemperatureScaler` fits them; :func:`calibrate` applies them (a fitted level 2
 keeps only the two numbers). Fitted out of fold, in :mod:`stacker.level2.crossfit`.
+:func:`with_min_proba` is the last step of every ensemble prediction: no probability is
+exactly 0 or 1 unless the user asks (``min_proba=0``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from sklearn.utils.validation import check_is_fitted
 from stacker.io.persist import trusted
 from stacker.level2.arrays import EPS, row_blocks
 
-__all__ = ["TemperatureScaler", "calibrate"]
+__all__ = ["MIN_PROBA", "TemperatureScaler", "calibrate", "check_min_proba", "with_min_proba"]
+
+# Every probability an ensemble predicts is at least this (Ensemble's ``min_proba``): one
+# confidently wrong 0 would cost infinite log loss; 1e-6 caps it at about 13.8.
+MIN_PROBA = 1e-6
 
 
 @trusted
@@ -77,3 +83,29 @@ def calibrate(proba, temperature: float = 1.0, floor: float = 0.0) -> np.ndarray
         part = softmax(np.log(np.clip(proba[b], EPS, None)) / temperature, axis=1) if temperature != 1.0 else proba[b]
         out[b] = (1 - floor) * part + floor / proba.shape[1] if floor else part
     return out
+
+
+def with_min_proba(proba, min_proba: float = MIN_PROBA) -> np.ndarray:
+    """Every probability at least ``min_proba``, rows still summing to 1: ``(1 - k m) p + m``.
+
+    Mixing with the uniform distribution keeps the order of the classes and moves no
+    probability by more than ``k m``; ``min_proba=0`` returns ``proba`` unchanged. NaN
+    rows (skipped images) stay NaN.
+
+    Raises
+    ------
+    ValueError
+        Unless ``0 <= min_proba < 1 / k`` (at ``1 / k`` every row would be uniform).
+    """
+    proba = np.asarray(proba, dtype=np.float64)
+    k = proba.shape[-1]
+    m = check_min_proba(min_proba, k)
+    return proba if m == 0.0 else (1.0 - k * m) * proba + m
+
+
+def check_min_proba(min_proba, k: int) -> float:
+    """``min_proba`` as a float, or a ValueError unless ``0 <= min_proba < 1 / k``."""
+    m = float(min_proba) if isinstance(min_proba, (int, float, np.number)) and not isinstance(min_proba, bool) else None
+    if m is None or not 0.0 <= m < 1.0 / k:
+        raise ValueError(f"min_proba must be a number >= 0 and below 1/{k} ({k} classes), got {min_proba!r}")
+    return m

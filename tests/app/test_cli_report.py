@@ -165,7 +165,8 @@ def test_predict_command_table_json_csv(fitted_dir, tmp_path, capsys):
     root, out = fitted_dir
     assert main(["predict", str(out), str(root / "test")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 6 and lines[0].split()[1] in ("cat", "dog", "owl")
+    assert lines[0].split()[:3] == ["path", "predicted", "probability"]  # a header, then one row per image
+    assert len(lines) == 7 and lines[1].split()[1] in ("cat", "dog", "owl")
     assert main(["predict", str(out), str(root / "test" / "1.png"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["label"] in ("cat", "dog", "owl") and abs(sum(rows[0][c] for c in ("cat", "dog", "owl")) - 1) < 1e-6
@@ -266,7 +267,7 @@ def test_cache_refuses_a_folder_that_is_not_a_cache(tmp_path, capsys):
 
 def test_every_subcommand_has_help_with_defaults(capsys):
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert set(commands) == {"fit", "predict", "submit", "report", "top5", "extract", "cache"}
+    assert set(commands) == {"fit", "predict", "submit", "report", "top5", "extract", "cache", "evaluate"}
     for name in commands:
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])

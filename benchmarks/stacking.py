@@ -233,6 +233,7 @@ def bench(key, args, summary):
     d = rows["stacker default"]
     best = next(r for n, r in rows.items() if n.startswith("best single"))
     summary.update({f"{key}_ll": d["log_loss"], f"{key}_sklearn_ll": rows["sklearn StackingClassifier"]["log_loss"],
+                    f"{key}_acc": d["accuracy"], f"{key}_sklearn_acc": rows["sklearn StackingClassifier"]["accuracy"],
                     f"{key}_concat_ll": rows["LogisticRegression on concatenated"]["log_loss"],
                     f"{key}_best_member_ll": best["log_loss"], f"{key}_fit_s": d["fit_s"],
                     f"{key}_heldout_ll": rows80["stacker default"]["heldout"]["log_loss"],

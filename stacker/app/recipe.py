@@ -138,7 +138,9 @@ def fit_and_save(args, train, extra: dict | None = None):
         from stacker.app.predictions import write_predictions
 
         print(f"out-of-fold predictions: {write_predictions(args.predictions, ens.oof_predictions(train))}")
-    info = {"fit_s": fit_s, "backbones": backbones.split(","), "folds": folds, "n_train": len(train),
+    extract_s = sum(s.get("extract_s") or 0.0 for n, s in ens.scores_.items() if n != "ensemble")
+    info = {"fit_s": fit_s, "extract_s": extract_s, "stacking_s": fit_s - extract_s,  # CNNs vs the rest of the fit
+            "backbones": backbones.split(","), "folds": folds, "n_train": len(train),
             "scores": ens.scores_, **(extra or {})}
     with open(os.path.join(args.out, "run.json"), "w") as f:
         json.dump(info, f, indent=1, default=str)

@@ -11,7 +11,7 @@ import functools
 import numpy as np
 from sklearn.preprocessing import StandardScaler
 
-from stacker.learners.zoo import PrototypeClassifier
+from stacker.learners.zoo import PathLogistic, PrototypeClassifier
 
 __all__ = ["proba_function"]
 
@@ -30,6 +30,8 @@ def proba_function(model):
 
     if isinstance(model, PrototypeClassifier) and hasattr(model, "prototypes_"):
         return model._proba
+    if isinstance(model, PathLogistic) and hasattr(model, "pipeline_"):
+        model = model.pipeline_
     if (isinstance(model, Pipeline) and len(model.steps) == 2 and type(model.steps[0][1]) is StandardScaler
             and isinstance(model.steps[1][1], LogisticRegression) and hasattr(model.steps[1][1], "coef_")):
         return functools.partial(_scaled_logistic_proba, model.steps[0][1], model.steps[1][1])

@@ -7,9 +7,9 @@ blocks ``[P_1 | P_2 | ... | P_L]`` (``L`` learners, ``k`` columns each):
   ``WeightedEnsemble`` of AutoGluon): weights are how often each learner was picked.
   On its own training rows it is never worse than the best learner, whom it starts from.
 - ``logit``: a weighted geometric mean, ``softmax(sum_l w_l log P_l + b)``, fitted by
-  L2-regularised maximum likelihood: ``L + k`` parameters whatever the number of
-  classes (a multinomial logistic regression on 303 Caltech columns has 30,000 and is
-  miscalibrated); on two classes it is logistic regression on the learners' logits.
+  L2-regularised maximum likelihood (biases penalised too): ``L + k`` parameters whatever
+  the number of classes (a multinomial logistic regression on 303 Caltech columns has
+  30,000 and is miscalibrated); on two classes it is logistic regression on the learners' logits.
 - ``mean``: plain averaging, the baseline every stack must beat.
 - ``best``: the single learner with the lowest log loss.
 - ``stack2``: a second layer (logit and mean cross-fitted inside) with passthrough of the
@@ -135,11 +135,18 @@ class GreedyEnsemble(_BlockCombiner):
 class LogitStacker(_BlockCombiner):
     """``softmax(sum_l w_l log P_l + b)``: a weighted geometric mean with class biases.
 
+    The biases are penalised too (``bias_alpha``): free biases are ``k`` parameters that
+    overfit where classes are many and small (Caltech-101: out-of-fold log loss 0.135
+    with free biases, 0.1215 with ``bias_alpha=0.1``) and make L-BFGS take hundreds of
+    iterations instead of tens. Each step costs ``O(n k L)``.
+
     Parameters
     ----------
     n_learners : int
     alpha : float
         L2 penalty on the weights (per row of data).
+    bias_alpha : float
+        L2 penalty on the class biases (per row of data).
 
     Attributes
     ----------
@@ -148,9 +155,10 @@ class LogitStacker(_BlockCombiner):
     bias_ : ndarray (n_classes,)
     """
 
-    def __init__(self, n_learners=1, alpha=1e-4):
+    def __init__(self, n_learners=1, alpha=1e-4, bias_alpha=0.1):
         self.n_learners = n_learners
         self.alpha = alpha
+        self.bias_alpha = bias_alpha
 
     def fit(self, X, y):
         X, y_idx = self._prepare(X, y)
@@ -162,6 +170,7 @@ class LogitStacker(_BlockCombiner):
             np.log(np.clip(X[:, b * k:(b + 1) * k], EPS, None), out=logP[b], casting="same_kind")
         rows = np.arange(n)
         buffer = np.empty((n, k))
+        flat = logP.reshape(L, n * k)
 
         def loss(theta):  # three (n, k) float64 arrays per call: level 2 at a million rows
             w, b = theta[:L], theta[L:]
@@ -172,12 +181,13 @@ class LogitStacker(_BlockCombiner):
             z -= z.max(axis=1, keepdims=True)
             d = np.exp(z)
             total = d.sum(axis=1)
-            value = -np.sum(z[rows, y_idx] - np.log(total)) / n + 0.5 * self.alpha * w @ w
+            value = (-np.sum(z[rows, y_idx] - np.log(total)) / n + 0.5 * self.alpha * w @ w
+                     + 0.5 * self.bias_alpha * b @ b)
             d /= total[:, None]  # softmax; minus the one-hot target, per row: the gradient
             d[rows, y_idx] -= 1.0
             d /= n
-            grad_w = np.array([np.vdot(logP[j], d) for j in range(L)]) + self.alpha * w
-            return value, np.concatenate([grad_w, d.sum(axis=0)])
+            grad_w = flat @ d.astype(np.float32).ravel() + self.alpha * w  # one float32 pass, no float64 copies
+            return value, np.concatenate([grad_w.astype(np.float64), d.sum(axis=0) + self.bias_alpha * b])
 
         theta0 = np.concatenate([np.full(L, 1.0 / L), np.zeros(k)])
         res = minimize(loss, theta0, jac=True, method="L-BFGS-B", options={"maxiter": 500})

@@ -39,6 +39,8 @@ def test_dogs_vs_cats_quick_end_to_end(kaggle_dir, tmp_path):
     assert all(0 < float(r[1]) < 1 for r in sub[1:])
     run_info = json.loads((out / "run.json").read_text())
     assert run_info["n_train"] == 20
+    assert 0 < run_info["extract_s"] < run_info["fit_s"]  # a cold cache: the CNNs ran, and the rest is stacking_s
+    assert abs(run_info["extract_s"] + run_info["stacking_s"] - run_info["fit_s"]) < 1e-6
 
 
 def test_recipe_help():

@@ -82,9 +82,9 @@ def test_combiners_read_probability_blocks():
     np.testing.assert_allclose(MeanClassifier(3).fit(Z, y).predict_proba(Z), np.mean(blocks, axis=0))
     best = SingleBest(3).fit(Z, y)
     np.testing.assert_allclose(best.predict_proba(Z), blocks[int(np.argmin([_nll(P, y) for P in blocks]))])
-    logit = LogitStacker(3).fit(Z, y)
+    logit = LogitStacker(3, bias_alpha=0.0).fit(Z, y)
     assert logit.weights_.shape == (3,) and logit.bias_.shape == (2,)
-    # on two classes it is logistic regression on the learners' logits
+    # with free biases, on two classes it is logistic regression on the learners' logits
     from sklearn.linear_model import LogisticRegression
 
     logits = np.column_stack([np.log(P[:, 1] / P[:, 0]) for P in blocks])

@@ -183,9 +183,10 @@ class PathLogistic(ClassifierMixin, BaseEstimator):
         model, best = self._logistic(Cs[0], warm=True), None
         for i, C in enumerate(Cs):
             model.set_params(C=C).fit(Z[inner], y_idx[inner])
-            log_p = log_softmax(model.decision_function(Z[held]).reshape(len(held), -1), axis=1)
-            if log_p.shape[1] == 1:  # binary: one score column
-                log_p = log_softmax(np.hstack([np.zeros_like(log_p), log_p]), axis=1)
+            scores = model.decision_function(Z[held]).reshape(len(held), -1)
+            if scores.shape[1] == 1:  # binary: one score, the log-odds of the second class
+                scores = np.hstack([np.zeros_like(scores), scores])
+            log_p = log_softmax(scores, axis=1)
             t = _temperature(log_p, y_idx[held]) if self.temperature else 1.0
             self.path_[i] = -np.mean(log_softmax(log_p / t, axis=1)[np.arange(len(held)), y_idx[held]])
             if best is None or self.path_[i] < self.path_[best[0]]:

@@ -23,6 +23,7 @@ def test_path_logistic_picks_a_c_of_the_grid_and_predicts_like_its_refitted_mode
     est = PathLogistic(random_state=0).fit(X, y)
     assert est.C_ in est.Cs and np.isfinite(est.path_).all() and np.exp(-1) <= est.temperature_ <= np.e
     assert est.path_[list(sorted(est.Cs)).index(est.C_)] == est.path_.min()
+    assert est.path_.max() < np.log(k) and len(set(est.path_.round(6))) == len(est.Cs)  # real held-out losses
     P = est.predict_proba(X)
     np.testing.assert_allclose(P.sum(axis=1), 1.0, rtol=1e-6)
     assert (est.predict(X) == y).mean() > 0.9

@@ -121,6 +121,7 @@ def main(config, data_dir, cache, out, result, point=None):
     np.save(result + ".npy", proba)
     with open(result + ".json", "w") as f:
         json.dump({"forward": fit_forward, "dense_fits": fits["dense"], "finetune_fits": fits["finetune"],
+                   "level2": ens.meta_.name,
                    "oof": {n: p.tolist() for n, p in ens.oof_proba_.items()},
                    "meta_oof": ens.meta_oof_proba_.tolist()}, f)
 

@@ -39,6 +39,9 @@ BOUNDS = {
     "MAX_MEMBER_BYTES": (4 << 30, "STACKER_MAX_MEMBER_BYTES", "bytes"),
     "MAX_EXPANSION": (100, "STACKER_MAX_EXPANSION", "times the stored bytes"),
     "EXPANSION_FLOOR": (16 << 20, "STACKER_EXPANSION_FLOOR", "bytes"),
+    # ONNX graphs (stacker.io.onnx_graph): elements of any one tensor; bytes of a graph file (protobuf's own limit)
+    "MAX_ONNX_ELEMENTS": (2 ** 26, "STACKER_MAX_ONNX_ELEMENTS", "elements"),
+    "MAX_ONNX_BYTES": (2 ** 31, "STACKER_MAX_ONNX_BYTES", "bytes"),
 }
 
 

@@ -33,17 +33,16 @@ weight of any registered backbone (ResNet50 and Xception's 3x3x512x512 convoluti
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
+
+from stacker.io.bounds import BOUNDS, limit
 
 __all__ = ["ALLOWED_NODE_DOMAINS", "ALLOWED_OPSET_DOMAINS", "DEFAULT_MAX_ELEMENTS", "DEFAULT_MAX_GRAPH_BYTES",
            "MAX_ELEMENTS_ENV", "MAX_GRAPH_BYTES_ENV", "UnsafeGraphError", "check_graph", "max_elements",
            "max_graph_bytes"]
 
-MAX_ELEMENTS_ENV = "STACKER_MAX_ONNX_ELEMENTS"
-DEFAULT_MAX_ELEMENTS = 2 ** 26
-MAX_GRAPH_BYTES_ENV = "STACKER_MAX_ONNX_BYTES"
-DEFAULT_MAX_GRAPH_BYTES = 2 ** 31  # protobuf's own limit for one message; real graphs are 8-260 MB
+DEFAULT_MAX_ELEMENTS, MAX_ELEMENTS_ENV, _ = BOUNDS["MAX_ONNX_ELEMENTS"]
+DEFAULT_MAX_GRAPH_BYTES, MAX_GRAPH_BYTES_ENV, _ = BOUNDS["MAX_ONNX_BYTES"]  # real graphs are 8-260 MB
 ALLOWED_NODE_DOMAINS = ("", "ai.onnx")
 ALLOWED_OPSET_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 # op -> the inputs that fix its output's shape (ConstantOfShape's shape, Expand's shape, ...)
@@ -65,25 +64,12 @@ class UnsafeGraphError(ValueError):
 
 def max_elements() -> int:
     """The element bound: ``$STACKER_MAX_ONNX_ELEMENTS`` or :data:`DEFAULT_MAX_ELEMENTS`."""
-    return _env_int(MAX_ELEMENTS_ENV, DEFAULT_MAX_ELEMENTS)
+    return limit("MAX_ONNX_ELEMENTS")
 
 
 def max_graph_bytes() -> int:
     """The largest graph file read: ``$STACKER_MAX_ONNX_BYTES`` or :data:`DEFAULT_MAX_GRAPH_BYTES`."""
-    return _env_int(MAX_GRAPH_BYTES_ENV, DEFAULT_MAX_GRAPH_BYTES)
-
-
-def _env_int(var: str, default: int) -> int:
-    value = os.environ.get(var)
-    if not value:
-        return default
-    try:
-        out = int(value)
-    except ValueError:
-        raise ValueError(f"${var} must be a positive integer, got {value!r}") from None
-    if out <= 0:
-        raise ValueError(f"${var} must be a positive integer, got {value!r}")
-    return out
+    return limit("MAX_ONNX_BYTES")
 
 
 def check_graph(data: bytes, name: str, input_shape=None) -> None:

@@ -46,6 +46,35 @@ def fit_tiny_model(root, models, onnx=None):
     return ens, data
 
 
+def image_copy(data, folder):
+    """One training image of ``data`` copied to ``folder/image.png``: the image every child predicts."""
+    import shutil
+
+    image = folder / "image.png"
+    shutil.copy(data.paths[0], image)
+    return image
+
+
+def saved_backbone_file(root, suffix: str, onnx=None):
+    """``(images, model dir, path of its one backbone file ending in suffix)``: a tiny logistic model, saved."""
+    _ens, data = fit_tiny_model(root, ("logistic",), onnx=onnx)
+    found = [p for p in os.listdir(root / "model" / "backbones") if p.endswith(suffix)]
+    assert len(found) == 1
+    return data, root / "model", "backbones/" + found[0]
+
+
+def forged_copy(source, rel, tmp_path, rewrite):
+    """``(model dir, forged file)``: a copy of ``source`` in tmp_path/model whose file ``rel`` ``rewrite(path)``
+    changed, the manifest's sha256s rewritten as whoever forges a directory can."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(source, model)
+    rewrite(model / rel)
+    rehash(model)
+    return model, model / rel
+
+
 def rehash(model_dir) -> None:
     """Rewrite the sha256 of every file in the manifest, as whoever forges a directory can."""
     import hashlib

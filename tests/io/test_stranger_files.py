@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import stacker
-from sandbox import child_env, rehash, REPO, touched_outside, UNDER_TEST, fit_tiny_model
+from sandbox import child_env, image_copy, rehash, REPO, touched_outside, UNDER_TEST, fit_tiny_model
 
 CHILD_ENV = child_env()
 
@@ -52,10 +52,7 @@ def _forge(saved, tmp_path, edit=None, resign=True):
 
 
 def _image(saved, tmp_path):
-    _ens, data, _root = saved
-    image = tmp_path / "image.png"
-    shutil.copy(data.paths[0], image)
-    return image
+    return image_copy(saved[1], tmp_path)
 
 
 def _assert_refused(results, *words):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -30,7 +29,7 @@ import pytest
 
 import stacker
 from conftest import TINY, make_class_folders, save_tiny_weights
-from sandbox import child_env, rehash, REPO, touched_outside, UNDER_TEST, fit_tiny_model
+from sandbox import child_env, forged_copy, image_copy, REPO, saved_backbone_file, touched_outside, UNDER_TEST
 
 CHILD_ENV = child_env(STACKER_ENGINE="keras")
 
@@ -38,35 +37,27 @@ CHILD_ENV = child_env(STACKER_ENGINE="keras")
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A fitted tiny ensemble (logistic heads on the tiny backbone), its backbone archive and an image."""
-    root = tmp_path_factory.mktemp("stranger-keras")
-    ens, data = fit_tiny_model(root, ("logistic",))
-    archives = [p for p in os.listdir(root / "model" / "backbones") if p.endswith(".keras")]
-    assert len(archives) == 1
-    return data, root / "model", "backbones/" + archives[0]
+    return saved_backbone_file(tmp_path_factory.mktemp("stranger-keras"), ".keras")
 
 
 def _forge(saved, tmp_path, change):
     """A copy of the saved model whose backbone config is ``change(config)``, the manifest's sha256s rewritten."""
-    _data, source, rel = saved
-    model = tmp_path / "model"
-    shutil.copytree(source, model)
-    with zipfile.ZipFile(model / rel) as src:
-        items = [(info, src.read(info)) for info in src.infolist()]
-    with zipfile.ZipFile(model / rel, "w") as zf:
-        for info, data in items:
-            if info.filename == "config.json":
-                config = json.loads(data)
-                change(config)
-                data = json.dumps(config).encode()
-            zf.writestr(info, data)
-    rehash(model)
-    return model, model / rel
+    def rewrite(path):
+        with zipfile.ZipFile(path) as src:
+            items = [(info, src.read(info)) for info in src.infolist()]
+        with zipfile.ZipFile(path, "w") as zf:
+            for info, data in items:
+                if info.filename == "config.json":
+                    config = json.loads(data)
+                    change(config)
+                    data = json.dumps(config).encode()
+                zf.writestr(info, data)
+
+    return forged_copy(saved[1], saved[2], tmp_path, rewrite)
 
 
 def _image(saved, tmp_path):
-    image = tmp_path / "image.png"
-    shutil.copy(saved[0].paths[0], image)
-    return image
+    return image_copy(saved[0], tmp_path)
 
 
 def _custom_objects() -> dict:

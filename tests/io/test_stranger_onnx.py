@@ -26,7 +26,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sandbox import home_dirs, CHILD, child_env, rehash, REPO, touched_outside, fit_tiny_model
+from sandbox import home_dirs, CHILD, child_env, forged_copy, image_copy, REPO, saved_backbone_file, touched_outside
 
 CHILD_ENV = child_env(STACKER_ENGINE="onnx")
 SECRET = np.full(16, 1000.0, np.float32)  # tiny_cnn's 16 features, shifted by what the file holds
@@ -35,29 +35,21 @@ SECRET = np.full(16, 1000.0, np.float32)  # tiny_cnn's 16 features, shifted by w
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A fitted tiny ensemble saved with its ONNX graph."""
-    root = tmp_path_factory.mktemp("stranger-onnx")
-    ens, data = fit_tiny_model(root, ("logistic",), onnx=True)
-    graphs = [p for p in os.listdir(root / "model" / "backbones") if p.endswith(".onnx")]
-    assert len(graphs) == 1
-    return data, root / "model", "backbones/" + graphs[0]
+    return saved_backbone_file(tmp_path_factory.mktemp("stranger-onnx"), ".onnx", onnx=True)
 
 
 def _forge(saved, tmp_path, change):
     """A copy of the saved model whose graph is ``change(ModelProto)``, the manifest's sha256s rewritten."""
-    _data, source, rel = saved
-    model = tmp_path / "model"
-    shutil.copytree(source, model)
-    proto = onnx.load_model(str(model / rel))
-    change(proto)
-    (model / rel).write_bytes(proto.SerializeToString())
-    rehash(model)
-    return model, model / rel
+    def rewrite(path):
+        proto = onnx.load_model(str(path))
+        change(proto)
+        path.write_bytes(proto.SerializeToString())
+
+    return forged_copy(saved[1], saved[2], tmp_path, rewrite)
 
 
 def _image(saved, tmp_path):
-    image = tmp_path / "image.png"
-    shutil.copy(saved[0].paths[0], image)
-    return image
+    return image_copy(saved[0], tmp_path)
 
 
 def _add_to_output(proto, tensor_name: str, op: str = "Add") -> None:

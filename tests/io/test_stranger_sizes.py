@@ -32,7 +32,7 @@ import pytest
 
 import stacker
 
-from sandbox import home_dirs, CHILD, child_env, rehash, REPO, touched_outside, UNDER_TEST, fit_tiny_model
+from sandbox import home_dirs, CHILD, child_env, rehash, REPO, touched_outside, UNDER_TEST, fit_tiny_model, image_copy
 
 CHILD_ENV = child_env()
 MARGIN = 300 << 20  # peak RSS a forged directory may add over the legitimate one; every bomb declares >= 0.4 GB
@@ -44,9 +44,7 @@ def saved(tmp_path_factory):
     """A fitted tiny ensemble with a skops learner (logistic) and a Keras one (dense), saved."""
     root = tmp_path_factory.mktemp("sizes")
     ens, data = fit_tiny_model(root, ("logistic", "dense"))
-    image = root / "image.png"
-    shutil.copy(data.paths[0], image)
-    return ens, data, root, image
+    return ens, data, root, image_copy(data, root)
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ from sklearn.preprocessing import LabelEncoder, StandardScaler
 
 import stacker
 from conftest import TINY, save_tiny_weights
-from sandbox import child_env, rehash, touched_outside, fit_tiny_model
+from sandbox import child_env, rehash, touched_outside, fit_tiny_model, image_copy
 
 CHILD_ENV = child_env()
 READER_TYPES = ["builtins.slice", "sklearn.compose._column_transformer.ColumnTransformer",
@@ -55,9 +55,7 @@ def saved(tmp_path_factory):
     """A fitted tiny ensemble (logistic and prototype learners, level 2 chosen by "auto"), saved, and an image."""
     root = tmp_path_factory.mktemp("types")
     ens, data = fit_tiny_model(root, ("logistic", "prototype"))
-    image = root / "image.png"
-    shutil.copy(data.paths[0], image)
-    return ens, data, root, image
+    return ens, data, root, image_copy(data, root)
 
 
 def _fold_file(model_dir) -> str:

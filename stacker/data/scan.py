@@ -74,15 +74,27 @@ def _cut_short(path: str, size: int, im) -> str | None:
     end = END_MARKERS.get(im.format)
     if not end:
         return None
-    with open(path, "rb") as fh:
-        fh.seek(max(0, size - len(end)))
-        if fh.read(len(end)) == end:
-            return None
+    if _tail(im, path, size, len(end)) == end:
+        return None
     try:
         im.load()
     except Exception as exc:  # noqa: BLE001 - any decode error means the file is unusable
         return f"corrupt or truncated image data ({type(exc).__name__}: {exc})"
     return None
+
+
+def _tail(im, path: str, size: int, n: int) -> bytes:
+    """The file's last ``n`` bytes, read through the file Pillow already has open (one open per file)."""
+    fh = getattr(im, "fp", None)
+    if fh is None:
+        with open(path, "rb") as own:
+            own.seek(max(0, size - n))
+            return own.read(n)
+    where = fh.tell()
+    fh.seek(max(0, size - n))
+    tail = fh.read(n)
+    fh.seek(where)
+    return tail
 
 
 def scan_images(paths, workers: int = 8, probe_files: int = 64) -> tuple[np.ndarray, dict]:

@@ -241,13 +241,10 @@ def _prediction_table(paths, res) -> str:
         top = sorted(range(len(res.classes)), key=lambda j: -res.proba[i, j])[:2 if second else 1]
         rows.append([path] + [v for j in top for v in (res.classes[j], _shown(res.proba[i, j]))])
         notes.append("")
-    widths = [max(len(r[c]) for r in (head, *rows) if c < len(r)) for c in range(len(head))]
+    from stacker.level2.leaderboard import text_columns
 
-    def line(cells, note=""):
-        text = "  ".join(v.rjust(w) if c in (2, 4) else v.ljust(w) for c, (v, w) in enumerate(zip(cells, widths)))
-        return f"{text}  {note}".rstrip()
-
-    return "\n".join([line(head)] + [line(r, n) for r, n in zip(rows, notes)])
+    lines = text_columns([head, *rows], right=(2, 4))
+    return "\n".join(f"{text}  {note}".rstrip() for text, note in zip(lines, ["", *notes]))
 
 
 def cmd_evaluate(args, out) -> int:

@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from stacker.level2.leaderboard import text_columns
+
 __all__ = ["MAX_CLASS_ROWS", "MAX_MATRIX_CLASSES", "evaluate_model", "format_confusion", "format_per_class",
            "format_scores"]
 
@@ -26,9 +28,7 @@ MAX_MATRIX_CLASSES = 10  # more classes: the most confused pairs instead of a ma
 
 def _columns(rows, left: int = 1) -> list[str]:
     """Rows of strings as aligned text columns (the first ``left`` columns left-aligned)."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-            for r in rows]
+    return [line.rstrip() for line in text_columns(rows, right=range(left, len(rows[0])))]
 
 
 def format_scores(scores: dict) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["format_leaderboard"]
+__all__ = ["format_leaderboard", "text_columns"]
 
 
 def format_leaderboard(scores: dict) -> str:
@@ -17,9 +17,7 @@ def format_leaderboard(scores: dict) -> str:
             f"{s['extract_s']:.1f}" if "extract_s" in s else "",
             f"{spi * 1000:.1f}" if spi else "cached" if "extract_s" in s else "",
             f"{s.get('train_s', 0):.1f}", str(s.get("feature_dim", ""))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
+    lines = text_columns(rows)
     lines.insert(1, "-" * len(lines[0]))
     ens = scores.get("ensemble", {})
     if ens.get("combiner"):
@@ -27,3 +25,15 @@ def format_leaderboard(scores: dict) -> str:
                      f"floor {ens.get('floor', 0.0):.4f}); cross-validated log loss of each candidate:")
         lines.append("  " + ", ".join(f"{n} {c['log_loss']:.4f}" for n, c in ens.get("candidates", {}).items()))
     return "\n".join(lines)
+
+
+def text_columns(rows, right=None) -> list[str]:
+    """Rows of strings as columns two spaces apart, each as wide as its widest cell (rows may be shorter).
+
+    ``right``: the column indices aligned right (default: all but the first, the name column).
+    Every text table stacker prints (leaderboard, evaluate, predict) is laid out here.
+    """
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(len(r) for r in rows))]
+    right = set(range(1, len(widths))) if right is None else set(right)
+    return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in rows]

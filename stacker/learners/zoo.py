@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
-from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
@@ -37,7 +37,7 @@ from stacker.io.persist import trusted
 from stacker.learners import dense as _dense
 from stacker.learners.dense import DenseClassifier
 
-__all__ = ["PathLogistic", "PrototypeClassifier", "MODELS", "PRESETS", "ModelSpec", "make_model", "model_names", "register_model",
+__all__ = ["PathLogistic", "PrototypeClassifier", "SignedPower", "signed_power", "MODELS", "PRESETS", "ModelSpec", "make_model", "model_names", "register_model",
            "fresh_estimator", "code_fingerprint", "unit_rows"]
 
 
@@ -111,9 +111,45 @@ def unit_rows(M):
 trusted(StratifiedKFold)  # the logistic learner's inner folds, saved in its fitted pipeline
 
 
+def signed_power(X, power: float):
+    """``sign(x) * |x| ** power`` in ``X``'s float type (``X`` itself when ``power`` is 1)."""
+    if power == 1:
+        return X
+    return np.sign(X) * np.abs(X) ** X.dtype.type(power)
+
+
+@trusted
+class SignedPower(TransformerMixin, BaseEstimator):
+    """``sign(x) * |x| ** power`` on every feature: a square root evens out pooled CNN activations.
+
+    Pooled activations are non-negative and heavy-tailed (a few channels fire far more
+    than the rest); their square root ("power normalisation", as in Fisher-vector and
+    bilinear-pooling features) lets a linear model weigh many moderate activations. On
+    Caltech-101's EfficientNet-Lite features it lowers each logistic learner's out-of-fold
+    log loss by about 5% (``benchmarks/stacking.py``).
+
+    Parameters
+    ----------
+    power : float
+        The exponent; 1 leaves features unchanged.
+    """
+
+    def __init__(self, power=0.5):
+        self.power = power
+
+    def fit(self, X, y=None):
+        validate_data(self, X, dtype=(np.float64, np.float32))
+        return self
+
+    def transform(self, X):
+        check_is_fitted(self, "n_features_in_")
+        return signed_power(validate_data(self, X, dtype=(np.float64, np.float32), reset=False), float(self.power))
+
+
 @trusted
 class PathLogistic(ClassifierMixin, BaseEstimator):
-    """Standardised L2 logistic regression: ``C`` from a warm-started path on one inner split, a temperature, a refit.
+    """Standardised L2 logistic regression of power-normalised features: ``C`` from a warm-started path on one inner
+    split, a temperature, a refit.
 
     ``LogisticRegressionCV`` fits every ``C`` on every inner fold from scratch (4 x 3 fits
     per outer fold); on 101 classes that made the logistic learners cost more than the
@@ -121,11 +157,13 @@ class PathLogistic(ClassifierMixin, BaseEstimator):
     each starting from the previous solution, and each gets the temperature that
     minimises its inner held-out log loss; the ``C`` with the lowest such loss is
     refitted on all rows from its inner solution, its temperature folded into the
-    coefficients (it sharpens a strongly regularised model's probabilities). Rows are
-    float32 after scaling.
+    coefficients (it sharpens a strongly regularised model's probabilities). Features are
+    first raised to ``power`` (:class:`SignedPower`); rows are float32 after scaling.
 
     Parameters
     ----------
+    power : float
+        Exponent of the signed power applied to every feature before scaling (1: none).
     Cs : tuple of float
         Inverse regularisation strengths, tried in increasing order.
     temperature : bool
@@ -138,7 +176,8 @@ class PathLogistic(ClassifierMixin, BaseEstimator):
     Attributes
     ----------
     pipeline_ : Pipeline
-        ``StandardScaler`` + ``LogisticRegression`` (temperature folded in): what predicts.
+        ``SignedPower`` (unless ``power`` is 1) + ``StandardScaler`` + ``LogisticRegression`` (temperature folded
+        in): what predicts.
     C_ : float
     temperature_ : float
     path_ : ndarray
@@ -147,7 +186,9 @@ class PathLogistic(ClassifierMixin, BaseEstimator):
     classes_ : ndarray
     """
 
-    def __init__(self, Cs=(0.01, 0.03, 0.1, 0.3), temperature=True, max_iter=1000, tol=1e-3, random_state=0):
+    def __init__(self, power=0.5, Cs=(0.01, 0.03, 0.1, 0.3), temperature=True, max_iter=1000, tol=1e-3,
+                 random_state=0):
+        self.power = power
         self.Cs = Cs
         self.temperature = temperature
         self.max_iter = max_iter
@@ -158,6 +199,8 @@ class PathLogistic(ClassifierMixin, BaseEstimator):
         X, y = validate_data(self, X, y, dtype=(np.float64, np.float32))
         check_classification_targets(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
+        power = [("power", SignedPower(float(self.power)).fit(X))] if float(self.power) != 1 else []
+        X = power[0][1].transform(X) if power else X
         scaler = StandardScaler().fit(X)
         Z = scaler.transform(X).astype(np.float32)
         Cs = sorted(float(c) for c in self.Cs)
@@ -171,7 +214,7 @@ class PathLogistic(ClassifierMixin, BaseEstimator):
         model.coef_ /= self.temperature_
         model.intercept_ /= self.temperature_
         model.classes_ = self.classes_
-        self.pipeline_ = Pipeline([("scale", scaler), ("logistic", model)])
+        self.pipeline_ = Pipeline([*power, ("scale", scaler), ("logistic", model)])
         return self
 
     def _logistic(self, C, warm=False):

@@ -28,7 +28,7 @@ def _int(v) -> bool:
 
 
 STACKING = (
-    Param("backbones", ("efficientnet_lite0",), "list of str or dict\n    Registered backbone names; a dict may set "
+    Param("backbones", ("efficientnet_lite0",), "list of str or dict\n    Registered backbone names (``\"name@size\"``: at a square input size); a dict may set "
           "``backbone``, ``input_size``,\n    ``weights``, ``name``, ``models``, ``kind`` and a learner kind's "
           "parameter\n    (e.g. ``finetune``) for one backbone."),
     Param("models", "default", "str or list\n    Models fitted on every backbone's features, each one base learner: "

@@ -329,6 +329,7 @@ def cmd_extract(args, out) -> int:
     from stacker.data.sources import load_images
     from stacker.app.options import extraction_params
     from stacker.features.config import ExtractionConfig
+    from stacker.learners.kinds import backbone_entry
 
     config = ExtractionConfig(**extraction_params(args))
     try:
@@ -341,7 +342,9 @@ def cmd_extract(args, out) -> int:
         data = data.shard(i, n, align=args.batch_size)  # same batches as an unsharded run
         part = f" (shard {i}/{n})"
     for name in args.backbones.split(","):
-        ext = FeatureExtractor(name, **config.extractor_kwargs(), verbose=0 if args.quiet else 1)
+        entry = backbone_entry(name)  # "name@size" too, as in fit
+        ext = FeatureExtractor(entry.pop("backbone"), **{**config.extractor_kwargs(), **entry},
+                               verbose=0 if args.quiet else 1)
         if _connect_ray(args):
             from stacker.learners.distributed import fill_cache
 

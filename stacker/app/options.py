@@ -42,8 +42,8 @@ def _opt(*flags, help, **kw) -> Option:
 _STATIC = {
     # -- what is stacked
     "backbones": _opt("--backbones", default="efficientnet_lite0", type=comma_list, metavar="NAMES",
-                      help="registered backbones, comma-separated (spaces allowed); "
-                           "stacker.backbones.list_backbones() lists them"),
+                      help="registered backbones, comma-separated (spaces allowed); NAME@PX runs one at a PX-square "
+                           "input; stacker.backbones.list_backbones() lists them"),
     "models": _opt("--models", "--head", dest="models", default="default", type=comma_list, metavar="MODELS",
                    help="models per backbone, each one base learner: a preset (default = logistic,prototype; "
                         "fast; best; dense) or names from logistic, prototype, dense, resnet"),

@@ -16,7 +16,7 @@ from stacker.backbones import registry as _backbones
 from stacker.io.persist import trusted
 
 __all__ = ["LEARNER_KINDS", "DEFAULT_KIND", "register_learner", "kind_params", "code_parts", "learner_specs",
-           "make_learners"]
+           "backbone_entry", "make_learners"]
 
 LEARNER_KINDS: dict = {}
 DEFAULT_KIND = "frozen"  # a backbone that no kind's parameter selects gets frozen-feature learners
@@ -70,7 +70,8 @@ def _kind_of(spec: dict, kind_values: dict) -> str:
 def learner_specs(backbones, models, input_size=None, weights="imagenet", kind_values=None) -> list[dict]:
     """One spec per learner: every backbone entry times its models (or its kind's single network).
 
-    A backbone entry is a registered name or a dict that may set ``backbone``,
+    A backbone entry is a registered name, ``"name@size"`` (the backbone at a square input
+    size: larger inputs show small objects in more detail), or a dict that may set ``backbone``,
     ``input_size``, ``weights``, ``name``, ``models`` (or ``head``), ``kind``, and the
     parameter of any learner kind (e.g. ``finetune``); ``kind_values`` holds the
     ensemble's values of those parameters, the default for every entry.
@@ -80,7 +81,7 @@ def learner_specs(backbones, models, input_size=None, weights="imagenet", kind_v
     if not entries:
         raise ValueError("an ensemble needs at least one backbone")
     for b in entries:
-        spec = {"backbone": b} if isinstance(b, str) else dict(b)
+        spec = backbone_entry(b) if isinstance(b, str) else dict(b)
         if "backbone" not in spec:
             raise ValueError(f"a backbone dict needs a 'backbone' key, got {sorted(spec)}")
         cfg = _backbones.get_cfg(spec["backbone"])
@@ -95,6 +96,16 @@ def learner_specs(backbones, models, input_size=None, weights="imagenet", kind_v
     if len(set(names)) != len(names):
         raise ValueError(f"base learner names must be unique, got {names}")
     return specs
+
+
+def backbone_entry(entry: str) -> dict:
+    """``"efficientnet_lite0"`` -> its spec; ``"efficientnet_lite0@300"`` -> the same with ``input_size=300``."""
+    name, at, size = entry.strip().partition("@")
+    if not at:
+        return {"backbone": name}
+    if not size.strip().isdigit() or int(size) <= 0:
+        raise ValueError(f"backbone {entry!r}: the size after '@' must be a positive integer (pixels), got {size!r}")
+    return {"backbone": name.strip(), "input_size": int(size)}
 
 
 def make_learners(specs, settings, sources: dict | None = None) -> dict:

@@ -52,3 +52,15 @@ def test_settings_are_read_only_and_replace_keeps_extraction_in_step():
     moved = settings.replace(cache_dir="/elsewhere", out_of_core=True)
     assert moved.cache_dir == moved.extraction.cache_dir == "/elsewhere" and settings.cache_dir is None
     assert pickle.loads(pickle.dumps(moved)) == moved
+
+
+def test_name_at_size_is_the_backbone_at_that_input_size_and_a_bad_size_is_named():
+    specs = learner_specs(["efficientnet_lite0@300", " efficientnet_lite1 "], "fast")
+    assert [(s["name"], s["backbone"], s["input_size"]) for s in specs] == [
+        ("efficientnet_lite0@300:logistic", "efficientnet_lite0", 300),
+        ("efficientnet_lite1:logistic", "efficientnet_lite1", None)]
+    # the same learner as the dict form, so its features and results share one cache entry
+    assert specs[0] == learner_specs([{"backbone": "efficientnet_lite0", "input_size": 300}], "fast")[0]
+    for bad in ("efficientnet_lite0@", "efficientnet_lite0@3x", "efficientnet_lite0@0"):
+        with pytest.raises(ValueError, match="positive integer"):
+            learner_specs([bad], "fast")

@@ -39,7 +39,8 @@ SHARED = os.path.join(HERE, "..", "..", "shared")
 DATASETS = {
     "dvc": (os.path.join(SHARED, "data", "dogs-vs-cats", "train"),
             "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,mobilenet_025"),
-    "caltech": (os.path.join(SHARED, "data", "caltech101"), "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"),
+    "caltech": (os.path.join(SHARED, "data", "caltech101"),
+                "efficientnet_lite0@260,efficientnet_lite1@280,efficientnet_lite2@300"),  # recipes/caltech101.py's
 }
 
 
@@ -57,9 +58,11 @@ def learner_cache(feature_cache: str) -> str:
 
 def features(data, backbones, cache, weights_dir):
     from stacker.features.extractor import FeatureExtractor
+    from stacker.learners.kinds import backbone_entry
 
-    return [FeatureExtractor(b, cache_dir=cache, weights_dir=weights_dir, verbose=0).extract(data).values
-            for b in backbones]
+    entries = [backbone_entry(b) for b in backbones]  # "name@size" as the recipes write it
+    return [FeatureExtractor(e.pop("backbone"), **e, cache_dir=cache, weights_dir=weights_dir, verbose=0)
+            .extract(data).values for e in entries]
 
 
 def sklearn_stacking(widths, seed):

@@ -31,7 +31,7 @@ from stacker.io.persist import (PERSIST_FORMAT, UntrustedTypeError, check_keras_
                                 save_estimator)
 from stacker.learners.fastpath import proba_function
 from stacker.learners.zoo import model_label, model_names
-from stacker.level2.arrays import align_proba, score
+from stacker.level2.arrays import align_proba, oof_dtype, score
 
 __all__ = ["Learner", "Settings", "describe", "extractor_kwargs", "run_folds_here", "saved_networks"]
 
@@ -94,7 +94,8 @@ class Learner:
     fold_models_ : list
         One fitted model per fold, trained on the other folds only.
     oof_proba_ : ndarray (n, k)
-        Out-of-fold probabilities of the training images.
+        Out-of-fold probabilities of the training images: float64, float32 past
+        :data:`~stacker.level2.arrays.OOF_FLOAT64_VALUES` values.
     arrays_ : dict
         Every out-of-fold array the learner keeps (name -> (n, ...)).
     key_ : str
@@ -191,7 +192,7 @@ class Learner:
         if fold_models is not None:
             self.fold_models_ = fold_models
             with np.load(checked_array_file(os.path.join(hit, "arrays.npz")), allow_pickle=False) as z:
-                self.arrays_ = {name: z[name] for name in z.files}
+                self.arrays_ = {name: z[name].astype(_dtype(name, z[name], len(y)), copy=False) for name in z.files}
             with open(os.path.join(hit, "timing.json")) as f:
                 self.train_s_ = json.load(f).get("train_s")
             self._log(f"{self.name}: out-of-fold predictions from the cache")
@@ -201,7 +202,8 @@ class Learner:
             fits = [_FoldFit(self, i, tr, va, inputs, y, k, data, state) for i, (tr, va) in enumerate(folds)]
             for i, ((tr, va), (est, arrays)) in enumerate(zip(folds, (run_folds or run_folds_here)(self, fits))):
                 for name, values in arrays.items():
-                    self.arrays_.setdefault(name, np.zeros((len(y),) + values.shape[1:], values.dtype))[va] = values
+                    dtype = _dtype(name, values, len(y))
+                    self.arrays_.setdefault(name, np.zeros((len(y),) + values.shape[1:], dtype))[va] = values
                 self.fold_models_.append(est)
                 self._log(f"{self.name}: fold {i + 1}/{len(folds)} log loss "
                           f"{score(y[va], arrays['oof_proba'], k)['log_loss']:.4f}")
@@ -385,6 +387,17 @@ class Learner:
         if entry.get("learner_key"):
             learner.key_ = entry["learner_key"]
         return learner
+
+
+def _dtype(name: str, values: np.ndarray, n: int):
+    """How an out-of-fold array is kept: probabilities (``*proba*``) by :func:`~stacker.level2.arrays.oof_dtype`.
+
+    Float32 past its size (at 100k rows of 1,000 classes, four learners' float64 arrays are
+    3.2 GB); level 2 reads them in float32 anyway. Other arrays (features) keep their dtype.
+    """
+    if "proba" in name and values.ndim == 2 and values.dtype.kind == "f":
+        return oof_dtype(n, values.shape[1])
+    return values.dtype
 
 
 class _FoldFit:

@@ -15,9 +15,13 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from stacker.io.persist import trusted
-from stacker.level2.arrays import EPS, row_blocks
+from stacker.level2.arrays import EPS, StackedBlocks, row_blocks, spread_rows, take_rows
 
-__all__ = ["MIN_PROBA", "TemperatureScaler", "calibrate", "check_min_proba", "with_min_proba"]
+__all__ = ["CALIBRATION_VALUES", "MIN_PROBA", "TemperatureScaler", "calibrate", "check_min_proba", "with_min_proba"]
+
+# a calibration fits on evenly spread rows past this many probabilities (rows x classes): all rows of
+# a million images of ten classes, 16,777 of 1,000 classes (134 MB of float64 log-probabilities)
+CALIBRATION_VALUES = 1 << 24
 
 # Every probability an ensemble predicts is at least this (Ensemble's ``min_proba``): one
 # confidently wrong 0 would cost infinite log loss; 1e-6 caps it at about 13.8.
@@ -49,18 +53,40 @@ class TemperatureScaler(BaseEstimator):
         self.floor = floor
 
     def fit(self, proba, y):
-        logP = np.clip(np.asarray(proba, dtype=np.float64), EPS, None)
-        np.log(logP, out=logP)
-        y = np.asarray(y)
-        k = logP.shape[1]
-        blocks = [(b, np.arange(b.stop - b.start), y[b]) for b in row_blocks(len(y))]
-        p = np.empty(len(y))
+        """Fit ``T`` and the floor on ``proba`` (an array, or a row view of one: ``StackedBlocks``).
 
-        def nll(theta):  # the softmax a block of rows at a time (row by row: the same numbers)
+        Past :data:`CALIBRATION_VALUES` probabilities (a thousand classes) on rows spread
+        evenly over the input: two parameters need no more. The loss needs each row's
+        true-class probability at ``T`` only, so a step that moves the floor alone reuses it.
+        """
+        proba = proba if isinstance(proba, StackedBlocks) else np.asarray(proba)
+        n, k = proba.shape
+        rows = spread_rows(n, CALIBRATION_VALUES // k)
+        logP = np.empty((len(rows), k))
+        for b in row_blocks(len(rows), k):
+            np.log(np.clip(take_rows(proba, rows[b]).astype(np.float64, copy=False), EPS, None), out=logP[b])
+        y = np.asarray(y)[rows]
+        top = logP.max(axis=1, keepdims=True)  # max(logP / T) is max(logP) / T, to the last bit (T > 0)
+        blocks = [(b, np.arange(b.stop - b.start), y[b]) for b in row_blocks(len(y), k)]
+        z = np.empty((blocks[0][1].size, k))
+        recent = {}  # log T -> true-class probabilities (the last few: finite differences step one parameter)
+
+        def true_class(log_t):  # softmax(logP / T)[y] as scipy computes it, a block of rows at a time, in place
+            if log_t not in recent:
+                if len(recent) > 2:
+                    recent.clear()
+                recent[log_t] = p = np.empty(len(y))
+                t = np.exp(log_t)
+                for b, r, y_b in blocks:
+                    e = np.divide(logP[b], t, out=z[:len(r)])
+                    e -= top[b] / t
+                    np.exp(e, out=e)
+                    p[b] = e[r, y_b] / e.sum(axis=1)
+            return recent[log_t]
+
+        def nll(theta):
             eps = theta[1] if self.floor else 0.0
-            for b, rows, y_b in blocks:
-                p[b] = softmax(logP[b] / np.exp(theta[0]), axis=1)[rows, y_b]
-            return -np.mean(np.log(np.clip((1 - eps) * p + eps / k, EPS, None)))
+            return -np.mean(np.log(np.clip((1 - eps) * true_class(theta[0]) + eps / k, EPS, None)))
 
         best = min((minimize(nll, [t0, e0], method="L-BFGS-B", bounds=[(-4.0, 4.0), (0.0, 0.05)])
                     for t0 in (0.0,) for e0 in ((1e-3, 1e-2) if self.floor else (0.0,))), key=lambda r: r.fun)
@@ -75,12 +101,13 @@ class TemperatureScaler(BaseEstimator):
 
 def calibrate(proba, temperature: float = 1.0, floor: float = 0.0) -> np.ndarray:
     """Probabilities at a temperature, mixed with ``floor`` of uniform mass (defaults: unchanged)."""
-    proba = np.asarray(proba, dtype=np.float64)
+    proba = np.asarray(proba)
     if temperature == 1.0 and not floor:
-        return proba
+        return np.asarray(proba, dtype=np.float64)
     out = np.empty(proba.shape)
-    for b in row_blocks(len(proba)):
-        part = softmax(np.log(np.clip(proba[b], EPS, None)) / temperature, axis=1) if temperature != 1.0 else proba[b]
+    for b in row_blocks(len(proba), proba.shape[1]):  # float64 a block at a time
+        part = np.asarray(proba[b], dtype=np.float64)
+        part = softmax(np.log(np.clip(part, EPS, None)) / temperature, axis=1) if temperature != 1.0 else part
         out[b] = (1 - floor) * part + floor / proba.shape[1] if floor else part
     return out
 
@@ -90,17 +117,23 @@ def with_min_proba(proba, min_proba: float = MIN_PROBA) -> np.ndarray:
 
     Mixing with the uniform distribution keeps the order of the classes and moves no
     probability by more than ``k m``; ``min_proba=0`` returns ``proba`` unchanged. NaN
-    rows (skipped images) stay NaN.
+    rows (skipped images) stay NaN. Float32 stays float32 (out-of-fold probabilities of
+    a thousand classes), anything else becomes float64.
 
     Raises
     ------
     ValueError
         Unless ``0 <= min_proba < 1 / k`` (at ``1 / k`` every row would be uniform).
     """
-    proba = np.asarray(proba, dtype=np.float64)
+    proba = np.asarray(proba)
+    proba = proba if proba.dtype in (np.float32, np.float64) else proba.astype(np.float64)
     k = proba.shape[-1]
     m = check_min_proba(min_proba, k)
-    return proba if m == 0.0 else (1.0 - k * m) * proba + m
+    if m == 0.0:
+        return proba
+    out = np.multiply(proba, 1.0 - k * m)  # (1 - k m) p + m, in the probabilities' precision
+    out += m
+    return out
 
 
 def check_min_proba(min_proba, k: int) -> float:

@@ -18,6 +18,10 @@ blocks ``[P_1 | P_2 | ... | P_L]`` (``L`` learners, ``k`` columns each):
   columns: they serve ``meta_inputs="features"``/``"both"`` and comparisons.
 
 The order of the registrations below is the order in which ``meta="auto"`` tries them.
+Every one of them costs time in proportion to rows x classes x learners: the block combiners
+read the stacked input as a row view (:class:`~stacker.level2.arrays.StackedBlocks`, no
+copy) a block of rows at a time, and the logit stacker fits on at most
+:data:`LOGIT_VALUES` log-probabilities.
 """
 
 from __future__ import annotations
@@ -32,11 +36,16 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from stacker.learners.dense import DenseClassifier
-from stacker.level2.arrays import EPS, align_proba
-from stacker.level2.crossfit import cross_fit
+from stacker.level2.arrays import EPS, StackedBlocks, align_proba, pick, row_blocks, spread_rows, take_rows
+from stacker.level2.crossfit import cross_fit_true_class, fit_on
 from stacker.level2.registry import make_combiner, register_combiner
 
-__all__ = ["GreedyEnsemble", "LogitStacker", "MeanClassifier", "SingleBest", "TwoLayerStack"]
+__all__ = ["LOGIT_VALUES", "GreedyEnsemble", "LogitStacker", "MeanClassifier", "SingleBest", "TwoLayerStack"]
+
+# the logit stacker fits on evenly spread rows past this many log-probabilities (learners x rows x
+# classes): 268 MB in float32, all rows of a million images of ten classes, 16,777 of 1,000 classes
+LOGIT_VALUES = 1 << 26
+LOSS_VALUES = 1 << 22  # its loss and gradient sum over blocks of this many (rows x classes) values
 
 
 def _blocks(X, n_learners: int, k: int | None = None) -> np.ndarray:
@@ -46,9 +55,9 @@ def _blocks(X, n_learners: int, k: int | None = None) -> np.ndarray:
     return np.asarray(X, dtype=np.float64).reshape(len(X), n_learners, k).transpose(1, 0, 2)
 
 
-def _checked(X, n_learners: int, k: int | None = None) -> np.ndarray:
-    """``X`` as an array (its own dtype: no copy) once its columns are known to be probability blocks."""
-    X = np.asarray(X)
+def _checked(X, n_learners: int, k: int | None = None):
+    """``X`` as an array or row view (its own dtype: no copy) once its columns are known to be probability blocks."""
+    X = X if isinstance(X, StackedBlocks) else np.asarray(X)
     k = k or X.shape[1] // n_learners
     if X.shape[1] != n_learners * k:
         raise ValueError(f"{X.shape[1]} columns are not {n_learners} probability blocks of {k} classes; "
@@ -62,14 +71,14 @@ def _true_class(X, n_learners: int, y_idx) -> np.ndarray:
     Selecting before converting gives the same numbers as converting first; at a million
     rows of four learners and ten classes that copy alone is 320 MB.
     """
-    X = np.asarray(X)
     k = X.shape[1] // n_learners
-    rows = np.arange(len(X))
-    return np.stack([X[rows, b * k + y_idx] for b in range(n_learners)]).astype(np.float64)
+    return np.stack([pick(X, b * k + y_idx) for b in range(n_learners)]).astype(np.float64)
 
 
 class _BlockCombiner(ClassifierMixin, BaseEstimator):
-    """Shared checks of combiners that read ``n_learners`` probability blocks."""
+    """Shared checks of combiners that read ``n_learners`` probability blocks (arrays or row views)."""
+
+    reads_row_views = True  # fit takes a StackedBlocks view of level 2's rows (stacker.level2.crossfit.fit_on)
 
     def _prepare(self, X, y):
         """Classes, and ``(X, y_idx)``: ``X`` checked to hold the blocks, in its own dtype (no copy)."""
@@ -138,7 +147,9 @@ class LogitStacker(_BlockCombiner):
     The biases are penalised too (``bias_alpha``): free biases are ``k`` parameters that
     overfit where classes are many and small (Caltech-101: out-of-fold log loss 0.135
     with free biases, 0.1215 with ``bias_alpha=0.1``) and make L-BFGS take hundreds of
-    iterations instead of tens. Each step costs ``O(n k L)``.
+    iterations instead of tens. Each step costs ``O(n k L)``, over at most :data:`LOGIT_VALUES`
+    log-probabilities: past them (a thousand classes) it fits on rows spread evenly over the
+    input, plenty for ``L + k`` parameters whose ``k`` biases are penalised.
 
     Parameters
     ----------
@@ -162,32 +173,41 @@ class LogitStacker(_BlockCombiner):
 
     def fit(self, X, y):
         X, y_idx = self._prepare(X, y)
-        L, n, k = self.n_learners, len(X), len(self.classes_)
+        L, k = self.n_learners, len(self.classes_)
+        rows = spread_rows(len(X), LOGIT_VALUES // (L * k))
+        n, y_idx = len(rows), y_idx[rows]
         # log-probabilities in float32, the precision level 2's inputs have (half the memory of
         # float64: 128 MB saved at 800k rows of four learners and ten classes); sums in float64
         logP = np.empty((L, n, k), dtype=np.float32)
-        for b in range(L):
-            np.log(np.clip(X[:, b * k:(b + 1) * k], EPS, None), out=logP[b], casting="same_kind")
-        rows = np.arange(n)
-        buffer = np.empty((n, k))
-        flat = logP.reshape(L, n * k)
+        for b in row_blocks(n, L * k):
+            part = take_rows(X, rows[b])
+            for j in range(L):
+                np.log(np.clip(part[:, j * k:(j + 1) * k], EPS, None), out=logP[j, b], casting="same_kind")
+        step = max(1, LOSS_VALUES // k)  # below LOSS_VALUES the sums are one block's, whatever arrays.ROW_BLOCK is
+        spans = [(b, np.arange(b.stop - b.start), y_idx[b])
+                 for b in (slice(a, min(a + step, n)) for a in range(0, n, step))]
+        buffer, term = np.empty((spans[0][0].stop, k)), np.empty((spans[0][0].stop, k))
 
-        def loss(theta):  # three (n, k) float64 arrays per call: level 2 at a million rows
+        def loss(theta):  # a block of rows at a time, in two (rows, k) float64 arrays
             w, b = theta[:L], theta[L:]
-            z = np.multiply(logP[0], w[0], out=buffer)
-            for j in range(1, L):
-                z += w[j] * logP[j]
-            z += b
-            z -= z.max(axis=1, keepdims=True)
-            d = np.exp(z)
-            total = d.sum(axis=1)
-            value = (-np.sum(z[rows, y_idx] - np.log(total)) / n + 0.5 * self.alpha * w @ w
-                     + 0.5 * self.bias_alpha * b @ b)
-            d /= total[:, None]  # softmax; minus the one-hot target, per row: the gradient
-            d[rows, y_idx] -= 1.0
-            d /= n
-            grad_w = flat @ d.astype(np.float32).ravel() + self.alpha * w  # one float32 pass, no float64 copies
-            return value, np.concatenate([grad_w.astype(np.float64), d.sum(axis=0) + self.bias_alpha * b])
+            value, grad_w, grad_b = 0.0, np.zeros(L), np.zeros(k)
+            for s, r, t in spans:
+                z = np.multiply(logP[0, s], w[0], out=buffer[:len(r)])
+                for j in range(1, L):
+                    z += np.multiply(logP[j, s], w[j], out=term[:len(r)])
+                z += b
+                z -= z.max(axis=1, keepdims=True)
+                z_true = z[r, t]
+                d = np.exp(z, out=z)
+                total = d.sum(axis=1)
+                value += -np.sum(z_true - np.log(total))
+                d /= total[:, None]  # softmax; minus the one-hot target, per row: the gradient
+                d[r, t] -= 1.0
+                d /= n
+                grad_w += logP[:, s].reshape(L, -1) @ d.astype(np.float32).ravel()  # one float32 pass
+                grad_b += d.sum(axis=0)
+            value = value / n + 0.5 * self.alpha * w @ w + 0.5 * self.bias_alpha * b @ b
+            return value, np.concatenate([grad_w + self.alpha * w, grad_b + self.bias_alpha * b])
 
         theta0 = np.concatenate([np.full(L, 1.0 / L), np.zeros(k)])
         res = minimize(loss, theta0, jac=True, method="L-BFGS-B", options={"maxiter": 500})
@@ -275,15 +295,16 @@ class TwoLayerStack(_BlockCombiner):
     def fit(self, X, y):
         from sklearn.model_selection import StratifiedKFold
 
-        X, y_idx = self._prepare(X, y)  # its own dtype: the combiners convert what they use
+        X, y_idx = self._prepare(X, y)  # its own dtype (or a row view): the combiners convert what they use
         k = len(self.classes_)
         cv = min(int(self.cv), int(np.bincount(y_idx, minlength=k).min()))
         inner = self.inner if cv >= 2 else ()  # a class with one row: no inner split, greedy on level 1 alone
-        folds = list(StratifiedKFold(cv, shuffle=True, random_state=self.random_state).split(X, y_idx)) if inner else []
-        oof = [cross_fit(name, X, y_idx, folds, self.n_learners, k, self.random_state) for name in inner]
-        self.inner_ = [make_combiner(name, self.n_learners, self.random_state).fit(X, y_idx) for name in inner]
-        rows = np.arange(len(y_idx))  # the final selection needs only each block's true-class column
-        true_p = np.concatenate([_true_class(X, self.n_learners, y_idx)] + [o[rows, y_idx][None] for o in oof])
+        splitter = StratifiedKFold(cv, shuffle=True, random_state=self.random_state) if inner else None
+        folds = list(splitter.split(np.zeros(len(y_idx)), y_idx)) if inner else []
+        # the final selection needs only each block's true-class column, out of fold for the inner combiners
+        oof = [cross_fit_true_class(name, X, y_idx, folds, self.n_learners, k, self.random_state) for name in inner]
+        self.inner_ = [fit_on(make_combiner(name, self.n_learners, self.random_state), X, y_idx) for name in inner]
+        true_p = np.concatenate([_true_class(X, self.n_learners, y_idx)] + [o[None] for o in oof])
         self.final_ = GreedyEnsemble(self.n_learners + len(inner))._select(true_p)
         self.final_.classes_ = np.arange(k)
         self.weights_ = self.final_.weights_[: self.n_learners]  # the level-1 share of the final mix

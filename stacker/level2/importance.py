@@ -1,14 +1,14 @@
 """How much each learner matters to level 2: the log loss lost when its inputs are shuffled.
 
 Permutation importance on the out-of-fold level-2 matrix, a block of rows at a time (no
-copy of the matrix); the report and the manifest show it per learner.
+copy of the matrix, no probabilities of all rows); the report and the manifest show it per learner.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from stacker.level2.arrays import row_blocks, score
+from stacker.level2.arrays import row_blocks, score_blocks, take_rows
 
 __all__ = ["meta_blocks", "permutation_importance"]
 
@@ -29,19 +29,23 @@ def meta_blocks(names, proba_dims, feature_dims, meta_inputs) -> dict:
 
 
 def permutation_importance(level2, Z, y, blocks: dict, k: int, seed: int, repeats: int = 3) -> dict:
-    """How much level 2's log loss grows when one learner's inputs are shuffled across rows."""
+    """How much level 2's log loss grows when one learner's inputs are shuffled across rows.
+
+    ``Z`` is a matrix or a :class:`~stacker.level2.arrays.StackedBlocks`; rows are read,
+    shuffled, predicted and scored a block at a time (no ``(n, k)`` array either).
+    """
     rng = np.random.default_rng(seed)
-    base = score(y, level2.predict_proba(Z), k)["log_loss"]
-    proba = np.empty((len(Z), k))
+    spans = row_blocks(len(Z), Z.shape[1])
+    base = score_blocks(y, ((rows, level2.predict_proba(take_rows(Z, rows))) for rows in spans), k)["log_loss"]
+
+    def shuffled(cols, order):
+        for rows in spans:
+            part = take_rows(Z, rows, copy=True)
+            part[:, cols] = take_rows(Z, order[rows])[:, cols]
+            yield rows, level2.predict_proba(part)
+
     out = {}
     for name, cols in blocks.items():
-        losses = []
-        for _ in range(repeats):
-            order = rng.permutation(len(Z))
-            for rows in row_blocks(len(Z)):  # shuffled a block at a time: no copy of Z
-                part = Z[rows].copy()
-                part[:, cols] = Z[order[rows]][:, cols]
-                proba[rows] = level2.predict_proba(part)
-            losses.append(score(y, proba, k)["log_loss"])
+        losses = [score_blocks(y, shuffled(cols, rng.permutation(len(Z))), k)["log_loss"] for _ in range(repeats)]
         out[name] = float(np.mean(losses) - base)
     return out

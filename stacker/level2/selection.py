@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stacker.level2.arrays import align_proba, row_blocks, score
+from stacker.level2.arrays import align_proba, oof_dtype, row_blocks, score, score_blocks, take_rows
 from stacker.level2.calibration import TemperatureScaler, calibrate
 from stacker.level2.combiners import SingleBest
-from stacker.level2.crossfit import cross_calibrate, cross_fit
+from stacker.level2.crossfit import calibrated_parts, cross_calibrate, cross_fit, fit_on
 from stacker.level2.registry import combiner_label, combiner_names, learner_weights, make_combiner
 
 __all__ = ["Level2", "fit_level2"]
@@ -41,8 +41,8 @@ class Level2:
 
     def predict_proba(self, Z) -> np.ndarray:
         out = np.empty((len(Z), self.n_classes))
-        for block in row_blocks(len(Z)):
-            proba = align_proba(self.combiner, self.combiner.predict_proba(Z[block]), self.n_classes)
+        for block in row_blocks(len(Z), Z.shape[1]):
+            proba = align_proba(self.combiner, self.combiner.predict_proba(take_rows(Z, block)), self.n_classes)
             out[block] = calibrate(proba, self.temperature, self.floor)
         return out
 
@@ -57,7 +57,7 @@ def fit_level2(Z, y, folds, meta="auto", n_learners=1, k=2, random_state=0, cali
 
     Parameters
     ----------
-    Z : ndarray (n, columns)
+    Z : ndarray (n, columns) or StackedBlocks
         The level-2 inputs: out-of-fold outputs of the base learners only.
     y : ndarray (n,)
         Class indices.
@@ -78,7 +78,7 @@ def fit_level2(Z, y, folds, meta="auto", n_learners=1, k=2, random_state=0, cali
     y = np.asarray(y)
     candidates = combiner_names(meta)
     # only the best candidate's uncalibrated out-of-fold array is kept (80 MB at a million rows
-    # of ten classes); its calibrated one is computed again at the end, to the same numbers
+    # of ten classes); its calibrated one is scored a block at a time and computed again at the end
     table, best = {}, None
     for item in candidates:
         label = combiner_label(item)
@@ -88,7 +88,7 @@ def fit_level2(Z, y, folds, meta="auto", n_learners=1, k=2, random_state=0, cali
             best = (label, item, False, raw)
         if calibration:
             name = label + "+T"
-            table[name] = score(y, cross_calibrate(raw, y, folds), k)
+            table[name] = score_blocks(y, calibrated_parts(raw, y, folds), k, raw.dtype)
             if table[name]["log_loss"] < table[best[0]]["log_loss"]:
                 best = (name, item, True, raw)
         del raw
@@ -98,10 +98,11 @@ def fit_level2(Z, y, folds, meta="auto", n_learners=1, k=2, random_state=0, cali
         member_ll = [score(y, p, k)["log_loss"] for p in member_oof]
         best = int(np.argmin(member_ll))
         if member_ll[best] < table[label]["log_loss"] and n_learners == len(member_oof):
-            label, oof, calibrated = f"best member ({best})", np.asarray(member_oof[best], dtype=np.float64), False
+            label, calibrated = f"best member ({best})", False
+            oof = np.asarray(member_oof[best], dtype=oof_dtype(len(y), k))
             item = SingleBest(n_learners, index=best)
             table[label] = score(y, oof, k)
-    combiner = make_combiner(item, n_learners, random_state).fit(Z, y)
+    combiner = fit_on(make_combiner(item, n_learners, random_state), Z, y)
     level2 = Level2(label, combiner, k, oof, table=table)
     if calibrated:  # fitted on the combiner's out-of-fold outputs, as its scores were
         cal = TemperatureScaler().fit(best_raw, y)

@@ -67,6 +67,24 @@ def test_streaming_logistic_is_seeded_accurate_and_saved_safely(cached, tmp_path
                           a.predict_proba(view))
 
 
+def test_adam_in_place_takes_the_textbook_steps():
+    """Scratch arrays instead of temporaries (1,280 x 1,000 weights at a thousand classes): the same numbers."""
+    rng = np.random.default_rng(0)
+    params = [rng.normal(size=(6, 5)), rng.normal(size=5)]
+    ref, m, v = [p.copy() for p in params], [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
+    adam = streaming._Adam(params, 1e-2)
+    for t in range(1, 6):
+        grads = [rng.normal(size=p.shape) for p in params]
+        adam.step(grads)
+        for p, g, m_, v_ in zip(ref, grads, m, v):
+            m_ *= 0.9
+            m_ += (1 - 0.9) * g
+            v_ *= 0.999
+            v_ += (1 - 0.999) * np.square(g)
+            p -= 1e-2 * (m_ / (1 - 0.9 ** t)) / (np.sqrt(v_ / (1 - 0.999 ** t)) + 1e-8)
+        assert all(np.array_equal(a, b) for a, b in zip(params, ref))
+
+
 def test_moments_are_numpys(cached):
     view, X, _ = cached
     mean, var = streaming._moments(view)
@@ -138,6 +156,26 @@ def test_out_of_core_ensemble_never_loads_a_feature_matrix(folders, tmp_path, mo
     assert ens.scores_["ensemble"]["accuracy"] > 0.9 and (proba.argmax(1) == 0).all()
     saved = Ensemble.load(ens.save(tmp_path / "model"))
     assert np.array_equal(saved.predict_proba(folders / "cat"), proba)
+
+
+def test_out_of_fold_probabilities_past_their_size_are_float32(folders, tmp_path, monkeypatch):
+    """What a thousand classes of 100k images get (stacker.level2.arrays.oof_dtype), on a tiny ensemble."""
+    from stacker.level2 import arrays
+
+    tiny = {**TINY, "weights": save_tiny_weights(tmp_path / "tiny.weights.h5")}
+    kw = dict(cv=3, batch_size=4, out_of_core=True, verbose=0)
+    exact = Ensemble([tiny], cache_dir=str(tmp_path / "cache"), **kw).fit(folders)
+    monkeypatch.setattr(arrays, "OOF_FLOAT64_VALUES", 0)
+    ens = Ensemble([tiny], cache_dir=str(tmp_path / "fresh"), **kw).fit(folders)
+    cached = Ensemble([tiny], cache_dir=str(tmp_path / "cache"), **kw).fit(folders)  # float64 learner results
+    assert {p.dtype for p in exact.oof_proba_.values()} == {np.dtype(np.float64)}
+    assert ens.meta_oof_proba_.dtype == np.float32
+    for name, proba in exact.oof_proba_.items():
+        for other in (ens, cached):
+            assert other.oof_proba_[name].dtype == np.float32
+            np.testing.assert_array_equal(other.oof_proba_[name], proba.astype(np.float32))
+    assert ens.scores_["ensemble"]["accuracy"] == pytest.approx(exact.scores_["ensemble"]["accuracy"])
+    np.testing.assert_allclose(ens.predict_proba(folders / "cat"), exact.predict_proba(folders / "cat"), atol=1e-5)
 
 
 def test_auto_keeps_small_data_in_memory(folders, tmp_path):

@@ -44,28 +44,46 @@ def finished(proc, result):
         return np.load(str(result) + ".npy"), json.load(f)
 
 
-_REFERENCE = {}
+POINTS = [("frozen", "extract"), ("frozen", "head"), ("frozen", "meta"), ("frozen", "save"), ("finetune", "finetune")]
 
 
-def reference(config, data_dir, tmp_path_factory):
-    """The uninterrupted run of a config (once per module)."""
-    if config not in _REFERENCE:
-        d = tmp_path_factory.mktemp(f"ref-{config}")
-        _REFERENCE[config] = finished(child(config, data_dir, d / "cache", d / "model", d / "result"), d / "result")
-    return _REFERENCE[config]
-
-
-@pytest.mark.parametrize("config,point", [("frozen", "extract"), ("frozen", "head"), ("frozen", "meta"),
-                                          ("frozen", "save"), ("finetune", "finetune")])
-def test_killed_run_resumes_to_the_same_result(config, point, data_dir, tmp_path, tmp_path_factory):
-    ref_proba, ref = reference(config, data_dir, tmp_path_factory)
-    cache, out, result = tmp_path / "cache", tmp_path / "model", tmp_path / "result"
+def killed_then_resumed(config, point, data_dir, d):
+    """A child killed at ``point``, then a second child on its cache: ``(killed, what the kill left, resumed,
+    result path)``."""
+    cache, out, result = d / "cache", d / "model", d / "result"
     killed = child(config, data_dir, cache, out, result, point)
+    left = {"manifest": (out / "manifest.json").exists(), "result": os.path.exists(str(result) + ".npy")}
+    resumed = child(config, data_dir, cache, out, result) if killed.returncode == -9 else None
+    return killed, left, resumed, result
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    """Every uninterrupted reference run and every killed-and-resumed pair, three child processes at a time:
+    most of a child's time is start-up, so side by side they take about half as long on two cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = tmp_path_factory.mktemp("runs")
+    dirs = {key: base / "-".join(key) / "run" for key in [(c, "ref") for c in ("frozen", "finetune")] + POINTS}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+    with ThreadPoolExecutor(3) as pool:
+        refs = {c: pool.submit(child, c, data_dir, dirs[c, "ref"] / "cache", dirs[c, "ref"] / "model",
+                               dirs[c, "ref"] / "result") for c in ("frozen", "finetune")}
+        pairs = {key: pool.submit(killed_then_resumed, *key, data_dir, dirs[key]) for key in POINTS}
+        return ({c: (f.result(), dirs[c, "ref"] / "result") for c, f in refs.items()},
+                {key: f.result() for key, f in pairs.items()})
+
+
+@pytest.mark.parametrize("config,point", POINTS)
+def test_killed_run_resumes_to_the_same_result(config, point, runs):
+    (ref_run, ref_result), (killed, left, resumed, result) = runs[0][config], runs[1][config, point]
+    ref_proba, ref = finished(ref_run, ref_result)
     assert killed.returncode == -9, f"the child should have been SIGKILLed at {point}: {killed.stderr[-2000:]}"
-    assert not os.path.exists(str(result) + ".npy")
+    assert not left["result"]
     if point == "save":
-        assert not (out / "manifest.json").exists(), "a killed save must not leave a manifest behind"
-    proba, info = finished(child(config, data_dir, cache, out, result), result)
+        assert not left["manifest"], "a killed save must not leave a manifest behind"
+    proba, info = finished(resumed, result)
     np.testing.assert_allclose(proba, ref_proba, atol=1e-6)
     for name, oof in ref["oof"].items():
         np.testing.assert_allclose(info["oof"][name], oof, atol=1e-6)

@@ -296,7 +296,7 @@ def _dense_checks():
     from stacker.learners.dense import DenseClassifier
 
     # every check applies (pandas and array-API checks skip themselves when those are not installed)
-    return check_estimator(DenseClassifier(epochs=3, batch_size=32, patience=2), on_fail=None)
+    return check_estimator(DenseClassifier(epochs=1, batch_size=64, patience=1), on_fail=None)
 
 
 @pytest.mark.slow

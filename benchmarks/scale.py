@@ -1,22 +1,26 @@
-"""Scale: an out-of-core fit at 10k, 100k and 1M images, and Ray against one process for extraction.
+"""Scale: an out-of-core fit at 10k, 100k and 1M images (10 and 1,000 classes), and Ray against one process.
 
-    python benchmarks/scale.py [--sizes 10000,100000,1000000] [--dir /tmp/stacker-scale] [--lock FILE]
-                               [--extract-n 1000] [--skip-extract]
+    python benchmarks/scale.py [--sizes 10000,100000,1000000] [--sizes-1000c 10000,100000]
+                               [--dir /tmp/stacker-scale] [--lock FILE] [--extract-n 1000] [--skip-extract]
 
 Part 1 synthesises, per N, the feature caches of two 1,280-wide backbones in float16 (no
-forward pass; rows are class patterns plus noise, 10 classes), written chunk by chunk
-exactly where a ``FeatureExtractor`` would find them. Then a *fresh process* per N fits
-what ``Ensemble(models="default", out_of_core=True).fit`` fits after extraction: four
-learners (two backbones x streaming logistic and prototype) over 5 shared folds, and
-level 2 (``meta="auto"`` with calibration). It prints fit seconds and the process's
-peak RSS (``ru_maxrss``).
+forward pass; rows are class patterns plus noise), written chunk by chunk exactly where a
+``FeatureExtractor`` would find them. Then a *fresh process* per N fits what
+``Ensemble(models="default", out_of_core=True).fit`` fits after extraction: four learners
+(two backbones x streaming logistic and prototype) over 5 shared folds, and level 2
+(``meta="auto"`` with calibration). It prints fit seconds, the process's peak RSS
+(``ru_maxrss``), the ensemble's out-of-fold accuracy and level 2's choice. One table has
+10 classes (``--sizes``), one 1,000 (``--sizes-1000c``: each class its own pattern
+strength, so some need many rows; four learners' float32 out-of-fold probabilities alone
+are 1.6 GB at 100k).
 
 Part 2 extracts MobileNet (alpha 0.25, the offline ImageNet weights) features of
 ``--extract-n`` Dogs vs. Cats photos into an empty cache, once in one process and once
 with ``stacker.learners.distributed.fill_cache`` on a local Ray cluster of 2 workers, and checks
 the features are equal.
 
-The last line is machine-readable: rss_1m/rss_10k, time_1m/time_100k, ray speed-up.
+The last line is machine-readable: rss_1m/rss_10k, time_1m/time_100k, rss_100k_1000c_gib,
+time_100k_over_10k_1000c, ray speed-up.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-DIM, K, CV, CHUNK = 1280, 10, 5, 16384
+DIM, K, WIDE, CV, CHUNK = 1280, 10, 1000, 5, 16384
 BACKBONES = ("synthetic_a", "synthetic_b")
 DOGS = os.path.join(REPO, "..", "shared", "data", "dogs-vs-cats", "train")
 WEIGHTS = os.path.join(REPO, "..", "shared", "weights")
@@ -76,32 +80,52 @@ def register(folder: str) -> list[dict]:
     return specs
 
 
-def labels(n: int) -> np.ndarray:
-    return np.random.default_rng(n).integers(0, K, n)
+def labels(n: int, k: int = K) -> np.ndarray:
+    """Labels of N rows; past 10 classes every class has N / k rows (5 folds need 5 of each)."""
+    if k == K:
+        return np.random.default_rng(n).integers(0, K, n)
+    return np.random.default_rng((n, k)).permutation(np.arange(n) % k)
 
 
-def synthesise(n: int, folder: str) -> None:
+def cache_dir(folder: str, n: int, k: int) -> str:
+    return os.path.join(folder, f"n{n}" if k == K else f"n{n}_k{k}")
+
+
+def patterns(b: int, k: int) -> np.ndarray:
+    """Class patterns of backbone ``b`` (noise is N(0, 1) per feature).
+
+    Ten classes: one strength, 0.06. A thousand: each class its own, uniform in [0.1, 0.25], so
+    some are easy and some need many rows (a nearest prototype is right 35% of the time at 10k
+    rows, 82% at 100k).
+    """
+    rng = np.random.default_rng(100 + b)
+    if k == K:
+        return rng.normal(size=(K, DIM)) * 0.06
+    return rng.normal(size=(k, DIM)) * rng.uniform(0.1, 0.25, (k, 1))
+
+
+def synthesise(n: int, folder: str, k: int = K) -> None:
     """Float16 caches of N rows per backbone, appended in chunks (never a whole matrix in memory)."""
     from stacker.features.cache import FeatureCache
     from stacker.features.extractor import FeatureExtractor
 
-    y = labels(n)
+    y = labels(n, k)
     for b, spec in enumerate(register(folder)):
         ext = FeatureExtractor(spec["backbone"], weights=spec["weights"], feature_dtype="float16",
-                               cache_dir=os.path.join(folder, f"n{n}"), engine="keras")
+                               cache_dir=cache_dir(folder, n, k), engine="keras")
         entry = FeatureCache(ext.cache_dir).entry(ext.key_meta(), DIM, "float16")
         if entry.n_complete() >= n:
             continue
-        patterns = np.random.default_rng(100 + b).normal(size=(K, DIM)) * 0.06
+        means = patterns(b, k)
         with cpu_phase():
             for s in range(entry.n_complete(), n, CHUNK):
                 rows = np.arange(s, min(s + CHUNK, n))
-                X = patterns[y[rows]] + np.random.default_rng((b, s)).normal(size=(len(rows), DIM))
+                X = means[y[rows]] + np.random.default_rng((b, s)).normal(size=(len(rows), DIM))
                 entry.append([f"{b}{i:039d}" for i in rows], X.astype(np.float16), [str(i) for i in rows],
                              [str(v) for v in y[rows]], [f"img{i}.jpg" for i in rows])
 
 
-def fit(n: int, folder: str) -> dict:
+def fit(n: int, folder: str, k: int = K) -> dict:
     """What Ensemble.fit does after extraction, out of core, on the synthetic caches; seconds and peak RSS."""
     from sklearn.model_selection import StratifiedKFold
 
@@ -114,12 +138,12 @@ def fit(n: int, folder: str) -> dict:
     from stacker.learners.memory import return_freed_blocks
 
     specs = register(folder)
-    y = labels(n)
+    y = labels(n, k)
     return_freed_blocks()  # as Ensemble.fit does once extraction is over
     t0 = time.perf_counter()
     ens = Ensemble(specs, models="default", feature_dtype="float16", cv=CV, out_of_core=True, engine="keras",
-                   cache_dir=os.path.join(folder, f"n{n}"), verbose=0)
-    ens.classes_ = [str(c) for c in range(K)]
+                   cache_dir=cache_dir(folder, n, k), verbose=0)
+    ens.classes_ = [str(c) for c in range(k)]
     settings = ens.learner_settings().replace(out_of_core=True, cache_dir=None)  # no learner results stored
     ens.learners_ = make_learners(validation.validate(ens), settings)
     inputs = {}
@@ -131,17 +155,18 @@ def fit(n: int, folder: str) -> dict:
     for name, learner in ens.learners_.items():
         with cpu_phase():
             t1 = time.perf_counter()
-            learner.fit_oof(ens._inputs_of(learner, inputs), y, ens.folds_, K, None, f"synthetic-{n}")
+            learner.fit_oof(ens._inputs_of(learner, inputs), y, ens.folds_, k, None, f"synthetic-{n}-{k}")
             phases[name] = time.perf_counter() - t1
     ens.oof_proba_ = {name: lr.oof_proba_ for name, lr in ens.learners_.items()}
     with cpu_phase():
         t1 = time.perf_counter()
-        ens._fit_level2(inputs, y, K, timings)
+        ens._fit_level2(inputs, y, k, timings)
         phases["level2"] = time.perf_counter() - t1
     seconds = sum(phases.values())  # time spent working (not waiting for the CPU lock)
     acc = float((ens.meta_oof_proba_.argmax(1) == y).mean())
-    return {"n": n, "fit_s": seconds, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "accuracy": acc, "combiner": ens.meta_.name, "phases": phases}
+    best_member = max(float((p.argmax(1) == y).mean()) for p in ens.oof_proba_.values())
+    return {"n": n, "k": k, "fit_s": seconds, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "accuracy": acc, "best_member_accuracy": best_member, "combiner": ens.meta_.name, "phases": phases}
 
 
 def child(args, *extra) -> dict:
@@ -221,9 +246,36 @@ def finetune_rows(args) -> dict:
     return out
 
 
+def size_and_classes(text: str) -> tuple[int, int]:
+    """``"N"`` or ``"N:k"`` (a child's argument) as ``(N, k)``."""
+    n, _, k = text.partition(":")
+    return int(n), int(k or K)
+
+
+def fit_table(args, sizes: str, k: int) -> dict:
+    """Synthesise and fit each size in fresh processes; print one row per N; N -> the child's figures."""
+    rows = {}
+    sizes = [int(s) for s in sizes.split(",") if s]
+    if not sizes:
+        return rows
+    print(f"\n{k} classes")
+    print(f"{'N':>9}  {'fit s':>8}  {'peak RSS MiB':>12}  {'oof acc':>7}  {'best 1':>6}  level 2  (phase seconds)")
+    for n in sizes:
+        child(args, "--synth", f"{n}:{k}")
+        r = rows[n] = child(args, "--fit", f"{n}:{k}")
+        phases = ", ".join(f"{name.split(':')[-1]}{'' if ':' not in name else '@' + name.split(':')[0][-1]} {v:.0f}"
+                           for name, v in r["phases"].items())
+        print(f"{n:>9}  {r['fit_s']:>8.1f}  {r['rss_mib']:>12.0f}  {r['accuracy']:>7.3f}  "
+              f"{r['best_member_accuracy']:>6.3f}  {r['combiner']}  ({phases})",
+              flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="10000,100000,1000000")
+    p.add_argument("--sizes-1000c", default="10000,100000", metavar="N1,N2",
+                   help="sizes of the 1,000-class table (empty: none)")
     p.add_argument("--dir", default="/tmp/stacker-scale")
     p.add_argument("--extract-n", type=int, default=1000)
     p.add_argument("--skip-extract", action="store_true")
@@ -231,8 +283,8 @@ def main() -> None:
                    help="also measure fine-tuning peak RSS on N Dogs vs. Cats photos, in memory and out of core")
     p.add_argument("--finetune-child", help=argparse.SUPPRESS)
     p.add_argument("--lock", default=None, help="a shared CPU lock file (flock), held per phase; waits not timed")
-    p.add_argument("--synth", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--fit", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--synth", help=argparse.SUPPRESS)  # N or N:k
+    p.add_argument("--fit", help=argparse.SUPPRESS)
     p.add_argument("--extract", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.lock:
@@ -240,11 +292,13 @@ def main() -> None:
         global LOCK
         LOCK = args.lock
     if args.synth:
-        synthesise(args.synth, args.dir)
-        print(json.dumps({"n": args.synth}))
+        n, k = size_and_classes(args.synth)
+        synthesise(n, args.dir, k)
+        print(json.dumps({"n": n, "k": k}))
         return
     if args.fit:
-        print(json.dumps(fit(args.fit, args.dir)))
+        n, k = size_and_classes(args.fit)
+        print(json.dumps(fit(n, args.dir, k)))
         return
     if args.finetune_child:
         n, mode = args.finetune_child.split(":")
@@ -255,15 +309,7 @@ def main() -> None:
         with cpu_phase():
             print(json.dumps(extraction(args.extract, args.dir)))
         return
-    rows = {}
-    print(f"{'N':>9}  {'fit s':>8}  {'peak RSS MiB':>12}  {'oof acc':>7}  level 2  (learner seconds)")
-    for n in (int(s) for s in args.sizes.split(",") if s):
-        child(args, "--synth", str(n))
-        r = rows[n] = child(args, "--fit", str(n))
-        phases = ", ".join(f"{k.split(':')[-1]}{'' if ':' not in k else '@' + k.split(':')[0][-1]} {v:.0f}"
-                           for k, v in r["phases"].items())
-        print(f"{n:>9}  {r['fit_s']:>8.1f}  {r['rss_mib']:>12.0f}  {r['accuracy']:>7.3f}  {r['combiner']}  ({phases})",
-              flush=True)
+    rows = fit_table(args, args.sizes, K)
     summary = {}
     if 10_000 in rows and 1_000_000 in rows:
         summary["rss_1m/rss_10k"] = round(rows[1_000_000]["rss_mib"] / rows[10_000]["rss_mib"], 2)
@@ -273,6 +319,12 @@ def main() -> None:
     if 10_000 in rows and 100_000 in rows:
         summary["rss_100k/rss_10k"] = round(rows[100_000]["rss_mib"] / rows[10_000]["rss_mib"], 2)
         summary["time_100k/time_10k"] = round(rows[100_000]["fit_s"] / rows[10_000]["fit_s"], 2)
+    wide = fit_table(args, args.sizes_1000c, WIDE)
+    if 100_000 in wide:
+        summary["rss_100k_1000c_gib"] = round(wide[100_000]["rss_mib"] / 1024, 2)
+        summary["acc_100k_1000c"] = round(wide[100_000]["accuracy"], 3)
+    if 10_000 in wide and 100_000 in wide:
+        summary["time_100k_over_10k_1000c"] = round(wide[100_000]["fit_s"] / wide[10_000]["fit_s"], 2)
     if not args.skip_extract:
         e = child(args, "--extract", str(args.extract_n))
         print(f"\nextraction of {e['n']} photos, mobilenet_025, empty cache (seconds, incl. start-up)")

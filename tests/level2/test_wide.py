@@ -116,6 +116,7 @@ def test_top5_by_partition_is_top5_by_sort(monkeypatch):
     assert score(y, P, 40) == sorted_
 
 
+@pytest.mark.slow  # level 2 under tracemalloc on 3,000 rows of 200 classes
 def test_level2_holds_no_stacked_copy_and_no_float64_arrays_of_all_rows(monkeypatch):
     """The traced peak of level 2 on four learners' float32 blocks stays below the blocks themselves.
 

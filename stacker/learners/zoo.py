@@ -200,7 +200,7 @@ class PathLogistic(ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         power = [("power", SignedPower(float(self.power)).fit(X))] if float(self.power) != 1 else []
-        X = power[0][1].transform(X) if power else X
+        X = signed_power(X, float(self.power))  # X is validated: the transform without checking it again
         scaler = StandardScaler().fit(X)
         Z = scaler.transform(X).astype(np.float32)
         Cs = sorted(float(c) for c in self.Cs)

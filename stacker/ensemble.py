@@ -23,6 +23,7 @@ from stacker import validation
 from stacker.data.inputs import Arrays, as_images
 from stacker.data.sources import file_fingerprints, load_images
 from stacker.features.layout import stable_hash
+from stacker.features import device as _device
 from stacker.features.config import ExtractionConfig
 from stacker.features.extractor import forward_pass_count
 from stacker.features.rows import use_out_of_core
@@ -168,6 +169,7 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         self
         """
         specs = validation.validate(self)
+        self._log(_device.use(self.device).describe())  # device="gpu" without one fails here, before any work
         data = load_images(images)
         validation.check_training_data(data, self.cv)
         self.classes_ = list(data.classes)
@@ -345,6 +347,7 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         """
         check_is_fitted(self, "meta_")
         check_min_proba(self.min_proba if min_proba is None else min_proba, len(self.classes_))  # before extraction
+        _device.use(self.device)
         outs, kept, skipped = self._level1(images, on_bad_image, batch_size)
         out = np.full((len(kept) + len(skipped), len(self.classes_)), np.nan)
         if len(kept):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stacker.ensemble import Ensemble
+from stacker.features.device import use as use_device
 from stacker.features.config import check_option
 from stacker.io.model_dir import MANIFEST
 from stacker.data.inputs import as_images
@@ -84,7 +85,7 @@ def load(model, cache_dir=None, trusted=None) -> Ensemble:
 
 
 def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None, trusted=None,
-            min_proba=None) -> Prediction:
+            min_proba=None, device="auto") -> Prediction:
     """Predict classes of images with a saved ensemble.
 
     Parameters
@@ -111,12 +112,16 @@ def predict(images, model, cache_dir=None, on_bad_image="raise", batch_size=None
     min_proba : float, optional
         Every probability at least this, rows still summing to 1 (default: the model's,
         ``1e-6`` unless it was saved with another; ``0``: the raw probabilities).
+    device : {"auto", "cpu", "gpu"}
+        Where the forward passes run (:mod:`stacker.features.device`); ``"gpu"`` without
+        a usable GPU raises before any work.
 
     Returns
     -------
     Prediction
     """
     check_option("on_bad_image", on_bad_image)
+    use_device(device)
     data = as_images(images)
     ens = load(model, cache_dir=cache_dir, trusted=trusted)
     proba, skipped = ens.predict_with_skipped(data, on_bad_image=on_bad_image,

@@ -4,7 +4,8 @@ Formats: ``"binary"`` -- ``id,label`` with P(positive class), the Dogs vs. Cats 
 format; ``"label"`` -- one predicted class name per id; ``"proba"`` -- one probability
 column per class. Ids are checked (unique, complete against an expected list or a
 sample submission, sorted) and probabilities clipped to ``[eps, 1 - eps]``, since one
-confident mistake can ruin a log-loss score. Imports no model.
+confident mistake can ruin a log-loss score. The sample submission and the CSV written
+may be URLs (``s3://bucket/submission.csv``, see :mod:`stacker.data.storage`). Imports no model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 
 import numpy as np
 
+from stacker.data import storage
+
 __all__ = ["SubmissionError", "read_sample_ids", "write_csv"]
 
 
@@ -22,8 +25,8 @@ class SubmissionError(ValueError):
 
 
 def read_sample_ids(sample_csv) -> list:
-    """Ids (first column) of a sample submission, as ints when they all are."""
-    with open(sample_csv, newline="") as f:
+    """Ids (first column) of a sample submission (a path or a URL), as ints when they all are."""
+    with storage.open_file(storage.local_path(sample_csv), "r", newline="") as f:
         rows = list(csv.reader(f))
     if len(rows) < 2:
         raise SubmissionError(f"{sample_csv} has no data rows")
@@ -57,7 +60,7 @@ def _filled(proba, ids, classes, fill, skipped: dict, positive) -> np.ndarray:
 
 
 def _sample_header(sample_csv) -> list:
-    with open(sample_csv, newline="") as f:
+    with storage.open_file(storage.local_path(sample_csv), "r", newline="") as f:
         return next(csv.reader(f))
 
 
@@ -68,8 +71,9 @@ def write_csv(path, ids, proba, classes, kind: str = "auto", positive=None, eps:
 
     Parameters
     ----------
-    path : path-like
-        Output file (written atomically).
+    path : path-like or URL
+        Output file (written atomically: a local file is renamed into place, an object
+        appears whole when it is closed).
     ids : sequence
         One id per row of ``proba``.
     proba : array, shape (n, n_classes)
@@ -148,12 +152,20 @@ def write_csv(path, ids, proba, classes, kind: str = "auto", positive=None, eps:
         rows = [[i] + [f"{p:.6f}" for p in row] for i, row in zip(ids, proba)]
     else:
         raise SubmissionError(f"kind must be 'auto', 'binary', 'label' or 'proba', got {kind!r}")
-    path = os.fspath(path)
+    path = storage.local_path(path)
+    if storage.is_url(path):
+        with storage.open_file(path, "w", newline="") as f:
+            _write_rows(f, header, rows)
+        return path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
+        _write_rows(f, header, rows)
     os.replace(tmp, path)
     return path
+
+
+def _write_rows(f, header: list, rows: list) -> None:
+    w = csv.writer(f)
+    w.writerow(header)
+    w.writerows(rows)

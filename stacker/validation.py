@@ -15,6 +15,7 @@ import inspect
 import numpy as np
 
 from stacker.features.config import EXTRACTION_OPTIONS
+from stacker.features.device import DEVICES
 from stacker.learners.kinds import LEARNER_KINDS, kind_params, learner_specs
 from stacker.level2.calibration import MIN_PROBA
 from stacker.level2.registry import check_meta, meta_doc
@@ -46,6 +47,10 @@ STACKING = (
 RUN = (
     Param("strategy", None, "tf.distribute.Strategy, optional\n    Extraction and Keras models are built and run in "
           "its scope. Not saved."),
+    Param("device", "auto", "{'auto', 'cpu', 'gpu'}\n    Where forward passes and Keras training run "
+          "(:mod:`stacker.features.device`):\n    ``\"auto\"`` a GPU when one works here, ``\"gpu\"`` one or an error "
+          "before any work\n    (with the install command), ``\"cpu\"`` never a GPU. Not saved.",
+          lambda v: v in DEVICES, f"one of {DEVICES}"),
     Param("verbose", 1, "int\n    0: silent; 1: progress and fold scores."),
     Param("out_of_core", "auto", "{'auto', True, False}\n    Read features from the cache in windows instead of "
           "loading every source's\n    matrix (:mod:`stacker.learners.streaming`): models are then streaming ones "

@@ -10,6 +10,11 @@
     stacker cache ls|rm|prune [--backbone X] [--kind K] [--cache DIR] [--dry-run] [--yes]
     stacker cache merge SHARD_CACHE... [--cache DIR]
 
+Images (DATA, IMAGE_OR_FOLDER, TEST_FOLDER, --sample) may be URLs such as
+``s3://bucket/train`` (:mod:`stacker.data.storage`; credentials from the storage library's
+usual configuration), and so may ``submit --out``; the cache, models and reports are local
+folders.
+
 Options come from one table (:mod:`stacker.app.options`) shared with the recipes. Results go
 to stdout, progress to stderr (``--quiet``: none). Exit codes: 0 success, 2 usage error,
 1 failure (one line saying why, in command-line terms; ``--debug`` for the traceback).
@@ -87,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-proba", type=float, default=None, metavar="M",
                    help="every probability at least M, rows still summing to 1 (default: the model's, 1e-06; "
                         "0: the raw probabilities)")
-    add_options(p, ("predict_cache", "on_bad_image", "trust"))
+    add_options(p, ("predict_cache", "on_bad_image", "trust", "device"))
     _add_common(p)
 
     p = _command(sub, "evaluate", "score a saved ensemble on labelled hold-out images",
@@ -102,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR", default=None,
                    help="write DIR/evaluation.html (report.html's sections for the hold-out) and its "
                         "evaluation_*.png figures (default: no report)")
-    add_options(p, ("predict_cache", "on_bad_image", "trust"))
+    add_options(p, ("predict_cache", "on_bad_image", "trust", "device"))
     _add_common(p)
 
     p = _command(sub, "submit", "write a validated Kaggle submission for a test folder")
@@ -114,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="binary: one probability column; label: class names; proba: one column per class; "
                         "auto: from --sample (default: %(default)s)")
     p.add_argument("--positive", default=None, help="class whose probability a binary file holds")
-    add_options(p, ("eps", "predict_cache", "on_bad_image", "fill", "trust"))
+    add_options(p, ("eps", "predict_cache", "on_bad_image", "fill", "trust", "device"))
     _add_common(p)
 
     p = _command(sub, "report", "write report.html (one self-contained file) with figures for a saved run")
@@ -127,13 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                  "feature extraction uses.")
     p.add_argument("images", nargs="+")
     p.add_argument("--backbone", default="efficientnet_lite0", help="a registered backbone (default: %(default)s)")
-    add_options(p, ("k", "weights", "weights_dir"))
+    add_options(p, ("k", "weights", "weights_dir", "device"))
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_common(p)
 
     p = _command(sub, "extract", "fill the feature cache (one shard of it with --shard i/n)")
     p.add_argument("data", help="class folders, Kaggle-named files, a test folder or a CSV")
-    add_options(p, ("backbones", *GROUPS["features"]), defaults={"on_bad_image": "skip"},
+    add_options(p, ("backbones", *GROUPS["features"], "device"), defaults={"on_bad_image": "skip"},
                 notes={"on_bad_image": "; extract leaves them out by default, so one bad file does not stop a shard"})
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="only part I of N contiguous parts of the image list (0-based), e.g. 0/4 on machine 1")
@@ -158,6 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "not a terminal)")
     _add_common(p)
     return parser
+
+
+# Arguments that name local folders or files (written, or loaded as a saved model): refused as URLs.
+_LOCAL_ONLY = {"cache": "--cache", "model": "MODEL", "run_dir": "RUN_DIR", "csv": "--csv",
+               "predictions": "--predictions", "report": "--report", "out": "--out"}
+
+
+def _check_local(args) -> None:
+    """A clear error for a URL where stacker needs a local folder or file (before anything runs)."""
+    from stacker.data.storage import is_url
+
+    for dest, shown in _LOCAL_ONLY.items():
+        value = getattr(args, dest, None)
+        if dest == "out" and args.command == "submit":
+            continue  # a submission CSV may be written to a URL
+        if isinstance(value, str) and is_url(value):
+            raise ValueError(f"{shown} {value} is a URL; stacker reads images from URLs, but {shown} must be a "
+                             "local (or mounted) path")
 
 
 def _cache_kinds() -> tuple:
@@ -466,6 +489,11 @@ def main(argv=None) -> int:
     try:
         with warnings.catch_warnings(), _native_stderr_silenced(args.quiet), progress_output(args.quiet):
             warnings.showwarning = show_warning
+            if getattr(args, "device", None):  # --device gpu without one fails here, before any work
+                from stacker.features.device import select
+
+                select(args.device)
+            _check_local(args)
             return COMMANDS[args.command](args, out)
     except KeyboardInterrupt:
         print("stacker: interrupted", file=sys.stderr)

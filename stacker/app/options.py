@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from stacker.features.config import EXTRACTION_OPTIONS, weights_arg
+from stacker.features.device import DEVICES
 from stacker.learners.kinds import LEARNER_KINDS
 from stacker.level2.registry import meta_help, meta_inputs_help
 from stacker.params import TABLE_DEFAULT, Option, comma_list
@@ -74,6 +75,10 @@ _STATIC = {
                         help="also write a CSV with one row per training image: out-of-fold probabilities, "
                              "predicted class, loss (sort by it to find mislabelled images), fold; skipped files "
                              "with the reason"),
+    # -- where the work runs (every command that computes)
+    "device": _opt("--device", default="auto", choices=DEVICES,
+                   help="where forward passes and Keras training run: auto (a GPU when one works here), gpu (one, "
+                        "or an error before any work, saying how to install the GPU builds) or cpu"),
     # -- every command
     "quiet": _opt("--quiet", action="store_true", help="no progress on stderr (results still go to stdout)"),
 }
@@ -121,6 +126,7 @@ def _all_groups() -> dict:
     return {"stacking": ("backbones", "models", "meta", "meta_inputs", "no_calibration", "folds", "seed",
                          "train_limit"),
             "features": tuple(_extraction_rows()),
+            "device": ("device",),
             **{title: tuple(rows) for title, rows in _kind_rows().items()}}
 
 
@@ -168,7 +174,7 @@ def ensemble_params(args, **overrides) -> dict:
               "meta": args.meta, "meta_inputs": args.meta_inputs, "calibration": not args.no_calibration,
               "cv": args.folds, "random_state": args.seed, **extraction_params(args),
               **{cls.param.name: cls.from_cli(args) for cls in LEARNER_KINDS.values() if cls.param is not None},
-              "verbose": 0 if args.quiet else 1}
+              "device": getattr(args, "device", "auto"), "verbose": 0 if args.quiet else 1}
     return {**params, **overrides}
 
 

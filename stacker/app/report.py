@@ -205,11 +205,13 @@ def _confusion_figure(cm, classes, scope: Scope = OUT_OF_FOLD):
 
 def _letterbox(path: str, px: int = 160) -> np.ndarray:
     """The image scaled to fit a ``px`` square on a light background: tall and wide images take the same box."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
+
+    from stacker.data.scan import open_file
 
     canvas = np.full((px, px, 3), 240, dtype=np.uint8)
     try:
-        with Image.open(path) as img:
+        with open_file(path) as img:  # a local file or an object at a URL
             a = np.asarray(ImageOps.contain(img.convert("RGB"), (px, px)))  # small images scaled up too
     except Exception:  # noqa: BLE001 - a broken file still gets its box and caption
         return canvas
@@ -247,7 +249,7 @@ def thumbnail_grid(paths, captions, colors, title: str, cols: int = 6):
 
 
 def _image_grid_figure(paths, y, pred, proba, classes, scope: Scope = OUT_OF_FOLD, n: int = 24, seed: int = 0):
-    ok = [i for i, p in enumerate(paths) if os.path.isfile(p)]
+    ok = [i for i, p in enumerate(paths) if _present(p)]
     if not ok:
         return None
     rng = np.random.default_rng(seed)
@@ -262,6 +264,14 @@ def _image_grid_figure(paths, y, pred, proba, classes, scope: Scope = OUT_OF_FOL
                           f"a sample of {scope.images} with {scope.where} predictions (wrong ones in red)")
 
 
+def _present(path: str) -> bool:
+    """Whether an image file is here to show; an object at a URL is taken as present (a request each would
+    cost more than the report: one that fails still gets its box and caption)."""
+    from stacker.data import storage
+
+    return storage.is_url(path) or os.path.isfile(path)
+
+
 def _worst_rows(paths, y, proba, n: int) -> list[int]:
     """The ``n`` rows with the highest log loss whose image files are present."""
     p_true = proba[np.arange(len(y)), y]
@@ -269,7 +279,7 @@ def _worst_rows(paths, y, proba, n: int) -> list[int]:
     for i in np.argsort(p_true, kind="stable"):
         if len(out) == n:
             break
-        if i < len(paths) and os.path.isfile(paths[i]):
+        if i < len(paths) and _present(paths[i]):
             out.append(int(i))
     return out
 
@@ -491,7 +501,7 @@ def _not_found_note(paths, scope: Scope) -> str:
 
 def _image_sections(page: _Page, paths, y, proba, classes, n_worst: int, scope: Scope = OUT_OF_FOLD) -> None:
     """The image grid and the highest-loss gallery; a note saying where they were looked for when no image is here."""
-    if len(paths) and not any(os.path.isfile(p) for p in paths):
+    if len(paths) and not any(_present(p) for p in paths):
         page.add("Images not found", _not_found_note(paths, scope))
         return
     pred = proba.argmax(axis=1)

@@ -11,5 +11,7 @@ Modules, one job each:
 - :mod:`~stacker.data.decode`: decoding, EXIF orientation, RGB conversion, resizing and
   the threaded pixel pipelines (with formats, hashed whole into the feature cache's key).
 - :mod:`~stacker.data.fingerprint`: content digests of files, what every cache keys on.
+- :mod:`~stacker.data.storage`: local paths and URLs (``s3://``, ``gs://``, ``az://``, ``file://``)
+  through one set of calls (fsspec): listing, opening, object versions.
 - :mod:`~stacker.data.cachedir`: where the cache folder is when no one names one.
 """

@@ -7,20 +7,23 @@ the CNN, so decoding overlaps with its forward pass: Pillow in a thread pool
 (:func:`pil_batches`, the default) or a ``tf.data`` pipeline for TensorFlow's resize
 methods (:func:`pixel_batches`), where TensorFlow decodes the formats the table of
 :mod:`stacker.data.formats` says it does. The last decoded images are kept, so an
-ensemble's other backbones only resize them. A file that fails to decode is left out of
-the stream; the caller finds it by its missing row. Every line here decides feature
-values: the feature cache's key hashes this module whole.
+ensemble's other backbones only resize them. Objects at URLs are fetched through
+:mod:`stacker.data.storage`. A file that fails to decode is left out of the stream; the
+caller finds it by its missing row. Every line here decides feature values: the feature
+cache's key hashes this module whole.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from stacker.data.formats import TENSORFLOW_MAGIC, open_image
-from stacker.data.scan import size_problem
+from stacker.data import storage
+from stacker.data.formats import TENSORFLOW_MAGIC
+from stacker.data.scan import open_file, size_problem
 
 __all__ = ["DECODED_BYTES", "RESIZE_METHODS", "Primed", "array_batches", "pil_batches", "pil_pixels",
            "pixel_batches", "resize_pixels", "rgb_array"]
@@ -50,7 +53,7 @@ def _tf_decodes(tf, contents):
 def _pil_decoded(tf, path):
     """Any other format (TIFF, PPM, ICO, TGA, SGI, ...): decoded by Pillow, upright, uint8 RGB."""
     def read(p):
-        with open_image(p.decode()) as img:
+        with open_file(p.decode()) as img:
             return np.asarray(_pil_rgb(img), dtype=np.uint8)
 
     image = tf.numpy_function(read, [path], tf.uint8, stateful=False)
@@ -114,15 +117,18 @@ def _upright_rgb(path: str):
     """The file as an upright RGB Pillow image, decoded once for all of an ensemble's backbones.
 
     Every backbone of an ensemble reads the same files at its own size; the last decoded
-    images (up to :data:`DECODED_BYTES`, keyed by path, size and modification time) are
-    kept, so the others only resize. Predicting one image with four backbones decodes it
-    once instead of four times.
+    images (up to :data:`DECODED_BYTES`, keyed by path, size and modification time, or
+    an object's version for a URL) are kept, so the others only resize. Predicting one
+    image with four backbones decodes it once instead of four times.
     """
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if storage.is_url(path):
+        key = (path, *dataclasses.astuple(storage.stat(path)))  # the object's size and version (ETag)
+    else:
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     rgb = _DECODED.get(key)
     if rgb is None:
-        with open_image(path) as img:
+        with open_file(path) as img:
             problem = size_problem(*img.size)  # the scan's limits: a decode may start before the scan ends
             if problem:
                 raise ValueError(problem)
@@ -188,13 +194,15 @@ def pixel_batches(paths, size: int, batch_size: int = 32, orientations=None, row
     rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
     orientations = np.ones(n, dtype=np.int32) if orientations is None else np.asarray(orientations, np.int32)
     ds = tf.data.Dataset.from_tensor_slices((rows, list(map(str, paths)), orientations))
+    remote = any(storage.is_url(p) for p in map(str, paths))  # TensorFlow reads no object store: fsspec does
 
     def load(row, path, orientation):
         if method == "pil":
             image = tf.numpy_function(lambda p: pil_pixels(p.decode(), size), [path], tf.float32, stateful=False)
             image.set_shape((size, size, 3))
             return row, image
-        contents = tf.io.read_file(path)
+        contents = (tf.numpy_function(lambda p: storage.read_bytes(p.decode()), [path], tf.string, stateful=False)
+                    if remote else tf.io.read_file(path))
         image = tf.cond(_tf_decodes(tf, contents),
                         lambda: _orient(tf, _decode(tf, contents), orientation),
                         lambda: _pil_decoded(tf, path))

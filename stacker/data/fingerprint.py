@@ -11,7 +11,10 @@ Reading every byte on every run would cost more than it saves, so a stat memo ma
 ``(path, device, inode, size, mtime, ctime)`` to the digest: in memory for the
 process, and in ``fingerprints.sqlite`` inside a cache folder across runs. A file
 touched or rewritten gets a new ctime, is read again, and keeps its digest when its
-bytes did not change.
+bytes did not change. An object at a URL (:mod:`stacker.data.storage`) is memoised
+by ``(url, 0, 0, size, 0, version)``, its version a hash of its ETag (or generation,
+or modification time): one listing per folder tells a warm run that nothing changed,
+and the same bytes at a URL and on a local disk share one digest.
 
 :func:`probe` also gives the true reason a path cannot be an image (missing, a
 dangling link, a link loop, a FIFO, a device, a directory, empty) without opening
@@ -30,6 +33,8 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 
+from stacker.data import storage
+
 __all__ = ["HASH", "MEMO_FILE", "probe", "fingerprints"]
 
 HASH = "blake2b-160"
@@ -42,7 +47,12 @@ _memo_lock = threading.Lock()
 
 
 def probe(path: str):
-    """``(os.stat_result, None)`` for a non-empty regular file, else ``(None, reason)``."""
+    """``(os.stat_result, None)`` for a non-empty regular file, else ``(None, reason)``.
+
+    For a URL: ``(storage.ObjectStat, None)`` for a non-empty object, else ``(None, reason)``.
+    """
+    if storage.is_url(path):
+        return _object(_checked_stat(path))
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -66,8 +76,31 @@ def probe(path: str):
     return st, None
 
 
+def _checked_stat(url: str):
+    try:
+        return storage.stat(url)
+    except OSError as exc:
+        return exc
+
+
+def _object(found):
+    """``(ObjectStat, None)`` for a non-empty object, else ``(None, reason)``, from :func:`storage.stat`'s result."""
+    if isinstance(found, FileNotFoundError):
+        return None, "file not found"
+    if isinstance(found, IsADirectoryError):
+        return None, "a directory, not an image file"
+    if isinstance(found, OSError):
+        return None, f"cannot read it ({found.strerror or found})"
+    if found.st_size == 0:
+        return None, "empty file (0 bytes)"
+    return found, None
+
+
 def _digest(path: str) -> str:
     h = hashlib.blake2b(digest_size=20)
+    if storage.is_url(path):
+        h.update(storage.read_bytes(path))  # one request: images are small
+        return h.hexdigest()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
@@ -75,6 +108,8 @@ def _digest(path: str) -> str:
 
 
 def _stat_key(path: str, st) -> tuple:
+    if isinstance(st, storage.ObjectStat):
+        return (path, 0, 0, st.st_size, 0, st.version)
     return (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -116,13 +151,15 @@ def fingerprints(paths, cache_dir=None, workers: int = 8) -> tuple[list, dict]:
     """Content digest per path (None where unusable) and ``{row: reason}`` for unusable paths.
 
     Unchanged files are not read again (the stat memo); new or changed ones are hashed
-    in threads (hashlib releases the GIL).
+    in threads (hashlib releases the GIL; objects at URLs are fetched in them).
     """
-    paths = [os.fspath(p) for p in paths]
+    paths = [storage.local_path(p) for p in paths]
     out: list = [None] * len(paths)
     bad, keys = {}, {}
+    urls = [i for i, p in enumerate(paths) if storage.is_url(p)]
+    objects = dict(zip(urls, storage.stats([paths[i] for i in urls]))) if urls else {}
     for i, p in enumerate(paths):
-        st, reason = probe(p)
+        st, reason = _object(objects[i]) if i in objects else probe(p)
         if reason:
             bad[i] = reason
         else:

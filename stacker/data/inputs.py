@@ -4,7 +4,8 @@
 line take the same things: in-memory images (a NumPy array, a PIL image, or a list of
 them), a path (a folder, a CSV file of ``path,label`` rows, one image file), a list of
 paths, or an :class:`~stacker.data.sources.ImageSet`. :func:`as_images` is the one place
-that tells them apart and checks them, so every entry point reads them alike.
+that tells them apart and checks them, so every entry point reads them alike. Paths
+may be URLs (``s3://bucket/test``, see :mod:`stacker.data.storage`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 
 import numpy as np
 
+from stacker.data import storage
 from stacker.data.decode import rgb_array
 from stacker.data.sources import ImageSet, from_class_folders_unlabelled, from_csv, from_test_folder, load_images
 
@@ -98,12 +100,13 @@ def as_images(images, labelled: bool = False) -> Arrays | ImageSet:
 
 
 def _from_path(path: str) -> ImageSet:
-    """The images one path names, labels ignored: a folder, a CSV file, or one image file."""
-    if os.path.isdir(path):
-        entries = [e for e in os.listdir(path) if not e.startswith(".")]
-        subdirs_only = entries and all(os.path.isdir(os.path.join(path, e)) for e in entries)
+    """The images one path or URL names, labels ignored: a folder, a CSV file, or one image file."""
+    path = storage.local_path(path)
+    if storage.isdir(path):
+        entries = [is_dir for name, is_dir in storage.entries(path) if not name.startswith(".")]
+        subdirs_only = entries and all(entries)
         return from_class_folders_unlabelled(path) if subdirs_only else from_test_folder(path)
-    if os.path.isfile(path) and path.lower().endswith(".csv"):
+    if path.lower().endswith(".csv") and storage.isfile(path):
         return from_csv(path)
     return ImageSet([path], [path])  # a file, or a missing path that extraction reports
 

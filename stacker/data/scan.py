@@ -7,19 +7,23 @@ orientation of the formats that carry one, and the true reason a file is unusabl
 short). A cut-short file is found by its last bytes (:data:`stacker.data.formats.END_MARKERS`):
 only a file whose tail is wrong is decoded here, so every such file is listed before any
 forward pass. A file that passes but fails to decode (corrupt data in the middle) is
-explained afterwards by :func:`decode_failure_reason`.
+explained afterwards by :func:`decode_failure_reason`. An object at a URL
+(:mod:`stacker.data.storage`) is fetched whole, once, and its header read from memory
+(:func:`open_file`).
 """
 
 from __future__ import annotations
 
+import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from stacker.data.formats import END_MARKERS, EXIF_FORMATS, open_image
+from stacker.data import storage
+from stacker.data.formats import END_MARKERS, EXIF_FORMATS, HEAD_BYTES, open_image, sniff
 
-__all__ = ["MAX_PIXELS", "decode_failure_reason", "scan_images", "size_problem"]
+__all__ = ["MAX_PIXELS", "decode_failure_reason", "open_file", "scan_images", "size_problem"]
 
 MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (about 0.25 GB of RGBA)
 
@@ -36,18 +40,57 @@ def size_problem(w: int, h: int) -> str | None:
     return None
 
 
+def open_file(path: str):
+    """A Pillow image of a local file (:func:`~stacker.data.formats.open_image`) or of an object at a URL.
+
+    An object is fetched whole into memory (one request), then opened as a file is:
+    the plugin its first bytes name first, Pillow's full search if that one refuses it.
+    """
+    if not storage.is_url(path):
+        return open_image(path)
+    return _open_bytes(storage.read_bytes(path))
+
+
+def _open_bytes(data: bytes):
+    from PIL import Image, UnidentifiedImageError
+
+    fmt = sniff(data[:HEAD_BYTES])
+    if fmt is not None:
+        try:
+            return Image.open(io.BytesIO(data), formats=[fmt])
+        except UnidentifiedImageError:
+            pass
+    return Image.open(io.BytesIO(data))
+
+
+def _fetched(url: str):
+    """``(bytes, None)`` of an object, else ``(None, reason)`` (the reasons of ``probe``): one request for it."""
+    from stacker.data.fingerprint import _object
+
+    try:
+        data = storage.read_bytes(url)
+    except OSError as exc:
+        return None, _object(exc)[1]
+    return (data, None) if data else (None, "empty file (0 bytes)")
+
+
 def _scan_one(path: str) -> tuple[int, str | None]:
     """(EXIF orientation, reason it is unusable or None) from the file header."""
     from PIL import Image, UnidentifiedImageError
 
     from stacker.data.fingerprint import probe
 
-    st, reason = probe(path)  # never open a FIFO or a device
+    if storage.is_url(path):
+        data, reason = _fetched(path)
+        size, opened = (len(data), lambda: _open_bytes(data)) if data else (0, None)
+    else:
+        st, reason = probe(path)  # never open a FIFO or a device
+        size, opened = (st.st_size, lambda: open_image(path)) if st else (0, None)
     if reason:
         return 1, reason
     try:
-        with open_image(path) as im:
-            problem = size_problem(*im.size) or _cut_short(path, st.st_size, im)
+        with opened() as im:
+            problem = size_problem(*im.size) or _cut_short(path, size, im)
             if problem:
                 return 1, problem
             orientation = int(im.getexif().get(0x0112, 1)) if im.format in EXIF_FORMATS else 1
@@ -124,7 +167,7 @@ def scan_images(paths, workers: int = 8, probe_files: int = 64) -> tuple[np.ndar
 def decode_failure_reason(path: str) -> str:
     """Why a file that passed the header scan failed to decode (for the error message)."""
     try:
-        with open_image(path) as im:
+        with open_file(path) as im:
             im.load()
         return "the image data could not be decoded"
     except Exception as exc:  # noqa: BLE001

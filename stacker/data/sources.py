@@ -5,7 +5,9 @@ Sources: class sub-folders, Kaggle-style names (``cat.12.jpg``), a CSV of
 dropped silently: a folder reader gives every image file a row (by extension, see
 :data:`stacker.data.formats.IMAGE_EXTENSIONS`; whether it decodes is the header scan's
 question) and lists what it did not read (hidden files, documents, sub-folders of a
-test folder) in :attr:`ImageSet.skipped`.
+test folder) in :attr:`ImageSet.skipped`. Every reader takes a local path or a URL
+(``s3://bucket/train``, a CSV at a URL, CSV rows that are URLs): :mod:`stacker.data.storage`
+lists and opens both.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stacker.data import storage
 from stacker.data.formats import IMAGE_EXTENSIONS
 
 __all__ = [
@@ -115,7 +118,7 @@ class ImageSet:
     Attributes
     ----------
     paths : list of str
-        Image files.
+        Image files: local paths or URLs (``file://`` URLs become local paths).
     ids : list
         One id per image (Kaggle ids for test folders; relative paths otherwise).
     labels : list of str or None
@@ -134,7 +137,7 @@ class ImageSet:
     skipped: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.paths = [os.fspath(p) for p in self.paths]
+        self.paths = [storage.local_path(p) for p in self.paths]
         if len(self.ids) != len(self.paths):
             raise ValueError(f"{len(self.ids)} ids for {len(self.paths)} images")
         if len(set(self.ids)) != len(self.ids):
@@ -166,10 +169,7 @@ class ImageSet:
             parts.append(f"{len(counts)} classes: {shown}" + (", ..." if len(counts) > 6 else ""))
         if self.skipped:
             parts.append(f"{len(self.skipped)} skipped")
-        try:
-            root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in self.paths]) if self.paths else None
-        except ValueError:  # paths on different drives
-            root = None
+        root = storage.common_folder(self.paths)
         if root:
             parts.append(f"root={root if len(root) <= 60 else '...' + root[-57:]!r}")
         return f"ImageSet({', '.join(parts)})"
@@ -221,16 +221,17 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and (ext in IMAGE_EXTENSIONS or ext == "")
 
 
-def _list_images(folder: str, subfolders: str = "skip") -> tuple[list[str], dict]:
+def _list_images(folder: str, subfolders: str = "skip", listed=None) -> tuple[list[str], dict]:
     """Image file names in ``folder`` (sorted) and ``{path: reason}`` for every other entry.
 
     ``subfolders="ignore"`` leaves sub-folders out of the listing (class folders are read
-    separately by :func:`from_folder`).
+    separately by :func:`from_folder`). ``listed``: the folder's
+    :func:`~stacker.data.storage.entries`, when the caller has them already.
     """
     names, other = [], {}
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.isdir(path):
+    for name, is_dir in storage.entries(folder) if listed is None else listed:
+        path = storage.join(folder, name)
+        if is_dir:
             if subfolders == "skip":
                 other[path] = "a sub-folder; its files are not read"
         elif name.startswith("."):
@@ -243,9 +244,10 @@ def _list_images(folder: str, subfolders: str = "skip") -> tuple[list[str], dict
 
 
 def _require_dir(root) -> str:
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    root = storage.local_path(root)
+    if not storage.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist"
+                                + (" (no objects under that prefix)" if storage.is_url(root) else ""))
     return root
 
 
@@ -258,28 +260,31 @@ def from_folder(root, classes: list | None = None, ignore: tuple = ("BACKGROUND_
     merged with ``merge_labels`` (see :func:`check_labels`).
     """
     root = _require_dir(root)
-    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d not in ignore)
+    listed = storage.entries(root)
+    folders = [d for d, is_dir in listed if is_dir]
+    found = sorted(d for d in folders if d not in ignore)
     if classes is not None:
         missing = sorted(set(classes) - set(found))
         if missing:
             raise ValueError(f"class folders {missing} are not in {root}")
         found = list(classes)
-    loose, other = _list_images(root, subfolders="ignore")
-    other.update({os.path.join(root, f): "an image beside the class folders, not in one" for f in loose})
-    other.update({os.path.join(root, d): f"a folder left out ({'ignore' if d in ignore else 'classes'}=...)"
-                  for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d not in found})
+    loose, other = _list_images(root, subfolders="ignore", listed=listed)
+    other.update({storage.join(root, f): "an image beside the class folders, not in one" for f in loose})
+    other.update({storage.join(root, d): f"a folder left out ({'ignore' if d in ignore else 'classes'}=...)"
+                  for d in folders if d not in found})
     paths, labels = [], []
     for c in found:
-        files, skipped = _list_images(os.path.join(root, c))
+        folder = storage.join(root, c)
+        files, skipped = _list_images(folder)
         other.update(skipped)
-        paths += [os.path.join(root, c, f) for f in files]
+        paths += [storage.join(folder, f) for f in files]
         labels += [c] * len(files)
     if not paths:
         raise ValueError(f"no image files in the class folders of {root}")
     empty = [c for c in found if c not in set(labels)]
     if empty:
         raise ValueError(f"class folders without image files: {empty[:10]}")
-    ids = [os.path.relpath(p, root) for p in paths]
+    ids = [storage.relpath(p, root) for p in paths]
     labels = check_labels(labels, ids, f"{root}: ", merge=merge_labels)
     return ImageSet(paths, ids, labels, sorted(set(labels)), skipped=other)
 
@@ -302,19 +307,21 @@ def from_kaggle_names(root, merge_labels: bool = False) -> ImageSet:
     labels = check_labels(labels, files, f"{root}: ", merge=merge_labels)
     order = sorted(range(len(files)), key=lambda i: (labels[i], _natural_key(files[i])))
     files = [files[i] for i in order]
-    return ImageSet([os.path.join(root, f) for f in files], files, [labels[i] for i in order], skipped=other)
+    return ImageSet([storage.join(root, f) for f in files], files, [labels[i] for i in order], skipped=other)
 
 
 def from_csv(csv_path, root=None, path_column: str = "path", label_column: str = "label",
              merge_labels: bool = False) -> ImageSet:
     """Images listed in a CSV with ``path`` and ``label`` columns (paths relative to ``root`` or the CSV).
 
-    Empty labels, and labels that differ only in case or spaces, are refused with their
-    line numbers; ``merge_labels`` merges the latter (see :func:`check_labels`).
+    The CSV, ``root`` and each row's path may be local or URLs; a row that is a URL or
+    an absolute path is read where it points. Empty labels, and labels that differ only
+    in case or spaces, are refused with their line numbers; ``merge_labels`` merges the
+    latter (see :func:`check_labels`).
     """
-    csv_path = os.fspath(csv_path)
-    root = os.fspath(root) if root else os.path.dirname(os.path.abspath(csv_path))
-    with open(csv_path, newline="") as f:
+    csv_path = storage.local_path(csv_path)
+    root = storage.local_path(root) if root else storage.dirname(csv_path)
+    with storage.open_file(csv_path, "r", newline="") as f:
         reader = csv.DictReader(f)
         rows, lines = [], []
         for row in reader:
@@ -325,7 +332,7 @@ def from_csv(csv_path, root=None, path_column: str = "path", label_column: str =
     for col in (path_column, label_column):
         if col not in rows[0]:
             raise ValueError(f"{csv_path} has no column {col!r} (columns: {list(rows[0])})")
-    paths = [os.path.join(root, r[path_column]) for r in rows]
+    paths = [storage.resolve(root, r[path_column]) for r in rows]
     ids = [r[path_column] for r in rows]
     labels = check_labels([r[label_column] or "" for r in rows], ids, f"{csv_path}: ", lines, merge_labels)
     # missing files keep their row: extraction reports them under the on_bad_image policy
@@ -361,7 +368,7 @@ def from_test_folder(root) -> ImageSet:
                          f"({', '.join(f for f in files if os.path.splitext(f)[0] == dup[0])})")
     ids = [int(s) for s in stems] if all(s.isdigit() for s in stems) else stems
     order = sorted(range(len(files)), key=lambda i: ids[i])
-    return ImageSet([os.path.join(root, files[i]) for i in order], [ids[i] for i in order], skipped=other)
+    return ImageSet([storage.join(root, files[i]) for i in order], [ids[i] for i in order], skipped=other)
 
 
 def from_class_folders_unlabelled(root) -> ImageSet:
@@ -384,8 +391,8 @@ def load_images(source, labelled: bool = True, merge_labels: bool = False) -> Im
             return source
         labels = check_labels(source.labels, source.paths, merge=True)
         return ImageSet(source.paths, source.ids, labels, skipped=source.skipped)
-    source = os.fspath(source)
-    if os.path.isfile(source) and source.lower().endswith(".csv"):
+    source = storage.local_path(source)
+    if source.lower().endswith(".csv") and storage.isfile(source):
         return from_csv(source, merge_labels=merge_labels)
     root = _require_dir(source)
     if not labelled:

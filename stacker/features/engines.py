@@ -5,7 +5,8 @@ than anything else: ONNX Runtime runs EfficientNet-Lite0 about 3x faster than
 TensorFlow on this project's 2-core machine, with features equal to 2e-6 relative
 (``benchmarks/extract.py --engines`` measures all three). ``"auto"`` (unless ``$STACKER_ENGINE`` names one) takes ONNX Runtime
 when ``onnxruntime`` and ``tf2onnx`` are installed and the export succeeds, otherwise
-(and whenever TensorFlow sees a GPU) plain Keras. The exported graph is cached next to the features, so it is converted once.
+plain Keras; on a GPU (:mod:`stacker.features.device`) ONNX Runtime when it has the CUDA
+provider, else Keras (TensorFlow on the GPU). Sessions get the device's providers. The exported graph is cached next to the features, so it is converted once.
 
 A saved ensemble carries the graphs its sources ran (:class:`SavedNetwork`): a new
 process opens them with ONNX Runtime directly -- no export, no Keras model, and no
@@ -18,7 +19,6 @@ import gc
 import hashlib
 import importlib.util
 import os
-import sys
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,9 +32,6 @@ __all__ = ["ENGINES", "OnnxForward", "SavedNetwork", "available", "export_onnx",
 
 ENGINES = ("auto", "keras", "xla", "onnx")
 ENGINE_ENV = "STACKER_ENGINE"  # what "auto" means when set (e.g. keras on a machine without ONNX Runtime)
-# Device files without which no GPU is visible on Linux (NVIDIA, ROCm, WSL2): their absence
-# answers "auto" without importing TensorFlow (3 s of a cold start).
-_GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
 
 
 def available(engine: str) -> bool:
@@ -51,22 +48,15 @@ def resolve(engine: str) -> str:
     if engine == "auto" and os.environ.get(ENGINE_ENV):
         return resolve(os.environ[ENGINE_ENV])
     if engine == "auto":
-        if _gpu_visible():
-            return "keras"  # the onnxruntime wheel here is CPU-only; TensorFlow uses the GPU
+        from stacker.features import device as _device
+
+        gpu = _device.current()
+        if gpu.kind == "gpu" and not gpu.onnx_gpu:
+            return "keras"  # ONNX Runtime here is the CPU build; TensorFlow uses the GPU
         return "onnx" if available("onnx") else "keras"
     if not available(engine):
         raise ImportError(f"engine {engine!r} needs onnxruntime and tf2onnx: pip install onnxruntime tf2onnx")
     return engine
-
-
-def _gpu_visible() -> bool:
-    """Whether TensorFlow sees a GPU; on Linux without a GPU device file, answered without importing it."""
-    if ("tensorflow" not in sys.modules and sys.platform.startswith("linux")
-            and not any(os.path.exists(p) for p in _GPU_DEVICE_FILES)):
-        return False
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def strategy_scope(strategy):
@@ -150,7 +140,7 @@ def export_onnx(model, cache_dir=None, identity: str = "") -> bytes:
 
 
 def open_session(graph: bytes, threads: int = 0, name: str = "(graph bytes)", input_shape=None):
-    """An ONNX Runtime CPU session for a serialized graph (errors logged only).
+    """An ONNX Runtime session on this process's device (CUDA on a GPU, else the CPU) for a serialized graph (errors logged only).
 
     The graph is passed as bytes, never as a path, and no custom-op library is registered.
     Bytes alone do not keep ONNX Runtime from reading a tensor's external data relative to
@@ -176,7 +166,9 @@ def open_session(graph: bytes, threads: int = 0, name: str = "(graph bytes)", in
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if _shared_arena():
         options.add_session_config_entry("session.use_env_allocators", "1")
-    return ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
+    from stacker.features.device import current
+
+    return ort.InferenceSession(graph, sess_options=options, providers=list(current().onnx_providers))
 
 
 _ARENA: list = []  # [True] once the process's arena is registered, [False] where it cannot be

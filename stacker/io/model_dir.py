@@ -45,6 +45,7 @@ MAX_MANIFEST_BYTES_ENV = "STACKER_MAX_MANIFEST_BYTES"
 MAX_MANIFEST_BYTES = 256 * 2**20  # a manifest is parameters, scores and file lists: megabytes even for 10^6 images
 # Parameters that name places on the machine that fitted the model: never taken from a manifest.
 MACHINE_PATH_PARAMS = ("cache_dir", "weights_dir")
+RUN_TIME_PARAMS = ("strategy", "device")  # where this machine runs the work, not part of the model
 
 
 def check_output_dir(directory, option: str | None = None) -> None:
@@ -262,7 +263,7 @@ def _local_params(saved: dict, where: str, cls) -> dict:
 
 
 def _encode_params(params: dict, directory: str) -> dict:
-    """``get_params()`` as JSON: tuples tagged, estimators saved beside the manifest, the strategy dropped."""
+    """``get_params()`` as JSON: tuples tagged, estimators saved beside the manifest, run-time choices dropped."""
     def enc(value, name):
         if isinstance(value, tuple):
             return {"__tuple__": [enc(v, f"{name}_{i}") for i, v in enumerate(value)]}
@@ -278,7 +279,7 @@ def _encode_params(params: dict, directory: str) -> dict:
             return value
         return _json_default(value)
 
-    return {k: enc(v, k) for k, v in params.items() if k != "strategy"}
+    return {k: enc(v, k) for k, v in params.items() if k not in RUN_TIME_PARAMS}
 
 
 def _decode_params(params: dict, directory: str, trusted) -> dict:

@@ -29,9 +29,11 @@ __all__ = ["DEFAULT_FINETUNE", "FineTunedLearner", "finetune_code", "finetune_pa
 # What `--finetune` means on a CPU: the last two blocks unfrozen, a few epochs, flip as the cached view.
 # ``tta``: views averaged at prediction; ``train_views``: cached views drawn from in training;
 # ``tta_meta``: "mean" (one probability block per learner) or "views" (one per view) for the
-# meta-learner; ``cut_dtype``: storage of cut-point activations (float16 halves disk and memory).
+# meta-learner; ``cut_dtype``: storage of cut-point activations (float16 halves disk and memory);
+# ``mixed_precision``: "auto" (float16 compute on a GPU with tensor cores, stacker.features.device), True or False.
 DEFAULT_FINETUNE = {"blocks": 2, "epochs": 4, "learning_rate": 1e-5, "tta": ("original", "flip"),
-                    "train_views": ("original", "flip"), "tta_meta": "mean", "cut_dtype": "float16"}
+                    "train_views": ("original", "flip"), "tta_meta": "mean", "cut_dtype": "float16",
+                    "mixed_precision": "auto"}
 
 
 def finetune_params(spec) -> dict | None:
@@ -51,6 +53,8 @@ def finetune_params(spec) -> dict | None:
         bad = [v for v in params[key] if v not in VIEWS]
         if bad:
             raise ValueError(f"finetune {key} views must be among {VIEWS}, got {bad}")
+    if params["mixed_precision"] not in ("auto", True, False):
+        raise ValueError(f"finetune mixed_precision must be 'auto', True or False, got {params['mixed_precision']!r}")
     if params["tta_meta"] not in ("mean", "views"):
         raise ValueError(f"tta_meta must be 'mean' or 'views', got {params['tta_meta']!r}")
     if not params["tta"] or params["tta"][0] != "original":
@@ -164,8 +168,15 @@ class FineTunedLearner(Learner):
                 cache[v] = self.source if v == "original" else self.source.with_view(v)
         return dict(cache)
 
-    def _key_extra(self) -> dict:
-        return {**super()._key_extra(), "finetune": self.spec["finetune"]}
+    def _key_extra(self) -> dict:  # float16 training gives other fold models: its results are cached apart
+        return {**super()._key_extra(), "finetune": {**self.spec["finetune"], "mixed_precision": self._mixed()}}
+
+    def _mixed(self) -> bool:
+        """Whether fine-tuning runs in mixed precision: as asked, or (``"auto"``) where the device has tensor cores."""
+        from stacker.features.device import current
+
+        asked = self.spec["finetune"].get("mixed_precision", "auto")
+        return current().mixed_precision if asked == "auto" else bool(asked)
 
     def _prepare(self, inputs, y):
         return {"top": self.source.frozen_top(), "pooled": self.source.frozen_pooled(inputs["original"])}
@@ -178,7 +189,7 @@ class FineTunedLearner(Learner):
         est = FineTunedClassifier(**{**params, "backbone": self.source.cfg.name, "weights": self.spec["weights"],
                                      "input_size": self.source.size, "weights_dir": st.weights_dir,
                                      "random_state": st.random_state + i, "strategy": st.strategy,
-                                     "verbose": 2 if st.verbose else 0})
+                                     "mixed_precision": self._mixed(), "verbose": 2 if st.verbose else 0})
         X = inputs["original"]
         extra = [inputs[v][tr] for v in ft["train_views"] if v != "original"]
         self._log(f"{self.name}: fine-tuning fold {i + 1} ({len(tr)} images, views {ft['train_views']})")

@@ -253,19 +253,3 @@ def test_a_graph_cannot_read_other_files(tmp_path):
     finally:
         os.chdir(cwd)
 
-
-def test_auto_asks_tensorflow_about_gpus_only_when_one_could_exist(monkeypatch, tmp_path):
-    class NoTensorFlow:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "tensorflow":
-                raise ImportError("TensorFlow was imported")
-
-    monkeypatch.delenv("STACKER_ENGINE")
-    monkeypatch.setattr(sys, "platform", "linux")
-    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
-    monkeypatch.setattr(sys, "meta_path", [NoTensorFlow(), *sys.meta_path])
-    monkeypatch.setattr(engines, "_GPU_DEVICE_FILES", (str(tmp_path / "nvidiactl"),))
-    assert engines.resolve("auto") == ("onnx" if engines.available("onnx") else "keras")
-    (tmp_path / "nvidiactl").touch()  # a GPU could be there: only TensorFlow can tell
-    with pytest.raises(ImportError, match="TensorFlow was imported"):
-        engines.resolve("auto")

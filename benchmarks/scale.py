@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py [--sizes 10000,100000,1000000] [--sizes-1000c 10000,100000]
                                [--dir /tmp/stacker-scale] [--lock FILE] [--extract-n 1000] [--skip-extract]
+                               [--ray-n 2000] [--skip-ray] [--ray-only] [--node-cores 8] [--gpu-img-per-s R]
 
 Part 1 synthesises, per N, the feature caches of two 1,280-wide backbones in float16 (no
 forward pass; rows are class patterns plus noise), written chunk by chunk exactly where a
@@ -19,8 +20,26 @@ Part 2 extracts MobileNet (alpha 0.25, the offline ImageNet weights) features of
 with ``stacker.learners.distributed.fill_cache`` on a local Ray cluster of 2 workers, and checks
 the features are equal.
 
+Part 3 (``--ray-only`` runs just this part) measures Ray's scaling on ``--ray-n`` Dogs vs.
+Cats photos (MobileNet 0.25, empty caches, every run's features checked equal):
+
+- one process as it runs normally, and one process pinned to one core;
+- ``fill_cache`` on a local Ray cluster with 1 and then 2 workers, each worker pinned to a
+  core of its own (intra-op threads follow: one per session), the driver unpinned.
+
+Throughputs exclude start-up: the Ray cluster's start, the actors' start (process,
+imports, network build: ``ExtractReport.startup_s``) and, for one process, the network
+build; file fingerprints are memoised before timing in every run. ``ray_2w_over_1w`` is
+the scaling efficiency this machine can show (2 cores, the driver sharing them with the
+2 workers), ``ray_over_process`` is 1 pinned Ray worker against 1 pinned process (Ray's
+overhead at one core of computing each; the driver has the other core), and
+``ray_2w_over_process`` is 2 workers against the normal process (the whole machine
+each). From the measured per-image costs (decoding on one core, computing on one
+worker, the driver's CPU per image) it prints a *projection*, not a measurement, of 1M
+images on N GPU nodes.
+
 The last line is machine-readable: rss_1m/rss_10k, time_1m/time_100k, rss_100k_1000c_gib,
-time_100k_over_10k_1000c, ray speed-up.
+time_100k_over_10k_1000c, ray speed-up, ray_2w_over_1w, ray_over_process.
 """
 
 from __future__ import annotations
@@ -202,6 +221,156 @@ def extraction(n: int, folder: str) -> dict:
     return out
 
 
+# -- part 3: Ray's scaling --------------------------------------------------------------------------------------
+PIN_ENV = "SCALE_PIN_CORES"  # set for the Ray workers: a folder of per-core lock files
+_HELD: list = []  # this worker's core lock, held while the process lives
+
+
+def pin_to_a_free_core(folder: str) -> int:
+    """Pin this process to the first core no other benchmark worker holds (its lock is held until exit)."""
+    import fcntl as _fcntl
+
+    for core in sorted(os.sched_getaffinity(0)):
+        f = open(os.path.join(folder, f"core{core}.lock"), "a")
+        try:
+            _fcntl.flock(f, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            continue
+        _HELD.append(f)
+        os.sched_setaffinity(0, {core})
+        return core
+    raise RuntimeError("more benchmark workers than cores")
+
+
+if __name__ != "__main__" and os.environ.get(PIN_ENV):  # imported by a Ray worker as a stacker plugin
+    pin_to_a_free_core(os.environ[PIN_ENV])
+
+
+def _scaling_inputs(n: int, folder: str, name: str):
+    """``(images, extractor)`` on an empty cache ``folder/ray_scaling/name`` whose fingerprint memo is filled."""
+    from stacker.data import fingerprint
+    from stacker.data.sources import load_images
+    from stacker.features.extractor import FeatureExtractor
+
+    data = load_images(DOGS).subset(range(n))
+    cache = os.path.join(folder, "ray_scaling", name)
+    shutil.rmtree(cache, ignore_errors=True)
+    t0 = time.perf_counter()
+    fingerprint.fingerprints(data.paths, cache)  # hashing the files is not what is compared (but is projected)
+    seconds = time.perf_counter() - t0
+    return data, FeatureExtractor("mobilenet_025", weights_dir=WEIGHTS, cache_dir=cache, verbose=0), seconds
+
+
+def scaling_process(n: int, folder: str, pinned: bool) -> dict:
+    """One process (pinned to one core, or as it runs normally): images per second once its network is built."""
+    if pinned:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    name = "process_1core" if pinned else "process"
+    data, ext, _ = _scaling_inputs(n, folder, name)
+    ext._network()
+    t0 = time.perf_counter()
+    values = ext.extract(data).values
+    seconds = time.perf_counter() - t0
+    np.save(os.path.join(folder, "ray_scaling", f"{name}.npy"), values)
+    out = {"n": n, "seconds": seconds, "img_per_s": n / seconds, "engine": ext.engine}
+    if pinned:  # decoding alone on this core: the part of an image's cost a GPU does not take
+        from stacker.data import decode
+
+        t0 = time.perf_counter()
+        for _ in decode.pil_batches(data.paths, ext.size, ext.batch_size):
+            pass
+        out["decode_s_per_image"] = (time.perf_counter() - t0) / n
+    return out
+
+
+def scaling_ray(n: int, folder: str) -> dict:
+    """fill_cache with 1, then 2 workers pinned to a core each, on a local Ray cluster (its start timed apart)."""
+    from stacker.learners import distributed
+
+    locks = os.path.join(folder, "ray_scaling", "cores")
+    os.makedirs(locks, exist_ok=True)
+    os.environ["STACKER_CACHE_DIR"] = os.path.join(folder, "ray_scaling", "worker_cache")  # the workers' own
+    env = distributed.worker_env([os.path.dirname(os.path.abspath(__file__))])
+    env["env_vars"].update(STACKER_PLUGINS="scale", **{PIN_ENV: locks})
+    t0 = time.perf_counter()
+    distributed.connect(num_cpus=2, runtime_env=env)
+    out = {"n": n, "ray_start_s": time.perf_counter() - t0}
+    for w in (1, 2):
+        data, ext, hashing = _scaling_inputs(n, folder, f"ray_{w}w")
+        marks = []  # (driver CPU seconds, images) at each chunk: the driver's cost per image once chunks flow
+        report = distributed.fill_cache(ext, data, workers=w,
+                                        on_chunk=lambda j, rows, pid: marks.append((time.process_time(), rows)))
+        driver_cpu = (marks[-1][0] - marks[0][0]) / max(1, sum(rows for _, rows in marks[1:]))
+        values = ext.extract(data).values
+        np.save(os.path.join(folder, "ray_scaling", f"ray_{w}w.npy"), values)
+        busy = report.seconds - report.startup_s
+        out[f"{w}w"] = {"seconds": report.seconds, "startup_s": report.startup_s, "img_per_s": report.computed / busy,
+                        "driver_cpu_s_per_image": driver_cpu, "fingerprint_s_per_image": hashing / n,
+                        "workers": report.workers,
+                        "computed": report.computed}
+    return out
+
+
+def projection(r: dict, node_cores: int, gpu_rate) -> list[str]:
+    """1M images on N GPU nodes from the measured per-image costs: lines of text, labelled as a projection."""
+    c_worker = 1 / r["ray"]["1w"]["img_per_s"]  # one image on one Ray worker's core: decode, forward, transfer
+    c_process = 1 / r["process_1core"]["img_per_s"]  # one image in one pinned process
+    c_decode = r["process_1core"]["decode_s_per_image"]
+    c_forward = max(c_process - c_decode, 0.0)  # the network's share (what a GPU takes over)
+    c_cpu = max(c_worker - c_forward, c_decode)  # what stays on a node's CPU per image: decode and Ray's work
+    # the driver's own work per image, one driver for all nodes: hashing the file, then receiving and appending
+    c_hash = r["ray"]["1w"]["fingerprint_s_per_image"]  # the 2w run's files are in this process's memo
+    c_driver = c_hash + r["ray"]["2w"]["driver_cpu_s_per_image"]
+    startup = r["ray"]["ray_start_s"] + r["ray"]["2w"]["startup_s"]
+    node = node_cores / c_cpu if gpu_rate is None else min(node_cores / c_cpu, gpu_rate)
+    lines = [
+        "\nPROJECTION (not a measurement): 1M images on N GPU nodes, from per-image costs measured here",
+        f"  measured: decode {c_decode * 1e3:.2f} ms/img/core, forward on a CPU core {c_forward * 1e3:.2f} ms, "
+        f"Ray worker total {c_worker * 1e3:.2f} ms/img/core, driver {c_driver * 1e3:.2f} ms/img "
+        f"(of which hashing local files {c_hash * 1e3:.2f} ms; object storage gives ETags instead), "
+        f"start-up {startup:.0f} s",
+        f"  assumed: one GPU actor per node, its decoding spread over {node_cores} cores "
+        f"({node_cores / c_cpu:.0f} img/s); "
+        + ("the GPU outpaces that decoding (MobileNet-class networks)" if gpu_rate is None
+           else f"the GPU computes {gpu_rate:.0f} img/s"),
+        f"  {'N nodes':>8}  {'img/s':>8}  {'minutes':>7}  bound by",
+    ]
+    for nodes in (1, 2, 4, 8, 16, 32):
+        rate = min(nodes * node, 1 / c_driver)
+        bound = "the driver (cache appends, fingerprints)" if rate < nodes * node else (
+            "node CPUs (decode)" if gpu_rate is None or node_cores / c_cpu < gpu_rate else "GPUs")
+        lines.append(f"  {nodes:>8}  {rate:>8.0f}  {(1e6 / rate + startup) / 60:>7.1f}  {bound}")
+    return lines
+
+
+def ray_scaling(args) -> dict:
+    """Part 3: print the runs and the projection; the summary's Ray figures."""
+    r = {"process": child(args, "--ray-child", f"process:{args.ray_n}"),
+         "process_1core": child(args, "--ray-child", f"process1:{args.ray_n}"),
+         "ray": child(args, "--ray-child", f"ray:{args.ray_n}")}
+    folder = os.path.join(args.dir, "ray_scaling")
+    ref = np.load(os.path.join(folder, "process.npy"))
+    identical = all(np.array_equal(ref, np.load(os.path.join(folder, f"{name}.npy")))
+                    for name in ("process_1core", "ray_1w", "ray_2w"))
+    one, two = r["ray"]["1w"], r["ray"]["2w"]
+    print(f"\nRay scaling: {args.ray_n} photos, mobilenet_025 ({r['process']['engine']}), empty caches; "
+          "images/s after start-up (start-up seconds)")
+    print(f"  one process                 {r['process']['img_per_s']:7.1f}")
+    print(f"  one process, 1 core         {r['process_1core']['img_per_s']:7.1f}")
+    print(f"  ray, 1 worker (1 core)      {one['img_per_s']:7.1f}   (cluster {r['ray']['ray_start_s']:.1f} s, "
+          f"actors {one['startup_s']:.1f} s; {args.ray_n / one['seconds']:.1f} img/s with them)")
+    print(f"  ray, 2 workers (1 core each){two['img_per_s']:7.1f}   (actors {two['startup_s']:.1f} s; "
+          f"{args.ray_n / two['seconds']:.1f} img/s with them)")
+    print(f"  identical features: {identical}")
+    for line in projection(r, args.node_cores, args.gpu_img_per_s):
+        print(line)
+    return {"ray_2w_over_1w": round(two["img_per_s"] / one["img_per_s"], 2),
+            "ray_over_process": round(one["img_per_s"] / r["process_1core"]["img_per_s"], 2),
+            "ray_2w_over_process": round(two["img_per_s"] / r["process"]["img_per_s"], 2),
+            "ray_scaling_identical": identical}
+
+
 FINETUNE = {"blocks": 2, "epochs": 1, "head_epochs": 3, "cut_dtype": "float16"}
 
 
@@ -234,7 +403,7 @@ def finetune(n: int, folder: str, out_of_core) -> dict:
 def finetune_rows(args) -> dict:
     """Per N: a warm-up process fills the cut-point cache, then in-memory and out-of-core fits, each fresh."""
     out = {}
-    print(f"\nfine-tuning efficientnet_lite0 (2 blocks, 1 epoch, 2 folds, views original+flip) on Dogs vs. Cats")
+    print("\nfine-tuning efficientnet_lite0 (2 blocks, 1 epoch, 2 folds, views original+flip) on Dogs vs. Cats")
     print(f"{'N':>6}  {'in-memory MiB':>13}  {'out-of-core MiB':>15}  {'fit s (mem/ooc)':>15}")
     for n in (int(v) for v in args.finetune.split(",")):
         child(args, "--finetune-child", f"{n}:warm")
@@ -282,6 +451,13 @@ def main() -> None:
     p.add_argument("--finetune", default="", metavar="N1,N2",
                    help="also measure fine-tuning peak RSS on N Dogs vs. Cats photos, in memory and out of core")
     p.add_argument("--finetune-child", help=argparse.SUPPRESS)
+    p.add_argument("--ray-n", type=int, default=2000, help="photos of the Ray scaling part (default: 2000)")
+    p.add_argument("--skip-ray", action="store_true", help="leave out the Ray scaling part")
+    p.add_argument("--ray-only", action="store_true", help="run only the Ray scaling part")
+    p.add_argument("--node-cores", type=int, default=8, help="CPU cores per GPU node in the projection (default: 8)")
+    p.add_argument("--gpu-img-per-s", type=float, default=None,
+                   help="a GPU's forward rate in the projection (default: faster than the node's decoding)")
+    p.add_argument("--ray-child", help=argparse.SUPPRESS)  # process:N, process1:N or ray:N
     p.add_argument("--lock", default=None, help="a shared CPU lock file (flock), held per phase; waits not timed")
     p.add_argument("--synth", help=argparse.SUPPRESS)  # N or N:k
     p.add_argument("--fit", help=argparse.SUPPRESS)
@@ -309,6 +485,16 @@ def main() -> None:
         with cpu_phase():
             print(json.dumps(extraction(args.extract, args.dir)))
         return
+    if args.ray_child:
+        mode, n = args.ray_child.split(":")
+        with cpu_phase():
+            n = int(n)
+            out = scaling_ray(n, args.dir) if mode == "ray" else scaling_process(n, args.dir, mode == "process1")
+        print(json.dumps(out))
+        return
+    if args.ray_only:
+        print(" ".join(f"{k}={v}" for k, v in ray_scaling(args).items()))
+        return
     rows = fit_table(args, args.sizes, K)
     summary = {}
     if 10_000 in rows and 1_000_000 in rows:
@@ -333,6 +519,8 @@ def main() -> None:
         summary["ray_speedup"] = round(e["one process"] / e["ray x2"], 2)
         summary["ray_speedup_after_start"] = round(e["one process"] / (e["ray x2"] - e["ray_start_s"]), 2)
         summary["ray_identical"] = e["identical"]
+    if not args.skip_ray:
+        summary.update(ray_scaling(args))
     if args.finetune:
         ft = finetune_rows(args)
         small, large = min(ft), max(ft)

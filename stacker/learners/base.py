@@ -229,20 +229,32 @@ class Learner:
 
     def _checkpointed(self, i, fit):
         """Fold ``i`` from its checkpoint under ``cache_dir/folds``, or fitted and checkpointed."""
+        hit = self._checkpoint(i)
+        if hit is not None:
+            return hit
+        est, arrays = fit()
+        self._save_checkpoint(i, est, arrays)
+        return est, arrays
+
+    def _checkpoint(self, i):
+        """Fold ``i``'s ``(model, arrays)`` from its checkpoint, or None."""
         store = result_store(self.settings.cache_dir, "folds")
         hit = store.get(f"{self.key_}-fold{i}") if store else None
         models = self._load_cached(hit, ["model"]) if hit else None
-        if models is not None:
-            with np.load(checked_array_file(os.path.join(hit, "arrays.npz")), allow_pickle=False) as z:
-                arrays = {name: z[name] for name in z.files}
-            self._log(f"{self.name}: fold {i + 1} from its checkpoint")
-            return models[0], arrays
-        est, arrays = fit()
+        if models is None:
+            return None
+        with np.load(checked_array_file(os.path.join(hit, "arrays.npz")), allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+        self._log(f"{self.name}: fold {i + 1} from its checkpoint")
+        return models[0], arrays
+
+    def _save_checkpoint(self, i, est, arrays) -> None:
+        """Checkpoint fold ``i`` (where there is a cache)."""
+        store = result_store(self.settings.cache_dir, "folds")
         if store:
             with store.put(f"{self.key_}-fold{i}", meta=self.entry_meta()) as tmp:
                 save_estimator(est, os.path.join(tmp, "model"))
                 np.savez(os.path.join(tmp, "arrays.npz"), **arrays)
-        return est, arrays
 
     def _load_cached(self, entry: str, stems: list[str]):
         """Cached models, or None (recompute) when they are refused (untrusted types, a forged archive) or corrupt."""

@@ -37,7 +37,8 @@ def faults_dir(tmp_path_factory):
 def cluster(faults_dir):
     env = distributed.worker_env([TESTS])
     env["env_vars"].update(STACKER_PLUGINS="tinynet,ray_faults", RAY_FAULTS_DIR=str(faults_dir),
-                           STACKER_ENGINE="keras", TF_CPP_MIN_LOG_LEVEL="3")
+                           STACKER_ENGINE="keras", TF_CPP_MIN_LOG_LEVEL="3",
+                           STACKER_CACHE_DIR=str(faults_dir / "worker_cache"))  # the workers' own folder
     ray.init(num_cpus=2, runtime_env=env, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -72,7 +73,7 @@ def test_ray_extraction_is_bit_identical(cluster, data, sequential, tmp_path):
     root, weights = data
     ext = extractor(weights, tmp_path / "cache")
     report = distributed.fill_cache(ext, load_images(root / "train"), workers=2)
-    assert (report.computed, report.chunks, report.workers) == (2 * N_PER_CLASS, 5, 2)
+    assert (report.computed, report.chunks, report.workers, report.retried) == (2 * N_PER_CLASS, 5, 2, 0)
     before = forward_pass_count()
     values = ext.extract(load_images(root / "train")).values
     assert forward_pass_count() == before  # everything came from the cache the workers filled
@@ -97,7 +98,7 @@ def test_killed_worker_is_retried_and_only_its_chunk_is_recomputed(cluster, data
     dead = {int(pid) for pid, _ in logged} - pids
     assert len(dead) == 1, (logged, pids)  # the killed worker returned nothing; a restarted one took over
     assert sum(int(n) for _, n in logged) == 2 * N_PER_CLASS + 8  # one lost chunk (2 batches of 4), no more
-    assert report.computed == 2 * N_PER_CLASS
+    assert (report.computed, report.retried) == (2 * N_PER_CLASS, 1)
     assert np.array_equal(ext.extract(load_images(root / "train")).values, sequential)
 
 

@@ -13,8 +13,9 @@ predictions and Kaggle submissions. The sub-packages follow that flow:
 - :mod:`stacker.app`: the command line, recipes' shared code, reports, the cache inventory;
 
 and at the top, :mod:`stacker.ensemble` (wiring only), :mod:`stacker.validation` (its
-parameters), :mod:`stacker.params` (how a parameter is declared), :mod:`stacker.predict`
-and :mod:`stacker.submission`.
+parameters), :mod:`stacker.params` (how a parameter is declared), :mod:`stacker.predict`,
+:mod:`stacker.submission` and :mod:`stacker.doctor` (label issues, outliers, duplicates and
+leaks in a fitted ensemble's training images).
 """
 
 __version__ = "0.3.0"

@@ -5,6 +5,7 @@
     stacker evaluate MODEL FOLDER_OR_CSV [--predictions out.csv] [--report DIR]
     stacker submit MODEL TEST_FOLDER --out submission.csv [--sample sample_submission.csv]
     stacker report RUN_DIR
+    stacker doctor MODEL [DATA] [--test TEST] [--csv findings.csv] [--report DIR] [--cache DIR]
     stacker top5 IMAGE... [--backbone efficientnet_lite0]
     stacker extract DATA --backbones a,b [--shard i/n] [--cache DIR]
     stacker cache ls|rm|prune [--backbone X] [--kind K] [--cache DIR] [--dry-run] [--yes]
@@ -31,6 +32,7 @@ import sys
 
 from stacker.app.options import GROUPS, OPTIONS, add_options, cli_terms, progress_output
 from stacker.backbones.registry import load_plugins
+from stacker.doctor import DUPLICATE_THRESHOLD
 from stacker.features.layout import CACHE_ENV, cache_kinds, default_cache_dir
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_options(p, names, title)
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
     p.add_argument("--merge-labels", action="store_true", help="merge labels that differ only in case or spaces")
+    p.add_argument("--exclude", metavar="CSV", default=None,
+                   help="leave out every image this CSV's path column names (a findings CSV from `stacker doctor`, "
+                        "edited to the rows you chose); features still come from the cache")
     OPTIONS["predictions"].add_to(p)
     _add_ray(p)
     _add_common(p)
@@ -125,6 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "report", "write report.html (one self-contained file) with figures for a saved run")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="folder to write into (default: RUN_DIR)")
+    _add_common(p)
+
+    p = _command(sub, "doctor", "find label issues, outliers, duplicates and test leaks in a model's training images",
+                 "From what the fit left: out-of-fold probabilities (label issues, ambiguous images; cleanlab)\n"
+                 "and cached pooled features (outliers, near duplicates, training copies of --test images;\n"
+                 "no forward pass for cached images). Prints the findings, writes them all to --csv; pass an\n"
+                 "edited copy to `stacker fit --exclude` to fit without them. Needs pip install 'stacker[doctor]'.")
+    p.add_argument("model")
+    p.add_argument("data", nargs="?", default=None,
+                   help="the training images to check (default: every image the model was fitted on)")
+    p.add_argument("--test", default=None, metavar="FOLDER", help="test images: training copies of them are leaks")
+    p.add_argument("--csv", default="findings.csv", metavar="FILE",
+                   help="write every finding here: path, id, kind, score, label, suggested, group "
+                        "(default: %(default)s)")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="write DIR/doctor.html with thumbnails of the top findings (default: no report)")
+    p.add_argument("--threshold", type=float, default=DUPLICATE_THRESHOLD, metavar="S",
+                   help="cosine similarity of pooled features from which two images are near copies "
+                        "(default: %(default)s, calibrated on real photos)")
+    p.add_argument("--top", type=int, default=30, metavar="N", help="rows to print (default: %(default)s)")
+    add_options(p, ("cache", "trust"))
     _add_common(p)
 
     p = _command(sub, "top5", "ImageNet top-5 classes of images",
@@ -199,6 +225,12 @@ def cmd_fit(args, out) -> int:
     check_output_dir(args.out, option="--out")  # before the fit, not after it
     print(f"cache: {os.path.abspath(args.cache)}")
     data = load_images(args.data, merge_labels=args.merge_labels)
+    if args.exclude:
+        from stacker.doctor import without
+
+        n = len(data)
+        data = without(data, args.exclude)
+        print(f"--exclude {args.exclude}: {n - len(data)} images left out", file=out)
     if args.train_limit:
         data = data.head(args.train_limit, seed=args.seed)
     print(f"training images: {data!r}")
@@ -316,6 +348,22 @@ def cmd_report(args, out) -> int:
     from stacker.app.report import report
 
     print(report(args.run_dir, args.out), file=out)
+    return 0
+
+
+def cmd_doctor(args, out) -> int:
+    from stacker.doctor import diagnose
+    from stacker.ensemble import Ensemble
+
+    ens = Ensemble.load(args.model, trusted=args.trust, cache_dir=args.cache, verbose=0)
+    found = diagnose(ens, args.data, args.test, threshold=args.threshold)
+    print(found.table(args.top) if len(found) else "no findings", file=out)
+    counts = ", ".join(f"{n} {k}" for k, n in found.counts().items() if n) or "nothing found"
+    print(f"{found.n_images} images checked: {counts}; wrote {found.to_csv(args.csv)}", file=out)
+    if args.report:
+        from stacker.app.report import doctor_report
+
+        print(f"report: {doctor_report(args.report, found)}", file=out)
     return 0
 
 
@@ -438,7 +486,7 @@ def _confirm_remove_all(args, doomed) -> bool:
 
 
 COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "submit": cmd_submit,
-            "report": cmd_report, "top5": cmd_top5, "extract": cmd_extract, "cache": cmd_cache}
+            "report": cmd_report, "doctor": cmd_doctor, "top5": cmd_top5, "extract": cmd_extract, "cache": cmd_cache}
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["FIGURES", "HOLDOUT", "OUT_OF_FOLD", "Scope", "calibration_bins", "confused_pairs", "confusion_counts",
-           "evaluation_report", "per_class", "report", "thumbnail_grid"]
+           "doctor_report", "evaluation_report", "per_class", "report", "thumbnail_grid"]
 
 FIGURES = ("leaderboard.png", "level2_weights.png", "curves.png", "reliability.png", "confusion.png", "images.png",
            "worst_images.png", "meta_importance.png")
@@ -640,6 +640,61 @@ def evaluation_report(out_dir, y, probas: dict, classes, paths, scores: dict, sk
     page.remove_stale()
     intro = f"<p>{len(y)} hold-out images scored, {len(skipped or {})} skipped; {len(classes)} classes</p>"
     return _write_html(os.path.join(out_dir, "evaluation.html"), title, intro, page.sections)
+
+
+# --------------------------------------------------------------------------- doctor
+
+DOCTOR_TITLES = {"label_issue": "Label issues (the given label is likely wrong)",
+                 "ambiguous": "Ambiguous images (a second class is likely)",
+                 "outlier": "Outliers (far from every other image in feature space)",
+                 "exact_duplicate": "Exact duplicates (the same bytes; beside the image kept)",
+                 "duplicate": "Near duplicates (beside the image kept)",
+                 "leak": "Leaks (training images beside the test image they copy)"}
+
+
+def _doctor_figure(rows, kind: str, n: int):
+    """The top ``n`` findings of one kind as thumbnails; duplicates and leaks as pairs (the image, then its group)."""
+    paired = kind in ("exact_duplicate", "duplicate", "leak")
+    rows = [r for r in rows if _present(r.path)][: n // 2 if paired else n]
+    if not rows:
+        return None
+    paths, captions, colors = [], [], []
+    for rank, r in enumerate(rows, start=1):
+        change = f" -> {r.suggested}" if r.suggested else ""
+        paths.append(r.path)
+        captions.append(f"#{rank} {os.path.basename(r.path)}\n{r.label}{change}\nscore {r.score:.3f}")
+        colors.append("#d62728")
+        if paired:
+            paths.append(r.group)
+            captions.append(f"#{rank} {'test' if kind == 'leak' else 'kept'}: {os.path.basename(r.group)}")
+            colors.append("#555555")
+    return thumbnail_grid(paths, captions, colors, DOCTOR_TITLES[kind], cols=6)
+
+
+def doctor_report(out_dir, findings, n: int = 24) -> str:
+    """Write ``doctor.html``: per kind, thumbnails of the top ``n`` findings and a table of all of them.
+
+    ``findings``: :class:`stacker.doctor.Findings` (or anything with ``rows`` of
+    :class:`stacker.doctor.Finding` and ``n_images``). Figures are ``doctor_<kind>.png``.
+    Returns the path of ``doctor.html``.
+    """
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    page = _Page(out_dir, "doctor_")
+    kinds = list(dict.fromkeys(r.kind for r in findings.rows))
+    for kind in kinds:
+        rows = [r for r in findings.rows if r.kind == kind]
+        fig = _doctor_figure(rows, kind, n)
+        table = _table(["path", "score", "label", "suggested", "group"],
+                       [(r.path, f"{r.score:.3f}", r.label, r.suggested, r.group) for r in rows[:500]])
+        more = f"<p>{len(rows) - 500} more in the CSV</p>" if len(rows) > 500 else ""
+        page.add(f"{DOCTOR_TITLES[kind]}: {len(rows)}",
+                 (page.figure(fig, f"{kind}.png", DOCTOR_TITLES[kind]) if fig else
+                  "<p>None of these image files was found to show.</p>") + table + more)
+    intro = (f"<p>{findings.n_images} training images checked; {len(findings.rows)} findings"
+             + ("" if kinds else ": nothing found") + ". <code>stacker fit --exclude findings.csv</code> fits "
+             "without the rows you keep in the CSV.</p>")
+    return _write_html(os.path.join(out_dir, "doctor.html"), "stacker doctor", intro, page.sections)
 
 
 CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"

@@ -212,30 +212,3 @@ def test_cli_predict_extract_and_submit_read_s3(store, fitted, tmp_path, capsys)
     capsys.readouterr()
     assert main(["predict", model, f"{bucket}/test", "--cache", f"{bucket}/cache", "--quiet"]) == 1
     assert "--cache s3://" in capsys.readouterr().err
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_ray_workers_read_s3(store, fitted, tmp_path):
-    ray = pytest.importorskip("ray", reason="the Ray tests need the ray extra: pip install -e '.[ray]'")
-    from conftest import REPO
-    from stacker.data.sources import load_images
-    from stacker.features.extractor import FeatureExtractor
-    from stacker.learners import distributed
-
-    root, bucket, _ = store
-    _, _, _, weights = fitted
-    env = distributed.worker_env([f"{REPO}/tests"])
-    env["env_vars"].update(STACKER_PLUGINS="tinynet", STACKER_ENGINE="keras", TF_CPP_MIN_LOG_LEVEL="3")
-    ray.init(num_cpus=1, runtime_env=env, include_dashboard=False, log_to_driver=False)
-    try:
-        ext = FeatureExtractor("tiny_cnn", weights=weights, input_size=32, batch_size=4, chunk_size=8,
-                               cache_dir=str(tmp_path / "cache"), verbose=0)
-        report = distributed.fill_cache(ext, load_images(f"{bucket}/train"), workers=1)
-    finally:
-        ray.shutdown()
-    assert report["computed"] == 2 * N_PER_CLASS and not report["skipped"]
-    local = FeatureExtractor("tiny_cnn", weights=weights, input_size=32, batch_size=4, verbose=0)
-    np.testing.assert_array_equal(ext.extract(load_images(f"{bucket}/train")).values,
-                                  local.extract(load_images(root / "train")).values)
-

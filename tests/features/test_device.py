@@ -112,6 +112,7 @@ def test_ensemble_with_device_gpu_fails_before_any_work(tmp_path, no_gpu_files):
         Ensemble([TINY], device="tpu").fit(str(tmp_path / "train"))
 
 
+@pytest.mark.slow
 def test_cli_device_gpu_on_a_cpu_machine_fails_before_any_work(tmp_path):
     """A real process, as a user runs it: one error line with the install command, nothing written."""
     make_class_folders(tmp_path / "train", 3)
@@ -129,6 +130,7 @@ def test_cli_device_gpu_on_a_cpu_machine_fails_before_any_work(tmp_path):
     assert not (tmp_path / "model").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_mixed_precision_fine_tuning_runs_on_a_cpu_too():
     """The GPU's float16 path, on this CPU: the top computes in float16, the optimizer scales the loss."""
     import keras

@@ -124,6 +124,7 @@ def test_pil_resize_gives_exactly_the_pixels_of_a_pillow_script(tmp_path, photos
         np.testing.assert_array_equal(np.concatenate([p for _, p in out]), want)
 
 
+@pytest.mark.slow  # over 7 s: the full suite runs it (the fast lane keeps this module's other tests)
 def test_a_tf_distribute_strategy_runs_extraction_heads_and_fine_tuning(tmp_path, photos, weights):
     """MirroredStrategy (one CPU replica here, GPUs in real use): same features, models built in its scope."""
     import tensorflow as tf

@@ -223,6 +223,7 @@ def test_stacker_backbones_pass_the_check_and_load_identically(tmp_path, backbon
                                atol=1e-6)
 
 
+@pytest.mark.slow  # over 7 s: the full suite runs it (the fast lane keeps this module's other tests)
 def test_dense_heads_and_fine_tuned_networks_load_and_predict_identically(tmp_path):
     """The dense head and a fine-tuned network (its cut backbone and head, pixel augmentation trained in
     ``mode="full"``), saved by an ensemble and loaded back through every check."""

@@ -116,6 +116,7 @@ def _ensemble(cache_dir, weights, **kw):
                     meta="logistic", finetune=dict(FT), **kw)
 
 
+@pytest.mark.slow  # over 7 s: the full suite runs it (the fast lane keeps this module's other tests)
 def test_no_fold_model_sees_its_validation_images(tmp_path, monkeypatch, tiny_weights):
     data = _striped(tmp_path / "imgs", n=9)
     seen = []

@@ -178,8 +178,12 @@ def test_second_fit_is_served_from_the_cache(fitted):
 def test_seed_makes_fits_repeatable(fitted):
     _, data, root = fitted
     ens, _, _ = fitted
-    a = tiny_ensemble(None, ens.weights_file, models="best")
-    b = tiny_ensemble(None, ens.weights_file, models="best")
+    # the dense head is what a seed must fix (logistic and prototype fits are deterministic anyway); 10 epochs
+    # show it as well as the default's early-stopped hundreds
+    from stacker.learners.dense import DenseClassifier
+
+    a = tiny_ensemble(None, ens.weights_file, models=(DenseClassifier(epochs=10),))
+    b = tiny_ensemble(None, ens.weights_file, models=(DenseClassifier(epochs=10),))
     a.fit(data)
     b.fit(data)
     np.testing.assert_allclose(a.meta_oof_proba_, b.meta_oof_proba_, atol=1e-6)

@@ -5,14 +5,12 @@ probes replaced by what a GPU machine reports; the real GPU is measured by
 ``benchmarks/gpu.py`` where one is lent.
 """
 
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, make_class_folders, save_tiny_weights
+from conftest import TINY, make_class_folders, save_tiny_weights
 from stacker.features import device, engines
 from stacker.features.extractor import forward_pass_count
 
@@ -112,21 +110,19 @@ def test_ensemble_with_device_gpu_fails_before_any_work(tmp_path, no_gpu_files):
         Ensemble([TINY], device="tpu").fit(str(tmp_path / "train"))
 
 
-@pytest.mark.slow
-def test_cli_device_gpu_on_a_cpu_machine_fails_before_any_work(tmp_path):
-    """A real process, as a user runs it: one error line with the install command, nothing written."""
+def test_cli_device_gpu_on_a_cpu_machine_fails_before_any_work(tmp_path, no_gpu_files, capsys):
+    """As a user runs it: one error line with the install command, exit 1, no forward pass, nothing written."""
+    from stacker.app.cli import main
+
     make_class_folders(tmp_path / "train", 3)
     weights = save_tiny_weights(tmp_path / "tiny.weights.h5")
-    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "tests"), STACKER_PLUGINS="tinynet")
-    code = ("import sys, stacker.features.device as d; d.GPU_DEVICE_FILES = (sys.argv[1],); "
-            "from stacker.app.cli import main; sys.exit(main(sys.argv[2:]))")
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "no-gpu"), "fit", str(tmp_path / "train"),
-                          "--backbones", "tiny_cnn", "--weights", str(weights), "--folds", "2", "--device", "gpu",
-                          "--out", str(tmp_path / "model"), "--cache", str(tmp_path / "cache")],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert run.returncode == 1, run.stderr
-    assert run.stderr.startswith("stacker fit: error: --device gpu but no GPU is usable"), run.stderr
-    assert "STACKER_GPU=1 pip install" in run.stderr
+    before = forward_pass_count()
+    code = main(["fit", str(tmp_path / "train"), "--backbones", "tiny_cnn", "--weights", weights, "--folds", "2",
+                 "--device", "gpu", "--out", str(tmp_path / "model"), "--cache", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("stacker fit: error: --device gpu but no GPU is usable"), err
+    assert "STACKER_GPU=1 pip install" in err and len(err.strip().splitlines()) == 1
+    assert forward_pass_count() == before
     assert not (tmp_path / "model").exists() and not (tmp_path / "cache").exists()
 
 

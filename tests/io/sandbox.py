@@ -127,25 +127,29 @@ def outside(events: list, allowed: list, readable: tuple = ()) -> list:
     return bad
 
 
-def run_entry(entry: str, model_dir, image, tmp_path, env: dict | None = None) -> tuple[int, str, list]:
-    """``(exit code, stderr, events)`` of one entry point on ``model_dir`` in a fresh process."""
+def run_entry(entry: str, model_dir, image, tmp_path, env: dict | None = None, prefix=None) -> tuple[int, str, list]:
+    """``(exit code, stderr, events)`` of one entry point on ``model_dir`` in a fresh process.
+
+    ``prefix(entry)``: a command the child runs under (e.g. ``strace``, to see system calls too).
+    """
     record = os.path.join(str(tmp_path), f"record-{entry}.json")
     child_env = {**os.environ, "STACKER_ENGINE": "keras", **home_dirs(tmp_path),
                  "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]), **(env or {})}
-    proc = subprocess.run([sys.executable, CHILD, entry, str(model_dir), str(image), record], capture_output=True,
-                          text=True, env=child_env, cwd=str(tmp_path), timeout=300)
+    command = [*(prefix(entry) if prefix else []), sys.executable, CHILD, entry, str(model_dir), str(image), record]
+    proc = subprocess.run(command, capture_output=True, text=True, env=child_env, cwd=str(tmp_path), timeout=300)
     with open(record) as f:
         events = json.load(f)
     return proc.returncode, proc.stderr, events
 
 
-def touched_outside(model_dir, image, tmp_path, env: dict | None = None, entries=ENTRIES) -> dict:
-    """Entry point -> ``(exit code, stderr, events outside)`` for a model directory and one image."""
+def touched_outside(model_dir, image, tmp_path, env: dict | None = None, entries=ENTRIES, prefix=None) -> dict:
+    """Entry point -> ``(exit code, stderr, events outside)`` for a model directory and one image (``prefix``:
+    as for :func:`run_entry`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     home = home_dirs(tmp_path)
     with ThreadPoolExecutor(len(entries)) as pool:  # one process each, side by side: most of a run is start-up
-        runs = dict(zip(entries, pool.map(lambda e: run_entry(e, model_dir, image, tmp_path, env), entries)))
+        runs = dict(zip(entries, pool.map(lambda e: run_entry(e, model_dir, image, tmp_path, env, prefix), entries)))
     return {entry: (code, err, outside(events, [str(model_dir), str(image), home["TMPDIR"], home["MPLCONFIGDIR"]],
                                        readable=(os.path.join(home["KERAS_HOME"], "keras.json"),)))
             for entry, (code, err, events) in runs.items()}

@@ -26,7 +26,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sandbox import home_dirs, CHILD, child_env, forged_copy, image_copy, REPO, saved_backbone_file, touched_outside
+from sandbox import child_env, forged_copy, image_copy, saved_backbone_file, touched_outside
 
 CHILD_ENV = child_env(STACKER_ENGINE="onnx")
 SECRET = np.full(16, 1000.0, np.float32)  # tiny_cnn's 16 features, shifted by what the file holds
@@ -105,14 +105,17 @@ def _assert_refused(results, *words):
             assert word in err, f"{entry}: the error does not say {word!r}:\n{err[-2000:]}"
 
 
-def _native_opens(entry, model, image, tmp_path, name: str) -> list:
-    """Files named ``name`` that the child opened at the system-call level (ONNX Runtime's own reads included)."""
+def _strace(tmp_path):
+    """A ``prefix`` for :func:`sandbox.touched_outside` logging every file the child opens at the system-call
+    level (ONNX Runtime's own reads included) to ``strace-<entry>.log``; None without strace."""
+    if not shutil.which("strace"):
+        return None
+    return lambda entry: ["strace", "-f", "-qq", "-e", "trace=open,openat", "-o", str(tmp_path / f"strace-{entry}.log")]
+
+
+def _native_opens(entry, tmp_path, name: str) -> list:
+    """Files named ``name`` that the child of ``entry`` opened, from its strace log."""
     log = tmp_path / f"strace-{entry}.log"
-    env = {**os.environ, **home_dirs(tmp_path), "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
-           **CHILD_ENV}
-    subprocess.run(["strace", "-f", "-qq", "-e", "trace=open,openat", "-o", str(log), sys.executable, CHILD, entry,
-                    str(model), str(image), str(tmp_path / f"strace-record-{entry}.json")],
-                   capture_output=True, env=env, cwd=str(tmp_path), timeout=300)
     return [line for line in log.read_text().splitlines() if name in line and "ENOENT" not in line]
 
 
@@ -124,16 +127,12 @@ def test_external_data_in_a_graph_is_refused_before_onnx_runtime_reads_it(saved,
     leaked, _ = _run_graph(graph.read_bytes(), tmp_path)
     np.testing.assert_allclose(leaked - original, SECRET)  # live: the file's content reaches the features
 
-    results = touched_outside(model, _image(saved, tmp_path), tmp_path, env=CHILD_ENV)
+    strace = _strace(tmp_path)  # the same children, seen by the audit hook and (where there is strace) by the kernel
+    results = touched_outside(model, _image(saved, tmp_path), tmp_path, env=CHILD_ENV, prefix=strace)
     _assert_refused(results, os.path.basename(graph), "'leak'", "external data", "secret.bin")
-    if shutil.which("strace"):
-        from concurrent.futures import ThreadPoolExecutor
-
-        image, entries = _image(saved, tmp_path), ("load", "predict", "cli")
-        with ThreadPoolExecutor(len(entries)) as pool:  # side by side, as touched_outside runs them
-            opened = dict(zip(entries, pool.map(
-                lambda e: _native_opens(e, model, image, tmp_path, "secret.bin"), entries)))
-        assert opened == {e: [] for e in entries}, opened
+    if strace:
+        opened = {e: _native_opens(e, tmp_path, "secret.bin") for e in results}
+        assert opened == {e: [] for e in results}, opened
 
 
 @pytest.mark.slow  # child processes under the audit hook

@@ -77,6 +77,9 @@ _DOC = """A stacked ensemble of pretrained CNNs for image classification.
         Name -> accuracy, log loss, weight and timings; ``"ensemble"`` for the stack.
     skipped_ : dict
         Path -> reason for training images left out (``on_bad_image="skip"``).
+    sample_weight_ : ndarray of shape (n_train,) or None
+        Each training image's weight (``class_weight`` times ``fit``'s ``sample_weight``,
+        mean 1), as every learner, level 2 and ``scores_`` used it; None without weights.
 
     Examples
     --------
@@ -154,7 +157,7 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
             print(msg, flush=True)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, images, y=None):
+    def fit(self, images, y=None, sample_weight=None):
         """Extract (or reuse) features, fit every learner out of fold, then level 2.
 
         Parameters
@@ -163,6 +166,12 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
             Labelled training images.
         y : None
             Labels come with the images.
+        sample_weight : array or dict, optional
+            One non-negative weight per image: an array in the order of
+            ``stacker.load_images(images).paths``, or a dict path -> weight naming every
+            image. Multiplied by ``class_weight``'s and scaled to mean 1, it weighs every
+            learner's fold fits, level 2, its calibration and the reported scores; 0 takes
+            an image's influence away (it still has a fold and an out-of-fold prediction).
 
         Returns
         -------
@@ -174,9 +183,21 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         validation.check_training_data(data, self.cv)
         self.classes_ = list(data.classes)
         check_min_proba(self.min_proba, len(self.classes_))  # before hours of training, not after
+        weighted = self.class_weight is not None or sample_weight is not None
+        if weighted:  # every weight checked, and every learner able to take them, before any work
+            validation.check_weighted(self, specs)
+            validation.training_weights(data, self.class_weight, sample_weight)
+            if sample_weight is not None and not isinstance(sample_weight, dict):
+                sample_weight = dict(zip(map(str, data.paths), np.asarray(sample_weight, dtype=np.float64)))
         self.specs_ = specs
         self.learners_ = self._make_learners(specs, len(data))
+        if weighted and self.out_of_core_:
+            raise ValueError("class_weight and sample_weight are not supported out of core (the streaming models "
+                             "take no weights); use out_of_core=False")
         inputs, data, timings = self._extract_training(data)
+        self.sample_weight_ = None if not weighted else validation.training_weights(
+            data, self.class_weight, None if sample_weight is None else {str(p): sample_weight[str(p)] for p in data.paths})
+        self._weights_note = validation.weights_note(self.class_weight, sample_weight)
         return_freed_blocks()  # training allocates and frees blocks of MiBs for a long time (stacker.learners.memory)
         y, k = data.y, len(self.classes_)
         splitter = StratifiedKFold(n_splits=self.cv, shuffle=True, random_state=self.random_state)
@@ -186,7 +207,8 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         run_folds = _distributed().run_folds if self.executor == "ray" else None
         for name, learner in self.learners_.items():
             t0 = time.perf_counter()
-            learner.fit_oof(self._inputs_of(learner, inputs), y, self.folds_, k, data, images_fp, run_folds)
+            learner.fit_oof(self._inputs_of(learner, inputs), y, self.folds_, k, data, images_fp, run_folds,
+                            self.sample_weight_)
             timings[name]["train_s"] = time.perf_counter() - t0
         self.oof_proba_ = {name: lr.oof_proba_ for name, lr in self.learners_.items()}
         self._fit_level2(inputs, y, k, timings)
@@ -255,29 +277,32 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         n_blocks = sum(p.shape[1] // k for p in meta_p)
         members = [self.oof_proba_[n] for n in names] if self.meta_inputs == "proba" else None
         self.meta_ = fit_level2(Z, y, self.folds_, self.meta, n_blocks, k, self.random_state, self.calibration,
-                                member_oof=members)
+                                member_oof=members, sample_weight=self.sample_weight_)
         self.meta_oof_proba_ = with_min_proba(self.meta_.oof_proba, self.min_proba)  # as predict_proba's
         self.level2_scores_ = self.meta_.table
         timings["ensemble"] = {"train_s": time.perf_counter() - t0}
         blocks = meta_blocks(names, [p.shape[1] for p in meta_p], [f.shape[1] for f in meta_f], self.meta_inputs)
-        self.meta_importance_ = permutation_importance(self.meta_, Z, y, blocks, k, self.random_state)
+        self.meta_importance_ = permutation_importance(self.meta_, Z, y, blocks, k, self.random_state,
+                                                       sample_weight=self.sample_weight_)
         self._meta_dims = {n: int(f.shape[1]) for n, f in zip(names, meta_f)}
 
     def _record(self, data, timings) -> None:
         """Scores per learner and for the ensemble, configuration and environment."""
-        y, k = self.y_, len(self.classes_)
+        y, k, w = self.y_, len(self.classes_), self.sample_weight_
         weights = self.learner_weights()
         self.scores_ = {}
         for name, learner in self.learners_.items():
-            self.scores_[name] = {**score(y, learner.oof_proba_, k), **timings[name],
+            self.scores_[name] = {**score(y, learner.oof_proba_, k, w), **timings[name],
                                   "head_fit_s": learner.train_s_, **learner.extra_scores(y, k),
                                   "model": describe(learner.spec["model"]), "backbone": learner.spec["backbone"],
                                   "feature_dim": self._meta_dims[name] or int(learner.source.feature_dim),
                                   "weight": weights.get(name)}
-        self.scores_["ensemble"] = {**score(y, self.meta_oof_proba_, k), **timings["ensemble"],
+        self.scores_["ensemble"] = {**score(y, self.meta_oof_proba_, k, w), **timings["ensemble"],
                                     "combiner": self.meta_.name, "temperature": self.meta_.temperature,
                                     "floor": self.meta_.floor, "meta": describe(self.meta),
                                     "meta_inputs": self.meta_inputs, "candidates": self.level2_scores_}
+        if w is not None:  # how every score above (and level 2's candidates) is weighted
+            self.scores_["ensemble"]["weighted"] = self._weights_note
         self.config_ = {"backbones": [{k2: (v if isinstance(v, (str, int, float, type(None))) else describe(v))
                                        for k2, v in s.items()} for s in self.specs_],
                         "models": describe(self.models), "meta": describe(self.meta),

@@ -18,10 +18,11 @@ from stacker.features.config import EXTRACTION_OPTIONS
 from stacker.features.device import DEVICES
 from stacker.learners.kinds import LEARNER_KINDS, kind_params, learner_specs
 from stacker.level2.calibration import MIN_PROBA
-from stacker.level2.registry import check_meta, meta_doc
+from stacker.level2.registry import check_meta, combiner_names, meta_doc
 from stacker.params import Param
 
-__all__ = ["STACKING", "RUN", "ensemble_params", "signature", "validate", "params_doc", "check_training_data"]
+__all__ = ["STACKING", "RUN", "ensemble_params", "signature", "validate", "params_doc", "check_training_data",
+           "check_weighted", "training_weights", "weights_note"]
 
 
 def _int(v) -> bool:
@@ -42,6 +43,11 @@ STACKING = (
     Param("cv", 5, "int\n    Number of stratified folds, shared by every learner and level 2.",
           lambda v: _int(v) and v >= 2, "an integer >= 2"),
     Param("random_state", 0, "int\n    Seeds folds and every learner: one seed, one result.", _int, "an integer"),
+    Param("class_weight", None, "None, 'balanced' or dict\n    Weights of the classes in every learner's fold fits, "
+          "level 2, its calibration and\n    the reported scores: ``\"balanced\"`` gives each class the same total "
+          "weight\n    (``n / (k * weight of the class)``), a dict maps class names to weights (others\n    1). "
+          "Multiplies ``fit``'s ``sample_weight``. Not with ``finetune``, out of core or Ray.",
+          lambda v: v is None or v == "balanced" or isinstance(v, dict), "None, 'balanced' or a dict of class weights"),
 )
 
 RUN = (
@@ -119,6 +125,87 @@ def validate(est) -> list[dict]:
     if est.out_of_core is True:
         check_out_of_core(est, specs)
     return specs
+
+
+def check_weighted(est, specs) -> None:
+    """Weights need learners whose fold fits take them (checked before extraction)."""
+    from stacker.learners.zoo import check_takes_weights
+
+    if est.executor == "ray":
+        raise ValueError("class_weight and sample_weight are not supported with executor='ray'; use executor='local'")
+    for spec in specs:
+        if not LEARNER_KINDS[spec["kind"]].weighted:
+            raise ValueError(f"{spec['name']}: the {spec['kind']!r} learner kind does not take class_weight or "
+                             "sample_weight; fit it without weights or use frozen-feature models")
+        check_takes_weights(spec["model"], spec["name"])
+    for item in combiner_names(est.meta):
+        check_takes_weights(item, "meta")
+
+
+def training_weights(data, class_weight=None, sample_weight=None) -> np.ndarray | None:
+    """Each training image's weight, class weight times sample weight, scaled to mean 1; None without weights.
+
+    ``sample_weight`` is an array aligned with ``data`` (its paths, in order) or a dict
+    path -> weight naming every image of ``data``; a weight of 0 takes an image's influence
+    away. ``class_weight="balanced"`` gives every class the same total (sample) weight.
+    """
+    if class_weight is None and sample_weight is None:
+        return None
+    n, classes = len(data), list(data.classes)
+    if sample_weight is None:
+        w = np.ones(n)
+    elif isinstance(sample_weight, dict):
+        sample_weight = {str(p): v for p, v in sample_weight.items()}
+        paths = {str(p) for p in data.paths}
+        unknown = sorted(p for p in sample_weight if p not in paths)
+        missing = [p for p in data.paths if str(p) not in sample_weight]
+        if unknown or missing:
+            raise ValueError("sample_weight must give a weight to every training image and no other path: "
+                             + "; ".join(([f"{len(unknown)} paths are not training images (e.g. {unknown[0]})"]
+                                          if unknown else [])
+                                         + ([f"{len(missing)} training images have none (e.g. {missing[0]})"]
+                                            if missing else [])))
+        w = np.array([sample_weight[str(p)] for p in data.paths], dtype=np.float64)
+    else:
+        w = np.asarray(sample_weight, dtype=np.float64).reshape(-1) if np.ndim(sample_weight) == 1 else None
+        if w is None or len(w) != n:
+            raise ValueError(f"sample_weight must have one weight per training image ({n}), got shape "
+                             f"{np.shape(sample_weight)}")
+    _check_weights(w, "sample_weight")
+    y = np.asarray(data.y)
+    totals = np.bincount(y, weights=w, minlength=len(classes))
+    if class_weight == "balanced":
+        empty = [c for c, t in zip(classes, totals) if t == 0]
+        if empty:
+            raise ValueError(f"class_weight='balanced' needs weight in every class; class {empty[0]!r} has none")
+        per_class = totals.sum() / (len(classes) * totals)
+    elif isinstance(class_weight, dict):
+        unknown = sorted(str(c) for c in class_weight if c not in classes)
+        if unknown:
+            raise ValueError(f"class_weight names {', '.join(map(repr, unknown[:5]))}, which are not classes of the "
+                             f"training images (its classes: {', '.join(classes[:20])})")
+        per_class = np.array([class_weight.get(c, 1.0) for c in classes], dtype=np.float64)
+        _check_weights(per_class, "class_weight")
+    else:
+        per_class = np.ones(len(classes))
+    w = w * per_class[y]
+    if not w.any():
+        raise ValueError("every training image has weight 0 (class_weight times sample_weight)")
+    return w / w.mean()
+
+
+def _check_weights(w: np.ndarray, name: str) -> None:
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"{name} must be finite and non-negative; got {w[~np.isfinite(w) | (w < 0)][0]!r}")
+    if not w.any():
+        raise ValueError(f"{name} is 0 everywhere: nothing would be learnt")
+
+
+def weights_note(class_weight, sample_weight) -> str | None:
+    """How the scores are weighted (``"class_weight=balanced, sample_weight"``), for the leaderboard; None if not."""
+    parts = ([f"class_weight={class_weight if isinstance(class_weight, str) else 'dict'}"] if class_weight is not None
+             else []) + (["sample_weight"] if sample_weight is not None else [])
+    return ", ".join(parts) or None
 
 
 def check_out_of_core(est, specs) -> None:

@@ -56,6 +56,10 @@ _STATIC = {
     "folds": _opt("--folds", type=int, default=5, param="cv",
                   help="stratified folds shared by every learner and level 2"),
     "seed": _opt("--seed", type=int, default=0, param="random_state", help="seeds the folds and every learner"),
+    "class_weight": _opt("--class-weight", choices=("balanced",),
+                         help="balanced: every class weighs the same in each learner's fit, level 2 and the "
+                              "scores (the accuracy reported is then the balanced accuracy); default: every image "
+                              "weighs the same"),
     "train_limit": _opt("--train-limit", type=int, metavar="N",
                         help="fit on a class-stratified sample of N images (default: all of them)"),
     # -- predicting, submitting, top-5
@@ -124,7 +128,7 @@ def _all_options() -> dict:
 
 def _all_groups() -> dict:
     return {"stacking": ("backbones", "models", "meta", "meta_inputs", "no_calibration", "folds", "seed",
-                         "train_limit"),
+                         "class_weight", "train_limit"),
             "features": tuple(_extraction_rows()),
             "device": ("device",),
             **{title: tuple(rows) for title, rows in _kind_rows().items()}}
@@ -172,7 +176,8 @@ def ensemble_params(args, **overrides) -> dict:
     """The :class:`stacker.Ensemble` parameters that parsed :data:`GROUPS` options describe."""
     params = {"backbones": args.backbones.split(",") if args.backbones else None, "models": args.models,
               "meta": args.meta, "meta_inputs": args.meta_inputs, "calibration": not args.no_calibration,
-              "cv": args.folds, "random_state": args.seed, **extraction_params(args),
+              "cv": args.folds, "random_state": args.seed, "class_weight": getattr(args, "class_weight", None),
+              **extraction_params(args),
               **{cls.param.name: cls.from_cli(args) for cls in LEARNER_KINDS.values() if cls.param is not None},
               "device": getattr(args, "device", "auto"), "verbose": 0 if args.quiet else 1}
     return {**params, **overrides}

@@ -10,6 +10,7 @@ it is. Kinds declare themselves in :mod:`stacker.learners.kinds`: the frozen kin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -107,6 +108,7 @@ class Learner:
     kind = None  # the name saved in manifests (set by each kind)
     param = None  # the stacker.params.Param of the Ensemble parameter that selects this kind, if any
     saved_types: tuple = ()  # classes its fold models are saved as (trusted when loading)
+    weighted = False  # its fold fits take sample weights (class_weight, sample_weight)
     cli_title = None  # the title of its command-line group, and the group's Option rows:
     cli_options: tuple = ()
 
@@ -156,9 +158,10 @@ class Learner:
     # -- identity ---------------------------------------------------------------------
     def key(self, images_fp: str, cv: int, seed: int) -> str:
         """Everything that decides this learner's results: source, model, images, folds, code."""
+        w = getattr(self, "sample_weight_", None)  # weighted fits are other results; unweighted keys stay as they were
         return stable_hash({"features": self.source.key_meta(), "images": images_fp, "model": describe(self.spec["model"]),
-                            "cv": cv, "seed": seed, "stacker": __version__, "kind": self.kind,
-                            **self._key_extra()})[:24]
+                            "cv": cv, "seed": seed, "stacker": __version__, "kind": self.kind, **self._key_extra(),
+                            **({} if w is None else {"sample_weight": hashlib.sha256(w.tobytes()).hexdigest()})})[:24]
 
     def _key_extra(self) -> dict:
         return {"dtype": self.settings.feature_dtype, "persist": PERSIST_FORMAT,
@@ -176,13 +179,19 @@ class Learner:
                 "data": getattr(self, "images_fp_", None), "code": {**code, "stacker": __version__}}
 
     # -- fitting ----------------------------------------------------------------------
-    def fit_oof(self, inputs: dict, y, folds, k: int, data, images_fp: str, run_folds=None) -> "Learner":
+    def fit_oof(self, inputs: dict, y, folds, k: int, data, images_fp: str, run_folds=None,
+                sample_weight=None) -> "Learner":
         """Fit one model per fold on the other folds; keep out-of-fold outputs (or read them from the cache).
 
         ``run_folds(learner, fits)`` runs the fold fits (``fits[i]()`` gives fold ``i``'s
         ``(model, arrays)``) and returns their results in order; the default runs them here,
         one after another, through their checkpoints (:mod:`stacker.learners.distributed` runs them on Ray).
+        ``sample_weight`` (one per row, kinds with ``weighted``) is kept as ``sample_weight_``:
+        each fold's fit reads its rows' weights, and it is part of the key.
         """
+        if sample_weight is not None and not self.weighted:
+            raise ValueError(f"{self.name}: the {self.kind!r} learner kind does not take sample weights")
+        self.sample_weight_ = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         self.key_ = self.key(images_fp, len(folds), self.settings.random_state)
         self.images_fp_ = images_fp
         store = result_store(self.settings.cache_dir, "learners")
@@ -205,8 +214,9 @@ class Learner:
                     dtype = _dtype(name, values, len(y))
                     self.arrays_.setdefault(name, np.zeros((len(y),) + values.shape[1:], dtype))[va] = values
                 self.fold_models_.append(est)
+                w_va = None if self.sample_weight_ is None else self.sample_weight_[va]
                 self._log(f"{self.name}: fold {i + 1}/{len(folds)} log loss "
-                          f"{score(y[va], arrays['oof_proba'], k)['log_loss']:.4f}")
+                          f"{score(y[va], arrays['oof_proba'], k, w_va)['log_loss']:.4f}")
             self.train_s_ = time.perf_counter() - t0
             if store:
                 with store.put(self.key_, meta=self.entry_meta()) as tmp:

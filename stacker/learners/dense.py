@@ -120,7 +120,8 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         )
         return model
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
+        """``sample_weight``: each row's weight in the training and the early-stopping loss (Keras's)."""
         import keras
 
         X, y = validate_data(self, X, y, dtype=np.float32)
@@ -130,10 +131,15 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         Y = keras.utils.to_categorical(y_idx, len(self.classes_))
         tr, va = self._holdout(y_idx)
         fit_X, fit_Y, val = (X, Y, None) if va is None else (X[tr], Y[tr], (X[va], Y[va]))
+        weights = {}
+        if sample_weight is not None:
+            w = np.asarray(sample_weight, dtype=np.float32)
+            weights["sample_weight"] = w if va is None else w[tr]
+            val = val if va is None or not w[va].any() else (*val, w[va])
         self._compile(X.shape[1], fit_X.mean(axis=0), fit_X.var(axis=0), len(fit_X))
         hist = keras_fit(self.model_, fit_X, fit_Y, validation_data=val, epochs=self.epochs,
                          batch_size=self._batch_size(len(fit_X)), callbacks=self._callbacks(val is not None),
-                         verbose=self.verbose, shuffle=True)
+                         verbose=self.verbose, shuffle=True, **weights)
         self.history_ = {k: [float(v) for v in vs] for k, vs in hist.history.items()}
         return self
 

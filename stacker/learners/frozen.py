@@ -10,7 +10,7 @@ from __future__ import annotations
 from stacker.learners.base import Learner
 from stacker.learners.kinds import register_learner
 from stacker.learners.streaming import streaming_code, streaming_model
-from stacker.learners.zoo import code_fingerprint, make_model
+from stacker.learners.zoo import code_fingerprint, fit_weighted, make_model
 from stacker.level2.arrays import align_proba
 
 __all__ = ["FrozenLearner"]
@@ -21,6 +21,7 @@ class FrozenLearner(Learner):
     """A model from :mod:`stacker.learners.zoo` on a frozen backbone's pooled features."""
 
     kind = "frozen"
+    weighted = True  # in memory; the streaming models take no weights (refused before any work)
 
     @classmethod
     def code_parts(cls, out_of_core: bool = False) -> dict:
@@ -39,5 +40,6 @@ class FrozenLearner(Learner):
             est = streaming_model(self.spec["model"], self.settings.random_state + i)
         else:
             est = make_model(self.spec["model"], self.settings.random_state + i, self.settings.strategy)
-        est.fit(X[tr], y[tr])
+        w = getattr(self, "sample_weight_", None)
+        fit_weighted(est, X[tr], y[tr], None if w is None else w[tr])
         return est, {"oof_proba": align_proba(est, est.predict_proba(X[va]), k)}

@@ -38,7 +38,7 @@ from stacker.learners import dense as _dense
 from stacker.learners.dense import DenseClassifier
 
 __all__ = ["PathLogistic", "PrototypeClassifier", "SignedPower", "signed_power", "MODELS", "PRESETS", "ModelSpec", "make_model", "model_names", "register_model",
-           "fresh_estimator", "code_fingerprint", "unit_rows"]
+           "fresh_estimator", "code_fingerprint", "unit_rows", "fit_weighted", "check_takes_weights"]
 
 
 @trusted
@@ -70,22 +70,28 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):
         X = X - self.mean_ if self.center else X
         return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
+        """``sample_weight``: each row's weight in its class's prototype, the mean and the scale's log loss."""
         X, y = validate_data(self, X, y, dtype=np.float64)
         check_classification_targets(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         k = len(self.classes_)
-        self.mean_ = X.mean(axis=0)
+        w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        self.mean_ = X.mean(axis=0) if w is None else np.average(X, axis=0, weights=w)
         U = self._normalise(X)
+        WU = U if w is None else U * w[:, None]
         sums = np.zeros((k, U.shape[1]))
-        np.add.at(sums, y_idx, U)
+        np.add.at(sums, y_idx, WU)
         counts = np.bincount(y_idx, minlength=k)[:, None].astype(float)
-        self.prototypes_ = unit_rows(sums / counts)
+        if w is not None:  # a class's rows of weight 0 do not count
+            counts = np.bincount(y_idx[w > 0], minlength=k)[:, None].astype(float)
+        self.prototypes_ = unit_rows(sums / np.maximum(counts, 1))
         # leave-one-out prototypes of each row's own class
-        own = unit_rows(sums[y_idx] - U)
+        own = unit_rows(sums[y_idx] - WU)
         S = U @ self.prototypes_.T
         S[np.arange(len(U)), y_idx] = np.where(counts[y_idx, 0] > 1, np.sum(U * own, axis=1), 0.0)
-        nll = lambda log_s: -np.mean(log_softmax(np.exp(log_s) * S, axis=1)[np.arange(len(U)), y_idx])  # noqa: E731
+        rows = np.arange(len(U))
+        nll = lambda log_s: -np.average(log_softmax(np.exp(log_s) * S, axis=1)[rows, y_idx], weights=w)  # noqa: E731
         self.scale_ = float(np.exp(minimize_scalar(nll, bounds=(-3.0, 8.0), method="bounded").x))
         return self
 
@@ -195,22 +201,24 @@ class PathLogistic(ClassifierMixin, BaseEstimator):
         self.tol = tol
         self.random_state = random_state
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
+        """``sample_weight``: each row's weight in the scaling, the path, the temperature and the refit."""
         X, y = validate_data(self, X, y, dtype=(np.float64, np.float32))
         check_classification_targets(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
+        w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         power = [("power", SignedPower(float(self.power)).fit(X))] if float(self.power) != 1 else []
         X = signed_power(X, float(self.power))  # X is validated: the transform without checking it again
-        scaler = StandardScaler().fit(X)
+        scaler = StandardScaler().fit(X, sample_weight=w)
         Z = scaler.transform(X).astype(np.float32)
         Cs = sorted(float(c) for c in self.Cs)
         self.C_, self.temperature_, self.path_, start = Cs[len(Cs) // 2], 1.0, np.full(len(Cs), np.nan), None
         if len(Cs) > 1 and np.bincount(y_idx).min() >= 3:  # every class in both parts of the inner split
-            self.C_, self.temperature_, start = self._select(Z, y_idx, Cs)
+            self.C_, self.temperature_, start = self._select(Z, y_idx, Cs, w)
         model = self._logistic(self.C_, warm=start is not None)
         if start is not None:
             model.coef_, model.intercept_ = start
-        model.fit(Z, y_idx)
+        model.fit(Z, y_idx, sample_weight=w)
         model.coef_ /= self.temperature_
         model.intercept_ /= self.temperature_
         model.classes_ = self.classes_
@@ -220,18 +228,22 @@ class PathLogistic(ClassifierMixin, BaseEstimator):
     def _logistic(self, C, warm=False):
         return LogisticRegression(C=C, max_iter=int(self.max_iter), tol=float(self.tol), warm_start=warm)
 
-    def _select(self, Z, y_idx, Cs):
+    def _select(self, Z, y_idx, Cs, w=None):
         """``(C, temperature, (coef, intercept) at C)`` from the path on one stratified inner split."""
         inner, held = next(StratifiedKFold(3, shuffle=True, random_state=self.random_state).split(Z, y_idx))
+        w_in, w_held = (None, None) if w is None else (w[inner], w[held])
+        if w_held is not None and not w_held.any():  # nothing to score on: every held-out row weighs 0
+            w_held = None
         model, best = self._logistic(Cs[0], warm=True), None
         for i, C in enumerate(Cs):
-            model.set_params(C=C).fit(Z[inner], y_idx[inner])
+            model.set_params(C=C).fit(Z[inner], y_idx[inner], sample_weight=w_in)
             scores = model.decision_function(Z[held]).reshape(len(held), -1)
             if scores.shape[1] == 1:  # binary: one score, the log-odds of the second class
                 scores = np.hstack([np.zeros_like(scores), scores])
             log_p = log_softmax(scores, axis=1)
-            t = _temperature(log_p, y_idx[held]) if self.temperature else 1.0
-            self.path_[i] = -np.mean(log_softmax(log_p / t, axis=1)[np.arange(len(held)), y_idx[held]])
+            t = _temperature(log_p, y_idx[held], w_held) if self.temperature else 1.0
+            self.path_[i] = -np.average(log_softmax(log_p / t, axis=1)[np.arange(len(held)), y_idx[held]],
+                                        weights=w_held)
             if best is None or self.path_[i] < self.path_[best[0]]:
                 best = (i, t, (model.coef_.copy(), model.intercept_.copy()))
         i, t, start = best
@@ -245,10 +257,10 @@ class PathLogistic(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
-def _temperature(log_p, y_idx) -> float:
-    """The temperature in [1/e, e] minimising the log loss of ``log_softmax(log_p / T)``."""
+def _temperature(log_p, y_idx, w=None) -> float:
+    """The temperature in [1/e, e] minimising the (``w``-weighted) log loss of ``log_softmax(log_p / T)``."""
     rows = np.arange(len(y_idx))
-    nll = lambda log_t: -np.mean(log_softmax(log_p / np.exp(log_t), axis=1)[rows, y_idx])  # noqa: E731
+    nll = lambda log_t: -np.average(log_softmax(log_p / np.exp(log_t), axis=1)[rows, y_idx], weights=w)  # noqa: E731
     return float(np.exp(minimize_scalar(nll, bounds=(-1.0, 1.0), method="bounded").x))
 
 
@@ -330,6 +342,28 @@ def make_model(item, random_state: int = 0, strategy=None):
             raise ValueError(f"unknown model {item!r}; use one of {sorted(MODELS)}")
         return MODELS[item].factory(random_state=random_state, strategy=strategy)
     return fresh_estimator(item, random_state, "a model")
+
+
+def fit_weighted(est, X, y, sample_weight=None):
+    """``est.fit(X, y)``, with ``sample_weight`` when given: a pipeline's goes to its last step (the steps
+    before it, e.g. a scaler, are fitted unweighted)."""
+    if sample_weight is None:
+        return est.fit(X, y)
+    if isinstance(est, Pipeline):
+        return est.fit(X, y, **{f"{est.steps[-1][0]}__sample_weight": sample_weight})
+    return est.fit(X, y, sample_weight=sample_weight)
+
+
+def check_takes_weights(item, role: str) -> None:
+    """A TypeError unless a model entry's (or combiner's) fit takes ``sample_weight`` (registered models all do)."""
+    from sklearn.utils.validation import has_fit_parameter
+
+    if isinstance(item, str):
+        return
+    est = item.steps[-1][1] if isinstance(item, Pipeline) else item
+    if not has_fit_parameter(est, "sample_weight"):
+        raise TypeError(f"{role}: {type(est).__name__}.fit takes no sample_weight, so class_weight and "
+                        "sample_weight cannot reach it; use a model whose fit does, or no weights")
 
 
 def _check_estimator_like(spec, role: str) -> None:

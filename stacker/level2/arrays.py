@@ -166,17 +166,18 @@ def meta_matrix(probas: list, features: list, meta_inputs: str) -> np.ndarray:
     return np.concatenate(blocks, axis=1)
 
 
-def score(y, proba, k) -> dict:
+def score(y, proba, k, sample_weight=None) -> dict:
     """Accuracy and log loss (and top-5 accuracy past 5 classes) of probabilities ``(n, k)``.
 
     Rows are clipped to [1e-15, 1] and renormalised; the log loss is scikit-learn's
     (``log_loss`` clips to the dtype's eps), computed a block of rows at a time.
+    ``sample_weight``: weighted means (with class-balanced weights the accuracy is the balanced accuracy).
     """
     y = np.asarray(y)
     proba = np.asarray(proba)
     if proba.ndim != 2 or proba.shape[1] != k or len(proba) != len(y):
         raise ValueError(f"probabilities of shape {proba.shape} for {len(y)} labels of {k} classes")
-    return score_blocks(y, ((b, proba[b]) for b in row_blocks(len(y), k)), k, proba.dtype)
+    return score_blocks(y, ((b, proba[b]) for b in row_blocks(len(y), k)), k, proba.dtype, sample_weight)
 
 
 def _top5(p) -> np.ndarray:
@@ -187,7 +188,7 @@ def _top5(p) -> np.ndarray:
     return np.argpartition(-p, 4, axis=1)[:, :5]
 
 
-def score_blocks(y, parts, k, dtype=np.float64) -> dict:
+def score_blocks(y, parts, k, dtype=np.float64, sample_weight=None) -> dict:
     """:func:`score` of probabilities given a block at a time: ``parts`` yields ``(rows, proba[rows])``.
 
     What level 2 scores without holding all rows' probabilities (permutation importance,
@@ -205,7 +206,8 @@ def score_blocks(y, parts, k, dtype=np.float64) -> dict:
         log_p[b] = np.log(np.clip(p[np.arange(len(p)), y[b]], eps, 1 - eps))
         if top5 is not None:
             top5[b] = (_top5(p) == y[b][:, None]).any(axis=1)
-    out = {"accuracy": float(hit.mean()), "log_loss": float(np.mean(-log_p))}
+    w = sample_weight
+    out = {"accuracy": float(np.average(hit, weights=w)), "log_loss": float(np.average(-log_p, weights=w))}
     if top5 is not None:
-        out["top5_accuracy"] = float(top5.mean())
+        out["top5_accuracy"] = float(np.average(top5, weights=w))
     return out

@@ -52,8 +52,9 @@ class TemperatureScaler(BaseEstimator):
     def __init__(self, floor=True):
         self.floor = floor
 
-    def fit(self, proba, y):
-        """Fit ``T`` and the floor on ``proba`` (an array, or a row view of one: ``StackedBlocks``).
+    def fit(self, proba, y, sample_weight=None):
+        """Fit ``T`` and the floor on ``proba`` (an array, or a row view of one: ``StackedBlocks``), by the
+        ``sample_weight``-weighted log loss when given.
 
         Past :data:`CALIBRATION_VALUES` probabilities (a thousand classes) on rows spread
         evenly over the input: two parameters need no more. The loss needs each row's
@@ -66,6 +67,7 @@ class TemperatureScaler(BaseEstimator):
         for b in row_blocks(len(rows), k):
             np.log(np.clip(take_rows(proba, rows[b]).astype(np.float64, copy=False), EPS, None), out=logP[b])
         y = np.asarray(y)[rows]
+        w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)[rows]
         top = logP.max(axis=1, keepdims=True)  # max(logP / T) is max(logP) / T, to the last bit (T > 0)
         blocks = [(b, np.arange(b.stop - b.start), y[b]) for b in row_blocks(len(y), k)]
         z = np.empty((blocks[0][1].size, k))
@@ -86,7 +88,7 @@ class TemperatureScaler(BaseEstimator):
 
         def nll(theta):
             eps = theta[1] if self.floor else 0.0
-            return -np.mean(np.log(np.clip((1 - eps) * true_class(theta[0]) + eps / k, EPS, None)))
+            return -np.average(np.log(np.clip((1 - eps) * true_class(theta[0]) + eps / k, EPS, None)), weights=w)
 
         best = min((minimize(nll, [t0, e0], method="L-BFGS-B", bounds=[(-4.0, 4.0), (0.0, 0.05)])
                     for t0 in (0.0,) for e0 in ((1e-3, 1e-2) if self.floor else (0.0,))), key=lambda r: r.fun)

@@ -18,6 +18,8 @@ blocks ``[P_1 | P_2 | ... | P_L]`` (``L`` learners, ``k`` columns each):
   columns: they serve ``meta_inputs="features"``/``"both"`` and comparisons.
 
 The order of the registrations below is the order in which ``meta="auto"`` tries them.
+Every ``fit`` takes ``sample_weight`` (the ensemble's class and sample weights): the losses
+it minimises are weighted means (``mean`` has nothing to fit).
 Every one of them costs time in proportion to rows x classes x learners: the block combiners
 read the stacked input as a row view (:class:`~stacker.level2.arrays.StackedBlocks`, no
 copy) a block of rows at a time, and the logit stacker fits on at most
@@ -115,17 +117,18 @@ class GreedyEnsemble(_BlockCombiner):
         self.n_learners = n_learners
         self.n_iter = n_iter
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         X, y_idx = self._prepare(X, y)
-        return self._select(_true_class(X, self.n_learners, y_idx))
+        return self._select(_true_class(X, self.n_learners, y_idx), sample_weight)
 
-    def _select(self, true_p):
+    def _select(self, true_p, sample_weight=None):
         """The selection itself, on ``(L, n)`` probabilities of the true class (all it needs)."""
         counts = np.zeros(self.n_learners)
         running = np.zeros(true_p.shape[1])
         best_loss, best_counts = np.inf, None
         for step in range(int(self.n_iter)):
-            losses = -np.mean(np.log(np.clip((running + true_p) / (step + 1), EPS, None)), axis=1)
+            losses = -np.average(np.log(np.clip((running + true_p) / (step + 1), EPS, None)), axis=1,
+                                 weights=sample_weight)
             pick = int(np.argmin(losses))
             counts[pick] += 1
             running += true_p[pick]
@@ -171,11 +174,14 @@ class LogitStacker(_BlockCombiner):
         self.alpha = alpha
         self.bias_alpha = bias_alpha
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         X, y_idx = self._prepare(X, y)
         L, k = self.n_learners, len(self.classes_)
         rows = spread_rows(len(X), LOGIT_VALUES // (L * k))
         n, y_idx = len(rows), y_idx[rows]
+        # weighted: each row's terms times its weight, over the total weight instead of n
+        w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)[rows]
+        total_w = n if w is None else float(w.sum())
         # log-probabilities in float32, the precision level 2's inputs have (half the memory of
         # float64: 128 MB saved at 800k rows of four learners and ten classes); sums in float64
         logP = np.empty((L, n, k), dtype=np.float32)
@@ -184,14 +190,14 @@ class LogitStacker(_BlockCombiner):
             for j in range(L):
                 np.log(np.clip(part[:, j * k:(j + 1) * k], EPS, None), out=logP[j, b], casting="same_kind")
         step = max(1, LOSS_VALUES // k)  # below LOSS_VALUES the sums are one block's, whatever arrays.ROW_BLOCK is
-        spans = [(b, np.arange(b.stop - b.start), y_idx[b])
+        spans = [(b, np.arange(b.stop - b.start), y_idx[b], None if w is None else w[b])
                  for b in (slice(a, min(a + step, n)) for a in range(0, n, step))]
         buffer, term = np.empty((spans[0][0].stop, k)), np.empty((spans[0][0].stop, k))
 
         def loss(theta):  # a block of rows at a time, in two (rows, k) float64 arrays
             w, b = theta[:L], theta[L:]
             value, grad_w, grad_b = 0.0, np.zeros(L), np.zeros(k)
-            for s, r, t in spans:
+            for s, r, t, ws in spans:
                 z = np.multiply(logP[0, s], w[0], out=buffer[:len(r)])
                 for j in range(1, L):
                     z += np.multiply(logP[j, s], w[j], out=term[:len(r)])
@@ -200,13 +206,15 @@ class LogitStacker(_BlockCombiner):
                 z_true = z[r, t]
                 d = np.exp(z, out=z)
                 total = d.sum(axis=1)
-                value += -np.sum(z_true - np.log(total))
+                value += -np.sum(z_true - np.log(total)) if ws is None else -ws @ (z_true - np.log(total))
                 d /= total[:, None]  # softmax; minus the one-hot target, per row: the gradient
                 d[r, t] -= 1.0
-                d /= n
+                if ws is not None:
+                    d *= ws[:, None]
+                d /= total_w
                 grad_w += logP[:, s].reshape(L, -1) @ d.astype(np.float32).ravel()  # one float32 pass
                 grad_b += d.sum(axis=0)
-            value = value / n + 0.5 * self.alpha * w @ w + 0.5 * self.bias_alpha * b @ b
+            value = value / total_w + 0.5 * self.alpha * w @ w + 0.5 * self.bias_alpha * b @ b
             return value, np.concatenate([grad_w + self.alpha * w, grad_b + self.bias_alpha * b])
 
         theta0 = np.concatenate([np.full(L, 1.0 / L), np.zeros(k)])
@@ -233,7 +241,7 @@ class MeanClassifier(_BlockCombiner):
     def __init__(self, n_learners=1):
         self.n_learners = n_learners
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         self._prepare(X, y)
         self.weights_ = np.full(self.n_learners, 1.0 / self.n_learners)
         return self
@@ -251,11 +259,11 @@ class SingleBest(_BlockCombiner):
         self.n_learners = n_learners
         self.index = index
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         X, y_idx = self._prepare(X, y)
         if self.index is None:
             true_p = np.clip(_true_class(X, self.n_learners, y_idx), EPS, None)
-            self.index_ = int(np.argmin(-np.mean(np.log(true_p), axis=1)))
+            self.index_ = int(np.argmin(-np.average(np.log(true_p), axis=1, weights=sample_weight)))
         else:
             self.index_ = int(self.index)
         self.weights_ = np.eye(self.n_learners)[self.index_]
@@ -292,7 +300,7 @@ class TwoLayerStack(_BlockCombiner):
         self.cv = cv
         self.random_state = random_state
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         from sklearn.model_selection import StratifiedKFold
 
         X, y_idx = self._prepare(X, y)  # its own dtype (or a row view): the combiners convert what they use
@@ -302,10 +310,12 @@ class TwoLayerStack(_BlockCombiner):
         splitter = StratifiedKFold(cv, shuffle=True, random_state=self.random_state) if inner else None
         folds = list(splitter.split(np.zeros(len(y_idx)), y_idx)) if inner else []
         # the final selection needs only each block's true-class column, out of fold for the inner combiners
-        oof = [cross_fit_true_class(name, X, y_idx, folds, self.n_learners, k, self.random_state) for name in inner]
-        self.inner_ = [fit_on(make_combiner(name, self.n_learners, self.random_state), X, y_idx) for name in inner]
+        w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        oof = [cross_fit_true_class(name, X, y_idx, folds, self.n_learners, k, self.random_state, w) for name in inner]
+        self.inner_ = [fit_on(make_combiner(name, self.n_learners, self.random_state), X, y_idx, sample_weight=w)
+                       for name in inner]
         true_p = np.concatenate([_true_class(X, self.n_learners, y_idx)] + [o[None] for o in oof])
-        self.final_ = GreedyEnsemble(self.n_learners + len(inner))._select(true_p)
+        self.final_ = GreedyEnsemble(self.n_learners + len(inner))._select(true_p, w)
         self.final_.classes_ = np.arange(k)
         self.weights_ = self.final_.weights_[: self.n_learners]  # the level-1 share of the final mix
         return self

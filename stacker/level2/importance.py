@@ -28,7 +28,7 @@ def meta_blocks(names, proba_dims, feature_dims, meta_inputs) -> dict:
     return blocks
 
 
-def permutation_importance(level2, Z, y, blocks: dict, k: int, seed: int, repeats: int = 3) -> dict:
+def permutation_importance(level2, Z, y, blocks: dict, k: int, seed: int, repeats: int = 3, sample_weight=None) -> dict:
     """How much level 2's log loss grows when one learner's inputs are shuffled across rows.
 
     ``Z`` is a matrix or a :class:`~stacker.level2.arrays.StackedBlocks`; rows are read,
@@ -36,7 +36,8 @@ def permutation_importance(level2, Z, y, blocks: dict, k: int, seed: int, repeat
     """
     rng = np.random.default_rng(seed)
     spans = row_blocks(len(Z), Z.shape[1])
-    base = score_blocks(y, ((rows, level2.predict_proba(take_rows(Z, rows))) for rows in spans), k)["log_loss"]
+    base = score_blocks(y, ((rows, level2.predict_proba(take_rows(Z, rows))) for rows in spans), k,
+                        sample_weight=sample_weight)["log_loss"]
 
     def shuffled(cols, order):
         for rows in spans:
@@ -46,6 +47,7 @@ def permutation_importance(level2, Z, y, blocks: dict, k: int, seed: int, repeat
 
     out = {}
     for name, cols in blocks.items():
-        losses = [score_blocks(y, shuffled(cols, rng.permutation(len(Z))), k)["log_loss"] for _ in range(repeats)]
+        losses = [score_blocks(y, shuffled(cols, rng.permutation(len(Z))), k, sample_weight=sample_weight)["log_loss"]
+                  for _ in range(repeats)]
         out[name] = float(np.mean(losses) - base)
     return out

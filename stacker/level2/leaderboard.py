@@ -20,6 +20,10 @@ def format_leaderboard(scores: dict) -> str:
     lines = text_columns(rows)
     lines.insert(1, "-" * len(lines[0]))
     ens = scores.get("ensemble", {})
+    if ens.get("weighted"):
+        lines.append(f"scores weighted ({ens['weighted']}): accuracy and log loss are weighted means"
+                     + (", so accuracy is the balanced accuracy" if "class_weight=balanced" in ens["weighted"]
+                        and "sample_weight" not in ens["weighted"] else ""))
     if ens.get("combiner"):
         lines.append(f"level 2: {ens['combiner']} (temperature {ens.get('temperature', 1.0):.3f}, "
                      f"floor {ens.get('floor', 0.0):.4f}); cross-validated log loss of each candidate:")

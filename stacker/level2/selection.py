@@ -52,7 +52,7 @@ class Level2:
 
 
 def fit_level2(Z, y, folds, meta="auto", n_learners=1, k=2, random_state=0, calibration=True,
-               member_oof=None, on_fold=None) -> Level2:
+               member_oof=None, on_fold=None, sample_weight=None) -> Level2:
     """Cross-validate every candidate combiner on the folds, pick the best, refit it on all rows.
 
     Parameters
@@ -74,7 +74,10 @@ def fit_level2(Z, y, folds, meta="auto", n_learners=1, k=2, random_state=0, cali
         them, the best learner alone is the ensemble.
     on_fold : callable, optional
         Called as ``on_fold(i, train_rows, val_rows)`` before each fold's fit (for tests).
+    sample_weight : ndarray (n,), optional
+        Each row's weight in every combiner's and calibration's fit and in every score.
     """
+    w = sample_weight
     y = np.asarray(y)
     candidates = combiner_names(meta)
     # only the best candidate's uncalibrated out-of-fold array is kept (80 MB at a million rows
@@ -82,30 +85,30 @@ def fit_level2(Z, y, folds, meta="auto", n_learners=1, k=2, random_state=0, cali
     table, best = {}, None
     for item in candidates:
         label = combiner_label(item)
-        raw = cross_fit(item, Z, y, folds, n_learners, k, random_state, on_fold)
-        table[label] = score(y, raw, k)
+        raw = cross_fit(item, Z, y, folds, n_learners, k, random_state, on_fold, w)
+        table[label] = score(y, raw, k, w)
         if best is None or table[label]["log_loss"] < table[best[0]]["log_loss"]:
             best = (label, item, False, raw)
         if calibration:
             name = label + "+T"
-            table[name] = score_blocks(y, calibrated_parts(raw, y, folds), k, raw.dtype)
+            table[name] = score_blocks(y, calibrated_parts(raw, y, folds, w), k, raw.dtype, w)
             if table[name]["log_loss"] < table[best[0]]["log_loss"]:
                 best = (name, item, True, raw)
         del raw
     label, item, calibrated, best_raw = best
     oof = best_raw
     if member_oof is not None:
-        member_ll = [score(y, p, k)["log_loss"] for p in member_oof]
+        member_ll = [score(y, p, k, w)["log_loss"] for p in member_oof]
         best = int(np.argmin(member_ll))
         if member_ll[best] < table[label]["log_loss"] and n_learners == len(member_oof):
             label, calibrated = f"best member ({best})", False
             oof = np.asarray(member_oof[best], dtype=oof_dtype(len(y), k))
             item = SingleBest(n_learners, index=best)
-            table[label] = score(y, oof, k)
-    combiner = fit_on(make_combiner(item, n_learners, random_state), Z, y)
+            table[label] = score(y, oof, k, w)
+    combiner = fit_on(make_combiner(item, n_learners, random_state), Z, y, sample_weight=w)
     level2 = Level2(label, combiner, k, oof, table=table)
     if calibrated:  # fitted on the combiner's out-of-fold outputs, as its scores were
-        cal = TemperatureScaler().fit(best_raw, y)
+        cal = TemperatureScaler().fit(best_raw, y, w)
         level2.temperature, level2.floor = cal.temperature_, cal.floor_
-        level2.oof_proba = cross_calibrate(best_raw, y, folds)
+        level2.oof_proba = cross_calibrate(best_raw, y, folds, w)
     return level2

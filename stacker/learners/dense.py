@@ -12,7 +12,7 @@ import json
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from stacker.io.persist import checked_params, load_keras, register_format, trusted
 from stacker.learners.keras_fit import keras_fit
@@ -132,8 +132,8 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         tr, va = self._holdout(y_idx)
         fit_X, fit_Y, val = (X, Y, None) if va is None else (X[tr], Y[tr], (X[va], Y[va]))
         weights = {}
-        if sample_weight is not None:
-            w = np.asarray(sample_weight, dtype=np.float32)
+        if sample_weight is not None:  # non-negative, one per row, not all zero (scikit-learn's check)
+            w = _check_sample_weight(sample_weight, X, dtype=np.float32, ensure_non_negative=True)
             weights["sample_weight"] = w if va is None else w[tr]
             val = val if va is None or not w[va].any() else (*val, w[va])
         self._compile(X.shape[1], fit_X.mean(axis=0), fit_X.var(axis=0), len(fit_X))

@@ -14,14 +14,13 @@ explained afterwards by :func:`decode_failure_reason`. An object at a URL
 
 from __future__ import annotations
 
-import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from stacker.data import storage
-from stacker.data.formats import END_MARKERS, EXIF_FORMATS, HEAD_BYTES, open_image, sniff
+from stacker.data.formats import END_MARKERS, EXIF_FORMATS, open_image
 
 __all__ = ["MAX_PIXELS", "decode_failure_reason", "open_file", "scan_images", "size_problem"]
 
@@ -41,26 +40,9 @@ def size_problem(w: int, h: int) -> str | None:
 
 
 def open_file(path: str):
-    """A Pillow image of a local file (:func:`~stacker.data.formats.open_image`) or of an object at a URL.
-
-    An object is fetched whole into memory (one request), then opened as a file is:
-    the plugin its first bytes name first, Pillow's full search if that one refuses it.
-    """
-    if not storage.is_url(path):
-        return open_image(path)
-    return _open_bytes(storage.read_bytes(path))
-
-
-def _open_bytes(data: bytes):
-    from PIL import Image, UnidentifiedImageError
-
-    fmt = sniff(data[:HEAD_BYTES])
-    if fmt is not None:
-        try:
-            return Image.open(io.BytesIO(data), formats=[fmt])
-        except UnidentifiedImageError:
-            pass
-    return Image.open(io.BytesIO(data))
+    """A Pillow image of a local file or of an object at a URL, fetched whole into memory (one request);
+    either is opened by :func:`~stacker.data.formats.open_image`."""
+    return open_image(storage.read_bytes(path) if storage.is_url(path) else path)
 
 
 def _fetched(url: str):
@@ -82,7 +64,7 @@ def _scan_one(path: str) -> tuple[int, str | None]:
 
     if storage.is_url(path):
         data, reason = _fetched(path)
-        size, opened = (len(data), lambda: _open_bytes(data)) if data else (0, None)
+        size, opened = (len(data), lambda: open_image(data)) if data else (0, None)
     else:
         st, reason = probe(path)  # never open a FIFO or a device
         size, opened = (st.st_size, lambda: open_image(path)) if st else (0, None)

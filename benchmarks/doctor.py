@@ -18,12 +18,17 @@
   pair is summarised, which is how the default threshold was chosen.
 - Cleaning: the seeded, stratified 80/20 split of benchmarks/stacking.py; fit on the 80%,
   score the 20%; refit without the label issues the doctor finds on the 80% and score again.
+- Pseudo-labels: the same split; fit on the 80% with Kaggle's unlabelled test folder as the
+  pool (``fit(..., unlabeled=)``) and score the 20%, against the plain fit; fit seconds of
+  both (features cached; the pool's extraction apart).
 
 Backbones default to small sets (the cache is filled on the first run, minutes of CPU; a
 rerun computes only the planted copies). The last line is machine-readable.
 """
 
 import argparse
+import contextlib
+import json
 import os
 import shutil
 import sys
@@ -37,6 +42,7 @@ from PIL import Image, ImageOps
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "..", "shared")
 DVC = os.path.join(SHARED, "data", "dogs-vs-cats", "train")
+DVC_TEST = os.path.join(SHARED, "data", "dogs-vs-cats", "test")
 CALTECH = os.path.join(SHARED, "data", "caltech101")
 TRANSFORMS = ("resized", "jpeg50", "flipped", "cropped")
 
@@ -213,6 +219,61 @@ def cleaning(backbones, args, summary):
     return ens
 
 
+def pseudo_labelling(backbones, args, summary):
+    """Held-out log loss and fit seconds of the 80% fit with and without dogs-vs-cats/test as an unlabelled pool.
+
+    Also with 10% of the 80% labelled (the rest of it joins the pool, unlabelled), where pseudo-labels have more
+    to teach, and for each, what keeping the first round regardless of the out-of-fold verdict would have given.
+    """
+    from unittest import mock
+
+    from sklearn.model_selection import train_test_split
+
+    import stacker
+    from stacker import pseudo_labels
+    from stacker.data.sources import ImageSet, load_images
+    from stacker.level2.arrays import score
+
+    data, test_pool = load_images(DVC), load_images(DVC_TEST)
+    tr, te = train_test_split(np.arange(len(data)), test_size=0.2, stratify=data.y, random_state=args.seed)
+    train, test = data.subset(np.sort(tr)), data.subset(np.sort(te))
+    few, rest = train_test_split(np.arange(len(train)), train_size=0.1, stratify=train.y, random_state=args.seed)
+    scarce = train.subset(np.sort(few))
+    pool_paths = list(test_pool.paths) + [train.paths[i] for i in np.sort(rest)]
+    scarce_pool = ImageSet(pool_paths, pool_paths)
+    make = lambda **kw: stacker.Ensemble(backbones, cache_dir=args.cache, weights_dir=args.weights_dir, cv=5,
+                                         random_state=args.seed, verbose=0, **kw)
+    print(f"\npseudo-labels (dvc, seeded 80/20 split, {', '.join(backbones)}; pool: dogs-vs-cats/test, "
+          f"{len(test_pool)} images; options {pseudo_labels.options(args.pseudo)}; fit seconds with every feature "
+          f"cached, every learner fitted again)")
+    print(f"  {'labelled':<9} {'fit':<22} {'held-out ll':>11} {'accuracy':>9} {'oof ll':>8} {'fit s':>7}  rounds")
+    runs = (("plain", {}, None, False), ("unlabeled=pool", {"pseudo_labels": args.pseudo}, True, False),
+            ("round 1 kept regardless", {"pseudo_labels": {**(args.pseudo or {}), "rounds": 1}}, True, True))
+    for label, labelled, pool in (("all", train, test_pool), ("10%", scarce, scarce_pool)):
+        for name, kw, unlabeled, forced in runs:
+            fit_kw = {"unlabeled": pool} if unlabeled else {}
+            make(**kw).fit(labelled, **fit_kw)  # fills the feature cache (the pool's too): the timed fit extracts nothing
+            for part in ("learners", "folds", "test_proba"):  # but fits every learner again
+                shutil.rmtree(os.path.join(args.cache, part), ignore_errors=True)
+            with mock.patch.object(pseudo_labels, "_restore", lambda *a: None) if forced else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                ens = make(**kw).fit(labelled, **fit_kw)
+                secs = time.perf_counter() - t0
+            sc = score(test.y, ens.predict_proba(test), 2)
+            s = ens.pseudo_labels_
+            rounds = "" if s is None else "; ".join(
+                f"{r['images']} images, oof {r['log_loss']:.4f}{'' if r['kept'] else ' (not kept)'}"
+                for r in s["rounds"] if not r.get("same"))
+            oof = ens.scores_["ensemble"]["log_loss"] if not forced else s["rounds"][0]["log_loss"]
+            print(f"  {label if name == 'plain' else '':<9} {name:<22} {sc['log_loss']:>11.4f} {sc['accuracy']:>9.4f} "
+                  f"{oof:>8.4f} {secs:>7.1f}  {rounds}")
+            tag = {"plain": "", "unlabeled=pool": "_pseudo", "round 1 kept regardless": "_forced"}[name]
+            pre = "pl" if label == "all" else "pl10"
+            summary.update({f"{pre}_heldout_ll{tag}": sc["log_loss"], f"{pre}_fit_s{tag}": secs})
+            if name == "unlabeled=pool":
+                summary[f"{pre}_kept_rounds"] = s["kept_rounds"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default="dvc,caltech", help="label noise on: comma-separated from dvc, caltech")
@@ -222,7 +283,9 @@ def main(argv=None) -> int:
     p.add_argument("--weights-dir", default=os.environ.get("STACKER_WEIGHTS_DIR", os.path.join(SHARED, "weights")))
     p.add_argument("--planted", type=int, default=40, help="photos that get planted copies (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: noise, duplicates, cleaning")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: noise, duplicates, cleaning, pseudo")
+    p.add_argument("--pseudo", type=json.loads, default=None, metavar="JSON",
+                   help="pseudo_labels options, e.g. '{\"rounds\": 3, \"min_confidence\": 0.9}' (default: stacker's)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -236,6 +299,8 @@ def main(argv=None) -> int:
     ens = None
     if "cleaning" not in skip:
         ens = cleaning(dvc_backbones, args, summary)
+    if "pseudo" not in skip:
+        pseudo_labelling(dvc_backbones, args, summary)
     if "duplicates" not in skip:
         from stacker.data.sources import load_images
 

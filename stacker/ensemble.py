@@ -157,7 +157,7 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
             print(msg, flush=True)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, images, y=None, sample_weight=None):
+    def fit(self, images, y=None, sample_weight=None, unlabeled=None):
         """Extract (or reuse) features, fit every learner out of fold, then level 2.
 
         Parameters
@@ -172,6 +172,12 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
             image. Multiplied by ``class_weight``'s and scaled to mean 1, it weighs every
             learner's fold fits, level 2, its calibration and the reported scores; 0 takes
             an image's influence away (it still has a fold and an out-of-fold prediction).
+        unlabeled : ImageSet, folder or CSV path, optional
+            A pool of unlabelled images (e.g. Kaggle's test folder): after the labelled fit,
+            rounds of pseudo-labels (:mod:`stacker.pseudo_labels`, options ``pseudo_labels``)
+            add them to the training folds, each fold's labels from the ensemble without that
+            fold. A round is kept only if it lowers the out-of-fold log loss of the labelled
+            images; ``scores_["ensemble"]["pseudo_labels"]`` says what happened.
 
         Returns
         -------
@@ -184,16 +190,18 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         self.classes_ = list(data.classes)
         check_min_proba(self.min_proba, len(self.classes_))  # before hours of training, not after
         weighted = self.class_weight is not None or sample_weight is not None
-        if weighted:  # every weight checked, and every learner able to take them, before any work
-            validation.check_weighted(self, specs)
+        pool = None if unlabeled is None else _pool(unlabeled)
+        if weighted or pool is not None:  # every weight checked, and every learner able to take them, before any work
+            validation.check_weighted(self, specs, "pseudo-labels (unlabeled=)" if not weighted else None)
+        if weighted:
             validation.training_weights(data, self.class_weight, sample_weight)
             if sample_weight is not None and not isinstance(sample_weight, dict):
                 sample_weight = dict(zip(map(str, data.paths), np.asarray(sample_weight, dtype=np.float64)))
         self.specs_ = specs
         self.learners_ = self._make_learners(specs, len(data))
-        if weighted and self.out_of_core_:
-            raise ValueError("class_weight and sample_weight are not supported out of core (the streaming models "
-                             "take no weights); use out_of_core=False")
+        if (weighted or pool is not None) and self.out_of_core_:
+            raise ValueError(f"{'class_weight and sample_weight are' if weighted else 'pseudo-labels (unlabeled=) are'}"
+                             " not supported out of core (the streaming models take no weights); use out_of_core=False")
         inputs, data, timings = self._extract_training(data)
         self.sample_weight_ = None if not weighted else validation.training_weights(
             data, self.class_weight, None if sample_weight is None else {str(p): sample_weight[str(p)] for p in data.paths})
@@ -212,6 +220,7 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
             timings[name]["train_s"] = time.perf_counter() - t0
         self.oof_proba_ = {name: lr.oof_proba_ for name, lr in self.learners_.items()}
         self._fit_level2(inputs, y, k, timings)
+        self.pseudo_labels_ = None if pool is None else _pseudo().fit_rounds(self, inputs, data, pool, images_fp, timings)
         self._record(data, timings)
         return self
 
@@ -303,6 +312,8 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
                                     "meta_inputs": self.meta_inputs, "candidates": self.level2_scores_}
         if w is not None:  # how every score above (and level 2's candidates) is weighted
             self.scores_["ensemble"]["weighted"] = self._weights_note
+        if getattr(self, "pseudo_labels_", None):
+            self.scores_["ensemble"]["pseudo_labels"] = self.pseudo_labels_
         self.config_ = {"backbones": [{k2: (v if isinstance(v, (str, int, float, type(None))) else describe(v))
                                        for k2, v in s.items()} for s in self.specs_],
                         "models": describe(self.models), "meta": describe(self.meta),
@@ -496,6 +507,20 @@ def _sources_of(learners: dict) -> dict:
         for view, ext in learner.views().items():
             sources.setdefault((learner.source_id(learner.spec), view), ext)
     return sources
+
+
+def _pool(unlabeled):
+    """The unlabelled pool as an ImageSet (its labels, if any, unused); an empty one is an error."""
+    pool = load_images(unlabeled) if not hasattr(unlabeled, "paths") else unlabeled
+    if not len(pool):
+        raise ValueError(f"unlabeled={unlabeled!r} holds no images")
+    return pool
+
+
+def _pseudo():
+    from stacker import pseudo_labels
+
+    return pseudo_labels
 
 
 def _distributed():

@@ -20,6 +20,7 @@ from stacker.learners.kinds import LEARNER_KINDS, kind_params, learner_specs
 from stacker.level2.calibration import MIN_PROBA
 from stacker.level2.registry import check_meta, combiner_names, meta_doc
 from stacker.params import Param
+from stacker.pseudo_labels import PARAM as PSEUDO_LABELS
 
 __all__ = ["STACKING", "RUN", "ensemble_params", "signature", "validate", "params_doc", "check_training_data",
            "check_weighted", "training_weights", "weights_note"]
@@ -48,6 +49,7 @@ STACKING = (
           "weight\n    (``n / (k * weight of the class)``), a dict maps class names to weights (others\n    1). "
           "Multiplies ``fit``'s ``sample_weight``. Not with ``finetune``, out of core or Ray.",
           lambda v: v is None or v == "balanced" or isinstance(v, dict), "None, 'balanced' or a dict of class weights"),
+    PSEUDO_LABELS,
 )
 
 RUN = (
@@ -127,16 +129,21 @@ def validate(est) -> list[dict]:
     return specs
 
 
-def check_weighted(est, specs) -> None:
-    """Weights need learners whose fold fits take them (checked before extraction)."""
+def check_weighted(est, specs, what: str | None = None) -> None:
+    """Weights need learners whose fold fits take them (checked before extraction).
+
+    ``what`` names the feature that needs them when it is not ``class_weight`` or
+    ``sample_weight`` (pseudo-labels weigh each pseudo-labelled image by its confidence).
+    """
     from stacker.learners.zoo import check_takes_weights
 
+    what = what or "class_weight and sample_weight"
     if est.executor == "ray":
-        raise ValueError("class_weight and sample_weight are not supported with executor='ray'; use executor='local'")
+        raise ValueError(f"{what} are not supported with executor='ray'; use executor='local'")
     for spec in specs:
         if not LEARNER_KINDS[spec["kind"]].weighted:
-            raise ValueError(f"{spec['name']}: the {spec['kind']!r} learner kind does not take class_weight or "
-                             "sample_weight; fit it without weights or use frozen-feature models")
+            raise ValueError(f"{spec['name']}: the {spec['kind']!r} learner kind does not take {what}; fit it "
+                             "without them or use frozen-feature models")
         check_takes_weights(spec["model"], spec["name"])
     for item in combiner_names(est.meta):
         check_takes_weights(item, "meta")

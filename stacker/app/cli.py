@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", metavar="CSV", default=None,
                    help="leave out every image this CSV's path column names (a findings CSV from `stacker doctor`, "
                         "edited to the rows you chose); features still come from the cache")
+    p.add_argument("--unlabeled", metavar="FOLDER", default=None,
+                   help="unlabelled images (e.g. Kaggle's test folder) to pseudo-label in rounds; kept only if "
+                        "they lower the out-of-fold log loss of the labelled images")
     OPTIONS["predictions"].add_to(p)
     _add_ray(p)
     _add_common(p)
@@ -235,7 +238,7 @@ def cmd_fit(args, out) -> int:
         data = data.head(args.train_limit, seed=args.seed)
     print(f"training images: {data!r}")
     ens = stacker.Ensemble(**ensemble_params(args, executor="ray" if _connect_ray(args) else "local"))
-    ens.fit(data)
+    ens.fit(data, unlabeled=args.unlabeled)
     ens.save(args.out)
     print(ens.leaderboard(), file=out)
     if not args.no_report:

@@ -288,6 +288,14 @@ class Learner:
         """Out-of-fold ``(probabilities, features)`` this learner gives level 2."""
         return self.oof_proba_, inputs["original"]
 
+    def fold_meta(self, inputs: dict, i: int):
+        """Fold ``i``'s model's ``(probabilities, features)`` for level 2 on new rows: a model that never saw fold ``i``.
+
+        What pseudo-labelling (:mod:`stacker.pseudo_labels`) asks for fold ``i``'s labels of unlabelled images.
+        """
+        est, X = self.fold_models_[i], inputs["original"]
+        return align_proba(est, est.predict_proba(X), self.settings.n_classes), X
+
     def extra_scores(self, y, k) -> dict:
         """Learner-specific leaderboard entries (e.g. fine-tuning's phase-1 scores)."""
         epochs = sum(len((getattr(est, "history_", None) or {}).get("loss", [])) for est in self.fold_models_)

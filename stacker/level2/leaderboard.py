@@ -24,6 +24,10 @@ def format_leaderboard(scores: dict) -> str:
         lines.append(f"scores weighted ({ens['weighted']}): accuracy and log loss are weighted means"
                      + (", so accuracy is the balanced accuracy" if "class_weight=balanced" in ens["weighted"]
                         and "sample_weight" not in ens["weighted"] else ""))
+    if ens.get("pseudo_labels"):
+        from stacker.pseudo_labels import summary_line
+
+        lines.append(summary_line(ens["pseudo_labels"]))
     if ens.get("combiner"):
         lines.append(f"level 2: {ens['combiner']} (temperature {ens.get('temperature', 1.0):.3f}, "
                      f"floor {ens.get('floor', 0.0):.4f}); cross-validated log loss of each candidate:")

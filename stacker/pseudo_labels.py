@@ -1,0 +1,223 @@
+"""Pseudo-labelling: unlabelled images join the training folds with the ensemble's labels, in rounds.
+
+``Ensemble.fit(images, unlabeled=pool)`` first fits on the labelled images alone. Each
+round then asks, for every fold ``i``, the ensemble as it stands *without fold i*
+(fold ``i``'s level-1 models, combined by level 2 and calibrated) to label the pool;
+images it labels with confidence at least ``min_confidence`` join fold ``i``'s training
+rows with that label and a weight of ``weight`` times the confidence. No pseudo-label
+fold ``i``'s models learn from was made by a model that saw fold ``i``'s labels, so the
+ensemble's out-of-fold score stays honest (level 2 and its calibration are the exception:
+a handful of weights fitted on every labelled row's out-of-fold predictions).
+Pseudo-labelled rows never reach level 2 or any score: every figure is on labelled
+out-of-fold rows. A round is kept only when it lowers the ensemble's out-of-fold log
+loss by more than the standard error of that change (paired over the labelled images: a
+gain within noise is no gain); otherwise the fit says so and keeps what it had. Every cached feature is reused:
+the pool's images are extracted once, the refits run no forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+
+from stacker.features.layout import stable_hash
+from stacker.level2.arrays import meta_matrix, score
+from stacker.params import Param
+
+__all__ = ["PARAM", "DEFAULTS", "options", "fit_rounds", "fold_teacher", "select", "paired_gain", "summary_line"]
+
+DEFAULTS = {"rounds": 2, "min_confidence": 0.95, "max_share": 1.0, "weight": 1.0}
+_FITTED = ("learners_", "oof_proba_", "meta_", "meta_oof_proba_", "level2_scores_", "meta_importance_", "_meta_dims")
+
+
+def _valid(value) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, dict) or set(value) - set(DEFAULTS):
+        return False
+    v = {**DEFAULTS, **value}
+    number = (int, float, np.integer, np.floating)
+    return (isinstance(v["rounds"], (int, np.integer)) and not isinstance(v["rounds"], bool) and v["rounds"] >= 1
+            and all(isinstance(v[n], number) and not isinstance(v[n], bool)
+                    for n in ("min_confidence", "max_share", "weight"))
+            and 0 < v["min_confidence"] <= 1 and v["max_share"] > 0 and v["weight"] > 0)
+
+
+PARAM = Param("pseudo_labels", None, "dict, optional\n    How ``fit(..., unlabeled=)`` pseudo-labels "
+              "(:mod:`stacker.pseudo_labels`); keys\n    (defaults): ``rounds`` (2), ``min_confidence`` (0.95: "
+              "an unlabelled image joins a\n    fold when the ensemble without that fold gives its top class at least "
+              "this),\n    ``max_share`` (1.0: at most this many pseudo-labelled images per labelled image\n    of "
+              "each class in a fold, the most confident first), ``weight`` (1.0: a\n    pseudo-labelled image weighs "
+              "this times its confidence; a labelled one 1).", _valid,
+              "None or a dict with keys among rounds (int >= 1), min_confidence (0 < c <= 1), max_share (> 0), "
+              "weight (> 0)")
+
+
+def options(value) -> dict:
+    """The pseudo-labelling options: the defaults updated with ``value`` (a dict or None)."""
+    return {**DEFAULTS, **(value or {})}
+
+
+def fit_rounds(ens, inputs: dict, data, pool, images_fp: str, timings: dict) -> dict:
+    """Refit ``ens`` (fitted on ``data``) with pseudo-labelled ``pool`` images while that lowers its out-of-fold loss.
+
+    ``inputs``: the labelled images' cached inputs, (source id, view) -> rows. Returns the
+    summary kept in ``scores_["ensemble"]["pseudo_labels"]``.
+    """
+    t0 = time.perf_counter()
+    opts = options(ens.pseudo_labels)
+    pool_inputs, used, notes = _pool_inputs(ens, data, pool)
+    y, k, w = ens.y_, len(ens.classes_), ens.sample_weight_
+    best_ll, best_proba = score(y, ens.meta_oof_proba_, k, w)["log_loss"], ens.meta_oof_proba_
+    summary = {"pool": len(pool), "used": len(used), **notes, "options": opts, "log_loss_before": best_ll,
+               "rounds": [], "kept_rounds": 0}
+    best, last_rows = _snapshot(ens, timings), None
+    for r in range(opts["rounds"]):
+        teacher = fold_teacher(ens, pool_inputs)
+        rows, labels, weights, fold_rows = select(teacher, y, ens.folds_, opts)
+        if last_rows is not None and all(np.array_equal(a, b) for a, b in zip(fold_rows, last_rows)):
+            summary["rounds"].append({"round": r + 1, "images": int(len(np.unique(rows))), "same": True})
+            break  # the same selection would refit the same models
+        last_rows = fold_rows
+        round_fp = stable_hash([images_fp, [used[i] for i in rows], labels.tolist(),
+                                [f.tolist() for f in fold_rows], opts])
+        _refit(ens, inputs, pool_inputs, rows, labels, weights, fold_rows, data, round_fp, timings)
+        ll = score(y, ens.meta_oof_proba_, k, w)["log_loss"]
+        gain, se = paired_gain(y, best_proba, ens.meta_oof_proba_, w)
+        kept = gain > se
+        summary["rounds"].append({"round": r + 1, "images": int(len(np.unique(rows))),
+                                  "per_fold": [int(len(f)) for f in fold_rows], "log_loss": ll, "gain": gain,
+                                  "standard_error": se, "kept": bool(kept)})
+        ens._log(f"pseudo-labels round {r + 1}: {len(np.unique(rows))} of {len(used)} unlabelled images, "
+                 f"out-of-fold log loss {best_ll:.4f} -> {ll:.4f}"
+                 + ("" if kept else f" (not lower by more than its standard error {se:.4f}: not kept)"))
+        if not kept:
+            _restore(ens, best, timings)
+            break
+        best, best_ll, best_proba, summary["kept_rounds"] = _snapshot(ens, timings), ll, ens.meta_oof_proba_, r + 1
+    summary.update(log_loss_after=best_ll, seconds=time.perf_counter() - t0)
+    if not summary["kept_rounds"]:
+        ens._log("pseudo-labels did not lower the out-of-fold log loss: the ensemble ignores the unlabelled images")
+    return summary
+
+
+def paired_gain(y, before, after, sample_weight=None) -> tuple[float, float]:
+    """How much lower the log loss of ``after`` is than that of ``before`` (same rows), and the standard error of that.
+
+    Both from the per-image differences of log loss (weighted means where there are weights).
+    """
+    rows = np.arange(len(y))
+    eps = 1e-15
+    d = np.log(np.clip(after[rows, y], eps, 1)) - np.log(np.clip(before[rows, y], eps, 1))
+    w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    w = w / w.sum()
+    gain = float(np.sum(w * d))
+    se = float(np.sqrt(np.sum(w ** 2 * (d - gain) ** 2)))
+    return gain, se
+
+
+def _pool_inputs(ens, data, pool):
+    """The pool's cached inputs per (source id, view), the usable pool paths, and what was left out and why.
+
+    Pool images whose bytes are those of a training image add nothing and are left out.
+    """
+    from stacker.data.fingerprint import fingerprints
+
+    kept, skipped, feats = np.arange(len(pool)), {}, {}
+    for sid, ext in ens._sources().items():
+        feats[sid] = f = ext.extract(pool)
+        skipped.update(f.skipped)
+        kept = np.intersect1d(kept, f.kept)
+    train_fps = set(fingerprints(data.paths, ens.cache_dir)[0])
+    pool_fps = fingerprints([pool.paths[i] for i in kept], ens.cache_dir)[0]
+    fresh = np.array([fp not in train_fps for fp in pool_fps], dtype=bool)
+    inputs = {sid: f.values[np.searchsorted(f.kept, kept[fresh])] for sid, f in feats.items()}
+    notes = {"skipped": len(skipped), "training_copies": int((~fresh).sum())}
+    if skipped:
+        ens._log(f"pseudo-labels: {len(skipped)} unlabelled images not usable (e.g. "
+                 f"{pool.paths[next(iter(skipped))]}: {next(iter(skipped.values()))})")
+    return inputs, [str(pool.paths[i]) for i in kept[fresh]], notes
+
+
+def fold_teacher(ens, pool_inputs: dict) -> np.ndarray:
+    """``(folds, pool images, classes)``: for each fold, the ensemble without that fold's labels on the pool."""
+    out = []
+    for i in range(len(ens.folds_)):
+        parts = [lr.fold_meta(ens._inputs_of(lr, pool_inputs), i) for lr in ens.learners_.values()]
+        Z = meta_matrix([p for p, _ in parts], [f for _, f in parts], ens.meta_inputs)
+        out.append(ens.meta_.predict_proba(Z))
+    return np.stack(out)
+
+
+def select(teacher: np.ndarray, y, folds, opts: dict):
+    """Which pool images join which fold, with which label and weight.
+
+    Returns ``rows`` (pool index of each pseudo-labelled row), ``labels``, ``weights`` and,
+    per fold, the indices into ``rows`` its training rows gain. An image labelled
+    differently by two folds' teachers is two rows, each joining only its folds.
+    """
+    n_folds, m, k = teacher.shape
+    conf, label = teacher.max(axis=2), teacher.argmax(axis=2)
+    chosen = np.zeros((n_folds, m), dtype=bool)
+    for i, (tr, _) in enumerate(folds):
+        counts = np.bincount(np.asarray(y)[tr], minlength=k)
+        for c in range(k):
+            idx = np.flatnonzero((conf[i] >= opts["min_confidence"]) & (label[i] == c))
+            cap = int(opts["max_share"] * counts[c])
+            chosen[i, idx[np.argsort(-conf[i, idx], kind="stable")[:cap]]] = True
+    fold_of, image = np.nonzero(chosen)
+    pair = image * k + label[fold_of, image]
+    pairs, row_of = np.unique(pair, return_inverse=True)
+    rows, labels = pairs // k, pairs % k
+    conf_sum = np.bincount(row_of, weights=conf[fold_of, image], minlength=len(pairs))
+    weights = opts["weight"] * conf_sum / np.bincount(row_of, minlength=len(pairs))
+    fold_rows = [np.sort(row_of[fold_of == i]) for i in range(n_folds)]
+    return rows, labels, weights, fold_rows
+
+
+def _refit(ens, inputs, pool_inputs, rows, labels, weights, fold_rows, data, round_fp, timings) -> None:
+    """Every learner refitted on its folds' labelled rows plus their pseudo-labelled ones, then level 2."""
+    n, k = len(ens.y_), len(ens.classes_)
+    y_ext = np.concatenate([ens.y_, labels])
+    w_ext = np.concatenate([np.ones(n) if ens.sample_weight_ is None else ens.sample_weight_, weights])
+    folds = [(np.concatenate([tr, n + fold_rows[i]]), va) for i, (tr, va) in enumerate(ens.folds_)]
+    ext = {sid: np.concatenate([inputs[sid], pool_inputs[sid][rows]]) for sid in inputs}
+    learners = {}
+    for name, old in ens.learners_.items():
+        t0 = time.perf_counter()
+        lr = learners[name] = copy.copy(old)  # the same spec, source and settings; new fitted state
+        lr.fit_oof(ens._inputs_of(lr, ext), y_ext, folds, k, data, round_fp, None, w_ext)
+        lr.arrays_ = {a: v[:n] for a, v in lr.arrays_.items()}  # pseudo-labelled rows have no out-of-fold output
+        lr.oof_proba_ = lr.arrays_["oof_proba"]
+        timings[name]["pseudo_train_s"] = timings[name].get("pseudo_train_s", 0.0) + time.perf_counter() - t0
+    ens.learners_ = learners
+    ens.oof_proba_ = {name: lr.oof_proba_ for name, lr in learners.items()}
+    ens._fit_level2(inputs, ens.y_, k, timings)
+
+
+def _snapshot(ens, timings) -> dict:
+    return {**{a: getattr(ens, a) for a in _FITTED}, "timing": dict(timings.get("ensemble", {}))}
+
+
+def _restore(ens, state: dict, timings) -> None:
+    for a in _FITTED:
+        setattr(ens, a, state[a])
+    timings["ensemble"] = state["timing"]
+
+
+def summary_line(s: dict) -> str:
+    """One line for the leaderboard: what pseudo-labelling did and whether it was kept."""
+    rounds = "; ".join(f"round {r['round']}: " + ("the same images again" if r.get("same") else
+                       f"{r['images']} images, {r['log_loss']:.4f}" + ("" if r["kept"] else
+                       f" (not kept: {r['gain']:+.4f} lower, standard error {r['standard_error']:.4f})"))
+                       for r in s["rounds"])
+    verdict = (f"kept {s['kept_rounds']} round{'s' if s['kept_rounds'] != 1 else ''}" if s["kept_rounds"]
+               else "not kept: the ensemble ignores the unlabelled images")
+    left = [f"{s[n]} {t}" for n, t in (("skipped", "unusable"), ("training_copies", "copies of training images"))
+            if s.get(n)]
+    return (f"pseudo-labels from {s['used']} of {s['pool']} unlabelled images"
+            + (f" ({', '.join(left)} left out)" if left else "")
+            + f": out-of-fold log loss {s['log_loss_before']:.4f} -> {s['log_loss_after']:.4f}, {verdict}"
+            + (f" ({rounds})" if rounds else "") + f"; {s['seconds']:.0f} s")

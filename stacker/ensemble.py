@@ -482,6 +482,16 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         """
         return save_ensemble(self, directory, onnx)
 
+    def export_onnx(self, path) -> dict:
+        """Write the whole fitted ensemble as one ONNX file (:mod:`stacker.io.export`): every backbone, fold
+        model, level 2, calibration and the ``min_proba`` floor, from pixels to probabilities, runnable on plain
+        ONNX Runtime. Returns the input contract (also in the file's metadata); raises
+        :class:`~stacker.io.onnx_builder.ExportError` naming a part ONNX cannot express exactly.
+        """
+        from stacker.io.export import export_onnx
+
+        return export_onnx(self, str(path))
+
     @classmethod
     def load(cls, directory, *, trusted=None, **params) -> "Ensemble":
         """Load a saved ensemble after verifying every file's sha256.

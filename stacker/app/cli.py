@@ -156,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, ("cache", "trust"))
     _add_common(p)
 
+    p = _command(sub, "export", "write a saved ensemble as one ONNX file (pixels in, probabilities out)",
+                 "Every backbone, fold model, level 2, calibration and the min-proba floor in one graph that\n"
+                 "plain ONNX Runtime runs (no stacker, TensorFlow or scikit-learn). Its metadata gives the\n"
+                 "class names and the inputs: one per backbone input size, float32 NHWC RGB 0..255, resized\n"
+                 "with Pillow's bilinear resize. A part ONNX cannot express exactly is refused by name.")
+    p.add_argument("model")
+    p.add_argument("out", help="the .onnx file to write")
+    add_options(p, ("cache", "trust"))
+    _add_common(p)
+
     p = _command(sub, "top5", "ImageNet top-5 classes of images",
                  "Needs the backbone's ImageNet classifier: the with-top weights, not the headless file "
                  "feature extraction uses.")
@@ -370,6 +380,17 @@ def cmd_doctor(args, out) -> int:
     return 0
 
 
+def cmd_export(args, out) -> int:
+    from stacker.ensemble import Ensemble
+
+    ens = Ensemble.load(args.model, trusted=args.trust, cache_dir=args.cache, verbose=0)
+    info = ens.export_onnx(args.out)
+    inputs = ", ".join(f"{i['name']} {tuple(i['shape'])}" for i in info["inputs"])
+    print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB): {len(info['classes'])} classes; "
+          f"inputs {inputs} (float32 RGB 0..255, Pillow bilinear resize); output probabilities", file=out)
+    return 0
+
+
 def cmd_top5(args, out) -> int:
     from stacker.app.options import weights_arg
     from stacker.backbones.pretrained import top_k
@@ -489,7 +510,8 @@ def _confirm_remove_all(args, doomed) -> bool:
 
 
 COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "submit": cmd_submit,
-            "report": cmd_report, "doctor": cmd_doctor, "top5": cmd_top5, "extract": cmd_extract, "cache": cmd_cache}
+            "report": cmd_report, "doctor": cmd_doctor, "export": cmd_export, "top5": cmd_top5, "extract": cmd_extract,
+            "cache": cmd_cache}
 
 
 @contextlib.contextmanager

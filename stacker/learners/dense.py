@@ -199,6 +199,13 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         proba = self.predict_proba(X)  # first: it raises NotFittedError before fit
         return self.classes_[np.argmax(proba, axis=1)]
 
+    def onnx_proba(self, g, x):
+        """This head in an exported graph (:mod:`stacker.io.export`), layer by layer (inference: no dropout,
+        batch norm from its moving statistics), rows normalised as :meth:`predict_proba` does."""
+        for layer in self.model_.layers:
+            x = _onnx_layer(layer, g, x)
+        return g.normalise_rows(x)
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.non_deterministic = self.strategy is not None
@@ -225,6 +232,33 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         est.n_features_in_ = int(info.get("n_features_in", est.model_.input_shape[-1]))
         est.history_ = info.get("history", {})
         return est
+
+
+def _onnx_layer(layer, g, x):
+    """One layer of a head built by :meth:`DenseClassifier._build` as ONNX ops (a refusal for anything else)."""
+    import keras
+
+    from stacker.io.onnx_builder import ExportError
+
+    kind = type(layer).__name__
+    w = {v.path.split("/")[-1]: np.asarray(v.numpy(), np.float64) for v in layer.weights}
+    if kind in ("InputLayer", "Dropout"):
+        return x
+    if kind == "Normalization":  # (x - mean) / max(sqrt(variance), epsilon)
+        mean, var = np.asarray(layer.mean, np.float64).reshape(1, -1), np.asarray(layer.variance, np.float64).reshape(1, -1)
+        return g.op("Div", g.op("Sub", x, g.const(mean)), g.const(np.maximum(np.sqrt(var), keras.config.epsilon())))
+    if kind == "BatchNormalization":
+        scale = w.get("gamma", 1.0) / np.sqrt(w["moving_variance"] + layer.epsilon)
+        shift = w.get("beta", 0.0) - w["moving_mean"] * scale
+        return g.op("Add", g.op("Mul", x, g.const(np.reshape(scale, (1, -1)))), g.const(np.reshape(shift, (1, -1))))
+    if kind == "Dense":
+        x = g.matmul_add(x, w["kernel"], w.get("bias"), "dense")
+        activation = keras.activations.serialize(layer.activation)
+        activation = activation if isinstance(activation, str) else activation.get("config", {}).get("name", activation)
+        if activation in ("relu", "softmax", "linear"):
+            return {"relu": lambda v: g.op("Relu", v), "softmax": g.softmax, "linear": lambda v: v}[activation](x)
+        raise ExportError(f"dense head layer {layer.name}", f"activation {activation!r} is not exported")
+    raise ExportError(f"dense head layer {layer.name}", f"a {kind} layer is not exported")
 
 
 def _RelativeEarlyStopping(monitor: str, patience: int, min_delta: float):  # noqa: N802 - callback factory

@@ -108,6 +108,13 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):
         proba = self.predict_proba(X)  # first: it raises NotFittedError before fit
         return self.classes_[np.argmax(proba, axis=1)]
 
+    def onnx_proba(self, g, x):
+        """This model in an exported graph (:mod:`stacker.io.export`): softmax(scale * unit(x - mean) @ P.T)."""
+        if self.center:
+            x = g.op("Sub", x, g.const(self.mean_[None]))
+        norm = g.op("Max", g.op("ReduceL2", x, axes=[1], keepdims=1), g.const(np.float32(1e-12)))
+        return g.softmax(g.op("MatMul", g.op("Div", x, norm), g.const(self.scale_ * self.prototypes_.T)))
+
 
 def unit_rows(M):
     """Rows scaled to unit L2 norm (prototypes and the rows compared with them)."""
@@ -150,6 +157,12 @@ class SignedPower(TransformerMixin, BaseEstimator):
     def transform(self, X):
         check_is_fitted(self, "n_features_in_")
         return signed_power(validate_data(self, X, dtype=(np.float64, np.float32), reset=False), float(self.power))
+
+    def onnx_transform(self, g, x):
+        """This transform in an exported graph (:mod:`stacker.io.export`)."""
+        if float(self.power) == 1:
+            return x
+        return g.op("Mul", g.op("Sign", x), g.op("Pow", g.op("Abs", x), g.const(np.float32(self.power))))
 
 
 @trusted
@@ -252,6 +265,12 @@ class PathLogistic(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         check_is_fitted(self, "pipeline_")
         return self.pipeline_.predict_proba(X)
+
+    def onnx_proba(self, g, x):
+        """This model in an exported graph (:mod:`stacker.io.export`): its pipeline's."""
+        from stacker.io.export import onnx_proba
+
+        return onnx_proba(self.pipeline_, g, x, "PathLogistic pipeline")
 
     def predict(self, X):
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]

@@ -141,6 +141,12 @@ class GreedyEnsemble(_BlockCombiner):
         check_is_fitted(self, "weights_")
         return np.tensordot(self.weights_, _blocks(X, self.n_learners, len(self.classes_)), axes=1)
 
+    def onnx_proba(self, g, z):
+        """This combiner in an exported graph (:mod:`stacker.io.export`)."""
+        from stacker.io.export import weighted_blocks
+
+        return weighted_blocks(g, z, self.weights_, len(self.classes_))
+
 
 @register_combiner("logit", auto=True,
                    meaning="the coefficient of each learner's log-probability in softmax(sum w log p + b)")
@@ -227,6 +233,14 @@ class LogitStacker(_BlockCombiner):
         logP = np.log(np.clip(_blocks(X, self.n_learners, len(self.classes_)), EPS, None))
         return softmax(np.tensordot(self.weights_, logP, axes=1) + self.bias_, axis=1)
 
+    def onnx_proba(self, g, z):
+        """This combiner in an exported graph (:mod:`stacker.io.export`)."""
+        from stacker.io.export import weighted_blocks
+
+        logp = g.op("Log", g.op("Max", z, g.const(np.float32(EPS))))
+        mixed = weighted_blocks(g, logp, self.weights_, len(self.classes_))
+        return g.softmax(g.op("Add", mixed, g.const(self.bias_[None])))
+
 
 @register_combiner("mean", auto=True, meaning="equal weights: the plain average")
 class MeanClassifier(_BlockCombiner):
@@ -250,6 +264,12 @@ class MeanClassifier(_BlockCombiner):
         check_is_fitted(self, "classes_")
         return _blocks(X, self.n_learners, len(self.classes_)).mean(axis=0)
 
+    def onnx_proba(self, g, z):
+        """This combiner in an exported graph (:mod:`stacker.io.export`)."""
+        from stacker.io.export import weighted_blocks
+
+        return weighted_blocks(g, z, np.full(self.n_learners, 1.0 / self.n_learners), len(self.classes_))
+
 
 @register_combiner("best", auto=True, meaning="1 for the single learner kept, 0 for the others")
 class SingleBest(_BlockCombiner):
@@ -272,6 +292,11 @@ class SingleBest(_BlockCombiner):
     def predict_proba(self, X):
         check_is_fitted(self, "index_")
         return _blocks(X, self.n_learners, len(self.classes_))[self.index_]
+
+    def onnx_proba(self, g, z):
+        """This combiner in an exported graph (:mod:`stacker.io.export`)."""
+        k = len(self.classes_)
+        return g.columns(z, self.index_ * k, (self.index_ + 1) * k)
 
 
 @register_combiner("stack2", auto=True,
@@ -326,6 +351,14 @@ class TwoLayerStack(_BlockCombiner):
         k = len(self.classes_)
         second = [align_proba(m, m.predict_proba(X), k) for m in self.inner_]
         return self.final_.predict_proba(np.hstack([X] + second))
+
+    def onnx_proba(self, g, z):
+        """This combiner in an exported graph (:mod:`stacker.io.export`)."""
+        from stacker.io.export import aligned, onnx_proba
+
+        k = len(self.classes_)
+        second = [aligned(m, g, onnx_proba(m, g, z, f"stack2 inner {type(m).__name__}"), k) for m in self.inner_]
+        return self.final_.onnx_proba(g, g.concat([z] + second))
 
 
 @register_combiner("dense", inputs="any")

@@ -1,0 +1,217 @@
+"""The whole fitted ensemble as one ONNX file: pixels in, calibrated class probabilities out.
+
+:func:`export_onnx` writes one graph holding every backbone (the ONNX graphs stacker
+already runs on ONNX Runtime), every fold model of every level-1 learner, level 2, its
+calibration and the ``min_proba`` floor. It runs on plain ONNX Runtime: no stacker,
+TensorFlow, scikit-learn or skops. Each part declares its own ONNX form where it is
+defined, as ``onnx_proba(graph, x)`` (stacker's models and combiners); the scikit-learn
+types stacker builds on are in :data:`SKLEARN` here. A part with neither is refused by
+name (:class:`~stacker.io.onnx_builder.ExportError`), never approximated.
+
+The input contract (one input per distinct backbone input size, float32 NHWC RGB in
+0..255, resized with Pillow's bilinear resize from the upright RGB image) and the class
+names are in the file's metadata (``stacker.inputs``, ``stacker.classes``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from stacker.io.onnx_builder import ExportError, GraphBuilder
+
+__all__ = ["export_onnx", "onnx_proba", "ExportError", "SKLEARN", "read_contract"]
+
+EPS = 1e-8  # stacker.level2.arrays.EPS: probabilities are clipped to this before a log
+
+
+# -- scikit-learn parts --------------------------------------------------------------------------
+def _standard_scaler(est, g, x, part):
+    if getattr(est, "with_mean", True) and est.mean_ is not None:
+        x = g.op("Sub", x, g.const(est.mean_[None]))
+    if getattr(est, "with_std", True) and est.scale_ is not None:
+        x = g.op("Div", x, g.const(est.scale_[None]))
+    return x
+
+
+def _logistic_regression(est, g, x, part):
+    coef, intercept = np.asarray(est.coef_), np.asarray(est.intercept_)
+    if getattr(est, "multi_class", "auto") == "ovr" and coef.shape[0] > 1:
+        raise ExportError(part, "one-vs-rest logistic regression (multi_class='ovr') is not exported")
+    decision = g.matmul_add(x, coef.T, intercept, "logistic")
+    if coef.shape[0] == 1:  # binary: [1 - sigmoid(d), sigmoid(d)]
+        p1 = g.op("Sigmoid", decision)
+        return g.concat([g.op("Sub", g.const([[1.0]]), p1), p1])
+    return g.softmax(decision)
+
+
+def _pipeline(est, g, x, part):
+    for name, step in est.steps[:-1]:
+        x = transform(step, g, x, f"{part} step {name!r}")
+    return onnx_proba(est.steps[-1][1], g, x, f"{part} step {est.steps[-1][0]!r}")
+
+
+def _sklearn_table():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return {StandardScaler: ("transform", _standard_scaler), LogisticRegression: ("proba", _logistic_regression),
+            Pipeline: ("proba", _pipeline)}
+
+
+SKLEARN: dict = {}  # type -> (role, function(est, graph, x, part)); filled on first use
+
+
+def _sklearn(est, role):
+    if not SKLEARN:
+        SKLEARN.update(_sklearn_table())
+    entry = SKLEARN.get(type(est))
+    return entry[1] if entry and entry[0] == role else None
+
+
+def onnx_proba(est, g: GraphBuilder, x: str, part: str) -> str:
+    """The ONNX value of ``est.predict_proba(x)``: its own ``onnx_proba``, a :data:`SKLEARN` entry, or a refusal."""
+    own = getattr(est, "onnx_proba", None)
+    if own is not None:
+        return own(g, x)
+    convert = _sklearn(est, "proba")
+    if convert is None:
+        raise ExportError(part, f"{type(est).__module__}.{type(est).__name__} has no ONNX form")
+    return convert(est, g, x, part)
+
+
+def transform(est, g: GraphBuilder, x: str, part: str) -> str:
+    """The ONNX value of ``est.transform(x)``, likewise."""
+    own = getattr(est, "onnx_transform", None)
+    if own is not None:
+        return own(g, x)
+    convert = _sklearn(est, "transform")
+    if convert is None:
+        raise ExportError(part, f"{type(est).__module__}.{type(est).__name__} has no ONNX form")
+    return convert(est, g, x, part)
+
+
+def aligned(est, g: GraphBuilder, proba: str, k: int) -> str:
+    """``align_proba``: a model's columns placed in class-index order (a fold that lacked a class has fewer)."""
+    classes = np.asarray(getattr(est, "classes_", np.arange(k)))
+    if len(classes) == k and np.array_equal(classes, np.arange(k)):
+        return proba
+    place = np.zeros((len(classes), k), np.float32)
+    place[np.arange(len(classes)), classes.astype(int)] = 1.0
+    return g.op("MatMul", proba, g.const(place))
+
+
+def weighted_blocks(g: GraphBuilder, z: str, weights, k: int) -> str:
+    """``sum_l weights[l] * z[:, l*k:(l+1)*k]`` over the blocks of non-zero weight (level 2's linear mixes)."""
+    terms = [g.op("Mul", g.columns(z, l * k, (l + 1) * k), g.const(np.float32(w)))
+             for l, w in enumerate(np.asarray(weights, dtype=np.float64)) if w != 0]
+    out = terms[0]
+    for t in terms[1:]:
+        out = g.op("Add", out, t)
+    return out
+
+
+# -- the ensemble ----------------------------------------------------------------------------------
+def export_onnx(ens, path: str) -> dict:
+    """Write ``ens`` (fitted) to ``path`` as one ONNX graph; return its input contract and outputs.
+
+    Raises :class:`ExportError` naming the first part that ONNX cannot express exactly.
+    """
+    import onnx
+    from sklearn.utils.validation import check_is_fitted
+
+    check_is_fitted(ens, "meta_")
+    g, k = GraphBuilder(), len(ens.classes_)
+    features, contract = _backbones(ens, g)
+    probas, feats = [], []
+    for name, learner in ens.learners_.items():
+        x = features[_source_key(learner)]
+        folds = [aligned(est, g, onnx_proba(est, g, x, f"learner {name} fold {i}"), k)
+                 for i, est in enumerate(learner.fold_models_)]
+        probas.append(folds[0] if len(folds) == 1 else g.op("Mean", *folds))
+        feats.append(x)
+    z = g.concat({"proba": probas, "features": feats, "both": probas + feats}[ens.meta_inputs])
+    proba = aligned(ens.meta_.combiner, g, onnx_proba(ens.meta_.combiner, g, z, f"level 2 ({ens.meta_.name})"), k)
+    proba = calibrated(g, proba, ens.meta_.temperature, ens.meta_.floor, k)
+    out = floored(g, proba, ens.min_proba, k)
+    g.nodes.append(onnx.helper.make_node("Identity", [out], ["probabilities"], name="probabilities"))
+    output = onnx.helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, ["batch", k])
+    from stacker import __version__
+
+    meta = {"stacker.classes": json.dumps(list(map(str, ens.classes_))), "stacker.inputs": json.dumps(contract),
+            "stacker.version": __version__, "stacker.min_proba": repr(float(ens.min_proba)),
+            "stacker.learners": json.dumps(list(ens.learners_)), "stacker.level2": ens.meta_.name}
+    model = g.model([output], meta, doc="stacker ensemble: RGB pixels -> calibrated class probabilities")
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return {"inputs": contract, "classes": list(ens.classes_), "output": "probabilities"}
+
+
+def _source_key(learner):
+    return learner.source_id(learner.spec)
+
+
+def _backbones(ens, g: GraphBuilder):
+    """Every source's graph merged once, fed by the input of its size; (source -> features, the input contract)."""
+    import onnx
+
+    from stacker.features.config import EXTRACTION_OPTIONS
+
+    features, inputs = {}, {}
+    for name, learner in ens.learners_.items():
+        views = learner.views()
+        if list(views) != ["original"]:
+            raise ExportError(f"learner {name}", f"it reads the views {sorted(views)} of its {learner.kind} source, "
+                                                 "which only stacker computes (exported: pooled features of the image)")
+        key, ext = _source_key(learner), views["original"]
+        if key in features:
+            continue
+        if ext.resize != "pil":
+            raise ExportError(f"backbone {learner.spec['base']}", f"resize={ext.resize!r} runs TensorFlow's resize "
+                                                                  "inside stacker; export a model fitted with resize='pil'")
+        for option, value in (ext.options or {}).items():
+            if EXTRACTION_OPTIONS[option].pixels is not None:
+                raise ExportError(f"backbone {learner.spec['base']}", f"extraction option {option}={value!r} "
+                                                                      "transforms pixels in Python")
+        size = int(ext.size)
+        pixels = inputs.get(size)
+        if pixels is None:
+            pixels = inputs[size] = g.input(f"pixels_{size}", ["batch", size, size, 3])
+        graph = onnx.load_from_string(ext.onnx_graph())
+        (inp,) = [i.name for i in graph.graph.input if i.name not in {t.name for t in graph.graph.initializer}]
+        out = g.add_graph(graph, f"{learner.spec['base'].replace('@', '_')}/", {inp: pixels})[0]
+        if np.dtype(ext.feature_dtype) != np.float32:  # features are rounded to the cached type, as stacker does
+            out = g.op("Cast", g.op("Cast", out, to=onnx.TensorProto.FLOAT16), to=onnx.TensorProto.FLOAT)
+        features[key] = out
+    contract = [{"name": f"pixels_{s}", "shape": ["batch", s, s, 3], "dtype": "float32", "layout": "NHWC, RGB",
+                 "range": "0..255", "resize": f"PIL: Image.open(f).convert('RGB') (EXIF-upright), "
+                                              f".resize(({s}, {s}), Image.BILINEAR)"} for s in inputs]
+    return features, contract
+
+
+def calibrated(g: GraphBuilder, proba: str, temperature: float, floor: float, k: int) -> str:
+    """``stacker.level2.calibration.calibrate``: softmax(log(clip(p)) / T), then mixed with ``floor`` of uniform."""
+    if temperature != 1.0:
+        logp = g.op("Log", g.op("Max", proba, g.const(np.float32(EPS))))
+        proba = g.softmax(g.op("Div", logp, g.const(np.float32(temperature))))
+    if floor:
+        proba = g.op("Add", g.op("Mul", proba, g.const(np.float32(1 - floor))), g.const(np.float32(floor / k)))
+    return proba
+
+
+def floored(g: GraphBuilder, proba: str, min_proba: float, k: int) -> str:
+    """``with_min_proba``: ``(1 - k m) p + m``."""
+    if not min_proba:
+        return proba
+    return g.op("Add", g.op("Mul", proba, g.const(np.float32(1 - k * min_proba))), g.const(np.float32(min_proba)))
+
+
+def read_contract(path: str) -> dict:
+    """The classes and inputs an exported file declares (its metadata), read with ``onnx`` only."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    return {"classes": json.loads(meta["stacker.classes"]), "inputs": json.loads(meta["stacker.inputs"])}

@@ -162,6 +162,9 @@ def _backbones(ens, g: GraphBuilder):
     features, inputs = {}, {}
     for name, learner in ens.learners_.items():
         views = learner.views()
+        if learner.kind != "frozen":
+            raise ExportError(f"learner {name}", f"the {learner.kind!r} kind is not exported (only learners on a "
+                                                 "frozen backbone's pooled features are)")
         if list(views) != ["original"]:
             raise ExportError(f"learner {name}", f"it reads the views {sorted(views)} of its {learner.kind} source, "
                                                  "which only stacker computes (exported: pooled features of the image)")

@@ -157,6 +157,23 @@ def test_the_exported_file_gives_stackers_probabilities_without_importing_stacke
     exported, expected = np.load(tmp_path / "out.npy"), ens.predict_proba(images)
     assert np.abs(exported - expected).max() < 1e-4
     assert not np.allclose(expected, expected[:1])  # the images get different answers: the test can see errors
+    if len(sizes) > 1:  # the README's script, as written there, on one of the images saved as a file
+        from PIL import Image
+
+        Image.fromarray(images[0]).save(tmp_path / "photo.png")
+        proc = subprocess.run([sys.executable, "-c", _readme_script(), str(tmp_path / "photo.png")], cwd=str(tmp_path),
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        shown = eval(proc.stdout.strip().replace("np.float32", ""))  # {'cat': (0.1234), ...}
+        assert list(shown) == ["cat", "dog", "owl"] and np.allclose(list(shown.values()), expected[0], atol=1e-4)
+
+
+def _readme_script() -> str:
+    from conftest import REPO
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    return text.split("### One ONNX file", 1)[1].split("```python", 1)[1].split("```", 1)[0]
 
 
 def test_export_refuses_a_model_with_a_part_onnx_cannot_express(three_classes, tmp_path, capsys):

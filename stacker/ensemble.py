@@ -11,6 +11,7 @@ saving and loading are :mod:`stacker.io.model_dir`'s, input coercion :mod:`stack
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 
@@ -223,6 +224,33 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         self.pseudo_labels_ = None if pool is None else _pseudo().fit_rounds(self, inputs, data, pool, images_fp, timings)
         self._record(data, timings)
         return self
+
+    def _refit_with_rows(self, inputs, extra, labels, weights, fold_rows, data, images_fp, timings, timing_key,
+                         base_weights=None) -> None:
+        """Refit every learner with extra training rows, then level 2 (pseudo-labels, distillation).
+
+        ``extra``: (source id, view) -> the extra rows' inputs; ``labels`` and ``weights`` theirs;
+        ``fold_rows[i]``: which extra rows fold ``i``'s model trains on (none is ever a validation
+        row). ``base_weights``: the training images' weights in these fits (default: ``sample_weight_``,
+        else 1). Out-of-fold outputs, level 2 and every score stay on the training images.
+        """
+        n, k = len(self.y_), len(self.classes_)
+        base = base_weights if base_weights is not None else (
+            np.ones(n) if self.sample_weight_ is None else self.sample_weight_)
+        y_ext, w_ext = np.concatenate([self.y_, labels]), np.concatenate([base, weights])
+        folds = [(np.concatenate([tr, n + fold_rows[i]]), va) for i, (tr, va) in enumerate(self.folds_)]
+        ext = {sid: np.concatenate([inputs[sid], extra[sid]]) for sid in inputs}
+        learners = {}
+        for name, old in self.learners_.items():
+            t0 = time.perf_counter()
+            lr = learners[name] = copy.copy(old)  # the same spec, source and settings; new fitted state
+            lr.fit_oof(self._inputs_of(lr, ext), y_ext, folds, k, data, images_fp, None, w_ext)
+            lr.arrays_ = {a: v[:n] for a, v in lr.arrays_.items()}  # extra rows have no out-of-fold output
+            lr.oof_proba_ = lr.arrays_["oof_proba"]
+            timings[name][timing_key] = timings[name].get(timing_key, 0.0) + time.perf_counter() - t0
+        self.learners_ = learners
+        self.oof_proba_ = {name: lr.oof_proba_ for name, lr in learners.items()}
+        self._fit_level2(inputs, self.y_, k, timings)
 
     def _make_learners(self, specs, n_images: int) -> dict:
         """One learner per spec, sharing sources; out of core (decided here, once) when the sizes call for it."""

@@ -17,7 +17,6 @@ the pool's images are extracted once, the refits run no forward pass.
 
 from __future__ import annotations
 
-import copy
 import time
 
 import numpy as np
@@ -68,7 +67,7 @@ def fit_rounds(ens, inputs: dict, data, pool, images_fp: str, timings: dict) -> 
     """
     t0 = time.perf_counter()
     opts = options(ens.pseudo_labels)
-    pool_inputs, used, notes = _pool_inputs(ens, data, pool)
+    pool_inputs, used, notes = pool_rows(ens, data, pool)
     y, k, w = ens.y_, len(ens.classes_), ens.sample_weight_
     best_ll, best_proba = score(y, ens.meta_oof_proba_, k, w)["log_loss"], ens.meta_oof_proba_
     summary = {"pool": len(pool), "used": len(used), **notes, "options": opts, "log_loss_before": best_ll,
@@ -83,7 +82,8 @@ def fit_rounds(ens, inputs: dict, data, pool, images_fp: str, timings: dict) -> 
         last_rows = fold_rows
         round_fp = stable_hash([images_fp, [used[i] for i in rows], labels.tolist(),
                                 [f.tolist() for f in fold_rows], opts])
-        _refit(ens, inputs, pool_inputs, rows, labels, weights, fold_rows, data, round_fp, timings)
+        extra = {sid: pool_inputs[sid][rows] for sid in pool_inputs}
+        ens._refit_with_rows(inputs, extra, labels, weights, fold_rows, data, round_fp, timings, "pseudo_train_s")
         ll = score(y, ens.meta_oof_proba_, k, w)["log_loss"]
         gain, se = paired_gain(y, best_proba, ens.meta_oof_proba_, w)
         kept = gain > se
@@ -118,7 +118,7 @@ def paired_gain(y, before, after, sample_weight=None) -> tuple[float, float]:
     return gain, se
 
 
-def _pool_inputs(ens, data, pool):
+def pool_rows(ens, data, pool):
     """The pool's cached inputs per (source id, view), the usable pool paths, and what was left out and why.
 
     Pool images whose bytes are those of a training image add nothing and are left out.
@@ -175,26 +175,6 @@ def select(teacher: np.ndarray, y, folds, opts: dict):
     weights = opts["weight"] * conf_sum / np.bincount(row_of, minlength=len(pairs))
     fold_rows = [np.sort(row_of[fold_of == i]) for i in range(n_folds)]
     return rows, labels, weights, fold_rows
-
-
-def _refit(ens, inputs, pool_inputs, rows, labels, weights, fold_rows, data, round_fp, timings) -> None:
-    """Every learner refitted on its folds' labelled rows plus their pseudo-labelled ones, then level 2."""
-    n, k = len(ens.y_), len(ens.classes_)
-    y_ext = np.concatenate([ens.y_, labels])
-    w_ext = np.concatenate([np.ones(n) if ens.sample_weight_ is None else ens.sample_weight_, weights])
-    folds = [(np.concatenate([tr, n + fold_rows[i]]), va) for i, (tr, va) in enumerate(ens.folds_)]
-    ext = {sid: np.concatenate([inputs[sid], pool_inputs[sid][rows]]) for sid in inputs}
-    learners = {}
-    for name, old in ens.learners_.items():
-        t0 = time.perf_counter()
-        lr = learners[name] = copy.copy(old)  # the same spec, source and settings; new fitted state
-        lr.fit_oof(ens._inputs_of(lr, ext), y_ext, folds, k, data, round_fp, None, w_ext)
-        lr.arrays_ = {a: v[:n] for a, v in lr.arrays_.items()}  # pseudo-labelled rows have no out-of-fold output
-        lr.oof_proba_ = lr.arrays_["oof_proba"]
-        timings[name]["pseudo_train_s"] = timings[name].get("pseudo_train_s", 0.0) + time.perf_counter() - t0
-    ens.learners_ = learners
-    ens.oof_proba_ = {name: lr.oof_proba_ for name, lr in learners.items()}
-    ens._fit_level2(inputs, ens.y_, k, timings)
 
 
 def _snapshot(ens, timings) -> dict:

@@ -166,6 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, ("cache", "trust"))
     _add_common(p)
 
+    p = _command(sub, "distill", "train one backbone on a saved ensemble's out-of-fold probabilities",
+                 "The student is a normal saved model (predict, report, export) on one backbone: fitted on the\n"
+                 "hard labels, then on the teacher's out-of-fold soft targets (and its predictions for\n"
+                 "--unlabeled images). Its leaderboard compares it with the teacher and its hard-label self.")
+    p.add_argument("model", help="the teacher: a saved ensemble")
+    p.add_argument("data", help="the teacher's training images (class folders, label.id.jpg files or a CSV)")
+    p.add_argument("--backbone", required=True, help="the student's backbone (a registered name, name@size)")
+    p.add_argument("--out", required=True, help="directory for the saved student")
+    p.add_argument("--unlabeled", metavar="FOLDER", default=None, help="unlabelled images taught with the teacher's "
+                                                                       "predictions")
+    p.add_argument("--hard-weight", type=float, default=0.0, metavar="A",
+                   help="share of each image's weight on its own label, the rest on the soft targets "
+                        "(default: %(default)s)")
+    p.add_argument("--merge-labels", action="store_true", help="merge labels that differ only in case or spaces")
+    add_options(p, ("models", "weights", "image_size", "batch_size", "feature_dtype", "cache", "weights_dir",
+                    "on_bad_image", "resize", "engine", "trust", "device"), defaults={"models": "logistic"})
+    _add_common(p)
+
     p = _command(sub, "top5", "ImageNet top-5 classes of images",
                  "Needs the backbone's ImageNet classifier: the with-top weights, not the headless file "
                  "feature extraction uses.")
@@ -391,6 +409,28 @@ def cmd_export(args, out) -> int:
     return 0
 
 
+def cmd_distill(args, out) -> int:
+    from stacker.app.options import extraction_params
+    from stacker.data.sources import load_images
+    from stacker.distill import distill
+    from stacker.ensemble import Ensemble
+    from stacker.io.model_dir import check_output_dir
+
+    check_output_dir(args.out, option="--out")
+    teacher = Ensemble.load(args.model, trusted=args.trust, cache_dir=args.cache, verbose=0)
+    models = args.models.split(",") if "," in args.models else args.models
+    student = distill(teacher, load_images(args.data, merge_labels=args.merge_labels), args.backbone,
+                      unlabeled=args.unlabeled, models=models, hard_weight=args.hard_weight,
+                      device=args.device, verbose=0 if args.quiet else 1, **extraction_params(args))
+    student.save(args.out)
+    print(student.leaderboard(), file=out)
+    from stacker.app.report import report
+
+    print(f"report: {report(args.out)}", file=out)
+    print(f"saved the student to {args.out}", file=out)
+    return 0
+
+
 def cmd_top5(args, out) -> int:
     from stacker.app.options import weights_arg
     from stacker.backbones.pretrained import top_k
@@ -510,7 +550,8 @@ def _confirm_remove_all(args, doomed) -> bool:
 
 
 COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "submit": cmd_submit,
-            "report": cmd_report, "doctor": cmd_doctor, "export": cmd_export, "top5": cmd_top5, "extract": cmd_extract,
+            "report": cmd_report, "doctor": cmd_doctor, "export": cmd_export, "distill": cmd_distill,
+            "top5": cmd_top5, "extract": cmd_extract,
             "cache": cmd_cache}
 
 

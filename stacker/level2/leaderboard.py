@@ -28,6 +28,10 @@ def format_leaderboard(scores: dict) -> str:
         from stacker.pseudo_labels import summary_line
 
         lines.append(summary_line(ens["pseudo_labels"]))
+    if ens.get("distilled"):
+        from stacker.distill import summary_line as distilled_line
+
+        lines.append(distilled_line(ens["distilled"]))
     if ens.get("combiner"):
         lines.append(f"level 2: {ens['combiner']} (temperature {ens.get('temperature', 1.0):.3f}, "
                      f"floor {ens.get('floor', 0.0):.4f}); cross-validated log loss of each candidate:")

@@ -1,0 +1,155 @@
+"""Distillation: one backbone taught by the whole ensemble, at one backbone's prediction cost.
+
+:func:`distill` fits a *student*, a normal :class:`stacker.Ensemble` on one backbone (by
+default its logistic learner on cached pooled features, calibrated), first on the hard
+labels, then again on the teacher's soft targets: each training image's out-of-fold
+probabilities from the teacher (``meta_oof_proba_``, never an in-sample prediction), as
+one weighted row per class it gives at least ``min_target`` (weighted log loss on such
+rows is the cross-entropy with the soft targets); ``hard_weight`` of each image's weight
+stays on its label. Unlabelled images add rows with the teacher's predicted probabilities.
+Every feature comes from the cache: the student's backbone is extracted once, the refit
+runs no forward pass.
+
+The student's out-of-fold scores are on the hard labels of the training images, as the
+teacher's are; they lean slightly optimistic, since an image's soft target in one fold
+came from teacher models that saw the others. A held-out set is the fair comparison
+(``benchmarks/distill.py``). The result is saved, reported and exported like any model;
+``scores_["ensemble"]["distilled"]`` compares it with the teacher and with its hard-label self.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from stacker.features.layout import stable_hash
+
+__all__ = ["distill", "soft_rows", "summary_line"]
+
+
+def distill(teacher, images, backbone="efficientnet_lite0", *, unlabeled=None, models=("logistic",),
+            hard_weight=0.0, min_target=1e-3, **params):
+    """Fit one backbone on ``teacher``'s out-of-fold soft targets; a fitted :class:`stacker.Ensemble`.
+
+    Parameters
+    ----------
+    teacher : Ensemble
+        Fitted (or loaded); its training images must include every image of ``images``.
+    images : ImageSet, folder or CSV path
+        The teacher's training images (or some of them), labelled.
+    backbone : str or dict
+        The student's one backbone entry (as in ``Ensemble(backbones=...)``).
+    unlabeled : ImageSet, folder or CSV path, optional
+        More images, taught with the teacher's predictions.
+    models : str or list
+        The student's models on that backbone (default: the logistic learner alone).
+    hard_weight : float in [0, 1]
+        Share of each training image's weight on its own label; the rest follows the soft targets.
+    min_target : float
+        Soft-target probabilities below this get no row.
+    **params
+        Other :class:`stacker.Ensemble` parameters of the student (``cache_dir``, ``weights_dir``,
+        ``verbose``...); ``cv`` and ``random_state`` default to the teacher's.
+    """
+    from sklearn.utils.validation import check_is_fitted
+
+    from stacker.data.sources import file_fingerprints, load_images
+    from stacker.ensemble import Ensemble
+
+    check_is_fitted(teacher, "meta_oof_proba_")
+    if not 0 <= hard_weight <= 1:
+        raise ValueError(f"hard_weight must be in [0, 1], got {hard_weight!r}")
+    data = load_images(images)
+    params = {"cv": teacher.cv, "random_state": teacher.random_state, "meta": "best", **params}
+    student = Ensemble([backbone], models=models, **params)
+    student.fit(data)  # the hard-label student: its scores are the baseline
+    hard = {k: student.scores_["ensemble"][k] for k in ("accuracy", "log_loss")}
+    inputs, data, timings = student._extract_training(data)  # from the cache: no forward pass
+    targets = _teacher_targets(teacher, student)
+    base, extra_of, labels, weights = soft_rows(targets, student.y_, hard_weight, min_target)
+    fold_of = np.empty(len(student.y_), dtype=np.int64)
+    for f, (_, va) in enumerate(student.folds_):
+        fold_of[va] = f
+    fold_rows = [np.flatnonzero(fold_of[extra_of] != f) for f in range(len(student.folds_))]
+    extra = {sid: v[extra_of] for sid, v in inputs.items()}
+    pool_note = None
+    if unlabeled is not None:
+        extra, labels, weights, fold_rows, pool_note = _with_pool(teacher, student, data, unlabeled, extra, labels,
+                                                                  weights, fold_rows, min_target)
+    images_fp = stable_hash([file_fingerprints(data.paths, student.cache_dir), data.labels, "distill",
+                             hash_array(targets), hard_weight, min_target, pool_note])
+    student._refit_with_rows(inputs, extra, labels, weights, fold_rows, data, images_fp, timings, "distill_train_s",
+                             base_weights=base)
+    student._record(data, timings)
+    student.scores_["ensemble"]["distilled"] = {
+        "teacher": {k: teacher.scores_["ensemble"][k] for k in ("accuracy", "log_loss")},
+        "teacher_learners": len(teacher.learners_), "hard_labels": hard,
+        "distilled": {k: student.scores_["ensemble"][k] for k in ("accuracy", "log_loss")},
+        "hard_weight": hard_weight, "soft_rows": int(len(labels)), "unlabeled": pool_note}
+    return student
+
+
+def hash_array(a) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
+
+
+def soft_rows(targets, y, hard_weight: float, min_target: float):
+    """The training rows' weights and the extra rows that carry the soft targets.
+
+    Image ``i``'s own row (its label ``y[i]``) weighs ``hard_weight + (1 - hard_weight) * T[i, y[i]]``;
+    each other class ``c`` with ``T[i, c] >= min_target`` gets a row weighing ``(1 - hard_weight) * T[i, c]``.
+    Returns ``(base weights, image of each extra row, its label, its weight)``.
+    """
+    T = np.asarray(targets, dtype=np.float64)
+    rows = np.arange(len(y))
+    base = hard_weight + (1 - hard_weight) * T[rows, y]
+    mask = T >= min_target
+    mask[rows, y] = False
+    image, label = np.nonzero(mask)
+    return base, image, label, (1 - hard_weight) * T[image, label]
+
+
+def _teacher_targets(teacher, student) -> np.ndarray:
+    """The teacher's out-of-fold probabilities of the student's training images, in their order, classes checked."""
+    if list(teacher.classes_) != list(student.classes_):
+        raise ValueError(f"the images' classes {list(student.classes_)[:10]} are not the teacher's "
+                         f"{list(teacher.classes_)[:10]}")
+    where = {os.path.abspath(str(p)): i for i, p in enumerate(teacher.train_paths_)}
+    rows = [where.get(os.path.abspath(str(p))) for p in student.train_paths_]
+    missing = [p for p, r in zip(student.train_paths_, rows) if r is None]
+    if missing:
+        raise ValueError(f"{len(missing)} images were not among the teacher's training images (e.g. {missing[0]}): "
+                         "distillation learns from the teacher's out-of-fold probabilities of its own training images")
+    rows = np.array(rows)
+    if not np.array_equal(np.asarray(teacher.y_)[rows], student.y_):
+        raise ValueError("the images' labels differ from those the teacher was fitted with")
+    return np.asarray(teacher.meta_oof_proba_)[rows]
+
+
+def _with_pool(teacher, student, data, unlabeled, extra, labels, weights, fold_rows, min_target):
+    """Extra rows for unlabelled images: one per class the teacher gives at least ``min_target``, in every fold."""
+    from stacker.ensemble import _pool
+    from stacker.pseudo_labels import pool_rows
+
+    pool = _pool(unlabeled)
+    pool_inputs, used, notes = pool_rows(student, data, pool)
+    T = teacher.predict_proba(used)
+    image, label = np.nonzero(T >= min_target)
+    start = len(labels)
+    extra = {sid: np.concatenate([extra[sid], pool_inputs[sid][image]]) for sid in extra}
+    new = np.arange(start, start + len(image))
+    fold_rows = [np.concatenate([f, new]) for f in fold_rows]
+    return (extra, np.concatenate([labels, label]), np.concatenate([weights, T[image, label]]), fold_rows,
+            {"pool": len(pool), "used": len(used), **notes, "rows": int(len(image))})
+
+
+def summary_line(s: dict) -> str:
+    """One line for the leaderboard: the student against its teacher and its hard-label self (out of fold)."""
+    pool = s.get("unlabeled")
+    return (f"distilled from a {s['teacher_learners']}-learner ensemble (out-of-fold log loss "
+            f"{s['teacher']['log_loss']:.4f}): this model {s['distilled']['log_loss']:.4f}, trained on hard labels "
+            f"{s['hard_labels']['log_loss']:.4f}" + (f"; {pool['used']} unlabelled images taught" if pool else "")
+            + " (out of fold on the same folds; a held-out set is the fair comparison)")

@@ -1,0 +1,85 @@
+"""Distillation: soft targets as weighted rows, a student that is a normal model, checked inputs."""
+
+import numpy as np
+import pytest
+
+from conftest import TINY, make_image, save_tiny_weights
+from stacker.distill import distill, soft_rows
+from stacker.ensemble import Ensemble
+from stacker.features.extractor import forward_pass_count
+
+
+def test_soft_targets_become_weighted_rows_whose_log_loss_is_the_cross_entropy():
+    T = np.array([[0.7, 0.2, 0.1], [0.0005, 0.9995, 0.0]])
+    y = np.array([0, 1])
+    base, image, label, w = soft_rows(T, y, hard_weight=0.0, min_target=1e-3)
+    assert np.allclose(base, [0.7, 0.9995]) and image.tolist() == [0, 0] and label.tolist() == [1, 2]
+    assert np.allclose(w, [0.2, 0.1])  # image 1's 0.0005 is below min_target: no row
+    # weighted log loss of a model over these rows == sum over images of the cross-entropy with T
+    P = np.array([[0.5, 0.3, 0.2], [0.1, 0.8, 0.1]])
+    rows = -(base * np.log(P[[0, 1], y])).sum() - (w * np.log(P[image, label])).sum()
+    assert rows == pytest.approx(-(np.where(T >= 1e-3, T, 0) * np.log(P)).sum())
+    base, _, _, w = soft_rows(T, y, hard_weight=0.5, min_target=1e-3)
+    assert np.allclose(base, [0.85, 0.99975]) and np.allclose(w, [0.1, 0.05])
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    rng = np.random.default_rng(3)
+    for c, colour in {"cat": (170, 90, 80), "dog": (90, 110, 170), "owl": (110, 150, 100)}.items():
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(12):
+            make_image(root / "train" / c / f"{i}.png", (np.array(colour) + rng.normal(0, 35, 3)).tolist(), seed=i)
+    weights = save_tiny_weights(root / "tiny.weights.h5")
+    backbones = [{**TINY, "weights": weights}, {**TINY, "weights": weights, "input_size": 40, "name": "tiny40"}]
+    ens = Ensemble(backbones, cv=3, cache_dir=str(root / "cache"), verbose=0).fit(str(root / "train"))
+    ens.save(str(root / "teacher"))
+    return root, weights
+
+
+def test_the_student_learns_the_teachers_soft_targets_and_is_a_normal_model(teacher, tmp_path, capsys):
+    from stacker.app.cli import main
+
+    root, weights = teacher
+    loaded = Ensemble.load(str(root / "teacher"))
+    before = forward_pass_count()
+    student = distill(loaded, str(root / "train"), {**TINY, "weights": weights}, cache_dir=str(root / "cache"),
+                      verbose=0)
+    assert forward_pass_count() == before  # the student's backbone is one of the teacher's: all cached
+    assert list(student.learners_) == ["tiny_cnn@32:logistic"] and student.classes_ == loaded.classes_
+    d = student.scores_["ensemble"]["distilled"]
+    assert d["teacher"]["log_loss"] == pytest.approx(loaded.scores_["ensemble"]["log_loss"])
+    assert d["soft_rows"] > 0 and d["distilled"]["log_loss"] != d["hard_labels"]["log_loss"]
+    hard = Ensemble([{**TINY, "weights": weights}], models=("logistic",), meta="best", cv=3,
+                    cache_dir=str(root / "cache"), verbose=0).fit(str(root / "train"))
+    assert hard.scores_["ensemble"]["log_loss"] == pytest.approx(d["hard_labels"]["log_loss"])
+    assert not np.allclose(student.oof_proba_["tiny_cnn@32:logistic"], hard.oof_proba_["tiny_cnn@32:logistic"])
+    # the soft targets pull the student towards the teacher: a lower cross-entropy with its probabilities
+    T = loaded.meta_oof_proba_
+    gap = lambda e: -(T * np.log(e.oof_proba_["tiny_cnn@32:logistic"])).sum(1).mean()  # noqa: E731
+    assert gap(student) < gap(hard)
+    # saved, loaded, exported and reported like any model; the CLI does the same
+    assert main(["distill", str(root / "teacher"), str(root / "train"), "--backbone", "tiny_cnn", "--out",
+                 str(tmp_path / "s"), "--cache", str(root / "cache"), "--weights", weights, "--image-size", "32",
+                 "--quiet"]) == 0
+    assert "distilled from a 4-learner ensemble" in capsys.readouterr().out  # the leaderboard
+    again = Ensemble.load(str(tmp_path / "s"))
+    assert "distilled from a 4-learner ensemble" in again.leaderboard()
+    assert np.allclose(again.predict_proba(str(root / "train")), student.predict_proba(str(root / "train")))
+    info = again.export_onnx(tmp_path / "s.onnx")
+    assert [i["name"] for i in info["inputs"]] == ["pixels_32"]
+
+
+def test_distill_refuses_images_the_teacher_was_not_fitted_on(teacher, tmp_path):
+    root, weights = teacher
+    other = tmp_path / "other"
+    for c in ("cat", "dog", "owl"):
+        (other / c).mkdir(parents=True)
+        for i in range(4):
+            make_image(other / c / f"{i}.png", (120, 120, 120), seed=100 + i)
+    with pytest.raises(ValueError, match="12 images were not among the teacher's training images"):
+        distill(Ensemble.load(str(root / "teacher")), str(other), {**TINY, "weights": weights}, cv=3,
+                cache_dir=str(root / "cache"), verbose=0)
+    with pytest.raises(ValueError, match="hard_weight must be in"):
+        distill(Ensemble.load(str(root / "teacher")), str(root / "train"), "tiny_cnn", hard_weight=2)

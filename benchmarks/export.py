@@ -19,7 +19,6 @@ The last line is machine-readable: ``export <name>_max_diff=... <name>_agree=...
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

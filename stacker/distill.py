@@ -80,7 +80,7 @@ def distill(teacher, images, backbone="efficientnet_lite0", *, unlabeled=None, m
     images_fp = stable_hash([file_fingerprints(data.paths, student.cache_dir), data.labels, "distill",
                              hash_array(targets), hard_weight, min_target, pool_note])
     student._refit_with_rows(inputs, extra, labels, weights, fold_rows, data, images_fp, timings, "distill_train_s",
-                             base_weights=base)
+                             base_weights=base, variant=f"distilled from a {len(teacher.learners_)}-learner ensemble")
     student._record(data, timings)
     student.scores_["ensemble"]["distilled"] = {
         "teacher": {k: teacher.scores_["ensemble"][k] for k in ("accuracy", "log_loss")},

@@ -221,18 +221,20 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
             timings[name]["train_s"] = time.perf_counter() - t0
         self.oof_proba_ = {name: lr.oof_proba_ for name, lr in self.learners_.items()}
         self._fit_level2(inputs, y, k, timings)
-        self.pseudo_labels_ = None if pool is None else _pseudo().fit_rounds(self, inputs, data, pool, images_fp, timings)
+        self.pseudo_labels_ = (None if pool is None
+                               else _pseudo().fit_rounds(self, inputs, data, pool, images_fp, timings))
         self._record(data, timings)
         return self
 
     def _refit_with_rows(self, inputs, extra, labels, weights, fold_rows, data, images_fp, timings, timing_key,
-                         base_weights=None) -> None:
+                         base_weights=None, variant=None) -> None:
         """Refit every learner with extra training rows, then level 2 (pseudo-labels, distillation).
 
         ``extra``: (source id, view) -> the extra rows' inputs; ``labels`` and ``weights`` theirs;
         ``fold_rows[i]``: which extra rows fold ``i``'s model trains on (none is ever a validation
         row). ``base_weights``: the training images' weights in these fits (default: ``sample_weight_``,
-        else 1). Out-of-fold outputs, level 2 and every score stay on the training images.
+        else 1). Out-of-fold outputs, level 2 and every score stay on the training images. ``variant``
+        names the refit in the learners' cache entries (``stacker cache ls``: "pseudo-labels", "distilled").
         """
         n, k = len(self.y_), len(self.classes_)
         base = base_weights if base_weights is not None else (
@@ -244,6 +246,7 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         for name, old in self.learners_.items():
             t0 = time.perf_counter()
             lr = learners[name] = copy.copy(old)  # the same spec, source and settings; new fitted state
+            lr.variant = variant
             lr.fit_oof(self._inputs_of(lr, ext), y_ext, folds, k, data, images_fp, None, w_ext)
             lr.arrays_ = {a: v[:n] for a, v in lr.arrays_.items()}  # extra rows have no out-of-fold output
             lr.oof_proba_ = lr.arrays_["oof_proba"]

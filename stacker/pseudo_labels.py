@@ -83,7 +83,8 @@ def fit_rounds(ens, inputs: dict, data, pool, images_fp: str, timings: dict) -> 
         round_fp = stable_hash([images_fp, [used[i] for i in rows], labels.tolist(),
                                 [f.tolist() for f in fold_rows], opts])
         extra = {sid: pool_inputs[sid][rows] for sid in pool_inputs}
-        ens._refit_with_rows(inputs, extra, labels, weights, fold_rows, data, round_fp, timings, "pseudo_train_s")
+        ens._refit_with_rows(inputs, extra, labels, weights, fold_rows, data, round_fp, timings, "pseudo_train_s",
+                             variant=f"pseudo-labels, round {r + 1}")
         ll = score(y, ens.meta_oof_proba_, k, w)["log_loss"]
         gain, se = paired_gain(y, best_proba, ens.meta_oof_proba_, w)
         kept = gain > se

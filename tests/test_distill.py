@@ -64,6 +64,8 @@ def test_the_student_learns_the_teachers_soft_targets_and_is_a_normal_model(teac
                  str(tmp_path / "s"), "--cache", str(root / "cache"), "--weights", weights, "--image-size", "32",
                  "--quiet"]) == 0
     assert "distilled from a 4-learner ensemble" in capsys.readouterr().out  # the leaderboard
+    assert main(["cache", "ls", "--cache", str(root / "cache")]) == 0
+    assert "tiny_cnn@32:logistic (distilled from a 4-learner ensemble)" in capsys.readouterr().out
     again = Ensemble.load(str(tmp_path / "s"))
     assert "distilled from a 4-learner ensemble" in again.leaderboard()
     assert np.allclose(again.predict_proba(str(root / "train")), student.predict_proba(str(root / "train")))

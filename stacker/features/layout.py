@@ -297,7 +297,8 @@ def _scan_results(folder: str, ctx: ScanContext, kind: str) -> list[Artefact]:
         else:
             state = "stale" if ctx.stale(meta.get("code", {})) else "current"
             fold = re.search(r"-fold(\d+)$", name)
-            detail = str(meta.get("learner")) + (f", fold {int(fold.group(1)) + 1}" if fold and kind == "folds" else "")
+            detail = (str(meta.get("learner")) + (f" ({meta['variant']})" if meta.get("variant") else "")
+                      + (f", fold {int(fold.group(1)) + 1}" if fold and kind == "folds" else ""))
         data = (meta or {}).get("data")
         out.append(Artefact.at(kind, path, detail, state, (meta or {}).get("backbone"),
                                data=data[:12] if data else None, meta=meta or {}))

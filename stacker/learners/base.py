@@ -176,7 +176,8 @@ class Learner:
         parts = {**self.source.key_meta(), **self._key_extra()}
         code = {k: v for k, v in parts.items() if k.endswith("code") or k == "persist"}
         return {"backbone": self.spec["backbone"], "learner": self.name, "learner_key": getattr(self, "key_", None),
-                "data": getattr(self, "images_fp_", None), "code": {**code, "stacker": __version__}}
+                "data": getattr(self, "images_fp_", None), "code": {**code, "stacker": __version__},
+                **({"variant": self.variant} if getattr(self, "variant", None) else {})}
 
     # -- fitting ----------------------------------------------------------------------
     def fit_oof(self, inputs: dict, y, folds, k: int, data, images_fp: str, run_folds=None,

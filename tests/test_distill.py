@@ -38,6 +38,7 @@ def teacher(tmp_path_factory):
     return root, weights
 
 
+@pytest.mark.slow
 def test_the_student_learns_the_teachers_soft_targets_and_is_a_normal_model(teacher, tmp_path, capsys):
     from stacker.app.cli import main
 
@@ -73,6 +74,7 @@ def test_the_student_learns_the_teachers_soft_targets_and_is_a_normal_model(teac
     assert [i["name"] for i in info["inputs"]] == ["pixels_32"]
 
 
+@pytest.mark.slow
 def test_distill_refuses_images_the_teacher_was_not_fitted_on(teacher, tmp_path):
     root, weights = teacher
     other = tmp_path / "other"

@@ -71,6 +71,7 @@ def _ensemble(noise_labels, **params):
     return Ensemble([{**TINY, "weights": weights}], cv=3, cache_dir=str(cache), verbose=0, **params)
 
 
+@pytest.mark.slow
 def test_pseudo_labels_never_carry_a_folds_labels_into_its_own_training(noise_labels, monkeypatch):
     """Near copies of the labelled images as the pool: a teacher that saw all labels would hand every fold its
     own validation labels back (out-of-fold accuracy near 1 on labels that are noise). Each fold's teacher
@@ -101,6 +102,7 @@ def test_pseudo_labels_never_carry_a_folds_labels_into_its_own_training(noise_la
     assert accuracy_of_round_1() < 0.85 < 0.9 < accuracy_of_round_1(one_teacher)
 
 
+@pytest.mark.slow
 def test_a_round_that_helps_is_kept_saved_and_loaded(noise_labels, monkeypatch, tmp_path):
     """Pool labels that agree with the images (here: planted, as a perfect teacher would give them) lower the
     out-of-fold loss; the round is kept, said, saved and predicted with after loading."""
@@ -139,6 +141,7 @@ def test_pseudo_labels_are_refused_where_weights_cannot_go(noise_labels, tmp_pat
     assert forward_pass_count() == before
 
 
+@pytest.mark.slow
 def test_cli_fit_unlabeled(noise_labels, tmp_path, capsys):
     from stacker.app.cli import main
 

@@ -118,6 +118,11 @@ class StreamingLogistic(ClassifierMixin, BaseEstimator):
     def _proba(self, rows):
         return softmax(((rows - self.mean_) / self.scale_) @ self.coef_ + self.intercept_, axis=1)
 
+    def onnx_proba(self, g, x):
+        """This model in an exported graph (:mod:`stacker.io.export`)."""
+        x = g.op("Div", g.op("Sub", x, g.const(self.mean_[None])), g.const(self.scale_[None]))
+        return g.softmax(g.matmul_add(x, self.coef_, self.intercept_, "streaming_logistic"))
+
     def predict_proba(self, X):
         check_is_fitted(self, "coef_")
         return _predict_rows(X, self._proba, len(self.classes_))

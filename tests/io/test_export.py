@@ -16,6 +16,7 @@ from stacker.ensemble import Ensemble
 from stacker.io.export import ExportError, aligned, onnx_proba
 from stacker.io.onnx_builder import GraphBuilder
 from stacker.learners.dense import DenseClassifier
+from stacker.learners.streaming import StreamingLogistic, StreamingPrototype
 from stacker.learners.zoo import PathLogistic, PrototypeClassifier
 from stacker.level2.combiners import GreedyEnsemble, LogitStacker, MeanClassifier, SingleBest, TwoLayerStack
 
@@ -51,11 +52,12 @@ def _blocks(k, L=3, n=90, seed=0):
 LEVEL1 = {"logistic": PathLogistic, "logistic-power1": lambda: PathLogistic(power=1.0),
           "prototype": PrototypeClassifier, "prototype-uncentred": lambda: PrototypeClassifier(center=False),
           "dense": lambda: DenseClassifier(hidden=(8,), batch_norm=True, dropout=0.3, epochs=3, random_state=0),
-          "pipeline": lambda: make_pipeline(StandardScaler(), LogisticRegression(C=0.5))}
+          "pipeline": lambda: make_pipeline(StandardScaler(), LogisticRegression(C=0.5)),
+          "streaming-logistic": lambda: StreamingLogistic(epochs=3), "streaming-prototype": StreamingPrototype}
 
 
 @pytest.mark.parametrize("k", [2, 3])
-@pytest.mark.parametrize("name", list(LEVEL1))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "dense" else n for n in LEVEL1])
 def test_each_level1_model_exports_its_predict_proba(name, k):
     X, y = _features(k)
     est = LEVEL1[name]().fit(X, y)
@@ -132,6 +134,7 @@ def _pixels(n, sizes, seed=0):
     return images, feeds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params", [
     {"models": ["logistic", "prototype", "dense"], "meta": "stack2", "min_proba": 0.01},
     {"models": "default", "meta": "logit", "backbones_at": (32, 40)},

@@ -53,6 +53,8 @@ def main() -> int:
     p.add_argument("--cache", default=None, help="feature cache (default: stacker's)")
     p.add_argument("--weights-dir", default=os.environ.get("STACKER_WEIGHTS_DIR", os.path.join(SHARED, "weights")))
     p.add_argument("--hard-weight", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--models", default="logistic", help="the students' models (default: %(default)s)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -71,7 +73,7 @@ def main() -> int:
     tr, te = train_test_split(np.arange(len(data)), test_size=0.2, stratify=data.y, random_state=args.seed)
     train, test = data.subset(np.sort(tr)), data.subset(np.sort(te))
     common = {"cache_dir": cache, "weights_dir": args.weights_dir, "random_state": args.seed, "verbose": 0}
-    rows, summary = [], {}
+    rows, summary, models = [], {}, tuple(args.models.split(","))
     tmp = tempfile.mkdtemp(prefix="stacker-distill-")
     t0 = time.perf_counter()
     teacher = stacker.Ensemble(list(TEACHER), cv=5, **common).fit(train)
@@ -85,19 +87,19 @@ def main() -> int:
         out = {}
         for name, kw in (("distilled", {}), ("distilled + test pool", {"unlabeled": pool})):
             t0 = time.perf_counter()
-            student = distill(teacher, train, backbone, hard_weight=args.hard_weight, **kw, **common)
+            student = distill(teacher, train, backbone, hard_weight=args.hard_weight, temperature=args.temperature, models=models, **kw, **common)
             secs = time.perf_counter() - t0
             d = student.scores_["ensemble"]["distilled"]
             if not out:  # the hard-label student is the distilled one's first fit: refit it to score it held out
-                hard = stacker.Ensemble([backbone], models=("logistic",), meta="best", cv=5, **common).fit(train)
+                hard = stacker.Ensemble([backbone], models=models, meta="best", cv=5, **common).fit(train)
                 hard.save(os.path.join(tmp, f"{backbone}-hard"))
                 h = score(test.y, hard.predict_proba(test), 2)
                 ms = latency(os.path.join(tmp, f"{backbone}-hard"), list(test.paths), args.reps)
-                rows.append((f"{backbone} hard labels", "logistic, calibrated", h, d["hard_labels"]["log_loss"], ms,
+                rows.append((f"{backbone} hard labels", f"{'+'.join(models)}, calibrated", h, d["hard_labels"]["log_loss"], ms,
                              None))
                 out["hard"] = h
             s = score(test.y, student.predict_proba(test), 2)
-            rows.append((f"{backbone} {name}", f"hard_weight={args.hard_weight}", s, d["distilled"]["log_loss"], ms,
+            rows.append((f"{backbone} {name}", f"hard_weight={args.hard_weight}, T={args.temperature}", s, d["distilled"]["log_loss"], ms,
                          secs))
             out[name] = s
         gap = out["hard"]["log_loss"] - held["log_loss"]

@@ -29,7 +29,7 @@ __all__ = ["distill", "soft_rows", "summary_line"]
 
 
 def distill(teacher, images, backbone="efficientnet_lite0", *, unlabeled=None, models=("logistic",),
-            hard_weight=0.0, min_target=1e-3, **params):
+            hard_weight=0.0, temperature=1.0, min_target=1e-3, **params):
     """Fit one backbone on ``teacher``'s out-of-fold soft targets; a fitted :class:`stacker.Ensemble`.
 
     Parameters
@@ -46,6 +46,9 @@ def distill(teacher, images, backbone="efficientnet_lite0", *, unlabeled=None, m
         The student's models on that backbone (default: the logistic learner alone).
     hard_weight : float in [0, 1]
         Share of each training image's weight on its own label; the rest follows the soft targets.
+    temperature : float
+        The teacher's probabilities are softened to ``softmax(log p / temperature)`` (Hinton et al.'s
+        distillation temperature; 1: as they are).
     min_target : float
         Soft-target probabilities below this get no row.
     **params
@@ -60,13 +63,15 @@ def distill(teacher, images, backbone="efficientnet_lite0", *, unlabeled=None, m
     check_is_fitted(teacher, "meta_oof_proba_")
     if not 0 <= hard_weight <= 1:
         raise ValueError(f"hard_weight must be in [0, 1], got {hard_weight!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
     data = load_images(images)
     params = {"cv": teacher.cv, "random_state": teacher.random_state, "meta": "best", **params}
     student = Ensemble([backbone], models=models, **params)
     student.fit(data)  # the hard-label student: its scores are the baseline
     hard = {k: student.scores_["ensemble"][k] for k in ("accuracy", "log_loss")}
     inputs, data, timings = student._extract_training(data)  # from the cache: no forward pass
-    targets = _teacher_targets(teacher, student)
+    targets = soften(_teacher_targets(teacher, student), temperature)
     base, extra_of, labels, weights = soft_rows(targets, student.y_, hard_weight, min_target)
     fold_of = np.empty(len(student.y_), dtype=np.int64)
     for f, (_, va) in enumerate(student.folds_):
@@ -76,9 +81,9 @@ def distill(teacher, images, backbone="efficientnet_lite0", *, unlabeled=None, m
     pool_note = None
     if unlabeled is not None:
         extra, labels, weights, fold_rows, pool_note = _with_pool(teacher, student, data, unlabeled, extra, labels,
-                                                                  weights, fold_rows, min_target)
+                                                                  weights, fold_rows, min_target, temperature)
     images_fp = stable_hash([file_fingerprints(data.paths, student.cache_dir), data.labels, "distill",
-                             hash_array(targets), hard_weight, min_target, pool_note])
+                             hash_array(targets), hard_weight, temperature, min_target, pool_note])
     student._refit_with_rows(inputs, extra, labels, weights, fold_rows, data, images_fp, timings, "distill_train_s",
                              base_weights=base, variant=f"distilled from a {len(teacher.learners_)}-learner ensemble")
     student._record(data, timings)
@@ -86,8 +91,17 @@ def distill(teacher, images, backbone="efficientnet_lite0", *, unlabeled=None, m
         "teacher": {k: teacher.scores_["ensemble"][k] for k in ("accuracy", "log_loss")},
         "teacher_learners": len(teacher.learners_), "hard_labels": hard,
         "distilled": {k: student.scores_["ensemble"][k] for k in ("accuracy", "log_loss")},
-        "hard_weight": hard_weight, "soft_rows": int(len(labels)), "unlabeled": pool_note}
+        "hard_weight": hard_weight, "temperature": temperature, "soft_rows": int(len(labels)), "unlabeled": pool_note}
     return student
+
+
+def soften(proba, temperature: float) -> np.ndarray:
+    """``softmax(log p / temperature)`` row by row (``proba`` itself at 1)."""
+    if temperature == 1:
+        return np.asarray(proba, dtype=np.float64)
+    z = np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-12, None)) / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
 def hash_array(a) -> str:
@@ -129,14 +143,14 @@ def _teacher_targets(teacher, student) -> np.ndarray:
     return np.asarray(teacher.meta_oof_proba_)[rows]
 
 
-def _with_pool(teacher, student, data, unlabeled, extra, labels, weights, fold_rows, min_target):
+def _with_pool(teacher, student, data, unlabeled, extra, labels, weights, fold_rows, min_target, temperature):
     """Extra rows for unlabelled images: one per class the teacher gives at least ``min_target``, in every fold."""
     from stacker.ensemble import _pool
     from stacker.pseudo_labels import pool_rows
 
     pool = _pool(unlabeled)
     pool_inputs, used, notes = pool_rows(student, data, pool)
-    T = teacher.predict_proba(used)
+    T = soften(teacher.predict_proba(used), temperature)
     image, label = np.nonzero(T >= min_target)
     start = len(labels)
     extra = {sid: np.concatenate([extra[sid], pool_inputs[sid][image]]) for sid in extra}

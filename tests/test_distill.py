@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, make_image, save_tiny_weights
-from stacker.distill import distill, soft_rows
+from stacker.distill import distill, soft_rows, soften
 from stacker.ensemble import Ensemble
 from stacker.features.extractor import forward_pass_count
 
@@ -21,6 +21,8 @@ def test_soft_targets_become_weighted_rows_whose_log_loss_is_the_cross_entropy()
     assert rows == pytest.approx(-(np.where(T >= 1e-3, T, 0) * np.log(P)).sum())
     base, _, _, w = soft_rows(T, y, hard_weight=0.5, min_target=1e-3)
     assert np.allclose(base, [0.85, 0.99975]) and np.allclose(w, [0.1, 0.05])
+    soft = soften(T[:1], 2.0)  # the distillation temperature: sqrt of the probabilities, renormalised
+    assert np.allclose(soft, np.sqrt(T[:1]) / np.sqrt(T[:1]).sum()) and np.allclose(soften(T, 1.0), T)
 
 
 @pytest.fixture(scope="module")

@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hard-weight", type=float, default=0.0, metavar="A",
                    help="share of each image's weight on its own label, the rest on the soft targets "
                         "(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="soften the teacher's probabilities to softmax(log p / T) (default: %(default)s)")
     p.add_argument("--merge-labels", action="store_true", help="merge labels that differ only in case or spaces")
     add_options(p, ("models", "weights", "image_size", "batch_size", "feature_dtype", "cache", "weights_dir",
                     "on_bad_image", "resize", "engine", "trust", "device"), defaults={"models": "logistic"})
@@ -421,6 +423,7 @@ def cmd_distill(args, out) -> int:
     models = args.models.split(",") if "," in args.models else args.models
     student = distill(teacher, load_images(args.data, merge_labels=args.merge_labels), args.backbone,
                       unlabeled=args.unlabeled, models=models, hard_weight=args.hard_weight,
+                      temperature=args.temperature,
                       device=args.device, verbose=0 if args.quiet else 1, **extraction_params(args))
     student.save(args.out)
     print(student.leaderboard(), file=out)

@@ -188,6 +188,8 @@ def exported(model: str, paths, reps: int, runs: int, onnx_path: str) -> dict:
             t = time.perf_counter()
             p_onnx = run(b)
             onnx_t.append(time.perf_counter() - t)
+            if np.isnan(p_ours).any():
+                raise RuntimeError(f"stacker.predict skipped an image of {b}")
             diff = max(diff, float(np.abs(p_ours - p_onnx).max()))
         out[n] = {"ours_ms": 1e3 * float(np.median(ours)), "onnx_ms": 1e3 * float(np.median(onnx_t)), "diff": diff}
     out["size_mib"] = os.path.getsize(onnx_path) / 2 ** 20

@@ -12,8 +12,9 @@ runs no forward pass.
 
 The student's out-of-fold scores are on the hard labels of the training images, as the
 teacher's are; they lean slightly optimistic, since an image's soft target in one fold
-came from teacher models that saw the others. A held-out set is the fair comparison
-(``benchmarks/distill.py``). The result is saved, reported and exported like any model;
+came from teacher models that saw the others, and unlabelled images are taught by the whole
+teacher in every fold (a near copy of a training image carries what the teacher learnt of
+it). A held-out set is the fair comparison (``benchmarks/distill.py``). The result is saved, reported and exported like any model;
 ``scores_["ensemble"]["distilled"]`` compares it with the teacher and with its hard-label self.
 """
 
@@ -23,7 +24,12 @@ import os
 
 import numpy as np
 
+import warnings
+
+from stacker import validation
+from stacker.data.sources import SkippedImagesWarning
 from stacker.features.layout import stable_hash
+from stacker.pseudo_labels import load_pool
 
 __all__ = ["distill", "soft_rows", "summary_line"]
 
@@ -66,11 +72,19 @@ def distill(teacher, images, backbone="efficientnet_lite0", *, unlabeled=None, m
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     data = load_images(images)
-    params = {"cv": teacher.cv, "random_state": teacher.random_state, "meta": "best", **params}
+    _teacher_rows(teacher, data.paths, data.labels)  # every image one the teacher was fitted on: before any work
+    params = {"cv": teacher.cv, "random_state": teacher.random_state, "meta": "best", "out_of_core": False, **params}
     student = Ensemble([backbone], models=models, **params)
+    validation.check_weighted(student, validation.validate(student), "soft targets (distillation)")
+    pool = None if unlabeled is None else load_pool(unlabeled)
     student.fit(data)  # the hard-label student: its scores are the baseline
     hard = {k: student.scores_["ensemble"][k] for k in ("accuracy", "log_loss")}
-    inputs, data, timings = student._extract_training(data)  # from the cache: no forward pass
+    with warnings.catch_warnings():  # the fit above said which images were skipped
+        warnings.simplefilter("ignore", SkippedImagesWarning)
+        inputs, data, timings = student._extract_training(data)  # from the cache: no forward pass
+    for name in timings:  # the first fit's extraction and training times, not this cache read's
+        timings[name].update({k: student.scores_[name][k] for k in ("extract_s", "forward_images", "s_per_image")})
+        timings[name]["train_s"] = student.scores_[name]["train_s"]
     targets = soften(_teacher_targets(teacher, student), temperature)
     base, extra_of, labels, weights = soft_rows(targets, student.y_, hard_weight, min_target)
     fold_of = np.empty(len(student.y_), dtype=np.int64)
@@ -79,13 +93,15 @@ def distill(teacher, images, backbone="efficientnet_lite0", *, unlabeled=None, m
     fold_rows = [np.flatnonzero(fold_of[extra_of] != f) for f in range(len(student.folds_))]
     extra = {sid: v[extra_of] for sid, v in inputs.items()}
     pool_note = None
-    if unlabeled is not None:
-        extra, labels, weights, fold_rows, pool_note = _with_pool(teacher, student, data, unlabeled, extra, labels,
+    if pool is not None:
+        extra, labels, weights, fold_rows, pool_note = _with_pool(teacher, student, data, pool, extra, labels,
                                                                   weights, fold_rows, min_target, temperature)
     images_fp = stable_hash([file_fingerprints(data.paths, student.cache_dir), data.labels, "distill",
                              hash_array(targets), hard_weight, temperature, min_target, pool_note])
     student._refit_with_rows(inputs, extra, labels, weights, fold_rows, data, images_fp, timings, "distill_train_s",
                              base_weights=base, variant=f"distilled from a {len(teacher.learners_)}-learner ensemble")
+    for name in student.learners_:
+        timings[name]["train_s"] += timings[name].get("distill_train_s", 0.0)
     student._record(data, timings)
     student.scores_["ensemble"]["distilled"] = {
         "teacher": {k: teacher.scores_["ensemble"][k] for k in ("accuracy", "log_loss")},
@@ -126,30 +142,39 @@ def soft_rows(targets, y, hard_weight: float, min_target: float):
     return base, image, label, (1 - hard_weight) * T[image, label]
 
 
-def _teacher_targets(teacher, student) -> np.ndarray:
-    """The teacher's out-of-fold probabilities of the student's training images, in their order, classes checked."""
-    if list(teacher.classes_) != list(student.classes_):
-        raise ValueError(f"the images' classes {list(student.classes_)[:10]} are not the teacher's "
-                         f"{list(teacher.classes_)[:10]}")
+def _teacher_rows(teacher, paths, labels) -> np.ndarray:
+    """Each image's row in the teacher's training set, its label checked; a clear error for any other image."""
     where = {os.path.abspath(str(p)): i for i, p in enumerate(teacher.train_paths_)}
-    rows = [where.get(os.path.abspath(str(p))) for p in student.train_paths_]
-    missing = [p for p, r in zip(student.train_paths_, rows) if r is None]
+    rows = [where.get(os.path.abspath(str(p))) for p in paths]
+    missing = [p for p, r in zip(paths, rows) if r is None]
     if missing:
         raise ValueError(f"{len(missing)} images were not among the teacher's training images (e.g. {missing[0]}): "
                          "distillation learns from the teacher's out-of-fold probabilities of its own training images")
-    rows = np.array(rows)
-    if not np.array_equal(np.asarray(teacher.y_)[rows], student.y_):
-        raise ValueError("the images' labels differ from those the teacher was fitted with")
+    rows = np.array(rows, dtype=np.int64)
+    names = np.asarray(teacher.classes_, dtype=object)[np.asarray(teacher.y_)[rows]]
+    wrong = [(p, a, b) for p, a, b in zip(paths, labels, names) if a != b]
+    if wrong:
+        raise ValueError(f"{len(wrong)} images have other labels than the teacher was fitted with (e.g. {wrong[0][0]}: "
+                         f"{wrong[0][1]!r}, the teacher's {wrong[0][2]!r})")
+    return rows
+
+
+def _teacher_targets(teacher, student) -> np.ndarray:
+    """The teacher's out-of-fold probabilities of the student's training images, in their order."""
+    rows = _teacher_rows(teacher, student.train_paths_, np.asarray(student.classes_, dtype=object)[student.y_])
+    if list(teacher.classes_) != list(student.classes_):  # a class every usable image of which was skipped
+        raise ValueError(f"the images' classes {list(student.classes_)[:10]} are not the teacher's "
+                         f"{list(teacher.classes_)[:10]}")
     return np.asarray(teacher.meta_oof_proba_)[rows]
 
 
-def _with_pool(teacher, student, data, unlabeled, extra, labels, weights, fold_rows, min_target, temperature):
+def _with_pool(teacher, student, data, pool, extra, labels, weights, fold_rows, min_target, temperature):
     """Extra rows for unlabelled images: one per class the teacher gives at least ``min_target``, in every fold."""
-    from stacker.ensemble import _pool
     from stacker.pseudo_labels import pool_rows
 
-    pool = _pool(unlabeled)
-    pool_inputs, used, notes = pool_rows(student, data, pool)
+    pool_inputs, used, used_fps, notes = pool_rows(student, data, pool)
+    if not used:
+        return extra, labels, weights, fold_rows, {"pool": len(pool), "used": 0, **notes, "rows": 0}
     T = soften(teacher.predict_proba(used), temperature)
     image, label = np.nonzero(T >= min_target)
     start = len(labels)
@@ -157,7 +182,7 @@ def _with_pool(teacher, student, data, unlabeled, extra, labels, weights, fold_r
     new = np.arange(start, start + len(image))
     fold_rows = [np.concatenate([f, new]) for f in fold_rows]
     return (extra, np.concatenate([labels, label]), np.concatenate([weights, T[image, label]]), fold_rows,
-            {"pool": len(pool), "used": len(used), **notes, "rows": int(len(image))})
+            {"pool": len(pool), "used": len(used), **notes, "rows": int(len(image)), "content": stable_hash(used_fps)})
 
 
 def summary_line(s: dict) -> str:

@@ -191,7 +191,9 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         self.classes_ = list(data.classes)
         check_min_proba(self.min_proba, len(self.classes_))  # before hours of training, not after
         weighted = self.class_weight is not None or sample_weight is not None
-        pool = None if unlabeled is None else _pool(unlabeled)
+        pool = None if unlabeled is None else _pseudo().load_pool(unlabeled)
+        if pool is not None:
+            _pseudo().check_combiners(self)
         if weighted or pool is not None:  # every weight checked, and every learner able to take them, before any work
             validation.check_weighted(self, specs, "pseudo-labels (unlabeled=)" if not weighted else None)
         if weighted:
@@ -204,6 +206,7 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
             raise ValueError(f"{'class_weight and sample_weight are' if weighted else 'pseudo-labels (unlabeled=) are'}"
                              " not supported out of core (the streaming models take no weights); use out_of_core=False")
         inputs, data, timings = self._extract_training(data)
+        pooled = None if pool is None else _pseudo().pool_rows(self, data, pool)  # unusable pool files: before training
         self.sample_weight_ = None if not weighted else validation.training_weights(
             data, self.class_weight, None if sample_weight is None else {str(p): sample_weight[str(p)] for p in data.paths})
         self._weights_note = validation.weights_note(self.class_weight, sample_weight)
@@ -222,7 +225,7 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         self.oof_proba_ = {name: lr.oof_proba_ for name, lr in self.learners_.items()}
         self._fit_level2(inputs, y, k, timings)
         self.pseudo_labels_ = (None if pool is None
-                               else _pseudo().fit_rounds(self, inputs, data, pool, images_fp, timings))
+                               else _pseudo().fit_rounds(self, inputs, data, pool, pooled, images_fp, timings))
         self._record(data, timings)
         return self
 
@@ -548,14 +551,6 @@ def _sources_of(learners: dict) -> dict:
         for view, ext in learner.views().items():
             sources.setdefault((learner.source_id(learner.spec), view), ext)
     return sources
-
-
-def _pool(unlabeled):
-    """The unlabelled pool as an ImageSet (its labels, if any, unused); an empty one is an error."""
-    pool = load_images(unlabeled) if not hasattr(unlabeled, "paths") else unlabeled
-    if not len(pool):
-        raise ValueError(f"unlabeled={unlabeled!r} holds no images")
-    return pool
 
 
 def _pseudo():

@@ -25,7 +25,7 @@ from stacker.features.layout import stable_hash
 from stacker.level2.arrays import meta_matrix, score
 from stacker.params import Param
 
-__all__ = ["PARAM", "DEFAULTS", "options", "fit_rounds", "fold_teacher", "select", "paired_gain", "summary_line"]
+__all__ = ["PARAM", "DEFAULTS", "options", "load_pool", "check_combiners", "pool_rows", "fit_rounds", "fold_teacher", "select", "paired_gain", "summary_line"]
 
 DEFAULTS = {"rounds": 2, "min_confidence": 0.95, "max_share": 1.0, "weight": 1.0}
 _FITTED = ("learners_", "oof_proba_", "meta_", "meta_oof_proba_", "level2_scores_", "meta_importance_", "_meta_dims")
@@ -41,7 +41,7 @@ def _valid(value) -> bool:
     return (isinstance(v["rounds"], (int, np.integer)) and not isinstance(v["rounds"], bool) and v["rounds"] >= 1
             and all(isinstance(v[n], number) and not isinstance(v[n], bool)
                     for n in ("min_confidence", "max_share", "weight"))
-            and 0 < v["min_confidence"] <= 1 and v["max_share"] > 0 and v["weight"] > 0)
+            and 0 < v["min_confidence"] <= 1 and 0 < v["max_share"] < np.inf and 0 < v["weight"] < np.inf)
 
 
 PARAM = Param("pseudo_labels", None, "dict, optional\n    How ``fit(..., unlabeled=)`` pseudo-labels "
@@ -50,8 +50,8 @@ PARAM = Param("pseudo_labels", None, "dict, optional\n    How ``fit(..., unlabel
               "this),\n    ``max_share`` (1.0: at most this many pseudo-labelled images per labelled image\n    of "
               "each class in a fold, the most confident first), ``weight`` (1.0: a\n    pseudo-labelled image weighs "
               "this times its confidence; a labelled one 1).", _valid,
-              "None or a dict with keys among rounds (int >= 1), min_confidence (0 < c <= 1), max_share (> 0), "
-              "weight (> 0)")
+              "None or a dict with keys among rounds (int >= 1), min_confidence (0 < c <= 1), max_share (finite, > 0), "
+              "weight (finite, > 0)")
 
 
 def options(value) -> dict:
@@ -59,39 +59,77 @@ def options(value) -> dict:
     return {**DEFAULTS, **(value or {})}
 
 
-def fit_rounds(ens, inputs: dict, data, pool, images_fp: str, timings: dict) -> dict:
+def load_pool(unlabeled):
+    """The unlabelled pool as an ImageSet (its labels, if any, unused): a folder, a CSV, a list of image paths or an
+    ImageSet; an empty one is an error."""
+    from stacker.data.sources import ImageSet, load_images
+
+    if isinstance(unlabeled, (list, tuple)):
+        paths = [str(p) for p in unlabeled]
+        pool = ImageSet(paths, paths)
+    else:
+        pool = unlabeled if hasattr(unlabeled, "paths") else load_images(unlabeled)
+    if not len(pool):
+        raise ValueError(f"unlabeled={unlabeled!r} holds no images")
+    return pool
+
+
+def check_combiners(ens) -> None:
+    """Pseudo-labels need a level 2 of probability-block combiners (a handful of weights), refused otherwise.
+
+    Fold ``i``'s teacher is fold ``i``'s level-1 models under the one level 2 fitted on every
+    out-of-fold row: harmless for weights over the learners' probabilities, a leak of fold
+    ``i``'s labels for a combiner that reads features or fits a model on all columns.
+    """
+    from stacker.level2.registry import combiner_names, probability_combiners
+
+    blocks = set(probability_combiners())
+    other = [m if isinstance(m, str) else type(m).__name__ for m in combiner_names(ens.meta)
+             if not (isinstance(m, str) and m in blocks)]
+    if ens.meta_inputs != "proba" or other:
+        raise ValueError("pseudo-labels (unlabeled=) need level-2 combiners of the learners' probabilities "
+                         f"(meta_inputs='proba', meta among {sorted(blocks)}); got meta_inputs="
+                         f"{ens.meta_inputs!r}" + (f", meta {other}" if other else "")
+                         + ": a combiner fitted on every row would hand each fold its own labels back")
+
+
+def fit_rounds(ens, inputs: dict, data, pool, pooled, images_fp: str, timings: dict) -> dict:
     """Refit ``ens`` (fitted on ``data``) with pseudo-labelled ``pool`` images while that lowers its out-of-fold loss.
 
-    ``inputs``: the labelled images' cached inputs, (source id, view) -> rows. Returns the
-    summary kept in ``scores_["ensemble"]["pseudo_labels"]``.
+    ``inputs``: the labelled images' cached inputs, (source id, view) -> rows; ``pooled``:
+    :func:`pool_rows`' result for ``pool``. Returns the summary kept in
+    ``scores_["ensemble"]["pseudo_labels"]``.
     """
     t0 = time.perf_counter()
     opts = options(ens.pseudo_labels)
-    pool_inputs, used, notes = pool_rows(ens, data, pool)
+    pool_inputs, used, used_fps, notes = pooled
     y, k, w = ens.y_, len(ens.classes_), ens.sample_weight_
     best_ll, best_proba = score(y, ens.meta_oof_proba_, k, w)["log_loss"], ens.meta_oof_proba_
     summary = {"pool": len(pool), "used": len(used), **notes, "options": opts, "log_loss_before": best_ll,
                "rounds": [], "kept_rounds": 0}
-    best, last_rows = _snapshot(ens, timings), None
-    for r in range(opts["rounds"]):
+    best, last = _snapshot(ens, timings), None
+    for r in range(opts["rounds"] if used else 0):
         teacher = fold_teacher(ens, pool_inputs)
         rows, labels, weights, fold_rows = select(teacher, y, ens.folds_, opts)
-        if last_rows is not None and all(np.array_equal(a, b) for a, b in zip(fold_rows, last_rows)):
-            summary["rounds"].append({"round": r + 1, "images": int(len(np.unique(rows))), "same": True})
-            break  # the same selection would refit the same models
-        last_rows = fold_rows
-        round_fp = stable_hash([images_fp, [used[i] for i in rows], labels.tolist(),
-                                [f.tolist() for f in fold_rows], opts])
+        chosen = [sorted(zip(rows[f].tolist(), labels[f].tolist())) for f in fold_rows]
+        n_images = int(len(np.unique(rows)))
+        if not n_images or chosen == last:  # nothing to add, or the same rows would refit the same models
+            summary["rounds"].append({"round": r + 1, "images": n_images, "same": bool(n_images)})
+            ens._log(f"pseudo-labels round {r + 1}: " + ("the same images and labels as the round before"
+                     if n_images else f"no unlabelled image reached min_confidence={opts['min_confidence']}"))
+            break
+        last = chosen
+        round_fp = stable_hash([images_fp, [used_fps[i] for i in rows], labels.tolist(), chosen, opts])
         extra = {sid: pool_inputs[sid][rows] for sid in pool_inputs}
         ens._refit_with_rows(inputs, extra, labels, weights, fold_rows, data, round_fp, timings, "pseudo_train_s",
                              variant=f"pseudo-labels, round {r + 1}")
         ll = score(y, ens.meta_oof_proba_, k, w)["log_loss"]
         gain, se = paired_gain(y, best_proba, ens.meta_oof_proba_, w)
         kept = gain > se
-        summary["rounds"].append({"round": r + 1, "images": int(len(np.unique(rows))),
+        summary["rounds"].append({"round": r + 1, "images": n_images,
                                   "per_fold": [int(len(f)) for f in fold_rows], "log_loss": ll, "gain": gain,
                                   "standard_error": se, "kept": bool(kept)})
-        ens._log(f"pseudo-labels round {r + 1}: {len(np.unique(rows))} of {len(used)} unlabelled images, "
+        ens._log(f"pseudo-labels round {r + 1}: {n_images} of {len(used)} usable unlabelled images, "
                  f"out-of-fold log loss {best_ll:.4f} -> {ll:.4f}"
                  + ("" if kept else f" (not lower by more than its standard error {se:.4f}: not kept)"))
         if not kept:
@@ -99,7 +137,10 @@ def fit_rounds(ens, inputs: dict, data, pool, images_fp: str, timings: dict) -> 
             break
         best, best_ll, best_proba, summary["kept_rounds"] = _snapshot(ens, timings), ll, ens.meta_oof_proba_, r + 1
     summary.update(log_loss_after=best_ll, seconds=time.perf_counter() - t0)
-    if not summary["kept_rounds"]:
+    if not used:
+        ens._log(f"pseudo-labels: none of the {len(pool)} unlabelled images is usable ({notes['skipped']} unusable, "
+                 f"{notes['training_copies']} copies of training images)")
+    elif not summary["kept_rounds"]:
         ens._log("pseudo-labels did not lower the out-of-fold log loss: the ensemble ignores the unlabelled images")
     return summary
 
@@ -120,7 +161,8 @@ def paired_gain(y, before, after, sample_weight=None) -> tuple[float, float]:
 
 
 def pool_rows(ens, data, pool):
-    """The pool's cached inputs per (source id, view), the usable pool paths, and what was left out and why.
+    """The pool's cached inputs per (source id, view), the usable images' paths and content digests, and what was
+    left out and why (counts).
 
     Pool images whose bytes are those of a training image add nothing and are left out.
     """
@@ -139,7 +181,7 @@ def pool_rows(ens, data, pool):
     if skipped:
         ens._log(f"pseudo-labels: {len(skipped)} unlabelled images not usable (e.g. "
                  f"{pool.paths[next(iter(skipped))]}: {next(iter(skipped.values()))})")
-    return inputs, [str(pool.paths[i]) for i in kept[fresh]], notes
+    return inputs, [str(pool.paths[i]) for i in kept[fresh]], [fp for fp, f in zip(pool_fps, fresh) if f], notes
 
 
 def fold_teacher(ens, pool_inputs: dict) -> np.ndarray:
@@ -191,6 +233,7 @@ def _restore(ens, state: dict, timings) -> None:
 def summary_line(s: dict) -> str:
     """One line for the leaderboard: what pseudo-labelling did and whether it was kept."""
     rounds = "; ".join(f"round {r['round']}: " + ("the same images again" if r.get("same") else
+                       "no image confident enough" if not r["images"] else
                        f"{r['images']} images, {r['log_loss']:.4f}" + ("" if r["kept"] else
                        f" (not kept: {r['gain']:+.4f} lower, standard error {r['standard_error']:.4f})"))
                        for r in s["rounds"])
@@ -198,7 +241,7 @@ def summary_line(s: dict) -> str:
                else "not kept: the ensemble ignores the unlabelled images")
     left = [f"{s[n]} {t}" for n, t in (("skipped", "unusable"), ("training_copies", "copies of training images"))
             if s.get(n)]
-    return (f"pseudo-labels from {s['used']} of {s['pool']} unlabelled images"
+    return (f"pseudo-labels: {s['used']} usable of {s['pool']} unlabelled images"
             + (f" ({', '.join(left)} left out)" if left else "")
             + f": out-of-fold log loss {s['log_loss_before']:.4f} -> {s['log_loss_after']:.4f}, {verdict}"
             + (f" ({rounds})" if rounds else "") + f"; {s['seconds']:.0f} s")

@@ -144,9 +144,10 @@ def check_weighted(est, specs, what: str | None = None) -> None:
         if not LEARNER_KINDS[spec["kind"]].weighted:
             raise ValueError(f"{spec['name']}: the {spec['kind']!r} learner kind does not take {what}; fit it "
                              "without them or use frozen-feature models")
-        check_takes_weights(spec["model"], spec["name"])
-    for item in combiner_names(est.meta):
-        check_takes_weights(item, "meta")
+        check_takes_weights(spec["model"], spec["name"], what)
+    if what == "class_weight and sample_weight":  # pseudo-labelled rows never reach level 2
+        for item in combiner_names(est.meta):
+            check_takes_weights(item, "meta", what)
 
 
 def training_weights(data, class_weight=None, sample_weight=None) -> np.ndarray | None:

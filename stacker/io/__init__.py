@@ -12,5 +12,8 @@
 - :mod:`~stacker.io.bounds`: documented, overridable bounds on declared arrays, archive members, HDF5 datasets
   and input sizes, checked from headers before anything is allocated;
 - :mod:`~stacker.io.onnx_graph`: an ONNX graph checked before ONNX Runtime sees it: self-contained (no
-  external data), default ONNX operators only, declared shapes and input bounded.
+  external data), default ONNX operators only, declared shapes and input bounded;
+- :mod:`~stacker.io.export`: the whole fitted ensemble as one ONNX file (pixels in, probabilities out), each part
+  in the ONNX form it declares, a part without one refused by name;
+- :mod:`~stacker.io.onnx_builder`: the small graph builder the exported parts are written with.
 """

@@ -107,7 +107,7 @@ def weighted_blocks(g: GraphBuilder, z: str, weights, k: int) -> str:
     """``sum_l weights[l] * z[:, l*k:(l+1)*k]`` over the blocks of non-zero weight (level 2's linear mixes)."""
     terms = [g.op("Mul", g.columns(z, l * k, (l + 1) * k), g.const(np.float32(w)))
              for l, w in enumerate(np.asarray(weights, dtype=np.float64)) if w != 0]
-    out = terms[0]
+    out = terms[0] if terms else g.op("Mul", g.columns(z, 0, k), g.const(np.float32(0)))
     for t in terms[1:]:
         out = g.op("Add", out, t)
     return out

@@ -373,16 +373,19 @@ def fit_weighted(est, X, y, sample_weight=None):
     return est.fit(X, y, sample_weight=sample_weight)
 
 
-def check_takes_weights(item, role: str) -> None:
-    """A TypeError unless a model entry's (or combiner's) fit takes ``sample_weight`` (registered models all do)."""
+def check_takes_weights(item, role: str, what: str = "class_weight and sample_weight") -> None:
+    """A TypeError unless a model entry's (or combiner's) fit takes ``sample_weight`` (registered models all do).
+
+    ``what``: the feature that needs the weights, for the message.
+    """
     from sklearn.utils.validation import has_fit_parameter
 
     if isinstance(item, str):
         return
     est = item.steps[-1][1] if isinstance(item, Pipeline) else item
     if not has_fit_parameter(est, "sample_weight"):
-        raise TypeError(f"{role}: {type(est).__name__}.fit takes no sample_weight, so class_weight and "
-                        "sample_weight cannot reach it; use a model whose fit does, or no weights")
+        raise TypeError(f"{role}: {type(est).__name__}.fit takes no sample_weight, so {what} cannot reach it; "
+                        "use a model whose fit does")
 
 
 def _check_estimator_like(spec, role: str) -> None:

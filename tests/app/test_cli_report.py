@@ -267,7 +267,8 @@ def test_cache_refuses_a_folder_that_is_not_a_cache(tmp_path, capsys):
 
 def test_every_subcommand_has_help_with_defaults(capsys):
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert set(commands) == {"fit", "predict", "submit", "report", "top5", "extract", "cache", "evaluate", "doctor"}
+    assert set(commands) == {"fit", "predict", "submit", "report", "top5", "extract", "cache", "evaluate", "doctor",
+                             "export", "distill"}
     for name in commands:
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])

@@ -138,6 +138,7 @@ def _pixels(n, sizes, seed=0):
 @pytest.mark.parametrize("params", [
     {"models": ["logistic", "prototype", "dense"], "meta": "stack2", "min_proba": 0.01},
     {"models": "default", "meta": "logit", "backbones_at": (32, 40)},
+    {"models": "fast", "meta": "logistic", "meta_inputs": "both", "feature_dtype": "float16"},
 ])
 def test_the_exported_file_gives_stackers_probabilities_without_importing_stacker(three_classes, tmp_path, params):
     root, weights = three_classes

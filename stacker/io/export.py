@@ -73,21 +73,19 @@ def _sklearn(est, role):
 
 def onnx_proba(est, g: GraphBuilder, x: str, part: str) -> str:
     """The ONNX value of ``est.predict_proba(x)``: its own ``onnx_proba``, a :data:`SKLEARN` entry, or a refusal."""
-    own = getattr(est, "onnx_proba", None)
-    if own is not None:
-        return own(g, x)
-    convert = _sklearn(est, "proba")
-    if convert is None:
-        raise ExportError(part, f"{type(est).__module__}.{type(est).__name__} has no ONNX form")
-    return convert(est, g, x, part)
+    return _converted(est, g, x, part, "proba")
 
 
 def transform(est, g: GraphBuilder, x: str, part: str) -> str:
-    """The ONNX value of ``est.transform(x)``, likewise."""
-    own = getattr(est, "onnx_transform", None)
+    """The ONNX value of ``est.transform(x)``: its own ``onnx_transform``, a :data:`SKLEARN` entry, or a refusal."""
+    return _converted(est, g, x, part, "transform")
+
+
+def _converted(est, g: GraphBuilder, x: str, part: str, role: str) -> str:
+    own = getattr(est, f"onnx_{role}", None)
     if own is not None:
         return own(g, x)
-    convert = _sklearn(est, "transform")
+    convert = _sklearn(est, role)
     if convert is None:
         raise ExportError(part, f"{type(est).__module__}.{type(est).__name__} has no ONNX form")
     return convert(est, g, x, part)

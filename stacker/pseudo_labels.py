@@ -25,7 +25,8 @@ from stacker.features.layout import stable_hash
 from stacker.level2.arrays import meta_matrix, score
 from stacker.params import Param
 
-__all__ = ["PARAM", "DEFAULTS", "options", "load_pool", "check_combiners", "pool_rows", "fit_rounds", "fold_teacher", "select", "paired_gain", "summary_line"]
+__all__ = ["PARAM", "DEFAULTS", "options", "load_pool", "check_combiners", "pool_rows", "fit_rounds", "fold_teacher",
+           "select", "paired_gain", "summary_line"]
 
 DEFAULTS = {"rounds": 2, "min_confidence": 0.95, "max_share": 1.0, "weight": 1.0}
 _FITTED = ("learners_", "oof_proba_", "meta_", "meta_oof_proba_", "level2_scores_", "meta_importance_", "_meta_dims")
@@ -120,6 +121,9 @@ def fit_rounds(ens, inputs: dict, data, pool, pooled, images_fp: str, timings: d
             break
         last = chosen
         round_fp = stable_hash([images_fp, [used_fps[i] for i in rows], labels.tolist(), chosen, opts])
+        if w is not None:  # class weights reach pseudo-labelled rows too: times their class's mean labelled weight
+            class_mean = np.bincount(y, weights=w, minlength=k) / np.maximum(np.bincount(y, minlength=k), 1)
+            weights = weights * class_mean[labels]
         extra = {sid: pool_inputs[sid][rows] for sid in pool_inputs}
         ens._refit_with_rows(inputs, extra, labels, weights, fold_rows, data, round_fp, timings, "pseudo_train_s",
                              variant=f"pseudo-labels, round {r + 1}")

@@ -162,7 +162,9 @@ def test_cli_fit_unlabeled(noise_labels, tmp_path, capsys):
     train, pool, weights, cache = noise_labels
     assert main(["fit", str(train), "--out", str(tmp_path / "m"), "--backbones", "tiny_cnn", "--image-size", "32",
                  "--weights", weights, "--folds", "3", "--cache", str(cache), "--quiet", "--models", "logistic",
-                 "--unlabeled", str(pool), "--no-report"]) == 0
+                 "--unlabeled", str(pool), "--pseudo-labels", '{"rounds": 1, "min_confidence": 0.6}',
+                 "--no-report"]) == 0
+    assert Ensemble.load(str(tmp_path / "m")).pseudo_labels == {"rounds": 1, "min_confidence": 0.6}
     assert "pseudo-labels: 24 usable of 24 unlabelled images" in capsys.readouterr().out  # the leaderboard says
     # the training images themselves as the pool: every one a copy, none used, nothing refitted
     assert main(["fit", str(train), "--out", str(tmp_path / "m2"), "--backbones", "tiny_cnn", "--image-size", "32",

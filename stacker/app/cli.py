@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", metavar="FOLDER", default=None,
                    help="unlabelled images (e.g. Kaggle's test folder) to pseudo-label in rounds; kept only if "
                         "they lower the out-of-fold log loss of the labelled images")
+    OPTIONS["pseudo_labels"].add_to(p)
     OPTIONS["predictions"].add_to(p)
     _add_ray(p)
     _add_common(p)

@@ -19,7 +19,9 @@ message is put in command-line terms (:func:`cli_terms`).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import re
 import sys
@@ -38,6 +40,17 @@ __all__ = ["GROUPS", "OPTIONS", "Option", "add_options", "cli_terms", "comma_lis
 
 def _opt(*flags, help, **kw) -> Option:
     return Option(tuple(flags), help, **kw)
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object given on a command line (options of a parameter that takes a dict)."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object ({{...}}), got {text!r}")
+    return value
 
 
 _STATIC = {
@@ -60,6 +73,10 @@ _STATIC = {
                          help="balanced: every class weighs the same in each learner's fit, level 2 and the "
                               "scores (the accuracy reported is then the balanced accuracy); default: every image "
                               "weighs the same"),
+    "pseudo_labels": _opt("--pseudo-labels", type=_json_object, metavar="JSON",
+                          help="with --unlabeled: pseudo-labelling options as JSON, e.g. '{\"rounds\": 3, "
+                               "\"min_confidence\": 0.9}' (keys: rounds, min_confidence, max_share, weight; "
+                               "default: stacker.pseudo_labels.DEFAULTS)"),
     "train_limit": _opt("--train-limit", type=int, metavar="N",
                         help="fit on a class-stratified sample of N images (default: all of them)"),
     # -- predicting, submitting, top-5
@@ -177,6 +194,7 @@ def ensemble_params(args, **overrides) -> dict:
     params = {"backbones": args.backbones.split(",") if args.backbones else None, "models": args.models,
               "meta": args.meta, "meta_inputs": args.meta_inputs, "calibration": not args.no_calibration,
               "cv": args.folds, "random_state": args.seed, "class_weight": getattr(args, "class_weight", None),
+              "pseudo_labels": getattr(args, "pseudo_labels", None),
               **extraction_params(args),
               **{cls.param.name: cls.from_cli(args) for cls in LEARNER_KINDS.values() if cls.param is not None},
               "device": getattr(args, "device", "auto"), "verbose": 0 if args.quiet else 1}

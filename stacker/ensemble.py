@@ -78,6 +78,9 @@ _DOC = """A stacked ensemble of pretrained CNNs for image classification.
         Name -> accuracy, log loss, weight and timings; ``"ensemble"`` for the stack.
     skipped_ : dict
         Path -> reason for training images left out (``on_bad_image="skip"``).
+    pseudo_labels_ : dict or None
+        What ``fit(..., unlabeled=)`` did (:mod:`stacker.pseudo_labels`): images used, each
+        round's out-of-fold log loss and whether it was kept; also in ``scores_["ensemble"]``.
     sample_weight_ : ndarray of shape (n_train,) or None
         Each training image's weight (``class_weight`` times ``fit``'s ``sample_weight``,
         mean 1), as every learner, level 2 and ``scores_`` used it; None without weights.

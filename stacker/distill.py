@@ -14,8 +14,9 @@ The student's out-of-fold scores are on the hard labels of the training images, 
 teacher's are; they lean slightly optimistic, since an image's soft target in one fold
 came from teacher models that saw the others, and unlabelled images are taught by the whole
 teacher in every fold (a near copy of a training image carries what the teacher learnt of
-it). A held-out set is the fair comparison (``benchmarks/distill.py``). The result is saved, reported and exported like any model;
-``scores_["ensemble"]["distilled"]`` compares it with the teacher and with its hard-label self.
+it). A held-out set is the fair comparison (``benchmarks/distill.py``). The result is saved,
+reported and exported like any model; ``scores_["ensemble"]["distilled"]`` compares it with
+the teacher and with its hard-label self.
 """
 
 from __future__ import annotations
@@ -24,14 +25,10 @@ import os
 
 import numpy as np
 
-import warnings
-
-from stacker import validation
-from stacker.data.sources import SkippedImagesWarning
 from stacker.features.layout import stable_hash
 from stacker.pseudo_labels import load_pool
 
-__all__ = ["distill", "soft_rows", "summary_line"]
+__all__ = ["distill", "Distillation", "soft_rows", "soften", "summary_line"]
 
 
 def distill(teacher, images, backbone="efficientnet_lite0", *, unlabeled=None, models=("logistic",),
@@ -63,7 +60,7 @@ def distill(teacher, images, backbone="efficientnet_lite0", *, unlabeled=None, m
     """
     from sklearn.utils.validation import check_is_fitted
 
-    from stacker.data.sources import file_fingerprints, load_images
+    from stacker.data.sources import load_images
     from stacker.ensemble import Ensemble
 
     check_is_fitted(teacher, "meta_oof_proba_")
@@ -74,41 +71,62 @@ def distill(teacher, images, backbone="efficientnet_lite0", *, unlabeled=None, m
     data = load_images(images)
     _teacher_rows(teacher, data.paths, data.labels)  # every image one the teacher was fitted on: before any work
     params = {"cv": teacher.cv, "random_state": teacher.random_state, "meta": "best", "out_of_core": False, **params}
-    student = Ensemble([backbone], models=models, **params)
-    validation.check_weighted(student, validation.validate(student), "soft targets (distillation)")
-    pool = None if unlabeled is None else load_pool(unlabeled)
-    student.fit(data)  # the hard-label student: its scores are the baseline
-    hard = {k: student.scores_["ensemble"][k] for k in ("accuracy", "log_loss")}
-    with warnings.catch_warnings():  # the fit above said which images were skipped
-        warnings.simplefilter("ignore", SkippedImagesWarning)
-        inputs, data, timings = student._extract_training(data)  # from the cache: no forward pass
-    for name in timings:  # the first fit's extraction and training times, not this cache read's
-        timings[name].update({k: student.scores_[name][k] for k in ("extract_s", "forward_images", "s_per_image")})
-        timings[name]["train_s"] = student.scores_[name]["train_s"]
-    targets = soften(_teacher_targets(teacher, student), temperature)
-    base, extra_of, labels, weights = soft_rows(targets, student.y_, hard_weight, min_target)
-    fold_of = np.empty(len(student.y_), dtype=np.int64)
-    for f, (_, va) in enumerate(student.folds_):
-        fold_of[va] = f
-    fold_rows = [np.flatnonzero(fold_of[extra_of] != f) for f in range(len(student.folds_))]
-    extra = {sid: v[extra_of] for sid, v in inputs.items()}
-    pool_note = None
-    if pool is not None:
-        extra, labels, weights, fold_rows, pool_note = _with_pool(teacher, student, data, pool, extra, labels,
-                                                                  weights, fold_rows, min_target, temperature)
-    images_fp = stable_hash([file_fingerprints(data.paths, student.cache_dir), data.labels, "distill",
-                             hash_array(targets), hard_weight, temperature, min_target, pool_note])
-    student._refit_with_rows(inputs, extra, labels, weights, fold_rows, data, images_fp, timings, "distill_train_s",
-                             base_weights=base, variant=f"distilled from a {len(teacher.learners_)}-learner ensemble")
-    for name in student.learners_:
-        timings[name]["train_s"] += timings[name].get("distill_train_s", 0.0)
-    student._record(data, timings)
-    student.scores_["ensemble"]["distilled"] = {
-        "teacher": {k: teacher.scores_["ensemble"][k] for k in ("accuracy", "log_loss")},
-        "teacher_learners": len(teacher.learners_), "hard_labels": hard,
-        "distilled": {k: student.scores_["ensemble"][k] for k in ("accuracy", "log_loss")},
-        "hard_weight": hard_weight, "temperature": temperature, "soft_rows": int(len(labels)), "unlabeled": pool_note}
-    return student
+    stage = Distillation(teacher, hard_weight, temperature, min_target, unlabeled)
+    return Ensemble([backbone], models=models, **params)._fit(data, stage=stage)
+
+
+class Distillation:
+    """Distillation as the student's second stage (:meth:`stacker.Ensemble._fit`): once it is fitted on the hard
+    labels (its baseline), every learner is refitted with the soft-target rows (and the pool's), then level 2."""
+
+    name, what = "distilled", "soft targets (distillation)"
+
+    def __init__(self, teacher, hard_weight, temperature, min_target, unlabeled=None):
+        self.teacher, self.hard_weight = teacher, hard_weight
+        self.temperature, self.min_target = temperature, min_target
+        self.unlabeled, self.pool, self.pooled = unlabeled, None, None
+
+    def check(self, student) -> None:
+        """The pool listed (the images were checked against the teacher's, the weights are ``_fit``'s to check)."""
+        if self.unlabeled is not None:
+            self.pool = load_pool(self.unlabeled)
+
+    def prepare(self, student, data) -> None:
+        from stacker.pseudo_labels import pool_rows
+
+        if self.pool is not None:
+            self.pooled = pool_rows(student, data, self.pool)
+
+    def run(self, student, inputs, data, images_fp, timings) -> dict:
+        from stacker.data.sources import file_fingerprints
+        from stacker.level2.arrays import score
+
+        k = len(student.classes_)
+        hard = score(student.y_, student.meta_oof_proba_, k)
+        targets = soften(_teacher_targets(self.teacher, student), self.temperature)
+        base, extra_of, labels, weights = soft_rows(targets, student.y_, self.hard_weight, self.min_target)
+        fold_of = np.empty(len(student.y_), dtype=np.int64)
+        for f, (_, va) in enumerate(student.folds_):
+            fold_of[va] = f
+        fold_rows = [np.flatnonzero(fold_of[extra_of] != f) for f in range(len(student.folds_))]
+        extra = {sid: v[extra_of] for sid, v in inputs.items()}
+        pool_note = None
+        if self.pooled is not None:
+            extra, labels, weights, fold_rows, pool_note = _with_pool(self.teacher, self.pooled, len(self.pool), extra,
+                                                                      labels, weights, fold_rows, self.min_target,
+                                                                      self.temperature)
+        fp = stable_hash([file_fingerprints(data.paths, student.cache_dir), data.labels, "distill", hash_array(targets),
+                          self.hard_weight, self.temperature, self.min_target, pool_note])
+        student._refit_with_rows(inputs, extra, labels, weights, fold_rows, data, fp, timings, "distill_train_s",
+                                 base_weights=base,
+                                 variant=f"distilled from a {len(self.teacher.learners_)}-learner ensemble")
+        for name in student.learners_:  # the leaderboard's training time: both fits
+            timings[name]["train_s"] += timings[name]["distill_train_s"]
+        distilled = score(student.y_, student.meta_oof_proba_, k)
+        pick = lambda s: {m: s[m] for m in ("accuracy", "log_loss")}  # noqa: E731
+        return {"teacher": pick(self.teacher.scores_["ensemble"]), "teacher_learners": len(self.teacher.learners_),
+                "hard_labels": pick(hard), "distilled": pick(distilled), "hard_weight": self.hard_weight,
+                "temperature": self.temperature, "soft_rows": int(len(labels)), "unlabeled": pool_note}
 
 
 def soften(proba, temperature: float) -> np.ndarray:
@@ -168,13 +186,11 @@ def _teacher_targets(teacher, student) -> np.ndarray:
     return np.asarray(teacher.meta_oof_proba_)[rows]
 
 
-def _with_pool(teacher, student, data, pool, extra, labels, weights, fold_rows, min_target, temperature):
+def _with_pool(teacher, pooled, n_pool, extra, labels, weights, fold_rows, min_target, temperature):
     """Extra rows for unlabelled images: one per class the teacher gives at least ``min_target``, in every fold."""
-    from stacker.pseudo_labels import pool_rows
-
-    pool_inputs, used, used_fps, notes = pool_rows(student, data, pool)
+    pool_inputs, used, used_fps, notes = pooled
     if not used:
-        return extra, labels, weights, fold_rows, {"pool": len(pool), "used": 0, **notes, "rows": 0}
+        return extra, labels, weights, fold_rows, {"pool": n_pool, "used": 0, **notes, "rows": 0}
     T = soften(teacher.predict_proba(used), temperature)
     image, label = np.nonzero(T >= min_target)
     start = len(labels)
@@ -182,7 +198,7 @@ def _with_pool(teacher, student, data, pool, extra, labels, weights, fold_rows, 
     new = np.arange(start, start + len(image))
     fold_rows = [np.concatenate([f, new]) for f in fold_rows]
     return (extra, np.concatenate([labels, label]), np.concatenate([weights, T[image, label]]), fold_rows,
-            {"pool": len(pool), "used": len(used), **notes, "rows": int(len(image)), "content": stable_hash(used_fps)})
+            {"pool": n_pool, "used": len(used), **notes, "rows": int(len(image)), "content": stable_hash(used_fps)})
 
 
 def summary_line(s: dict) -> str:

@@ -187,6 +187,19 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         -------
         self
         """
+        stage = None if unlabeled is None else _pseudo().PseudoLabels(unlabeled)
+        self._fit(images, sample_weight, stage)
+        self.pseudo_labels_ = None if stage is None else self.scores_["ensemble"][stage.name]
+        return self
+
+    def _fit(self, images, sample_weight=None, stage=None) -> "Ensemble":
+        """``fit``'s steps, with an optional second stage that refits with extra rows once level 2 is fitted.
+
+        A stage (:class:`stacker.pseudo_labels.PseudoLabels`, distillation's) says what needs the
+        weights it adds (``what``), checks the ensemble before any work (``check``), readies its
+        inputs once the training images are extracted (``prepare``: its own files fail before
+        training) and refits after level 2 (``run``), whose summary goes to ``scores_["ensemble"][name]``.
+        """
         specs = validation.validate(self)
         self._log(_device.use(self.device).describe())  # device="gpu" without one fails here, before any work
         data = load_images(images)
@@ -194,43 +207,52 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         self.classes_ = list(data.classes)
         check_min_proba(self.min_proba, len(self.classes_))  # before hours of training, not after
         weighted = self.class_weight is not None or sample_weight is not None
-        pool = None if unlabeled is None else _pseudo().load_pool(unlabeled)
-        if pool is not None:
-            _pseudo().check_combiners(self)
-        if weighted or pool is not None:  # every weight checked, and every learner able to take them, before any work
-            validation.check_weighted(self, specs, "pseudo-labels (unlabeled=)" if not weighted else None)
+        if stage is not None:
+            stage.check(self)
+        if weighted or stage is not None:  # every weight checked, and every learner able to take them, before any work
+            validation.check_weighted(self, specs, None if weighted else stage.what)
         if weighted:
             validation.training_weights(data, self.class_weight, sample_weight)
             if sample_weight is not None and not isinstance(sample_weight, dict):
                 sample_weight = dict(zip(map(str, data.paths), np.asarray(sample_weight, dtype=np.float64)))
         self.specs_ = specs
         self.learners_ = self._make_learners(specs, len(data))
-        if (weighted or pool is not None) and self.out_of_core_:
-            raise ValueError(f"{'class_weight and sample_weight are' if weighted else 'pseudo-labels (unlabeled=) are'}"
-                             " not supported out of core (the streaming models take no weights); use out_of_core=False")
+        if (weighted or stage is not None) and self.out_of_core_:
+            raise ValueError(f"{'class_weight and sample_weight' if weighted else stage.what} are not supported out "
+                             "of core (the streaming models take no weights); use out_of_core=False")
         inputs, data, timings = self._extract_training(data)
-        pooled = None if pool is None else _pseudo().pool_rows(self, data, pool)  # unusable pool files: before training
+        if stage is not None:
+            stage.prepare(self, data)
         self.sample_weight_ = None if not weighted else validation.training_weights(
             data, self.class_weight, None if sample_weight is None else {str(p): sample_weight[str(p)] for p in data.paths})
         self._weights_note = validation.weights_note(self.class_weight, sample_weight)
         return_freed_blocks()  # training allocates and frees blocks of MiBs for a long time (stacker.learners.memory)
-        y, k = data.y, len(self.classes_)
+        y = data.y
         splitter = StratifiedKFold(n_splits=self.cv, shuffle=True, random_state=self.random_state)
         self.folds_ = list(splitter.split(np.zeros(len(y)), y))
         self.train_ids_, self.train_paths_, self.y_ = list(data.ids), list(data.paths), y
         images_fp = stable_hash([file_fingerprints(data.paths, self.cache_dir), data.labels])
         run_folds = _distributed().run_folds if self.executor == "ray" else None
-        for name, learner in self.learners_.items():
-            t0 = time.perf_counter()
-            learner.fit_oof(self._inputs_of(learner, inputs), y, self.folds_, k, data, images_fp, run_folds,
-                            self.sample_weight_)
-            timings[name]["train_s"] = time.perf_counter() - t0
-        self.oof_proba_ = {name: lr.oof_proba_ for name, lr in self.learners_.items()}
-        self._fit_level2(inputs, y, k, timings)
-        self.pseudo_labels_ = (None if pool is None
-                               else _pseudo().fit_rounds(self, inputs, data, pool, pooled, images_fp, timings))
-        self._record(data, timings)
+        self._fit_learners(self.learners_, inputs, y, self.folds_, data, images_fp, timings, "train_s", run_folds,
+                           self.sample_weight_)
+        summary = None if stage is None else stage.run(self, inputs, data, images_fp, timings)
+        self._record(data, timings, {} if stage is None else {stage.name: summary})
         return self
+
+    def _fit_learners(self, learners, inputs, y, folds, data, images_fp, timings, timing_key, run_folds=None,
+                      weights=None) -> None:
+        """Fit ``learners`` out of fold (timed under ``timing_key``), make them the ensemble's, then fit level 2."""
+        n, k = len(self.y_), len(self.classes_)
+        for name, learner in learners.items():
+            t0 = time.perf_counter()
+            learner.fit_oof(self._inputs_of(learner, inputs), y, folds, k, data, images_fp, run_folds, weights)
+            if len(y) > n:  # rows past the training images (extra rows) have no out-of-fold output
+                learner.arrays_ = {a: v[:n] for a, v in learner.arrays_.items()}
+                learner.oof_proba_ = learner.arrays_["oof_proba"]
+            timings[name][timing_key] = timings[name].get(timing_key, 0.0) + time.perf_counter() - t0
+        self.learners_ = learners
+        self.oof_proba_ = {name: lr.oof_proba_ for name, lr in learners.items()}
+        self._fit_level2(inputs, self.y_, k, timings)
 
     def _refit_with_rows(self, inputs, extra, labels, weights, fold_rows, data, images_fp, timings, timing_key,
                          base_weights=None, variant=None) -> None:
@@ -242,24 +264,16 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         else 1). Out-of-fold outputs, level 2 and every score stay on the training images. ``variant``
         names the refit in the learners' cache entries (``stacker cache ls``: "pseudo-labels", "distilled").
         """
-        n, k = len(self.y_), len(self.classes_)
+        n = len(self.y_)
         base = base_weights if base_weights is not None else (
             np.ones(n) if self.sample_weight_ is None else self.sample_weight_)
         y_ext, w_ext = np.concatenate([self.y_, labels]), np.concatenate([base, weights])
         folds = [(np.concatenate([tr, n + fold_rows[i]]), va) for i, (tr, va) in enumerate(self.folds_)]
         ext = {sid: np.concatenate([inputs[sid], extra[sid]]) for sid in inputs}
-        learners = {}
-        for name, old in self.learners_.items():
-            t0 = time.perf_counter()
-            lr = learners[name] = copy.copy(old)  # the same spec, source and settings; new fitted state
+        learners = {name: copy.copy(old) for name, old in self.learners_.items()}  # the same spec, source, settings
+        for lr in learners.values():
             lr.variant = variant
-            lr.fit_oof(self._inputs_of(lr, ext), y_ext, folds, k, data, images_fp, None, w_ext)
-            lr.arrays_ = {a: v[:n] for a, v in lr.arrays_.items()}  # extra rows have no out-of-fold output
-            lr.oof_proba_ = lr.arrays_["oof_proba"]
-            timings[name][timing_key] = timings[name].get(timing_key, 0.0) + time.perf_counter() - t0
-        self.learners_ = learners
-        self.oof_proba_ = {name: lr.oof_proba_ for name, lr in learners.items()}
-        self._fit_level2(inputs, self.y_, k, timings)
+        self._fit_learners(learners, ext, y_ext, folds, data, images_fp, timings, timing_key, None, w_ext)
 
     def _make_learners(self, specs, n_images: int) -> dict:
         """One learner per spec, sharing sources; out of core (decided here, once) when the sizes call for it."""
@@ -332,8 +346,9 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
                                                        sample_weight=self.sample_weight_)
         self._meta_dims = {n: int(f.shape[1]) for n, f in zip(names, meta_f)}
 
-    def _record(self, data, timings) -> None:
-        """Scores per learner and for the ensemble, configuration and environment."""
+    def _record(self, data, timings, stages=None) -> None:
+        """Scores per learner and for the ensemble, configuration and environment; ``stages``: summaries of
+        what a second stage did (pseudo-labels, distillation), kept in ``scores_["ensemble"]``."""
         y, k, w = self.y_, len(self.classes_), self.sample_weight_
         weights = self.learner_weights()
         self.scores_ = {}
@@ -349,8 +364,7 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
                                     "meta_inputs": self.meta_inputs, "candidates": self.level2_scores_}
         if w is not None:  # how every score above (and level 2's candidates) is weighted
             self.scores_["ensemble"]["weighted"] = self._weights_note
-        if getattr(self, "pseudo_labels_", None):
-            self.scores_["ensemble"]["pseudo_labels"] = self.pseudo_labels_
+        self.scores_["ensemble"].update(stages or {})
         self.config_ = {"backbones": [{k2: (v if isinstance(v, (str, int, float, type(None))) else describe(v))
                                        for k2, v in s.items()} for s in self.specs_],
                         "models": describe(self.models), "meta": describe(self.meta),

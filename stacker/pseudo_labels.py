@@ -25,8 +25,8 @@ from stacker.features.layout import stable_hash
 from stacker.level2.arrays import meta_matrix, score
 from stacker.params import Param
 
-__all__ = ["PARAM", "DEFAULTS", "options", "load_pool", "check_combiners", "pool_rows", "fit_rounds", "fold_teacher",
-           "select", "paired_gain", "summary_line"]
+__all__ = ["PARAM", "DEFAULTS", "PseudoLabels", "options", "load_pool", "check_combiners", "pool_rows", "fit_rounds",
+           "fold_teacher", "select", "paired_gain", "summary_line"]
 
 DEFAULTS = {"rounds": 2, "min_confidence": 0.95, "max_share": 1.0, "weight": 1.0}
 _FITTED = ("learners_", "oof_proba_", "meta_", "meta_oof_proba_", "level2_scores_", "meta_importance_", "_meta_dims")
@@ -73,6 +73,26 @@ def load_pool(unlabeled):
     if not len(pool):
         raise ValueError(f"unlabeled={unlabeled!r} holds no images")
     return pool
+
+
+class PseudoLabels:
+    """``fit(..., unlabeled=pool)``'s second stage (:meth:`stacker.Ensemble._fit`): the pool listed and the
+    combiners checked before any work, the pool extracted before training, pseudo-labels in rounds after level 2."""
+
+    name, what = "pseudo_labels", "pseudo-labels (unlabeled=)"
+
+    def __init__(self, unlabeled):
+        self.unlabeled = unlabeled
+
+    def check(self, ens) -> None:
+        self.pool = load_pool(self.unlabeled)
+        check_combiners(ens)
+
+    def prepare(self, ens, data) -> None:
+        self.pooled = pool_rows(ens, data, self.pool)
+
+    def run(self, ens, inputs, data, images_fp, timings) -> dict:
+        return fit_rounds(ens, inputs, data, self.pool, self.pooled, images_fp, timings)
 
 
 def check_combiners(ens) -> None:

@@ -421,9 +421,8 @@ def cmd_distill(args, out) -> int:
 
     check_output_dir(args.out, option="--out")
     teacher = Ensemble.load(args.model, trusted=args.trust, cache_dir=args.cache, verbose=0)
-    models = args.models.split(",") if "," in args.models else args.models
     student = distill(teacher, load_images(args.data, merge_labels=args.merge_labels), args.backbone,
-                      unlabeled=args.unlabeled, models=models, hard_weight=args.hard_weight,
+                      unlabeled=args.unlabeled, models=args.models, hard_weight=args.hard_weight,
                       temperature=args.temperature,
                       device=args.device, verbose=0 if args.quiet else 1, **extraction_params(args))
     student.save(args.out)

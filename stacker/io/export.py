@@ -160,7 +160,7 @@ def _backbones(ens, g: GraphBuilder):
     features, inputs = {}, {}
     for name, learner in ens.learners_.items():
         views = learner.views()
-        if learner.kind != "frozen":
+        if not learner.exported:
             raise ExportError(f"learner {name}", f"the {learner.kind!r} kind is not exported (only learners on a "
                                                  "frozen backbone's pooled features are)")
         if list(views) != ["original"]:

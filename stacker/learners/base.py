@@ -109,6 +109,7 @@ class Learner:
     param = None  # the stacker.params.Param of the Ensemble parameter that selects this kind, if any
     saved_types: tuple = ()  # classes its fold models are saved as (trusted when loading)
     weighted = False  # its fold fits take sample weights (class_weight, sample_weight)
+    exported = False  # its fold models read the source's pooled features, so stacker.io.export can write it
     cli_title = None  # the title of its command-line group, and the group's Option rows:
     cli_options: tuple = ()
 

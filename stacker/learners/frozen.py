@@ -22,6 +22,7 @@ class FrozenLearner(Learner):
 
     kind = "frozen"
     weighted = True  # in memory; the streaming models take no weights (refused before any work)
+    exported = True
 
     @classmethod
     def code_parts(cls, out_of_core: bool = False) -> dict:

@@ -170,6 +170,7 @@ def fit(n: int, folder: str, k: int = K) -> dict:
         entry = FeatureCache(ens.cache_dir).entry(ext.key_meta(), DIM, "float16")
         inputs[sid] = CachedRows(entry.path, np.arange(n), DIM, "float16")
     ens.folds_ = list(StratifiedKFold(CV, shuffle=True, random_state=0).split(np.zeros(n), y))
+    ens.sample_weight_ = None  # unweighted, as Ensemble.fit sets it
     timings, phases = {}, {"setup": time.perf_counter() - t0}
     for name, learner in ens.learners_.items():
         with cpu_phase():

@@ -60,9 +60,12 @@ def features(data, backbones, cache, weights_dir):
     from stacker.features.extractor import FeatureExtractor
     from stacker.learners.kinds import backbone_entry
 
-    entries = [backbone_entry(b) for b in backbones]  # "name@size" as the recipes write it
-    return [FeatureExtractor(e.pop("backbone"), **e, cache_dir=cache, weights_dir=weights_dir, verbose=0)
-            .extract(data).values for e in entries]
+    out = []
+    for entry in map(backbone_entry, backbones):  # "name@size+flip" as the recipes write it
+        views = entry.pop("views", ("original",))  # the peers get what stacker's learners read: the views' mean
+        ext = FeatureExtractor(entry.pop("backbone"), **entry, cache_dir=cache, weights_dir=weights_dir, verbose=0)
+        out.append(np.mean([ext.with_view(v).extract(data).values.astype(np.float32) for v in views], axis=0))
+    return out
 
 
 def sklearn_stacking(widths, seed):

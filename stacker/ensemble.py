@@ -365,7 +365,8 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         if w is not None:  # how every score above (and level 2's candidates) is weighted
             self.scores_["ensemble"]["weighted"] = self._weights_note
         self.scores_["ensemble"].update(stages or {})
-        self.config_ = {"backbones": [{k2: (v if isinstance(v, (str, int, float, type(None))) else describe(v))
+        self.config_ = {"backbones": [{k2: (v if isinstance(v, (str, int, float, type(None))) else
+                                            list(v) if isinstance(v, tuple) else describe(v))
                                        for k2, v in s.items()} for s in self.specs_],
                         "models": describe(self.models), "meta": describe(self.meta),
                         "meta_inputs": self.meta_inputs, "cv": self.cv, "random_state": self.random_state,

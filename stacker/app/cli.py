@@ -480,17 +480,20 @@ def cmd_extract(args, out) -> int:
         data = data.shard(i, n, align=args.batch_size)  # same batches as an unsharded run
         part = f" (shard {i}/{n})"
     for name in args.backbones.split(","):
-        entry = backbone_entry(name)  # "name@size" too, as in fit
-        ext = FeatureExtractor(entry.pop("backbone"), **{**config.extractor_kwargs(), **entry},
-                               verbose=0 if args.quiet else 1)
-        if _connect_ray(args):
-            from stacker.learners.distributed import fill_cache
+        entry = backbone_entry(name)  # "name@size" (and "+flip") too, as in fit
+        views = entry.pop("views", ("original",))
+        base = FeatureExtractor(entry.pop("backbone"), **{**config.extractor_kwargs(), **entry},
+                                verbose=0 if args.quiet else 1)
+        for view in views:
+            ext = base.with_view(view)
+            if _connect_ray(args):
+                from stacker.learners.distributed import fill_cache
 
-            done = fill_cache(ext, data)
-            part = f" ({done.computed} computed on {done.workers} Ray workers)"
-        feats = ext.extract(data)
-        print(f"{name}: {len(feats.kept)} images cached in {args.cache}{part}"
-              + (f", {len(feats.skipped)} unusable" if feats.skipped else ""), file=out)
+                done = fill_cache(ext, data)
+                part = f" ({done.computed} computed on {done.workers} Ray workers)"
+            feats = ext.extract(data)
+            print(f"{name}{'' if view == 'original' else f' (view {view})'}: {len(feats.kept)} images cached in "
+                  f"{args.cache}{part}" + (f", {len(feats.skipped)} unusable" if feats.skipped else ""), file=out)
     return 0
 
 

@@ -40,10 +40,12 @@ def current_code() -> dict:
     the feature code's, every learner kind's (:func:`stacker.learners.kinds.code_parts`), the storage format's."""
     from stacker import __version__
     from stacker.features.extractor import code_fingerprint
+    from stacker.features.views import view_code
     from stacker.io.persist import PERSIST_FORMAT
     from stacker.learners.kinds import code_parts
 
-    return {"code": code_fingerprint(), **code_parts(), "persist": PERSIST_FORMAT, "stacker": __version__}
+    return {"code": code_fingerprint(), "view_code": view_code(), **code_parts(), "persist": PERSIST_FORMAT,
+            "stacker": __version__}
 
 
 def scan(directory) -> list[Artefact]:

@@ -23,12 +23,10 @@ import numpy as np
 from stacker.backbones import registry as _backbones
 from stacker.features.extractor import FeatureExtractor, tf_float32
 from stacker.features.rows import CachedRows
+from stacker.features.views import VIEWS, view_pixels
 
 __all__ = ["VIEWS", "CutPointExtractor", "split_backbone", "set_finetune_trainable", "view_pixels", "pooled_rows",
            "on_rows", "batched_rows", "cut_code_fingerprint", "READ_ROWS"]
-
-
-VIEWS = ("original", "flip", "center_crop")
 
 
 def _inner_network(model):
@@ -105,23 +103,6 @@ def set_finetune_trainable(top) -> None:
     top.trainable = True
     for layer in top.layers:  # each layer explicitly: clones keep their source's trainable=False
         layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
-
-
-def view_pixels(pixels, view: str):
-    """An exact, deterministic variant of a pixel batch (for cached augmentation and TTA)."""
-    import tensorflow as tf
-
-    if view == "original":
-        return pixels
-    if view == "flip":
-        return tf.reverse(pixels, axis=[2])
-    if view == "center_crop":
-        size = int(pixels.shape[1])
-        crop = int(round(size * 0.875))
-        off = (size - crop) // 2
-        crop_px = pixels[:, off : off + crop, off : off + crop, :]
-        return tf.clip_by_value(tf.image.resize(crop_px, (size, size), method="bilinear", antialias=True), 0.0, 255.0)
-    raise ValueError(f"unknown view {view!r}; use one of {VIEWS}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -245,6 +245,17 @@ class FeatureExtractor:
         """Width of one cached row."""
         return self.cfg.feature_dim
 
+    def with_view(self, view: str) -> "FeatureExtractor":
+        """This backbone's features of a view of each image (its mirror...: :mod:`stacker.features.views`).
+
+        ``"original"`` is this extractor; any other view shares its network and is cached apart.
+        """
+        if view == "original":
+            return self
+        from stacker.features.views import ViewExtractor
+
+        return ViewExtractor(self, view)
+
     @property
     def feature_dim(self) -> int:
         return int(self.model.output_shape[-1]) if self._model is not None else self.cfg.feature_dim

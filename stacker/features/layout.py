@@ -248,6 +248,8 @@ def _scan_features(folder: str, ctx: ScanContext) -> list[Artefact]:
             detail = f"{e['rows']} rows, {meta.get('input_size')}px, {meta.get('engine', '?')}"
             if meta.get("output") == "cut-activations":
                 detail += f", cut {meta.get('blocks')} blocks down, view {meta.get('view')}"
+            elif meta.get("view"):
+                detail += f", view {meta['view']}"
         out.append(Artefact(FEATURES, path, meta.get("backbone"), detail, None, e["bytes"], os.path.getmtime(path),
                             state, _existing(path + LOCK_SUFFIX), meta))
     for name in _listing(folder):

@@ -163,9 +163,10 @@ def _backbones(ens, g: GraphBuilder):
         if not learner.exported:
             raise ExportError(f"learner {name}", f"the {learner.kind!r} kind is not exported (only learners on a "
                                                  "frozen backbone's pooled features are)")
-        if list(views) != ["original"]:
+        if not set(views) <= {"original", "flip"}:
             raise ExportError(f"learner {name}", f"it reads the views {sorted(views)} of its {learner.kind} source, "
-                                                 "which only stacker computes (exported: pooled features of the image)")
+                                                 "which only stacker computes (exported: pooled features of the "
+                                                 "image and of its mirror)")
         key, ext = _source_key(learner), views["original"]
         if key in features:
             continue
@@ -182,14 +183,32 @@ def _backbones(ens, g: GraphBuilder):
             pixels = inputs[size] = g.input(f"pixels_{size}", ["batch", size, size, 3])
         graph = onnx.load_from_string(ext.onnx_graph())
         (inp,) = [i.name for i in graph.graph.input if i.name not in {t.name for t in graph.graph.initializer}]
-        out = g.add_graph(graph, f"{learner.spec['base'].replace('@', '_')}/", {inp: pixels})[0]
+        mirrored = "flip" in views  # one pass over the images and their mirrors, the features then averaged
+        feed = g.op("Concat", pixels, _mirror(g, pixels), axis=0) if mirrored else pixels
+        out = g.add_graph(graph, f"{learner.spec['base'].replace('@', '_').replace('+', '_')}/", {inp: feed})[0]
         if np.dtype(ext.feature_dtype) != np.float32:  # features are rounded to the cached type, as stacker does
             out = g.op("Cast", g.op("Cast", out, to=onnx.TensorProto.FLOAT16), to=onnx.TensorProto.FLOAT)
-        features[key] = out
+        features[key] = _halves_mean(g, out, pixels) if mirrored else out
     contract = [{"name": f"pixels_{s}", "shape": ["batch", s, s, 3], "dtype": "float32", "layout": "NHWC, RGB",
                  "range": "0..255", "resize": f"PIL: Image.open(f).convert('RGB') (EXIF-upright), "
                                               f".resize(({s}, {s}), Image.BILINEAR)"} for s in inputs]
     return features, contract
+
+
+def _mirror(g: GraphBuilder, pixels: str) -> str:
+    """NHWC ``pixels`` mirrored left to right (the "flip" view)."""
+    i64 = np.int64
+    return g.op("Slice", pixels, g.const([-1], "start", i64), g.const([np.iinfo(i64).min], "stop", i64),
+                g.const([2], "axes", i64), g.const([-1], "steps", i64))
+
+
+def _halves_mean(g: GraphBuilder, rows: str, pixels: str) -> str:
+    """The mean of the first and second halves of ``rows`` (images, then their mirrors), n = ``pixels``' batch."""
+    i64 = np.int64
+    n = g.op("Slice", g.op("Shape", pixels), g.const([0], "start", i64), g.const([1], "stop", i64))
+    first = g.op("Slice", rows, g.const([0], "start", i64), n, g.const([0], "axes", i64))
+    second = g.op("Slice", rows, n, g.const([np.iinfo(i64).max], "stop", i64), g.const([0], "axes", i64))
+    return g.op("Div", g.op("Add", first, second), g.const(np.float32(2.0)))
 
 
 def calibrated(g: GraphBuilder, proba: str, temperature: float, floor: float, k: int) -> str:

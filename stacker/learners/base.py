@@ -110,6 +110,7 @@ class Learner:
     saved_types: tuple = ()  # classes its fold models are saved as (trusted when loading)
     weighted = False  # its fold fits take sample weights (class_weight, sample_weight)
     exported = False  # its fold models read the source's pooled features, so stacker.io.export can write it
+    takes_views = False  # a backbone entry's views ("name+flip") reach it (its features(): their mean)
     cli_title = None  # the title of its command-line group, and the group's Option rows:
     cli_options: tuple = ()
 
@@ -155,6 +156,10 @@ class Learner:
     def views(self) -> dict:
         """View name -> extractor of the cached inputs this learner reads."""
         return {"original": self.source}
+
+    def features(self, inputs: dict):
+        """The rows its models read, from the cached inputs of its views (the original view's here)."""
+        return inputs["original"]
 
     # -- identity ---------------------------------------------------------------------
     def key(self, images_fp: str, cv: int, seed: int) -> str:
@@ -288,14 +293,14 @@ class Learner:
     # -- level-2 inputs and scores ----------------------------------------------------
     def meta_oof(self, inputs: dict):
         """Out-of-fold ``(probabilities, features)`` this learner gives level 2."""
-        return self.oof_proba_, inputs["original"]
+        return self.oof_proba_, self.features(inputs)
 
     def fold_meta(self, inputs: dict, i: int):
         """Fold ``i``'s model's ``(probabilities, features)`` for level 2 on new rows: a model that never saw fold ``i``.
 
         What pseudo-labelling (:mod:`stacker.pseudo_labels`) asks for fold ``i``'s labels of unlabelled images.
         """
-        est, X = self.fold_models_[i], inputs["original"]
+        est, X = self.fold_models_[i], self.features(inputs)
         return align_proba(est, est.predict_proba(X), self.settings.n_classes), X
 
     def extra_scores(self, y, k) -> dict:
@@ -356,7 +361,7 @@ class Learner:
 
     def predict(self, inputs: dict, paths=None, features: bool = False):
         """``(probabilities, level-2 probabilities, level-2 features)`` for new images' cached inputs."""
-        X = inputs["original"]
+        X = self.features(inputs)
         proba = self._test_proba(X, paths)
         return proba, proba, X if features else np.zeros((len(X), 0), np.float32)
 

@@ -128,8 +128,10 @@ def _portable(ext) -> tuple:
         raise ValueError(f"{ext.cfg.name}: Ray workers cannot rebuild randomly initialised weights (weights=None); "
                          "give a weights file or 'imagenet'")
     ext.weights_id  # computed here, from the file here: the cache key workers need not recompute
-    state = {k: v for k, v in ext.__dict__.items() if k not in ("_lock", "_forward", "_model", "_bottom", "_top")}
+    state = {k: v for k, v in ext.__dict__.items() if k not in ("_lock", "_forward", "_model", "_bottom", "_top", "base")}
     state.update(verbose=0, _model=None, _forward=None)
+    if "base" in ext.__dict__:  # a view's extractor: the worker builds the network itself
+        state["base"] = None
     if "_bottom" in ext.__dict__:
         state["_bottom"] = None
     source = _backbones.resolve_weights(ext.cfg, ext.weights, ext.weights_dir)

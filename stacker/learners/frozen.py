@@ -2,10 +2,16 @@
 
 Any model of :mod:`stacker.learners.zoo` (or a scikit-learn classifier) is fitted per fold
 on the cached features; out of core, its streaming equivalent
-(:mod:`stacker.learners.streaming`) reads them a window at a time.
+(:mod:`stacker.learners.streaming`) reads them a window at a time. A backbone entry with
+views (``"efficientnet_lite0@260+flip"``, or ``views=("original", "flip")`` in a dict)
+gives its models the mean of the pooled features over those views: each view is one
+more cached forward pass per image, and a mirrored image's features average out what
+the backbone sees only on one side.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from stacker.learners.base import Learner
 from stacker.learners.kinds import register_learner
@@ -23,6 +29,7 @@ class FrozenLearner(Learner):
     kind = "frozen"
     weighted = True  # in memory; the streaming models take no weights (refused before any work)
     exported = True
+    takes_views = True
 
     @classmethod
     def code_parts(cls, out_of_core: bool = False) -> dict:
@@ -34,9 +41,36 @@ class FrozenLearner(Learner):
     @classmethod
     def check_streaming(cls, spec: dict) -> None:
         streaming_model(spec["model"])  # raises for a model with no streaming equivalent
+        if len(spec.get("views") or ()) > 1:
+            raise ValueError(f"{spec['name']}: averaging features over views {list(spec['views'])} needs them in "
+                             "memory; out of core, use the backbone without views (or pass out_of_core=False)")
+
+    def views(self) -> dict:
+        cache = self.__dict__.setdefault("_views", {})
+        for v in self.spec.get("views") or ("original",):
+            if v not in cache:
+                cache[v] = self.source.with_view(v)
+        return dict(cache)
+
+    def features(self, inputs: dict):
+        """The original view's rows, or the mean over the entry's views (float32)."""
+        views = list(self.views())
+        if len(views) == 1:
+            return inputs["original"]
+        total = np.array(inputs[views[0]], dtype=np.float32)
+        for v in views[1:]:
+            total += inputs[v]
+        return np.divide(total, len(views), out=total)
+
+    def _key_extra(self) -> dict:  # views are other inputs: other results
+        views = {v: ext.key_meta() for v, ext in self.views().items() if v != "original"}
+        return {**super()._key_extra(), **({"views": views} if views else {})}
+
+    def _prepare(self, inputs, y):
+        return self.features(inputs)  # once for every fold
 
     def _fit_fold(self, i, tr, va, inputs, y, k, data, state):
-        X = inputs["original"]
+        X = state
         if self.settings.get("out_of_core"):
             est = streaming_model(self.spec["model"], self.settings.random_state + i)
         else:

@@ -13,6 +13,7 @@ ensemble, persistence, ``stacker cache`` and the command lines read this registr
 from __future__ import annotations
 
 from stacker.backbones import registry as _backbones
+from stacker.features.views import check_views
 from stacker.io.persist import trusted
 
 __all__ = ["LEARNER_KINDS", "DEFAULT_KIND", "register_learner", "kind_params", "code_parts", "learner_specs",
@@ -71,8 +72,10 @@ def learner_specs(backbones, models, input_size=None, weights="imagenet", kind_v
     """One spec per learner: every backbone entry times its models (or its kind's single network).
 
     A backbone entry is a registered name, ``"name@size"`` (the backbone at a square input
-    size: larger inputs show small objects in more detail), or a dict that may set ``backbone``,
-    ``input_size``, ``weights``, ``name``, ``models`` (or ``head``), ``kind``, and the
+    size: larger inputs show small objects in more detail), either followed by ``+view``
+    (``"name@size+flip"``: features averaged over the image and its views,
+    :mod:`stacker.features.views`), or a dict that may set ``backbone``, ``input_size``,
+    ``views``, ``weights``, ``name``, ``models`` (or ``head``), ``kind``, and the
     parameter of any learner kind (e.g. ``finetune``); ``kind_values`` holds the
     ensemble's values of those parameters, the default for every entry.
     """
@@ -89,8 +92,15 @@ def learner_specs(backbones, models, input_size=None, weights="imagenet", kind_v
         spec.setdefault("input_size", input_size)
         spec.setdefault("weights", weights)
         size = spec["input_size"] or cfg.input_size
-        spec["base"] = spec.pop("name", None) or (cfg.name if not spec["input_size"] else f"{cfg.name}@{size}")
+        views = check_views(spec.pop("views", None) or "original", f"backbone {cfg.name} views")
+        base = (cfg.name if not spec["input_size"] else f"{cfg.name}@{size}") + "".join(f"+{v}" for v in views[1:])
+        spec["base"] = spec.pop("name", None) or base
         spec["kind"] = _kind_of(spec, kind_values or {})
+        if len(views) > 1:
+            if not LEARNER_KINDS[spec["kind"]].takes_views:
+                raise ValueError(f"backbone {base}: the {spec['kind']!r} learner kind does not average views "
+                                 "(fine-tuning has its own: finetune 'tta' and 'train_views')")
+            spec["views"] = views
         specs += LEARNER_KINDS[spec["kind"]].specs(spec, models)
     names = [s["name"] for s in specs]
     if len(set(names)) != len(names):
@@ -99,13 +109,19 @@ def learner_specs(backbones, models, input_size=None, weights="imagenet", kind_v
 
 
 def backbone_entry(entry: str) -> dict:
-    """``"efficientnet_lite0"`` -> its spec; ``"efficientnet_lite0@300"`` -> the same with ``input_size=300``."""
-    name, at, size = entry.strip().partition("@")
-    if not at:
-        return {"backbone": name}
-    if not size.strip().isdigit() or int(size) <= 0:
-        raise ValueError(f"backbone {entry!r}: the size after '@' must be a positive integer (pixels), got {size!r}")
-    return {"backbone": name.strip(), "input_size": int(size)}
+    """``"efficientnet_lite0"`` -> its spec; ``"efficientnet_lite0@300"`` -> the same with ``input_size=300``;
+    ``"efficientnet_lite0@300+flip"`` -> also ``views=("original", "flip")``."""
+    head, *views = entry.strip().split("+")
+    name, at, size = head.partition("@")
+    spec = {"backbone": name.strip()}
+    if at:
+        if not size.strip().isdigit() or int(size) <= 0:
+            raise ValueError(f"backbone {entry!r}: the size after '@' must be a positive integer (pixels), "
+                             f"got {size!r}")
+        spec["input_size"] = int(size)
+    if views:
+        spec["views"] = check_views(["original"] + [v.strip() for v in views], f"backbone {entry!r}: views after '+'")
+    return spec
 
 
 def make_learners(specs, settings, sources: dict | None = None) -> dict:

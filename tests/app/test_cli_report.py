@@ -308,13 +308,14 @@ def test_progress_goes_to_stderr_and_results_to_stdout(fitted_dir, tmp_path, cap
     assert "\x1b[" not in captured.err, "no terminal codes when stderr is not a terminal"
 
 
-def test_extract_takes_name_at_size_and_caches_that_size_apart(fitted_dir, tmp_path, capsys):
+def test_extract_takes_name_at_size_and_views_and_caches_each_apart(fitted_dir, tmp_path, capsys):
     root, _ = fitted_dir
     common = ["--weights", "none", "--cache", str(tmp_path / "c"), "--quiet"]
-    assert main(["extract", str(root / "test"), "--backbones", "tiny_cnn@24,tiny_cnn@32", *common]) == 0
-    assert capsys.readouterr().out.splitlines() == [f"tiny_cnn@{px}: 6 images cached in {tmp_path / 'c'}"
-                                                    for px in (24, 32)]
-    assert len(list((tmp_path / "c" / "features").glob("tiny_cnn-*.h5"))) == 2  # one entry per input size
+    assert main(["extract", str(root / "test"), "--backbones", "tiny_cnn@24,tiny_cnn@32+flip", *common]) == 0
+    cached = f"6 images cached in {tmp_path / 'c'}"
+    assert capsys.readouterr().out.splitlines() == [f"tiny_cnn@24: {cached}", f"tiny_cnn@32+flip: {cached}",
+                                                    f"tiny_cnn@32+flip (view flip): {cached}"]
+    assert len(list((tmp_path / "c" / "features").glob("tiny_cnn-*.h5"))) == 3  # one entry per input size and view
 
 
 def test_cli_errors_name_cli_flags(tmp_path, capsys):

@@ -36,11 +36,12 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "..", "shared")
-DATASETS = {
+DATASETS = {  # data, backbones, models: the recipes' (recipes/dogs_vs_cats.py, recipes/caltech101.py)
     "dvc": (os.path.join(SHARED, "data", "dogs-vs-cats", "train"),
-            "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,mobilenet_025"),
+            "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,mobilenet_025", "default"),
     "caltech": (os.path.join(SHARED, "data", "caltech101"),
-                "efficientnet_lite0@260,efficientnet_lite1@280,efficientnet_lite2@300"),  # recipes/caltech101.py's
+                "efficientnet_lite0@260+flip,efficientnet_lite1@280+flip,efficientnet_lite2@300+flip,mobilenet_025+flip",
+                "logistic,prototype,lda"),
 }
 
 
@@ -157,7 +158,8 @@ def run_stacker(train, test, backbones, cache, args, **params):
                                      "fit_s": ens.scores_[best]["train_s"]}
     if outs is not None:
         rows[f"best single ({best})"]["heldout"] = score(test.y, outs[best][0], k)
-    meta_p = [lr.meta_oof({"original": None})[0] for lr in ens.learners_.values()]
+    meta_p = [lr.meta_oof({"original": None})[0] if lr.kind != "frozen" else lr.oof_proba_  # frozen: no features needed
+              for lr in ens.learners_.values()]
     Z = meta_matrix(meta_p, [], "proba")
     n_blocks = sum(p.shape[1] // k for p in meta_p)
     Zt = meta_matrix([o[1] for o in outs.values()], [], "proba") if outs is not None else None
@@ -213,7 +215,7 @@ def bench(key, args, summary):
     from stacker.features.extractor import forward_pass_count
     from stacker.data.sources import load_images
 
-    root, default_backbones = DATASETS[key]
+    root, default_backbones, models = DATASETS[key]
     backbones = (args.backbones or default_backbones).split(",")
     data = load_images(root)
     X_parts = features(data, backbones, args.cache, args.weights_dir)  # fills a cold cache (not timed)
@@ -222,18 +224,18 @@ def bench(key, args, summary):
     folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=args.seed).split(np.zeros(len(y)), y))
     cache = learner_cache(args.cache)
     try:
-        ens, rows = run_stacker(data, None, backbones, cache, args)
+        ens, rows = run_stacker(data, None, backbones, cache, args, models=models)
         assert all(np.array_equal(a[1], b[1]) for a, b in zip(ens.folds_, folds)), "stacker used other folds"
         rows.update(run_peers(X_parts, y, folds, args.seed))
         # held out: a stratified, seeded 80% to fit, the untouched 20% to score
         tr, te = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=args.seed)
         tr, te = np.sort(tr), np.sort(te)
-        ens80, rows80 = run_stacker(data.subset(tr), data.subset(te), backbones, cache, args)
+        ens80, rows80 = run_stacker(data.subset(tr), data.subset(te), backbones, cache, args, models=models)
         peers80 = run_peers(X_parts, y, None, args.seed, test_rows=te, train_rows=tr)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     assert forward_pass_count() == fwd, "the benchmark ran a CNN forward pass on cached features"
-    print(table(f"\n{key}: {len(y)} images, {len(data.classes)} classes, {', '.join(backbones)}; "
+    print(table(f"\n{key}: {len(y)} images, {len(data.classes)} classes, {', '.join(backbones)}; models {models}; "
                 f"{args.folds} folds (out of fold: all images; held out: fit on 80%, scored on 20%)",
                 _merge(rows, rows80, peers80)))
     d = rows["stacker default"]
@@ -266,7 +268,7 @@ def bench_finetune(args, summary):
 
     from stacker.data.sources import load_images
 
-    root, default_backbones = DATASETS["dvc"]
+    root, default_backbones, _ = DATASETS["dvc"]
     backbones = (args.finetune_backbones or default_backbones).split(",")
     data = load_images(root).head(args.finetune_n, seed=args.seed)
     tr, te = train_test_split(np.arange(len(data)), test_size=0.2, stratify=data.y, random_state=args.seed)

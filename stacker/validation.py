@@ -147,7 +147,8 @@ def check_weighted(est, specs, what: str | None = None) -> None:
         check_takes_weights(spec["model"], spec["name"], what)
     if what == "class_weight and sample_weight":  # pseudo-labelled rows never reach level 2
         for item in combiner_names(est.meta):
-            check_takes_weights(item, "meta", what)
+            if not isinstance(item, str):  # registered combiners all take weights
+                check_takes_weights(item, "meta", what)
 
 
 def training_weights(data, class_weight=None, sample_weight=None) -> np.ndarray | None:

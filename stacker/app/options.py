@@ -57,10 +57,11 @@ _STATIC = {
     # -- what is stacked
     "backbones": _opt("--backbones", default="efficientnet_lite0", type=comma_list, metavar="NAMES",
                       help="registered backbones, comma-separated (spaces allowed); NAME@PX runs one at a PX-square "
-                           "input; stacker.backbones.list_backbones() lists them"),
+                           "input, NAME+flip also trains on and averages in each image's mirror; "
+                           "stacker.backbones.list_backbones() lists them"),
     "models": _opt("--models", "--head", dest="models", default="default", type=comma_list, metavar="MODELS",
                    help="models per backbone, each one base learner: a preset (default = logistic,prototype; "
-                        "fast; best; dense) or names from logistic, prototype, dense, resnet"),
+                        "fast; best; dense) or names from logistic, prototype, lda, dense, resnet (or a registered model)"),
     "meta": _opt("--meta", default="auto", type=comma_list, metavar="COMBINERS", help=meta_help),
     "meta_inputs": _opt("--meta-inputs", default="proba", choices=("proba", "features", "both"),
                         help=meta_inputs_help),

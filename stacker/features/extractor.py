@@ -241,6 +241,11 @@ class FeatureExtractor:
         return _engines.export_onnx(self.model, self.cache_dir,
                                     identity=onnx_identity(self.weights_id, code_fingerprint()))
 
+    @property
+    def label(self) -> str:
+        """The name progress lines give this extractor."""
+        return self.cfg.name
+
     def row_dim(self) -> int:
         """Width of one cached row."""
         return self.cfg.feature_dim
@@ -417,9 +422,9 @@ class FeatureExtractor:
 
             from stacker.features.progress import LogProgress
 
-            print(f"{self.cfg.name}: extracting features of {good.size} images at {self.size}px", flush=True)
+            print(f"{self.label}: extracting features of {good.size} images at {self.size}px", flush=True)
             bar = (keras.utils.Progbar(good.size, unit_name="image") if _bar_mode() == 1
-                   else LogProgress(good.size, self.cfg.name))
+                   else LogProgress(good.size, self.label))
         pending_rows, pending_feats = [], []
         seen = set()
         clock = [time.perf_counter()]

@@ -101,6 +101,10 @@ class ViewExtractor(FeatureExtractor):
     def onnx_graph(self) -> bytes:
         return self.base.onnx_graph() if self.base is not None else super().onnx_graph()
 
+    @property
+    def label(self) -> str:
+        return f"{self.cfg.name} ({self.view})"
+
     def key_meta(self) -> dict:
         return {**super().key_meta(), "view": self.view, "view_code": view_code()}
 

@@ -125,11 +125,12 @@ def export_onnx(ens, path: str) -> dict:
     features, contract = _backbones(ens, g)
     probas, feats = [], []
     for name, learner in ens.learners_.items():
-        x = features[_source_key(learner)]
+        x, pixels = features[_source_key(learner)]  # pixels: the rows are the images, then their mirrors
         folds = [aligned(est, g, onnx_proba(est, g, x, f"learner {name} fold {i}"), k)
                  for i, est in enumerate(learner.fold_models_)]
-        probas.append(folds[0] if len(folds) == 1 else g.op("Mean", *folds))
-        feats.append(x)
+        proba = folds[0] if len(folds) == 1 else g.op("Mean", *folds)
+        probas.append(proba if pixels is None else _halves_mean(g, proba, pixels))  # the mean over both views
+        feats.append(x if pixels is None else _halves_mean(g, x, pixels))
     z = g.concat({"proba": probas, "features": feats, "both": probas + feats}[ens.meta_inputs])
     proba = aligned(ens.meta_.combiner, g, onnx_proba(ens.meta_.combiner, g, z, f"level 2 ({ens.meta_.name})"), k)
     proba = calibrated(g, proba, ens.meta_.temperature, ens.meta_.floor, k)
@@ -152,7 +153,11 @@ def _source_key(learner):
 
 
 def _backbones(ens, g: GraphBuilder):
-    """Every source's graph merged once, fed by the input of its size; (source -> features, the input contract)."""
+    """Every source's graph merged once, fed by the input of its size (and its mirror, for the flip view).
+
+    Returns (source -> (features, the pixels input when the rows are its images then their mirrors, else None),
+    the input contract).
+    """
     import onnx
 
     from stacker.features.config import EXTRACTION_OPTIONS
@@ -183,12 +188,12 @@ def _backbones(ens, g: GraphBuilder):
             pixels = inputs[size] = g.input(f"pixels_{size}", ["batch", size, size, 3])
         graph = onnx.load_from_string(ext.onnx_graph())
         (inp,) = [i.name for i in graph.graph.input if i.name not in {t.name for t in graph.graph.initializer}]
-        mirrored = "flip" in views  # one pass over the images and their mirrors, the features then averaged
+        mirrored = "flip" in views  # one pass over the images and their mirrors
         feed = g.op("Concat", pixels, _mirror(g, pixels), axis=0) if mirrored else pixels
         out = g.add_graph(graph, f"{learner.spec['base'].replace('@', '_').replace('+', '_')}/", {inp: feed})[0]
         if np.dtype(ext.feature_dtype) != np.float32:  # features are rounded to the cached type, as stacker does
             out = g.op("Cast", g.op("Cast", out, to=onnx.TensorProto.FLOAT16), to=onnx.TensorProto.FLOAT)
-        features[key] = _halves_mean(g, out, pixels) if mirrored else out
+        features[key] = (out, pixels if mirrored else None)
     contract = [{"name": f"pixels_{s}", "shape": ["batch", s, s, 3], "dtype": "float32", "layout": "NHWC, RGB",
                  "range": "0..255", "resize": f"PIL: Image.open(f).convert('RGB') (EXIF-upright), "
                                               f".resize(({s}, {s}), Image.BILINEAR)"} for s in inputs]

@@ -34,7 +34,7 @@ from stacker.learners.fastpath import proba_function
 from stacker.learners.zoo import model_label, model_names
 from stacker.level2.arrays import align_proba, oof_dtype, score
 
-__all__ = ["Learner", "Settings", "describe", "extractor_kwargs", "run_folds_here", "saved_networks"]
+__all__ = ["Learner", "Settings", "views_mean", "describe", "extractor_kwargs", "run_folds_here", "saved_networks"]
 
 
 def describe(spec) -> str:
@@ -82,6 +82,11 @@ class Settings(dict):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+def views_mean(probas: list) -> np.ndarray:
+    """The mean of one image's probabilities over its views (the one array itself for a single view)."""
+    return probas[0] if len(probas) == 1 else np.mean(probas, axis=0)
 
 
 class Learner:
@@ -158,7 +163,7 @@ class Learner:
         return {"original": self.source}
 
     def features(self, inputs: dict):
-        """The rows its models read, from the cached inputs of its views (the original view's here)."""
+        """The rows level 2 reads as this learner's features (``meta_inputs``): the original view's here."""
         return inputs["original"]
 
     # -- identity ---------------------------------------------------------------------
@@ -300,8 +305,8 @@ class Learner:
 
         What pseudo-labelling (:mod:`stacker.pseudo_labels`) asks for fold ``i``'s labels of unlabelled images.
         """
-        est, X = self.fold_models_[i], self.features(inputs)
-        return align_proba(est, est.predict_proba(X), self.settings.n_classes), X
+        est, k = self.fold_models_[i], self.settings.n_classes
+        return views_mean([align_proba(est, est.predict_proba(inputs[v]), k) for v in self.views()]), self.features(inputs)
 
     def extra_scores(self, y, k) -> dict:
         """Learner-specific leaderboard entries (e.g. fine-tuning's phase-1 scores)."""
@@ -361,9 +366,9 @@ class Learner:
 
     def predict(self, inputs: dict, paths=None, features: bool = False):
         """``(probabilities, level-2 probabilities, level-2 features)`` for new images' cached inputs."""
-        X = self.features(inputs)
-        proba = self._test_proba(X, paths)
-        return proba, proba, X if features else np.zeros((len(X), 0), np.float32)
+        proba = views_mean([self._test_proba(inputs[v], paths, v) for v in self.views()])  # each image's views
+        X = self.features(inputs) if features else None
+        return proba, proba, X if features else np.zeros((len(proba), 0), np.float32)
 
     # -- persistence ------------------------------------------------------------------
     def source_file(self) -> str:

@@ -11,7 +11,7 @@ import functools
 import numpy as np
 from sklearn.preprocessing import StandardScaler
 
-from stacker.learners.zoo import PathLogistic, PrototypeClassifier, SignedPower, signed_power
+from stacker.learners.zoo import PipelineModel, PrototypeClassifier, SignedPower, signed_power
 
 __all__ = ["proba_function"]
 
@@ -30,7 +30,7 @@ def proba_function(model):
 
     if isinstance(model, PrototypeClassifier) and hasattr(model, "prototypes_"):
         return model._proba
-    if isinstance(model, PathLogistic) and hasattr(model, "pipeline_"):
+    if isinstance(model, PipelineModel) and hasattr(model, "pipeline_"):
         model = model.pipeline_
     steps = [step for _, step in model.steps] if isinstance(model, Pipeline) else []
     power = float(steps.pop(0).power) if steps and type(steps[0]) is SignedPower else 1.0

@@ -4,16 +4,16 @@ Any model of :mod:`stacker.learners.zoo` (or a scikit-learn classifier) is fitte
 on the cached features; out of core, its streaming equivalent
 (:mod:`stacker.learners.streaming`) reads them a window at a time. A backbone entry with
 views (``"efficientnet_lite0@260+flip"``, or ``views=("original", "flip")`` in a dict)
-gives its models the mean of the pooled features over those views: each view is one
-more cached forward pass per image, and a mirrored image's features average out what
-the backbone sees only on one side.
+trains its models on every view of each training image (the mirror as one more row) and
+averages their probabilities over the views of each image it predicts; each view is one
+more cached forward pass per image.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from stacker.learners.base import Learner
+from stacker.learners.base import Learner, views_mean
 from stacker.learners.kinds import register_learner
 from stacker.learners.streaming import streaming_code, streaming_model
 from stacker.learners.zoo import code_fingerprint, fit_weighted, make_model
@@ -42,7 +42,7 @@ class FrozenLearner(Learner):
     def check_streaming(cls, spec: dict) -> None:
         streaming_model(spec["model"])  # raises for a model with no streaming equivalent
         if len(spec.get("views") or ()) > 1:
-            raise ValueError(f"{spec['name']}: averaging features over views {list(spec['views'])} needs them in "
+            raise ValueError(f"{spec['name']}: training on views {list(spec['views'])} needs their features in "
                              "memory; out of core, use the backbone without views (or pass out_of_core=False)")
 
     def views(self) -> dict:
@@ -53,7 +53,7 @@ class FrozenLearner(Learner):
         return dict(cache)
 
     def features(self, inputs: dict):
-        """The original view's rows, or the mean over the entry's views (float32)."""
+        """The rows level 2 reads as this learner's features: the original view's, or the mean over its views."""
         views = list(self.views())
         if len(views) == 1:
             return inputs["original"]
@@ -66,15 +66,16 @@ class FrozenLearner(Learner):
         views = {v: ext.key_meta() for v, ext in self.views().items() if v != "original"}
         return {**super()._key_extra(), **({"views": views} if views else {})}
 
-    def _prepare(self, inputs, y):
-        return self.features(inputs)  # once for every fold
-
     def _fit_fold(self, i, tr, va, inputs, y, k, data, state):
-        X = state
+        views = [inputs[v] for v in self.views()]
         if self.settings.get("out_of_core"):
             est = streaming_model(self.spec["model"], self.settings.random_state + i)
         else:
             est = make_model(self.spec["model"], self.settings.random_state + i, self.settings.strategy)
         w = getattr(self, "sample_weight_", None)
-        fit_weighted(est, X[tr], y[tr], None if w is None else w[tr])
-        return est, {"oof_proba": align_proba(est, est.predict_proba(X[va]), k)}
+        if len(views) == 1:
+            fit_weighted(est, views[0][tr], y[tr], None if w is None else w[tr])
+        else:  # every view of a training image is a training row
+            fit_weighted(est, np.concatenate([X[tr] for X in views]), np.tile(y[tr], len(views)),
+                         None if w is None else np.tile(w[tr], len(views)))
+        return est, {"oof_proba": views_mean([align_proba(est, est.predict_proba(X[va]), k) for X in views])}

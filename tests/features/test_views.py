@@ -1,4 +1,4 @@
-"""Views of frozen features: "backbone+flip" averages each image's pooled features with its mirror's."""
+"""Views of frozen features: "backbone+flip" trains on each image and its mirror and averages their probabilities."""
 
 import numpy as np
 import pytest
@@ -63,7 +63,7 @@ def test_backbone_entries_name_their_views_and_bad_ones_are_refused():
                       kind_values={"finetune": {"blocks": 1}})
 
 
-def test_an_ensemble_on_flip_views_fits_on_the_mean_and_predicts_the_same_after_loading(tmp_path, weights):
+def test_an_ensemble_on_flip_views_trains_on_both_averages_both_and_predicts_the_same_after_loading(tmp_path, weights):
     root = _folders(tmp_path / "imgs")
     spec = {"backbone": "tiny_cnn", "input_size": 32, "weights": weights, "views": ["original", "flip"]}
     cache = tmp_path / "cache"
@@ -73,9 +73,13 @@ def test_an_ensemble_on_flip_views_fits_on_the_mean_and_predicts_the_same_after_
     learner = ens.learners_["tiny_cnn@32+flip:logistic"]
     data = stacker.data.sources.from_folder(str(root))
     ext = FeatureExtractor("tiny_cnn", weights=weights, input_size=32, cache_dir=cache, verbose=0)
-    mean = (ext.extract(data).values + ext.with_view("flip").extract(data).values) / 2
-    for est, (tr, va) in zip(learner.fold_models_, ens.folds_):
-        np.testing.assert_allclose(learner.oof_proba_[va], est.predict_proba(mean[va]), rtol=1e-6)
+    original, flipped = ext.extract(data).values, ext.with_view("flip").extract(data).values
+    y = np.searchsorted(ens.classes_, data.labels)
+    for i, (est, (tr, va)) in enumerate(zip(learner.fold_models_, ens.folds_)):
+        np.testing.assert_allclose(learner.oof_proba_[va], (est.predict_proba(original[va])
+                                                            + est.predict_proba(flipped[va])) / 2, rtol=1e-6)
+        alone = stacker.learners.zoo.make_model("logistic", i).fit(np.r_[original[tr], flipped[tr]], np.r_[y[tr], y[tr]])
+        np.testing.assert_allclose(est.predict_proba(original), alone.predict_proba(original), rtol=1e-6)  # both views
     plain = stacker.Ensemble([{**spec, "views": None}], models=["logistic"], meta="mean", cv=2, cache_dir=cache,
                              verbose=0).fit(str(root))
     assert not np.allclose(plain.oof_proba_["tiny_cnn@32:logistic"], learner.oof_proba_)  # other inputs, other key
@@ -98,6 +102,6 @@ def test_views_out_of_core_are_refused_before_any_work(tmp_path, weights):
     before = forward_pass_count()
     ens = stacker.Ensemble(["tiny_cnn@32+flip"], weights=weights, models=["logistic"], cv=2, out_of_core=True,
                            cache_dir=tmp_path / "cache", verbose=0)
-    with pytest.raises(ValueError, match="views .* needs them in memory"):
+    with pytest.raises(ValueError, match="training on views .* needs their features in memory"):
         ens.fit(str(root))
     assert forward_pass_count() == before

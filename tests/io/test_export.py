@@ -17,7 +17,7 @@ from stacker.io.export import ExportError, aligned, onnx_proba
 from stacker.io.onnx_builder import GraphBuilder
 from stacker.learners.dense import DenseClassifier
 from stacker.learners.streaming import StreamingLogistic, StreamingPrototype
-from stacker.learners.zoo import PathLogistic, PrototypeClassifier
+from stacker.learners.zoo import PathLogistic, PrototypeClassifier, ShrinkageLDA
 from stacker.level2.combiners import GreedyEnsemble, LogitStacker, MeanClassifier, SingleBest, TwoLayerStack
 
 
@@ -50,7 +50,7 @@ def _blocks(k, L=3, n=90, seed=0):
 
 
 LEVEL1 = {"logistic": PathLogistic, "logistic-power1": lambda: PathLogistic(power=1.0),
-          "prototype": PrototypeClassifier, "prototype-uncentred": lambda: PrototypeClassifier(center=False),
+          "lda": ShrinkageLDA, "prototype": PrototypeClassifier, "prototype-uncentred": lambda: PrototypeClassifier(center=False),
           "dense": lambda: DenseClassifier(hidden=(8,), batch_norm=True, dropout=0.3, epochs=3, random_state=0),
           "pipeline": lambda: make_pipeline(StandardScaler(), LogisticRegression(C=0.5)),
           "streaming-logistic": lambda: StreamingLogistic(epochs=3), "streaming-prototype": StreamingPrototype}

@@ -115,7 +115,7 @@ class Learner:
     saved_types: tuple = ()  # classes its fold models are saved as (trusted when loading)
     weighted = False  # its fold fits take sample weights (class_weight, sample_weight)
     exported = False  # its fold models read the source's pooled features, so stacker.io.export can write it
-    takes_views = False  # a backbone entry's views ("name+flip") reach it (its features(): their mean)
+    takes_views = False  # a backbone entry's views ("name+flip") reach it: it trains on and averages over them
     cli_title = None  # the title of its command-line group, and the group's Option rows:
     cli_options: tuple = ()
 

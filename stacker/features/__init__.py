@@ -4,6 +4,7 @@
   place a CNN forward pass over images happens);
 - :mod:`~stacker.features.progress`: extraction progress as periodic lines when stderr is a log, not a terminal;
 - :mod:`~stacker.features.cutpoint`: activations at a backbone's cut point, per view (for fine-tuning);
+- :mod:`~stacker.features.views`: exact variants of each image (its mirror...), each cached apart;
 - :mod:`~stacker.features.config`: the extraction options, declared once (parameters, CLI, cache key);
 - :mod:`~stacker.features.engines`: what runs the forward pass (Keras, XLA, ONNX Runtime);
 - :mod:`~stacker.features.device`: where it runs (the CPU or a GPU, chosen once per process);

@@ -6,8 +6,8 @@ image's bytes. Two learners read views:
 
 - the fine-tuned kind caches cut-point activations per view, for training and TTA
   (:class:`stacker.features.cutpoint.CutPointExtractor`);
-- the frozen kind can average a backbone's pooled features over views
-  (``"efficientnet_lite0@260+flip"``): :meth:`FeatureExtractor.with_view
+- the frozen kind can train on a backbone's pooled features of every view and average its
+  probabilities over them (``"efficientnet_lite0@260+flip"``): :meth:`FeatureExtractor.with_view
   <stacker.features.extractor.FeatureExtractor.with_view>` gives a :class:`ViewExtractor`
   that shares the backbone's network and settings and keys its cache rows on the view.
 """

@@ -73,8 +73,8 @@ def learner_specs(backbones, models, input_size=None, weights="imagenet", kind_v
 
     A backbone entry is a registered name, ``"name@size"`` (the backbone at a square input
     size: larger inputs show small objects in more detail), either followed by ``+view``
-    (``"name@size+flip"``: features averaged over the image and its views,
-    :mod:`stacker.features.views`), or a dict that may set ``backbone``, ``input_size``,
+    (``"name@size+flip"``: trained on each image and its views, probabilities averaged over
+    them, :mod:`stacker.features.views`), or a dict that may set ``backbone``, ``input_size``,
     ``views``, ``weights``, ``name``, ``models`` (or ``head``), ``kind``, and the
     parameter of any learner kind (e.g. ``finetune``); ``kind_values`` holds the
     ensemble's values of those parameters, the default for every entry.

@@ -172,6 +172,20 @@ class PipelineModel(ClassifierMixin, BaseEstimator):
     holding its linear scores. It predicts, exports (:mod:`stacker.io.export`) and takes the one-image fast path
     (:mod:`stacker.learners.fastpath`) as that pipeline."""
 
+    def _standardised(self, X, y, w=None):
+        """Checked inputs -> ``(class indices, the power step (none for power 1), the fitted scaler, scaled rows)``."""
+        X, y = validate_data(self, X, y, dtype=(np.float64, np.float32))
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        power = [("power", SignedPower(float(self.power)).fit(X))] if float(self.power) != 1 else []
+        X = signed_power(X, float(self.power))  # X is validated: the transform without checking it again
+        scaler = StandardScaler().fit(X, sample_weight=w)
+        return y_idx, power, scaler, scaler.transform(X)
+
+    def _inner_split(self, Z, y_idx):
+        """``(inner rows, held-out third)`` of one seeded stratified split (where temperatures and Cs are chosen)."""
+        return next(StratifiedKFold(3, shuffle=True, random_state=self.random_state).split(Z, y_idx))
+
     def predict_proba(self, X):
         check_is_fitted(self, "pipeline_")
         return self.pipeline_.predict_proba(X)
@@ -237,14 +251,9 @@ class PathLogistic(PipelineModel):
 
     def fit(self, X, y, sample_weight=None):
         """``sample_weight``: each row's weight in the scaling, the path, the temperature and the refit."""
-        X, y = validate_data(self, X, y, dtype=(np.float64, np.float32))
-        check_classification_targets(y)
-        self.classes_, y_idx = np.unique(y, return_inverse=True)
         w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-        power = [("power", SignedPower(float(self.power)).fit(X))] if float(self.power) != 1 else []
-        X = signed_power(X, float(self.power))  # X is validated: the transform without checking it again
-        scaler = StandardScaler().fit(X, sample_weight=w)
-        Z = scaler.transform(X).astype(np.float32)
+        y_idx, power, scaler, Z = self._standardised(X, y, w)
+        Z = Z.astype(np.float32)
         Cs = sorted(float(c) for c in self.Cs)
         self.C_, self.temperature_, self.path_, start = Cs[len(Cs) // 2], 1.0, np.full(len(Cs), np.nan), None
         if len(Cs) > 1 and np.bincount(y_idx).min() >= 3:  # every class in both parts of the inner split
@@ -264,7 +273,7 @@ class PathLogistic(PipelineModel):
 
     def _select(self, Z, y_idx, Cs, w=None):
         """``(C, temperature, (coef, intercept) at C)`` from the path on one stratified inner split."""
-        inner, held = next(StratifiedKFold(3, shuffle=True, random_state=self.random_state).split(Z, y_idx))
+        inner, held = self._inner_split(Z, y_idx)
         w_in, w_held = (None, None) if w is None else (w[inner], w[held])
         if w_held is not None and not w_held.any():  # nothing to score on: every held-out row weighs 0
             w_held = None
@@ -335,25 +344,19 @@ class ShrinkageLDA(PipelineModel):
     def fit(self, X, y):
         from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-        X, y = validate_data(self, X, y, dtype=(np.float64, np.float32))
-        check_classification_targets(y)
-        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        y_idx, power, scaler, Z = self._standardised(X, y)
         if len(self.classes_) < 2:
             raise ValueError(f"need at least two classes to train a classifier; got {len(self.classes_)}")
-        power = [("power", SignedPower(float(self.power)).fit(X))] if float(self.power) != 1 else []
-        X = signed_power(X, float(self.power))
-        scaler = StandardScaler().fit(X)
-        Z = scaler.transform(X)
         lda = lambda: LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")  # noqa: E731
         self.temperature_ = 1.0
         if self.temperature and np.bincount(y_idx).min() >= 3:  # every class on both sides of the inner split
-            inner, held = next(StratifiedKFold(3, shuffle=True, random_state=self.random_state).split(Z, y_idx))
+            inner, held = self._inner_split(Z, y_idx)
             scores = _two_columns(lda().fit(Z[inner], y_idx[inner]).decision_function(Z[held]))
             self.temperature_ = _temperature(log_softmax(scores, axis=1), y_idx[held], most=6.0)
         fitted = lda().fit(Z, y_idx)
         linear = LogisticRegression()  # a container: predict_proba is softmax (expit for two classes) of its scores
         linear.coef_, linear.intercept_ = fitted.coef_ / self.temperature_, fitted.intercept_ / self.temperature_
-        linear.classes_, linear.n_features_in_ = self.classes_, X.shape[1]
+        linear.classes_, linear.n_features_in_ = self.classes_, Z.shape[1]
         self.pipeline_ = Pipeline([*power, ("scale", scaler), ("lda", linear)])
         return self
 

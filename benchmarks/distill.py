@@ -6,8 +6,10 @@
 The seeded, stratified 80/20 split of benchmarks/stacking.py. The teacher is the Dogs vs.
 Cats recipe's ensemble (four backbones, logistic + prototype on each, ``meta="auto"``)
 fitted on the 80%. For each student backbone: the student fitted on the hard labels alone
-(its logistic learner, calibrated), then distilled (``stacker.distill``) on the teacher's
-out-of-fold soft targets, and with dogs-vs-cats/test as unlabelled images besides. Every
+(its logistic learner, calibrated; ``--finetune``: the backbone fine-tuned with stacker's
+CPU defaults, soft targets reaching both phases' losses), then distilled (``stacker.distill``)
+on the teacher's out-of-fold soft targets, and with dogs-vs-cats/test as unlabelled images
+besides (``--no-pool``: not). Every
 row is scored on the held-out 20% (log loss, accuracy). ``gap closed`` is the share of
 the hard-label student's held-out log loss gap to the teacher that distillation closes.
 Latency: warm ``stacker.predict`` of one image file, no feature cache (every backbone
@@ -55,6 +57,10 @@ def main() -> int:
     p.add_argument("--hard-weight", type=float, default=0.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--models", default="logistic", help="the students' models (default: %(default)s)")
+    p.add_argument("--finetune", action="store_true",
+                   help="fine-tune each student's backbone (stacker's CPU fine-tuning defaults) instead of a head "
+                        "on its frozen features")
+    p.add_argument("--no-pool", action="store_true", help="skip the rows distilled with the test folder as a pool")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -73,6 +79,8 @@ def main() -> int:
     tr, te = train_test_split(np.arange(len(data)), test_size=0.2, stratify=data.y, random_state=args.seed)
     train, test = data.subset(np.sort(tr)), data.subset(np.sort(te))
     common = {"cache_dir": cache, "weights_dir": args.weights_dir, "random_state": args.seed, "verbose": 0}
+    # a student of several learners gets a level 2 that mixes them ("best" would keep one)
+    student_params = {"finetune": True} if args.finetune else {"meta": "best" if "," not in args.models else "auto"}
     rows, summary, models = [], {}, tuple(args.models.split(","))
     tmp = tempfile.mkdtemp(prefix="stacker-distill-")
     t0 = time.perf_counter()
@@ -85,18 +93,21 @@ def main() -> int:
     summary.update(teacher_ll=held["log_loss"], teacher_ms=t_ms)
     for backbone in args.students.split(","):
         out = {}
-        for name, kw in (("distilled", {}), ("distilled + test pool", {"unlabeled": pool})):
+        runs = (("distilled", {}),) + (() if args.no_pool else (("distilled + test pool", {"unlabeled": pool}),))
+        for name, kw in runs:
             t0 = time.perf_counter()
-            student = distill(teacher, train, backbone, hard_weight=args.hard_weight, temperature=args.temperature, models=models, **kw, **common)
+            student = distill(teacher, train, backbone, hard_weight=args.hard_weight, temperature=args.temperature,
+                              models=models, **kw, **student_params, **common)
             secs = time.perf_counter() - t0
             d = student.scores_["ensemble"]["distilled"]
             if not out:  # the hard-label student is the distilled one's first fit: refit it to score it held out
-                hard = stacker.Ensemble([backbone], models=models, meta="best", cv=5, **common).fit(train)
+                hard = stacker.Ensemble([backbone], models=models, cv=5, **{"meta": "best", **student_params},
+                                        **common).fit(train)
                 hard.save(os.path.join(tmp, f"{backbone}-hard"))
                 h = score(test.y, hard.predict_proba(test), 2)
                 ms = latency(os.path.join(tmp, f"{backbone}-hard"), list(test.paths), args.reps)
-                rows.append((f"{backbone} hard labels", f"{'+'.join(models)}, calibrated", h, d["hard_labels"]["log_loss"], ms,
-                             None))
+                what = "fine-tuned, TTA flip" if args.finetune else f"{'+'.join(models)}, calibrated"
+                rows.append((f"{backbone} hard labels", what, h, d["hard_labels"]["log_loss"], ms, None))
                 out["hard"] = h
             s = score(test.y, student.predict_proba(test), 2)
             rows.append((f"{backbone} {name}", f"hard_weight={args.hard_weight}, T={args.temperature}", s, d["distilled"]["log_loss"], ms,
@@ -106,9 +117,10 @@ def main() -> int:
         closed = (out["hard"]["log_loss"] - out["distilled"]["log_loss"]) / gap if gap > 0 else float("nan")
         summary.update({f"{backbone}_hard_ll": out["hard"]["log_loss"],
                         f"{backbone}_distilled_ll": out["distilled"]["log_loss"],
-                        f"{backbone}_pool_ll": out["distilled + test pool"]["log_loss"],
+                        **({} if args.no_pool else {f"{backbone}_pool_ll": out["distilled + test pool"]["log_loss"]}),
                         f"{backbone}_gap_closed": closed, f"{backbone}_ms": ms})
-    print(f"\nDogs vs. Cats, seeded 80/20 split ({len(train)} training, {len(test)} held-out images)")
+    print(f"\nDogs vs. Cats, seeded 80/20 split ({len(train)} training, {len(test)} held-out images); the teacher "
+          f"and hard-label students are saved in {tmp} (e.g. for benchmarks/export.py --models)")
     print(f"{'model':<40} {'what':<38} {'held-out ll':>11} {'accuracy':>9} {'oof ll':>7} {'ms/image':>9} {'fit s':>6}")
     for name, what, s, oof, ms, secs in rows:
         print(f"{name:<40} {what:<38} {s['log_loss']:>11.4f} {s['accuracy']:>9.4f} {oof:>7.4f} {ms:>9.1f} "

@@ -8,7 +8,8 @@ one weighted row per class it gives at least ``min_target`` (weighted log loss o
 rows is the cross-entropy with the soft targets); ``hard_weight`` of each image's weight
 stays on its label. Unlabelled images add rows with the teacher's predicted probabilities.
 Every feature comes from the cache: the student's backbone is extracted once, the refit
-runs no forward pass.
+runs no forward pass. With ``finetune=...`` the student is the backbone fine-tuned
+(:mod:`stacker.learners.finetuned`) on the same weighted rows, its cut-point activations cached.
 
 The student's out-of-fold scores are on the hard labels of the training images, as the
 teacher's are; they lean slightly optimistic, since an image's soft target in one fold

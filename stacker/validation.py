@@ -135,17 +135,15 @@ def check_weighted(est, specs, what: str | None = None) -> None:
     ``what`` names the feature that needs them when it is not ``class_weight`` or
     ``sample_weight`` (pseudo-labels weigh each pseudo-labelled image by its confidence).
     """
+    from stacker.learners.base import WEIGHTS
     from stacker.learners.zoo import check_takes_weights
 
-    what = what or "class_weight and sample_weight"
+    what = what or WEIGHTS
     if est.executor == "ray":
         raise ValueError(f"{what} are not supported with executor='ray'; use executor='local'")
     for spec in specs:
-        if not LEARNER_KINDS[spec["kind"]].weighted:
-            raise ValueError(f"{spec['name']}: the {spec['kind']!r} learner kind does not take {what}; fit it "
-                             "without them or use frozen-feature models")
-        check_takes_weights(spec["model"], spec["name"], what)
-    if what == "class_weight and sample_weight":  # pseudo-labelled rows never reach level 2
+        LEARNER_KINDS[spec["kind"]].check_weights(spec, what)
+    if what == WEIGHTS:  # pseudo-labelled rows never reach level 2
         for item in combiner_names(est.meta):
             if not isinstance(item, str):  # registered combiners all take weights
                 check_takes_weights(item, "meta", what)

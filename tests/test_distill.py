@@ -69,6 +69,9 @@ def test_the_student_learns_the_teachers_soft_targets_and_is_a_normal_model(teac
     assert "distilled from a 4-learner ensemble" in capsys.readouterr().out  # the leaderboard
     assert main(["cache", "ls", "--cache", str(root / "cache")]) == 0
     assert "tiny_cnn@32:logistic (distilled from a 4-learner ensemble)" in capsys.readouterr().out
+    page = (tmp_path / "s" / "report.html").read_text()  # its report: the comparison, and that it exports
+    assert "<h2>Distillation</h2>" in page and "this model, trained on hard labels" in page
+    assert "This model exports to one ONNX file" in page
     again = Ensemble.load(str(tmp_path / "s"))
     assert "distilled from a 4-learner ensemble" in again.leaderboard()
     assert np.allclose(again.predict_proba(str(root / "train")), student.predict_proba(str(root / "train")))
@@ -89,3 +92,48 @@ def test_distill_refuses_images_the_teacher_was_not_fitted_on(teacher, tmp_path)
                 cache_dir=str(root / "cache"), verbose=0)
     with pytest.raises(ValueError, match="hard_weight must be in"):
         distill(Ensemble.load(str(root / "teacher")), str(root / "train"), "tiny_cnn", hard_weight=2)
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_student_trains_each_fold_on_weighted_soft_target_rows(teacher, monkeypatch):
+    from stacker.learners.finetune import FineTunedClassifier
+
+    root, weights = teacher
+    loaded = Ensemble.load(str(root / "teacher"))
+    seen, original_fit = [], FineTunedClassifier.fit
+
+    def spy(self, X, y, sample_weight=None, **kw):
+        seen.append((len(X), None if sample_weight is None else np.asarray(sample_weight).copy()))
+        return original_fit(self, X, y, sample_weight, **kw)
+
+    monkeypatch.setattr(FineTunedClassifier, "fit", spy)
+    ft = {"blocks": 1, "epochs": 1, "head_epochs": 2, "learning_rate": 1e-3, "tta": ("original",),
+          "train_views": ("original",)}
+    student = distill(loaded, str(root / "train"), {**TINY, "weights": weights}, finetune=ft, cv=2,
+                      cache_dir=str(root / "cache"), verbose=0)
+    assert list(student.learners_) == ["tiny_cnn@32:finetune"]
+    d = student.scores_["ensemble"]["distilled"]
+    assert d["soft_rows"] > 0 and d["distilled"]["log_loss"] != d["hard_labels"]["log_loss"]
+    hard, soft = seen[:2], seen[2:]  # the hard-label fit, then the distilled one
+    assert len(soft) == 2 and all(w is None for _, w in hard)
+    for (n_hard, _), (n_soft, w), (tr, _) in zip(hard, soft, student.folds_):
+        assert n_hard == len(tr) and n_soft > len(tr) and len(w) == n_soft
+        # an image's rows weigh its soft target's classes (those of at least min_target): about 1 per image
+        assert len(tr) * (1 - 3e-3) <= w.sum() <= len(tr) + 1e-6
+    assert student.predict_proba(str(root / "train")).shape == (36, 3)
+    from stacker.app.cli import build_parser
+    from stacker.app.options import kind_params
+
+    args = build_parser().parse_args(["distill", "m", "d", "--backbone", "tiny_cnn", "--out", "s", "--finetune",
+                                      "--finetune-epochs", "2"])
+    assert kind_params(args) == {"finetune": {"epochs": 2}}  # `stacker distill --finetune`: the same student
+
+
+@pytest.mark.slow
+def test_a_full_mode_fine_tuned_student_is_refused_before_any_work(teacher):
+    root, weights = teacher
+    before = forward_pass_count()
+    with pytest.raises(ValueError, match="mode 'full' reads the pixels of training images, so soft targets"):
+        distill(Ensemble.load(str(root / "teacher")), str(root / "train"), {**TINY, "weights": weights},
+                finetune={"mode": "full"}, cache_dir=str(root / "cache"), verbose=0)
+    assert forward_pass_count() == before

@@ -144,6 +144,33 @@ def test_a_round_that_helps_is_kept_saved_and_loaded(colour_labels, monkeypatch,
     assert loaded.scores_["ensemble"]["pseudo_labels"]["kept_rounds"] == s["kept_rounds"]
 
 
+@pytest.mark.slow
+def test_fine_tuned_learners_take_pseudo_labelled_rows(colour_labels, monkeypatch):
+    """Each fold's teacher (its fine-tuned fold networks, level 2) labels the pool; the labelled rows
+    reach every fold's fine-tuning with their confidences as weights."""
+    from stacker.learners.finetune import FineTunedClassifier
+
+    root, _, weights = colour_labels
+    seen, original_fit = [], FineTunedClassifier.fit
+
+    def spy(self, X, y, sample_weight=None, **kw):
+        seen.append((len(X), None if sample_weight is None else np.asarray(sample_weight).copy()))
+        return original_fit(self, X, y, sample_weight, **kw)
+
+    monkeypatch.setattr(FineTunedClassifier, "fit", spy)
+    ft = {"blocks": 1, "epochs": 1, "head_epochs": 2, "learning_rate": 1e-3, "tta": ("original",),
+          "train_views": ("original",)}
+    ens = Ensemble([{**TINY, "weights": weights}], cv=2, cache_dir=str(root / "cache"), verbose=0, meta="logit",
+                   finetune=ft, pseudo_labels={"rounds": 1, "min_confidence": 0.5, "max_share": 10}).fit(
+        str(root / "train"), unlabeled=str(root / "pool"))
+    s = ens.pseudo_labels_
+    assert s["used"] == 80 and s["rounds"][0]["images"] > 0
+    first, second = seen[:2], seen[2:4]  # the labelled fit, then round 1
+    assert [n for n, _ in first] == [len(tr) for tr, _ in ens.folds_] and all(w is None for _, w in first)
+    for (n, w), (tr, _) in zip(second, ens.folds_):
+        assert n > len(tr) and np.all(w[:len(tr)] == 1) and np.all((w[len(tr):] >= 0.5) & (w[len(tr):] <= 1))
+
+
 def test_pseudo_labels_are_refused_where_weights_cannot_go(noise_labels, tmp_path):
     train, pool, _, _ = noise_labels
     before = forward_pass_count()

@@ -168,7 +168,6 @@ def test_balanced_weights_reach_the_learners_level2_scores_and_keys(imbalanced):
 
 
 @pytest.mark.parametrize("params, sample_weight, match", [
-    ({"class_weight": "balanced", "finetune": True}, None, "'finetuned' learner kind does not take"),
     ({"class_weight": "balanced", "out_of_core": True}, None, "not supported out of core"),
     ({"models": [KNeighborsClassifier()]}, "ones", "takes no sample_weight"),
     ({"class_weight": "balanced", "meta": KNeighborsClassifier()}, None, "meta: KNeighborsClassifier.fit takes no"),

@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-labels", action="store_true", help="merge labels that differ only in case or spaces")
     add_options(p, ("models", "weights", "image_size", "batch_size", "feature_dtype", "cache", "weights_dir",
                     "on_bad_image", "resize", "engine", "trust", "device"), defaults={"models": "logistic"})
+    for title, names in GROUPS.items():  # the learner kinds' groups: --finetune makes a fine-tuned student
+        if title not in ("stacking", "features", "device"):
+            add_options(p, names, title)
     _add_common(p)
 
     p = _command(sub, "top5", "ImageNet top-5 classes of images",
@@ -413,7 +416,7 @@ def cmd_export(args, out) -> int:
 
 
 def cmd_distill(args, out) -> int:
-    from stacker.app.options import extraction_params
+    from stacker.app.options import extraction_params, kind_params
     from stacker.data.sources import load_images
     from stacker.distill import distill
     from stacker.ensemble import Ensemble
@@ -423,8 +426,8 @@ def cmd_distill(args, out) -> int:
     teacher = Ensemble.load(args.model, trusted=args.trust, cache_dir=args.cache, verbose=0)
     student = distill(teacher, load_images(args.data, merge_labels=args.merge_labels), args.backbone,
                       unlabeled=args.unlabeled, models=args.models, hard_weight=args.hard_weight,
-                      temperature=args.temperature,
-                      device=args.device, verbose=0 if args.quiet else 1, **extraction_params(args))
+                      temperature=args.temperature, device=args.device, verbose=0 if args.quiet else 1,
+                      **extraction_params(args), **kind_params(args))
     student.save(args.out)
     print(student.leaderboard(), file=out)
     from stacker.app.report import report

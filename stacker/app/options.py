@@ -190,14 +190,18 @@ def extraction_params(args) -> dict:
             if opt.param.cli is not None and hasattr(args, opt.param.cli.dest_name)}
 
 
+def kind_params(args) -> dict:
+    """The :class:`stacker.Ensemble` parameters that select learner kinds (``finetune``), from their options."""
+    return {cls.param.name: cls.from_cli(args) for cls in LEARNER_KINDS.values() if cls.param is not None}
+
+
 def ensemble_params(args, **overrides) -> dict:
     """The :class:`stacker.Ensemble` parameters that parsed :data:`GROUPS` options describe."""
     params = {"backbones": args.backbones.split(",") if args.backbones else None, "models": args.models,
               "meta": args.meta, "meta_inputs": args.meta_inputs, "calibration": not args.no_calibration,
               "cv": args.folds, "random_state": args.seed, "class_weight": getattr(args, "class_weight", None),
               "pseudo_labels": getattr(args, "pseudo_labels", None),
-              **extraction_params(args),
-              **{cls.param.name: cls.from_cli(args) for cls in LEARNER_KINDS.values() if cls.param is not None},
+              **extraction_params(args), **kind_params(args),
               "device": getattr(args, "device", "auto"), "verbose": 0 if args.quiet else 1}
     return {**params, **overrides}
 

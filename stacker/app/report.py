@@ -413,6 +413,40 @@ def _level2_section(page: _Page, manifest: dict) -> None:
 # --------------------------------------------------------------------------- sections
 
 
+def _distillation_section(page: _Page, scores: dict) -> None:
+    """A distilled student (:mod:`stacker.distill`) against its teacher and its hard-label self."""
+    d = scores.get("ensemble", {}).get("distilled")
+    if not d:
+        return
+    rows = [[f"teacher ({d['teacher_learners']} learners)", f"{d['teacher']['accuracy']:.4f}",
+             f"{d['teacher']['log_loss']:.4f}"],
+            ["this model, trained on hard labels", f"{d['hard_labels']['accuracy']:.4f}",
+             f"{d['hard_labels']['log_loss']:.4f}"],
+            ["this model, distilled", f"{d['distilled']['accuracy']:.4f}", f"{d['distilled']['log_loss']:.4f}"]]
+    pool = d.get("unlabeled")
+    body = (f"<p>Trained on the teacher's out-of-fold probabilities of its training images (hard_weight "
+            f"{d['hard_weight']}, temperature {d['temperature']}, {d['soft_rows']} soft-target rows"
+            + (f"; {pool['used']} unlabelled images taught with the teacher's predictions" if pool else "")
+            + "). Out of fold on the same folds: a held-out set is the fair comparison (an image's soft target "
+            "in one fold came from teacher models that saw the others).</p>")
+    page.add("Distillation", body + _table(["model", "accuracy", "log loss"], rows))
+
+
+def _export_section(page: _Page, manifest: dict, run_dir: str) -> None:
+    """Whether ``stacker export`` writes this model as one ONNX file, and what refuses it if not."""
+    state = manifest.get("export")
+    if state is None:  # saved by a stacker that did not check
+        return
+    if state["onnx"]:
+        body = (f"<p>This model exports to one ONNX file (every backbone, fold model, level 2 and its "
+                f"calibration; pixels in, probabilities out, runnable on plain ONNX Runtime):</p><pre>stacker export "
+                f"{html.escape(run_dir)} model.onnx</pre>")
+    else:
+        body = (f"<p>This model cannot be exported to ONNX: {html.escape(state.get('reason', ''))}</p>"
+                "<p>The first part refused is named; refit without it to export.</p>")
+    page.add("Export", body)
+
+
 def _leaderboard_section(page: _Page, scores: dict) -> None:
     rows = []
     for name, s in scores.items():
@@ -591,9 +625,11 @@ def report(run_dir, out_dir=None, max_pairs: int = 20, n_worst: int = 18) -> str
     if fig is not None:
         page.add("How level 2 uses its inputs", page.figure(fig, "meta_importance.png", "importance") + _table(
             ["learner", "log-loss increase when shuffled"], [[n, f"{v:.4f}"] for n, v in importance.items()]))
+    _distillation_section(page, scores)
     skipped = manifest.get("skipped", {})
     if skipped:
         page.add("Skipped images", _table(["file", "reason"], sorted(skipped.items())))
+    _export_section(page, manifest, run_dir)
     config = {"meta": manifest.get("meta"), "meta_inputs": manifest.get("meta_inputs"), "cv": manifest.get("cv"),
               "random_state": manifest.get("random_state"), **manifest.get("config", {})}
     page.add("Configuration and environment", "<pre>" + html.escape(json.dumps(

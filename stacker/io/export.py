@@ -4,9 +4,12 @@
 already runs on ONNX Runtime), every fold model of every level-1 learner, level 2, its
 calibration and the ``min_proba`` floor. It runs on plain ONNX Runtime: no stacker,
 TensorFlow, scikit-learn or skops. Each part declares its own ONNX form where it is
-defined, as ``onnx_proba(graph, x)`` (stacker's models and combiners); the scikit-learn
-types stacker builds on are in :data:`SKLEARN` here. A part with neither is refused by
-name (:class:`~stacker.io.onnx_builder.ExportError`), never approximated.
+defined, as ``onnx_proba(graph, x)`` (stacker's models and combiners; a fine-tuned
+network is its Keras model as tf2onnx converts it); the scikit-learn types stacker builds
+on are in :data:`SKLEARN` here. A part with neither is refused by name
+(:class:`~stacker.io.onnx_builder.ExportError`), never approximated; each learner kind
+says what of it cannot be exported (``Learner.export_refusal``). :func:`readiness` runs
+the same checks without converting any network (every saved model records it).
 
 The input contract (one input per distinct backbone input size, float32 NHWC RGB in
 0..255, resized with Pillow's bilinear resize from the upright RGB image) and the class
@@ -16,12 +19,13 @@ names are in the file's metadata (``stacker.inputs``, ``stacker.classes``).
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 
 from stacker.io.onnx_builder import ExportError, GraphBuilder
 
-__all__ = ["export_onnx", "onnx_proba", "ExportError", "SKLEARN", "read_contract"]
+__all__ = ["export_onnx", "readiness", "onnx_proba", "ExportError", "SKLEARN", "read_contract"]
 
 EPS = 1e-8  # stacker.level2.arrays.EPS: probabilities are clipped to this before a log
 
@@ -118,10 +122,45 @@ def export_onnx(ens, path: str) -> dict:
     Raises :class:`ExportError` naming the first part that ONNX cannot express exactly.
     """
     import onnx
+
+    g, out, contract = _graph(ens)
+    k = len(ens.classes_)
+    g.nodes.append(onnx.helper.make_node("Identity", [out], ["probabilities"], name="probabilities"))
+    output = onnx.helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, ["batch", k])
+    from stacker import __version__
+
+    meta = {"stacker.classes": json.dumps(list(map(str, ens.classes_))), "stacker.inputs": json.dumps(contract),
+            "stacker.version": __version__, "stacker.min_proba": repr(float(ens.min_proba)),
+            "stacker.learners": json.dumps(list(ens.learners_)), "stacker.level2": ens.meta_.name}
+    model = g.model([output], meta, doc="stacker ensemble: RGB pixels -> calibrated class probabilities")
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return {"inputs": contract, "classes": list(ens.classes_), "output": "probabilities"}
+
+
+def readiness(ens) -> dict:
+    """Whether :func:`export_onnx` can write ``ens``, found without writing it (saved in the manifest, shown in
+    the report): ``{"onnx": True}``, or ``{"onnx": False, "part": ..., "reason": ...}`` for the first part refused.
+
+    Every part is written as in an export, except the Keras networks (backbones, fine-tuned tops), which tf2onnx
+    converts whole and which are placeholders here: a check costs no conversion.
+    """
+    try:
+        _graph(ens, convert=False)
+    except ExportError as e:
+        return {"onnx": False, "part": e.part, "reason": str(e)}
+    except Exception as e:  # noqa: BLE001 - a user's model whose own onnx_proba fails: not exportable, still saved
+        return {"onnx": False, "part": "?", "reason": f"{type(e).__name__}: {e}"}
+    return {"onnx": True}
+
+
+def _graph(ens, convert: bool = True):
+    """``(graph, its probabilities output, the input contract)`` of the fitted ``ens`` (``convert=False``: the
+    Keras networks are placeholders, see :class:`GraphBuilder`)."""
     from sklearn.utils.validation import check_is_fitted
 
     check_is_fitted(ens, "meta_")
-    g, k = GraphBuilder(), len(ens.classes_)
+    g, k = GraphBuilder(convert=convert), len(ens.classes_)
     features, contract = _backbones(ens, g)
     probas, feats = [], []
     for name, learner in ens.learners_.items():
@@ -134,18 +173,7 @@ def export_onnx(ens, path: str) -> dict:
     z = g.concat({"proba": probas, "features": feats, "both": probas + feats}[ens.meta_inputs])
     proba = aligned(ens.meta_.combiner, g, onnx_proba(ens.meta_.combiner, g, z, f"level 2 ({ens.meta_.name})"), k)
     proba = calibrated(g, proba, ens.meta_.temperature, ens.meta_.floor, k)
-    out = floored(g, proba, ens.min_proba, k)
-    g.nodes.append(onnx.helper.make_node("Identity", [out], ["probabilities"], name="probabilities"))
-    output = onnx.helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, ["batch", k])
-    from stacker import __version__
-
-    meta = {"stacker.classes": json.dumps(list(map(str, ens.classes_))), "stacker.inputs": json.dumps(contract),
-            "stacker.version": __version__, "stacker.min_proba": repr(float(ens.min_proba)),
-            "stacker.learners": json.dumps(list(ens.learners_)), "stacker.level2": ens.meta_.name}
-    model = g.model([output], meta, doc="stacker ensemble: RGB pixels -> calibrated class probabilities")
-    with open(path, "wb") as f:
-        f.write(model.SerializeToString())
-    return {"inputs": contract, "classes": list(ens.classes_), "output": "probabilities"}
+    return g, floored(g, proba, ens.min_proba, k), contract
 
 
 def _source_key(learner):
@@ -164,14 +192,14 @@ def _backbones(ens, g: GraphBuilder):
 
     features, inputs = {}, {}
     for name, learner in ens.learners_.items():
-        views = learner.views()
-        if not learner.exported:
-            raise ExportError(f"learner {name}", f"the {learner.kind!r} kind is not exported (only learners on a "
-                                                 "frozen backbone's pooled features are)")
-        if not set(views) <= {"original", "flip"}:
-            raise ExportError(f"learner {name}", f"it reads the views {sorted(views)} of its {learner.kind} source, "
-                                                 "which only stacker computes (exported: pooled features of the "
-                                                 "image and of its mirror)")
+        views, shown = learner.views(), learner.predict_views()
+        refusal = learner.export_refusal(ens.meta_inputs)
+        if refusal:
+            raise ExportError(f"learner {name}", refusal)
+        if not set(shown) <= {"original", "flip"}:
+            raise ExportError(f"learner {name}", f"it averages the views {sorted(shown)} of its {learner.kind} "
+                                                 "source, which only stacker computes (exported: the image and its "
+                                                 "mirror)")
         key, ext = _source_key(learner), views["original"]
         if key in features:
             continue
@@ -186,11 +214,10 @@ def _backbones(ens, g: GraphBuilder):
         pixels = inputs.get(size)
         if pixels is None:
             pixels = inputs[size] = g.input(f"pixels_{size}", ["batch", size, size, 3])
-        graph = onnx.load_from_string(ext.onnx_graph())
-        (inp,) = [i.name for i in graph.graph.input if i.name not in {t.name for t in graph.graph.initializer}]
-        mirrored = "flip" in views  # one pass over the images and their mirrors
+        mirrored = "flip" in shown  # one pass over the images and their mirrors
         feed = g.op("Concat", pixels, _mirror(g, pixels), axis=0) if mirrored else pixels
-        out = g.add_graph(graph, f"{learner.spec['base'].replace('@', '_').replace('+', '_')}/", {inp: feed})[0]
+        prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", "_".join(map(str, key)))  # one per source (backbone and kind)
+        out = g.add_network(ext.onnx_graph, f"{prefix}/", feed, ["rows", "features"])
         if np.dtype(ext.feature_dtype) != np.float32:  # features are rounded to the cached type, as stacker does
             out = g.op("Cast", g.op("Cast", out, to=onnx.TensorProto.FLOAT16), to=onnx.TensorProto.FLOAT)
         features[key] = (out, pixels if mirrored else None)

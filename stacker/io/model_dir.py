@@ -29,6 +29,7 @@ from stacker import __version__
 from stacker.backbones.torch_checkpoint import sha256_file
 from stacker.data.sources import file_fingerprints
 from stacker.io.bounds import check_manifest_sizes, checked_array_file
+from stacker.io.export import readiness
 from stacker.io.manifest import ManifestError, check_manifest
 from stacker.io.persist import (ModelIntegrityError, load_estimator, load_unfitted, member, save_estimator,
                                 save_unfitted, trusted_types)
@@ -98,6 +99,7 @@ def save_ensemble(ens, directory, onnx: bool | None = None) -> str:
         "train_paths": [os.path.abspath(p) for p in ens.train_paths_],  # found by a report run from any folder
         "histories": {n: [getattr(est, "history_", None) for est in lr.fold_models_]
                       for n, lr in ens.learners_.items()},
+        "export": readiness(ens),  # whether `stacker export` can write it (the report says so)
     }
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1, default=_json_default)

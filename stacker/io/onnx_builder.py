@@ -29,8 +29,9 @@ class ExportError(ValueError):
 class GraphBuilder:
     """Nodes and initializers of one graph under construction; every value gets a fresh name."""
 
-    def __init__(self):
+    def __init__(self, convert: bool = True):
         self.nodes, self.initializers, self.inputs = [], [], []
+        self.convert = convert  # False: networks are placeholder inputs (checking what exports, converting nothing)
         self._n = 0
 
     def name(self, hint: str) -> str:
@@ -100,6 +101,17 @@ class GraphBuilder:
         self.nodes.extend(g.node)
         self.initializers.extend(g.initializer)
         return [o.name for o in g.output]
+
+    def add_network(self, graph_bytes, prefix: str, feed: str, shape) -> str:
+        """A one-input, one-output network's graph (``graph_bytes()``: its serialized ONNX, e.g. from tf2onnx) fed
+        by ``feed``; its output. Without ``convert``, an input of ``shape`` stands for the output."""
+        import onnx
+
+        if not self.convert:
+            return self.input(self.name(prefix.strip("/").replace("/", "_")), shape)
+        graph = onnx.load_from_string(graph_bytes())
+        (inp,) = [i.name for i in graph.graph.input if i.name not in {t.name for t in graph.graph.initializer}]
+        return self.add_graph(graph, prefix, {inp: feed})[0]
 
     def model(self, outputs: list, metadata: dict, doc: str = ""):
         """The finished ModelProto (opset :data:`OPSET`), checked by ONNX's checker."""

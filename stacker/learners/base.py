@@ -34,7 +34,10 @@ from stacker.learners.fastpath import proba_function
 from stacker.learners.zoo import model_label, model_names
 from stacker.level2.arrays import align_proba, oof_dtype, score
 
-__all__ = ["Learner", "Settings", "views_mean", "describe", "extractor_kwargs", "run_folds_here", "saved_networks"]
+__all__ = ["WEIGHTS", "Learner", "Settings", "views_mean", "describe", "extractor_kwargs", "run_folds_here",
+           "saved_networks"]
+
+WEIGHTS = "class_weight and sample_weight"  # what needs row weights when no stage (pseudo-labels, distillation) does
 
 
 def describe(spec) -> str:
@@ -114,7 +117,7 @@ class Learner:
     param = None  # the stacker.params.Param of the Ensemble parameter that selects this kind, if any
     saved_types: tuple = ()  # classes its fold models are saved as (trusted when loading)
     weighted = False  # its fold fits take sample weights (class_weight, sample_weight)
-    exported = False  # its fold models read the source's pooled features, so stacker.io.export can write it
+    exported = False  # its fold models have an ONNX form on its source's rows, so stacker.io.export can write it
     takes_views = False  # a backbone entry's views ("name+flip") reach it: it trains on and averages over them
     cli_title = None  # the title of its command-line group, and the group's Option rows:
     cli_options: tuple = ()
@@ -128,6 +131,13 @@ class Learner:
     def code_parts(cls, out_of_core: bool = False) -> dict:
         """Fingerprints of the code that decides this kind's results (names end in ``code``)."""
         return {}
+
+    @classmethod
+    def check_weights(cls, spec: dict, what: str) -> None:
+        """Raise unless this spec's fold fits take row weights (``what``: the feature that needs them)."""
+        if not cls.weighted:
+            raise ValueError(f"{spec['name']}: the {cls.kind!r} learner kind does not take {what}; fit it without "
+                             "them or use frozen-feature models")
 
     @classmethod
     def check_streaming(cls, spec: dict) -> None:
@@ -161,6 +171,16 @@ class Learner:
     def views(self) -> dict:
         """View name -> extractor of the cached inputs this learner reads."""
         return {"original": self.source}
+
+    def predict_views(self) -> tuple:
+        """The views whose probabilities its predictions average (those it reads, unless a kind says otherwise)."""
+        return tuple(self.views())
+
+    def export_refusal(self, meta_inputs: str) -> str | None:
+        """Why :mod:`stacker.io.export` cannot write this learner for a level 2 reading ``meta_inputs``, or None."""
+        if not self.exported:
+            return f"the {self.kind!r} kind is not exported"
+        return None
 
     def features(self, inputs: dict):
         """The rows level 2 reads as this learner's features (``meta_inputs``): the original view's here."""
@@ -306,7 +326,8 @@ class Learner:
         What pseudo-labelling (:mod:`stacker.pseudo_labels`) asks for fold ``i``'s labels of unlabelled images.
         """
         est, k = self.fold_models_[i], self.settings.n_classes
-        return views_mean([align_proba(est, est.predict_proba(inputs[v]), k) for v in self.views()]), self.features(inputs)
+        probas = [align_proba(est, est.predict_proba(inputs[v]), k) for v in self.predict_views()]
+        return views_mean(probas), self.features(inputs)
 
     def extra_scores(self, y, k) -> dict:
         """Learner-specific leaderboard entries (e.g. fine-tuning's phase-1 scores)."""

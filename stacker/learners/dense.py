@@ -202,9 +202,7 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
     def onnx_proba(self, g, x):
         """This head in an exported graph (:mod:`stacker.io.export`), layer by layer (inference: no dropout,
         batch norm from its moving statistics), rows normalised as :meth:`predict_proba` does."""
-        for layer in self.model_.layers:
-            x = _onnx_layer(layer, g, x)
-        return g.normalise_rows(x)
+        return g.normalise_rows(onnx_layers(self.model_, g, x))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -232,6 +230,13 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         est.n_features_in_ = int(info.get("n_features_in", est.model_.input_shape[-1]))
         est.history_ = info.get("history", {})
         return est
+
+
+def onnx_layers(model, g, x):
+    """A head built by :meth:`DenseClassifier._build` (also inside a fine-tuned network) as ONNX ops on ``x``."""
+    for layer in model.layers:
+        x = _onnx_layer(layer, g, x)
+    return x
 
 
 def _onnx_layer(layer, g, x):

@@ -25,7 +25,7 @@ import json
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted
 
 from stacker.backbones import registry as _backbones
 from stacker.features.cutpoint import batched_rows, on_rows, pooled_rows, set_finetune_trainable, split_backbone
@@ -54,7 +54,7 @@ class _ViewBatches:
     Views may be :class:`~stacker.features.rows.CachedRows`: a batch is then read from the cache.
     """
 
-    def __init__(self, views, Y, batch_size, shape, seed):
+    def __init__(self, views, Y, batch_size, shape, seed, weights=None):
         import keras
 
         class _Seq(keras.utils.PyDataset):
@@ -80,7 +80,7 @@ class _ViewBatches:
                     sel = inner.pick[rows] == v
                     if sel.any():
                         x[sel] = np.asarray(V[rows[sel]]).reshape((-1,) + shape)
-                return x, Y[rows]
+                return (x, Y[rows]) if weights is None else (x, Y[rows], weights[rows])
 
             def on_epoch_end(inner):
                 inner._shuffle()
@@ -108,16 +108,19 @@ def _clone(model, policy=None):
     return keras.models.clone_model(model, clone_function=clone)
 
 
-def _validation(X, Y, shape, batch_size):
-    """Validation data: arrays in memory, or batches read from the cache when ``X`` streams."""
+def _validation(X, Y, shape, batch_size, weights=None):
+    """Validation data (with each row's weight when given): arrays in memory, or batches read from the cache."""
     if isinstance(X, CachedRows):
-        return _ViewBatches([X], Y, batch_size, shape, None).dataset
-    return X.reshape((-1,) + shape).astype(np.float32), Y
+        return _ViewBatches([X], Y, batch_size, shape, None, weights).dataset
+    x = X.reshape((-1,) + shape).astype(np.float32)
+    return (x, Y) if weights is None else (x, Y, weights)
 
 
 def _evaluate(model, val, batch_size: int) -> float:
     if isinstance(val, tuple):
-        return model.evaluate(*val, verbose=0, batch_size=batch_size, return_dict=True)["loss"]
+        x, Y, *w = val
+        return model.evaluate(x, Y, sample_weight=w[0] if w else None, verbose=0, batch_size=batch_size,
+                              return_dict=True)["loss"]
     return model.evaluate(val, verbose=0, return_dict=True)["loss"]
 
 
@@ -261,7 +264,8 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         return keras.Sequential([make[a]() for a in self.augment], name="augmentation")
 
     # -- fitting ----------------------------------------------------------------------
-    def fit(self, X, y, views=(), pooled=None, paths=None, orientations=None, top=None, bottom=None):
+    def fit(self, X, y, sample_weight=None, views=(), pooled=None, paths=None, orientations=None, top=None,
+            bottom=None):
         """Two-phase fit.
 
         Parameters
@@ -269,6 +273,9 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         X : ndarray (n, d)
             Flattened cut-point activations of the training images (original view).
         y : array (n,)
+        sample_weight : array (n,), optional
+            Each row's weight in both phases' training and validation losses (class weights,
+            pseudo-labels, distillation's soft-target rows).
         views : sequence of ndarray (n, d)
             Extra cached views of the same rows, drawn at random as augmentation
             (``mode="cached"``).
@@ -296,13 +303,15 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         k = len(self.classes_)
         if k < 2:
             raise ValueError("need at least two classes to train a classifier")
+        w = None if sample_weight is None else _check_sample_weight(sample_weight, np.empty((len(y), 0)),
+                                                                    dtype=np.float32, ensure_non_negative=True)
         keras.utils.set_random_seed(int(self.random_state))
         from stacker.features.engines import strategy_scope
 
         with strategy_scope(self.strategy):  # the top's copy, the head and the phase-2 model live in it
-            return self._fit(X, y, y_idx, views, pooled, paths, orientations, top, bottom)
+            return self._fit(X, y, y_idx, w, views, pooled, paths, orientations, top, bottom)
 
-    def _fit(self, X, y, y_idx, views, pooled, paths, orientations, top, bottom):
+    def _fit(self, X, y, y_idx, w, views, pooled, paths, orientations, top, bottom):
         import keras
 
         k = len(self.classes_)
@@ -322,7 +331,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         # phase 1: the head alone on frozen features, with the split phase 2 uses
         head = DenseClassifier(dropout=self.dropout, epochs=self.head_epochs,
                                learning_rate=self.head_learning_rate, validation_fraction=self.validation_fraction,
-                               random_state=self.random_state, strategy=self.strategy).fit(pooled, y)
+                               random_state=self.random_state, strategy=self.strategy).fit(pooled, y, w)
         self.head_ = copy.copy(head)
         self.head_.model_ = keras.models.clone_model(head.model_)
         self.head_.model_.set_weights(head.model_.get_weights())
@@ -337,7 +346,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
                       loss=keras.losses.CategoricalCrossentropy(label_smoothing=self.label_smoothing),
                       metrics=["accuracy"])
         Y = keras.utils.to_categorical(y_idx, k).astype(np.float32)
-        val = _validation(X[va], Y[va], shape, self.batch_size)
+        val = _validation(X[va], Y[va], shape, self.batch_size, None if w is None else w[va])
         before = _evaluate(model, val, self.batch_size)
         start = model.get_weights()
         callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience,
@@ -347,11 +356,11 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         callbacks.append(timer)
         if self.mode == "cached":
             train = _ViewBatches([X[tr]] + [_subset(V, tr) for V in views], Y[tr], self.batch_size, shape,
-                                 self.random_state).dataset
+                                 self.random_state, None if w is None else w[tr]).dataset
             hist = keras_fit(model, train, validation_data=val, epochs=self.epochs, callbacks=callbacks,
                              verbose=self.verbose)
         else:
-            hist = self._fit_full(model, bottom, top, head, shape, paths, orientations, Y, tr, va, callbacks)
+            hist = self._fit_full(model, bottom, top, head, shape, paths, orientations, Y, w, tr, va, callbacks)
         phase2 = {key: [float(v) for v in vals] for key, vals in hist.history.items() if key != "learning_rate"}
         phase2["epoch_seconds"] = timer.seconds[: len(phase2.get("loss", []))]
         self.phase2_kept_ = bool(phase2.get("val_loss")) and min(phase2["val_loss"]) < before
@@ -366,7 +375,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         self.history_["phase1_epochs"] = n1
         return self
 
-    def _fit_full(self, model, bottom, top, head, shape, paths, orientations, Y, tr, va, callbacks):
+    def _fit_full(self, model, bottom, top, head, shape, paths, orientations, Y, w, tr, va, callbacks):
         """Phase 2 on pixels: augmentation -> frozen bottom -> top -> head, every epoch."""
         import keras
         import tensorflow as tf
@@ -384,11 +393,12 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         paths = np.asarray(paths, dtype=object)
         orientations = np.ones(len(paths), np.int32) if orientations is None else np.asarray(orientations)
         Yt = tf.constant(Y)
+        Wt = tf.constant(np.ones(len(Y), np.float32) if w is None else w)
 
         def dataset(rows, shuffle):
             rows = np.random.default_rng(self.random_state).permutation(rows) if shuffle else rows
             ds = pixel_batches(list(paths[rows]), size, self.batch_size, orientations[rows], rows=rows)
-            ds = ds.map(lambda r, px: (px, tf.gather(Yt, r)))
+            ds = ds.map(lambda r, px: (px, tf.gather(Yt, r), tf.gather(Wt, r)))
             # the rows' images decoded before (their activations are cached), so the batch count is known
             ds = ds.apply(tf.data.experimental.assert_cardinality(-(-len(rows) // self.batch_size)))
             return ds.shuffle(64, seed=self.random_state, reshuffle_each_iteration=True) if shuffle else ds
@@ -411,6 +421,21 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         proba = batched_rows(on_rows(self.model_, self.cut_shape_), X)
         proba = proba.astype(np.float64)
         return proba / proba.sum(axis=1, keepdims=True)
+
+    def onnx_proba(self, g, x: str) -> str:
+        """This network in an exported graph (:mod:`stacker.io.export`) on cut-point rows ``x`` (flat or not): the
+        fine-tuned top blocks as tf2onnx converts them, then the head layer by layer (as a dense head exports),
+        rows normalised as :meth:`predict_proba` does."""
+        import keras
+
+        from stacker.features.engines import export_onnx
+        from stacker.learners.dense import onnx_layers
+
+        check_is_fitted(self, "model_")
+        top, head = [layer for layer in self.model_.layers if isinstance(layer, keras.Model)]
+        cut = g.op("Reshape", x, g.const([-1, *self.cut_shape_], "shape", np.int64))
+        pooled = g.add_network(lambda: export_onnx(top), g.name("finetuned_top") + "/", cut, ["batch", "features"])
+        return g.normalise_rows(onnx_layers(head, g, pooled))
 
     def predict(self, X):
         proba = self.predict_proba(X)  # first: it raises NotFittedError before fit

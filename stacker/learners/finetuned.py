@@ -15,7 +15,7 @@ import numpy as np
 from stacker.backbones import registry as _backbones
 from stacker.features.cutpoint import CutPointExtractor, VIEWS, batched_rows, on_rows, pooled_rows
 from stacker.features.cutpoint import cut_code_fingerprint
-from stacker.learners.base import Learner, extractor_kwargs
+from stacker.learners.base import WEIGHTS, Learner, extractor_kwargs
 from stacker.learners.finetune import FineTunedClassifier, _ViewBatches
 from stacker.learners.kinds import register_learner
 from stacker.learners.streaming import streaming_code
@@ -91,6 +91,8 @@ class FineTunedLearner(Learner):
     """
 
     kind = "finetuned"
+    weighted = True  # each row's weight reaches both phases' losses (class weights, pseudo-labels, distillation)
+    exported = True  # the bottom's graph, then each fold's fine-tuned network converted by tf2onnx
     param = Param("finetune", None, "None, True or dict\n    Fine-tune every backbone instead of fitting ``models`` on "
                   "frozen features (two\n    phases on a cut-point cache, see :mod:`stacker.learners.finetune`); "
                   "``True`` uses CPU\n    defaults, a dict overrides them. A backbone dict may set its own.",
@@ -140,6 +142,12 @@ class FineTunedLearner(Learner):
         return parts
 
     @classmethod
+    def check_weights(cls, spec, what):
+        if what != WEIGHTS and spec["finetune"].get("mode") == "full":
+            raise ValueError(f"{spec['name']}: finetune mode 'full' reads the pixels of training images, so {what} "
+                             "cannot add rows to it; use mode='cached'")
+
+    @classmethod
     def specs(cls, spec, models):
         ft = finetune_params(spec["finetune"])
         cfg = _backbones.get_cfg(spec["backbone"])
@@ -168,6 +176,17 @@ class FineTunedLearner(Learner):
                 cache[v] = self.source if v == "original" else self.source.with_view(v)
         return dict(cache)
 
+    def predict_views(self) -> tuple:
+        return tuple(self.spec["finetune"]["tta"])
+
+    def export_refusal(self, meta_inputs: str) -> str | None:
+        if meta_inputs != "proba":
+            return (f"level 2 reads its fine-tuned features (meta_inputs={meta_inputs!r}), which the export does not "
+                    "compute; fit with meta_inputs='proba'")
+        if self.spec["finetune"]["tta_meta"] != "mean":
+            return "level 2 reads one probability block per view (tta_meta='views'); fit with tta_meta='mean'"
+        return None
+
     def _key_extra(self) -> dict:  # float16 training gives other fold models: its results are cached apart
         return {**super()._key_extra(), "finetune": {**self.spec["finetune"], "mixed_precision": self._mixed()}}
 
@@ -190,13 +209,16 @@ class FineTunedLearner(Learner):
                                      "input_size": self.source.size, "weights_dir": st.weights_dir,
                                      "random_state": st.random_state + i, "strategy": st.strategy,
                                      "mixed_precision": self._mixed(), "verbose": 2 if st.verbose else 0})
-        X = inputs["original"]
+        X, w = inputs["original"], getattr(self, "sample_weight_", None)
         extra = [inputs[v][tr] for v in ft["train_views"] if v != "original"]
-        self._log(f"{self.name}: fine-tuning fold {i + 1} ({len(tr)} images, views {ft['train_views']})")
-        paths = [data.paths[r] for r in tr]
+        self._log(f"{self.name}: fine-tuning fold {i + 1} ({len(tr)} rows, views {ft['train_views']})")
+        paths = [data.paths[r] for r in tr] if len(y) == len(data.paths) else None  # None: extra rows too
+        if ft.get("mode") == "full" and paths is None:
+            raise ValueError(f"{self.name}: finetune mode 'full' reads the pixels of training images, not the "
+                             "extra rows of pseudo-labels or distillation; use mode='cached'")
         orient = scan_images(paths)[0] if ft.get("mode") == "full" else None
-        est.fit(X[tr], y[tr], views=extra, pooled=state["pooled"][tr], paths=paths, orientations=orient,
-                top=state["top"], bottom=self.source.model)
+        est.fit(X[tr], y[tr], None if w is None else w[tr], views=extra, pooled=state["pooled"][tr], paths=paths,
+                orientations=orient, top=state["top"], bottom=self.source.model)
         arrays = {f"oof_proba_{v}": align_proba(est, est.predict_proba(inputs[v][va]), k) for v in ft["tta"]}
         arrays["oof_proba"] = np.mean([arrays[f"oof_proba_{v}"] for v in ft["tta"]], axis=0)
         arrays["phase1_oof_proba"] = align_proba(est.head_, est.head_.predict_proba(state["pooled"][va]), k)
@@ -210,6 +232,11 @@ class FineTunedLearner(Learner):
     def meta_oof(self, inputs):
         per_view = {v: self.arrays_[f"oof_proba_{v}"] for v in self.spec["finetune"]["tta"]}
         return self._meta_proba(per_view, self.oof_proba_), self.arrays_["oof_features"]
+
+    def fold_meta(self, inputs, i):
+        est, k = self.fold_models_[i], self.settings.n_classes
+        per_view = {v: align_proba(est, est.predict_proba(inputs[v]), k) for v in self.predict_views()}
+        return self._meta_proba(per_view, np.mean(list(per_view.values()), axis=0)), est.transform(inputs["original"])
 
     def extra_scores(self, y, k) -> dict:
         phase1 = score(y, self.arrays_["phase1_oof_proba"], k)

@@ -16,7 +16,7 @@ import numpy as np
 from stacker.learners.base import Learner, views_mean
 from stacker.learners.kinds import register_learner
 from stacker.learners.streaming import streaming_code, streaming_model
-from stacker.learners.zoo import code_fingerprint, fit_weighted, make_model
+from stacker.learners.zoo import check_takes_weights, code_fingerprint, fit_weighted, make_model
 from stacker.level2.arrays import align_proba
 
 __all__ = ["FrozenLearner"]
@@ -37,6 +37,10 @@ class FrozenLearner(Learner):
         if out_of_core:  # other (streaming) models: other results
             parts["out_of_core"] = streaming_code()
         return parts
+
+    @classmethod
+    def check_weights(cls, spec: dict, what: str) -> None:
+        check_takes_weights(spec["model"], spec["name"], what)
 
     @classmethod
     def check_streaming(cls, spec: dict) -> None:

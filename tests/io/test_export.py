@@ -12,6 +12,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from conftest import TINY, make_image, save_tiny_weights
+from stacker.app.report import report
 from stacker.ensemble import Ensemble
 from stacker.io.export import ExportError, aligned, onnx_proba
 from stacker.io.onnx_builder import GraphBuilder
@@ -139,6 +140,7 @@ def _pixels(n, sizes, seed=0):
     {"models": ["logistic", "prototype", "dense"], "meta": "stack2", "min_proba": 0.01},
     {"models": "default", "meta": "logit", "backbones_at": (32, 40)},
     {"models": "fast", "meta": "logistic", "meta_inputs": "both", "feature_dtype": "float16"},
+    {"finetune": {"blocks": 1, "epochs": 1, "head_epochs": 2, "learning_rate": 1e-3}, "meta": "logit"},
 ])
 def test_the_exported_file_gives_stackers_probabilities_without_importing_stacker(three_classes, tmp_path, params):
     root, weights = three_classes
@@ -196,3 +198,10 @@ def test_export_refuses_a_model_with_a_part_onnx_cannot_express(three_classes, t
              "sklearn.tree._classes.ExtraTreeClassifier", "--trust", "sklearn.tree._tree.Tree"]
     assert main(["export", str(tmp_path / "m"), str(tmp_path / "x.onnx"), *trust]) == 1
     assert "stacker export: error: cannot export learner tiny_cnn@32:extratreesclassifier" in capsys.readouterr().err
+    # the saved model says so, and so does its report, without building the file
+    with open(tmp_path / "m" / "manifest.json") as f:
+        state = json.load(f)["export"]
+    assert state["onnx"] is False and state["part"] == "learner tiny_cnn@32:extratreesclassifier fold 0"
+    page = open(report(str(tmp_path / "m"), str(tmp_path / "r"))).read()
+    assert "<h2>Export</h2>" in page and "cannot be exported to ONNX: cannot export learner tiny_cnn@32:extra" in page
+

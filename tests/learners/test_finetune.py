@@ -1,6 +1,7 @@
 """Fine-tuning: the cut, what trains and what stays frozen, leak-free folds, cached TTA views."""
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -13,7 +14,8 @@ from stacker.backbones import build
 from stacker.features.cache import FeatureCache
 from stacker.ensemble import Ensemble
 from stacker.features.extractor import forward_pass_count
-from stacker.features.cutpoint import CutPointExtractor, split_backbone
+from stacker.features.cutpoint import CutPointExtractor, pooled_rows, split_backbone
+from stacker.io.onnx_builder import ExportError
 from stacker.learners.finetune import FineTunedClassifier
 from stacker.learners.finetuned import finetune_params
 
@@ -106,6 +108,22 @@ def test_unfrozen_layers_change_and_frozen_ones_do_not(tmp_path, tiny_model, mod
     assert est.predict_proba(X).shape == (len(data), 2) and est.transform(X).shape == (len(data), 16)
 
 
+def test_row_weights_reach_both_phases(tmp_path, tiny_model):
+    data, ext, bottom, top = _cut_data(tmp_path, tiny_model)
+    X = ext.transform(data)
+    params = dict(head_epochs=3, epochs=2, learning_rate=1e-3, patience=2, random_state=0)
+    plain = FineTunedClassifier("tiny_cnn", weights=None, blocks=1, **params).fit(X, data.y, top=top, bottom=bottom)
+    first = data.y == data.y[0]
+    w = np.where(first, 20.0, 1.0)  # the first class's rows weigh 20 times the others'
+    heavy = FineTunedClassifier("tiny_cnn", weights=None, blocks=1, **params).fit(X, data.y, w, top=top, bottom=bottom)
+    col = list(heavy.classes_).index(data.y[0])
+    assert heavy.predict_proba(X)[:, col].mean() > plain.predict_proba(X)[:, col].mean() + 0.02
+    frozen = pooled_rows(top, X, heavy.cut_shape_)  # phase 1's inputs: the head took the weights too
+    assert heavy.head_.predict_proba(frozen)[:, col].mean() > plain.head_.predict_proba(frozen)[:, col].mean()
+    with pytest.raises(ValueError, match="Negative values"):
+        FineTunedClassifier("tiny_cnn", weights=None, blocks=1, **params).fit(X, data.y, -w, top=top, bottom=bottom)
+
+
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
     return save_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny.weights.h5")
@@ -122,9 +140,9 @@ def test_no_fold_model_sees_its_validation_images(tmp_path, monkeypatch, tiny_we
     seen = []
     original_fit = FineTunedClassifier.fit
 
-    def spy(self, X, y, views=(), pooled=None, paths=None, **kw):
+    def spy(self, X, y, sample_weight=None, views=(), pooled=None, paths=None, **kw):
         seen.append((list(paths), [np.asarray(v).copy() for v in (X, *views)]))
-        return original_fit(self, X, y, views=views, pooled=pooled, paths=paths, **kw)
+        return original_fit(self, X, y, sample_weight, views=views, pooled=pooled, paths=paths, **kw)
 
     monkeypatch.setattr(FineTunedClassifier, "fit", spy)
     ens = _ensemble(tmp_path / "cache", tiny_weights).fit(data)
@@ -193,5 +211,9 @@ def test_finetuned_ensemble_saves_curves_and_predicts_the_same_after_load(tmp_pa
     assert all(r["val_loss"] for r in rows if r["phase"] == "finetune")
     loaded = Ensemble.load(out)
     np.testing.assert_allclose(loaded.predict_proba(data), ens.predict_proba(data), atol=1e-6)
+    with pytest.raises(ExportError, match=r"learner tiny_cnn@32:finetune to ONNX: level 2 reads its fine-tuned features"):
+        loaded.export_onnx(tmp_path / "x.onnx")  # (with meta_inputs="proba" it exports: tests/io/test_export.py)
+    with open(os.path.join(out, "manifest.json")) as f:
+        assert json.load(f)["export"]["part"] == "learner tiny_cnn@32:finetune"
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in data.paths[:3]]
     np.testing.assert_allclose(loaded.predict_proba(arrays), ens.predict_proba(data.subset([0, 1, 2])), atol=1e-4)

@@ -96,10 +96,11 @@ def main() -> int:
     rows = {}
     for model in args.models.split(","):
         rows[os.path.basename(os.path.normpath(model))] = check(model, args.n, args.seed)
-    print("\nmodel                 backbones  learners  level 2          classes   MiB  export s  images  "
+    w = max(21, *map(len, rows))
+    print(f"\n{'model':<{w}} backbones  learners  level 2          classes   MiB  export s  images  "
           "max |p diff|  same class")
     for name, r in rows.items():
-        print(f"{name:<21} {r['backbones']:9d} {r['learners']:9d}  {r['level2']:<15} {r['classes']:8d} "
+        print(f"{name:<{w}} {r['backbones']:9d} {r['learners']:9d}  {r['level2']:<15} {r['classes']:8d} "
               f"{r['size_mib']:5.0f} {r['export_s']:9.1f} {r['n']:7d}  {r['max_diff']:12.1e}  {r['agree']:10.3f}")
     print("export " + " ".join(f"{k}_max_diff={r['max_diff']:.1e} {k}_agree={r['agree']:.3f}" for k, r in rows.items()))
     return 0

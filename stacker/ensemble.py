@@ -209,8 +209,11 @@ class Ensemble(ClassifierMixin, BaseEstimator, metaclass=_Declared):
         weighted = self.class_weight is not None or sample_weight is not None
         if stage is not None:
             stage.check(self)
-        if weighted or stage is not None:  # every weight checked, and every learner able to take them, before any work
-            validation.check_weighted(self, specs, None if weighted else stage.what)
+        # every weight checked, and every learner able to take them (and a stage's extra rows), before any work
+        if weighted:
+            validation.check_weighted(self, specs)
+        if stage is not None:
+            validation.check_weighted(self, specs, stage.what)
         if weighted:
             validation.training_weights(data, self.class_weight, sample_weight)
             if sample_weight is not None and not isinstance(sample_weight, dict):

@@ -47,7 +47,7 @@ STACKING = (
     Param("class_weight", None, "None, 'balanced' or dict\n    Weights of the classes in every learner's fold fits, "
           "level 2, its calibration and\n    the reported scores: ``\"balanced\"`` gives each class the same total "
           "weight\n    (``n / (k * weight of the class)``), a dict maps class names to weights (others\n    1). "
-          "Multiplies ``fit``'s ``sample_weight``. Not with ``finetune``, out of core or Ray.",
+          "Multiplies ``fit``'s ``sample_weight``. Not out of core or with Ray.",
           lambda v: v is None or v == "balanced" or isinstance(v, dict), "None, 'balanced' or a dict of class weights"),
     PSEUDO_LABELS,
 )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import numpy as np
 
@@ -149,8 +150,9 @@ def readiness(ens) -> dict:
         _graph(ens, convert=False)
     except ExportError as e:
         return {"onnx": False, "part": e.part, "reason": str(e)}
-    except Exception as e:  # noqa: BLE001 - a user's model whose own onnx_proba fails: not exportable, still saved
-        return {"onnx": False, "part": "?", "reason": f"{type(e).__name__}: {e}"}
+    except Exception as e:  # noqa: BLE001 - e.g. a user's model whose own onnx_proba fails: the model is still saved
+        warnings.warn(f"could not check whether this model exports to ONNX: {type(e).__name__}: {e}", stacklevel=2)
+        return {"onnx": False, "part": "?", "reason": f"the check failed: {type(e).__name__}: {e}"}
     return {"onnx": True}
 
 
@@ -216,7 +218,7 @@ def _backbones(ens, g: GraphBuilder):
             pixels = inputs[size] = g.input(f"pixels_{size}", ["batch", size, size, 3])
         mirrored = "flip" in shown  # one pass over the images and their mirrors
         feed = g.op("Concat", pixels, _mirror(g, pixels), axis=0) if mirrored else pixels
-        prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", "_".join(map(str, key)))  # one per source (backbone and kind)
+        prefix = g.name(re.sub(r"[^A-Za-z0-9_.-]", "_", "_".join(map(str, key))))  # unique per source
         out = g.add_network(ext.onnx_graph, f"{prefix}/", feed, ["rows", "features"])
         if np.dtype(ext.feature_dtype) != np.float32:  # features are rounded to the cached type, as stacker does
             out = g.op("Cast", g.op("Cast", out, to=onnx.TensorProto.FLOAT16), to=onnx.TensorProto.FLOAT)

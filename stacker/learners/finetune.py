@@ -346,7 +346,8 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
                       loss=keras.losses.CategoricalCrossentropy(label_smoothing=self.label_smoothing),
                       metrics=["accuracy"])
         Y = keras.utils.to_categorical(y_idx, k).astype(np.float32)
-        val = _validation(X[va], Y[va], shape, self.batch_size, None if w is None else w[va])
+        w_va = None if w is None or not w[va].sum() else w[va]  # all-zero weights: an unweighted loss (as phase 1)
+        val = _validation(X[va], Y[va], shape, self.batch_size, w_va)
         before = _evaluate(model, val, self.batch_size)
         start = model.get_weights()
         callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience,

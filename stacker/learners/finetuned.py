@@ -185,6 +185,9 @@ class FineTunedLearner(Learner):
                     "compute; fit with meta_inputs='proba'")
         if self.spec["finetune"]["tta_meta"] != "mean":
             return "level 2 reads one probability block per view (tta_meta='views'); fit with tta_meta='mean'"
+        if any(getattr(est, "mixed_precision", False) for est in getattr(self, "fold_models_", ())):
+            return ("its fold networks compute in float16 (mixed precision), which the float32 graph would not "
+                    "reproduce; fit with finetune={'mixed_precision': False} to export")
         return None
 
     def _key_extra(self) -> dict:  # float16 training gives other fold models: its results are cached apart

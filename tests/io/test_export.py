@@ -149,6 +149,8 @@ def test_the_exported_file_gives_stackers_probabilities_without_importing_stacke
     backbones = [{**TINY, "weights": weights, "input_size": s, "name": f"tiny{s}"} for s in sizes]
     ens = Ensemble(backbones, cv=3, cache_dir=str(root / "cache"), verbose=0, **params).fit(str(root / "train"))
     ens.save(str(tmp_path / "model"))
+    with open(tmp_path / "model" / "manifest.json") as f:
+        assert json.load(f)["export"] == {"onnx": True}  # what the save recorded, checked by the export below
     loaded = Ensemble.load(str(tmp_path / "model"))
     info = loaded.export_onnx(tmp_path / "model.onnx")
     assert [i["name"] for i in info["inputs"]] == [f"pixels_{s}" for s in sizes]
@@ -162,6 +164,12 @@ def test_the_exported_file_gives_stackers_probabilities_without_importing_stacke
     assert report == {"classes": ["cat", "dog", "owl"], "loaded": []}
     exported, expected = np.load(tmp_path / "out.npy"), ens.predict_proba(images)
     assert np.abs(exported - expected).max() < 1e-4
+    if "finetune" in params:  # fold networks that computed in float16 (a GPU's mixed precision) are refused
+        for learner in loaded.learners_.values():
+            for est in learner.fold_models_:
+                est.mixed_precision = True
+        with pytest.raises(ExportError, match="mixed precision"):
+            loaded.export_onnx(tmp_path / "mixed.onnx")
     assert not np.allclose(expected, expected[:1])  # the images get different answers: the test can see errors
     if len(sizes) > 1:  # the README's script, as written there, on one of the images saved as a file
         from PIL import Image

@@ -101,3 +101,22 @@ def shared_or_skip(path):
     if not os.path.exists(path):
         pytest.skip(f"{path} is not present (the shared data/weights folder lives beside the repository)")
     return path
+
+
+# Fine-tuning options small enough for a test (one block, one epoch, the original view only)
+TINY_FINETUNE = {"blocks": 1, "epochs": 1, "head_epochs": 2, "learning_rate": 1e-3, "tta": ("original",),
+                 "train_views": ("original",)}
+
+
+def spy_finetuning(monkeypatch) -> list:
+    """Record ``(rows, sample weights or None)`` of every FineTunedClassifier fit from now on (in call order)."""
+    from stacker.learners.finetune import FineTunedClassifier
+
+    seen, original_fit = [], FineTunedClassifier.fit
+
+    def spy(self, X, y, sample_weight=None, **kw):
+        seen.append((len(X), None if sample_weight is None else np.asarray(sample_weight).copy()))
+        return original_fit(self, X, y, sample_weight, **kw)
+
+    monkeypatch.setattr(FineTunedClassifier, "fit", spy)
+    return seen

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import TINY, make_image, save_tiny_weights
+from conftest import TINY, TINY_FINETUNE, make_image, save_tiny_weights, spy_finetuning
 from stacker.distill import distill, soft_rows, soften
 from stacker.ensemble import Ensemble
 from stacker.features.extractor import forward_pass_count
@@ -96,19 +96,9 @@ def test_distill_refuses_images_the_teacher_was_not_fitted_on(teacher, tmp_path)
 
 @pytest.mark.slow
 def test_a_fine_tuned_student_trains_each_fold_on_weighted_soft_target_rows(teacher, monkeypatch):
-    from stacker.learners.finetune import FineTunedClassifier
-
     root, weights = teacher
     loaded = Ensemble.load(str(root / "teacher"))
-    seen, original_fit = [], FineTunedClassifier.fit
-
-    def spy(self, X, y, sample_weight=None, **kw):
-        seen.append((len(X), None if sample_weight is None else np.asarray(sample_weight).copy()))
-        return original_fit(self, X, y, sample_weight, **kw)
-
-    monkeypatch.setattr(FineTunedClassifier, "fit", spy)
-    ft = {"blocks": 1, "epochs": 1, "head_epochs": 2, "learning_rate": 1e-3, "tta": ("original",),
-          "train_views": ("original",)}
+    seen, ft = spy_finetuning(monkeypatch), TINY_FINETUNE
     student = distill(loaded, str(root / "train"), {**TINY, "weights": weights}, finetune=ft, cv=2,
                       cache_dir=str(root / "cache"), verbose=0)
     assert list(student.learners_) == ["tiny_cnn@32:finetune"]

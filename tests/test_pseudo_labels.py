@@ -6,7 +6,7 @@ import pytest
 pytestmark = pytest.mark.filterwarnings("ignore:.*not using a cached result:UserWarning")  # ExtraTrees' Tree type
 from sklearn.ensemble import ExtraTreesClassifier
 
-from conftest import TINY, make_image, save_tiny_weights
+from conftest import TINY, TINY_FINETUNE, make_image, save_tiny_weights, spy_finetuning
 from stacker import pseudo_labels
 from stacker.ensemble import Ensemble
 from stacker.features.extractor import forward_pass_count
@@ -148,18 +148,8 @@ def test_a_round_that_helps_is_kept_saved_and_loaded(colour_labels, monkeypatch,
 def test_fine_tuned_learners_take_pseudo_labelled_rows(colour_labels, monkeypatch):
     """Each fold's teacher (its fine-tuned fold networks, level 2) labels the pool; the labelled rows
     reach every fold's fine-tuning with their confidences as weights."""
-    from stacker.learners.finetune import FineTunedClassifier
-
     root, _, weights = colour_labels
-    seen, original_fit = [], FineTunedClassifier.fit
-
-    def spy(self, X, y, sample_weight=None, **kw):
-        seen.append((len(X), None if sample_weight is None else np.asarray(sample_weight).copy()))
-        return original_fit(self, X, y, sample_weight, **kw)
-
-    monkeypatch.setattr(FineTunedClassifier, "fit", spy)
-    ft = {"blocks": 1, "epochs": 1, "head_epochs": 2, "learning_rate": 1e-3, "tta": ("original",),
-          "train_views": ("original",)}
+    seen, ft = spy_finetuning(monkeypatch), TINY_FINETUNE
     pool = sorted((root / "pool").glob("*.png"), key=lambda p: int(p.stem))[:24]
     ens = Ensemble([{**TINY, "weights": weights}], cv=2, cache_dir=str(root / "cache"), verbose=0, meta="logit",
                    finetune=ft, pseudo_labels={"rounds": 1, "min_confidence": 0.5, "max_share": 10}).fit(

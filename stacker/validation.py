@@ -135,8 +135,7 @@ def check_weighted(est, specs, what: str | None = None) -> None:
     ``what`` names the feature that needs them when it is not ``class_weight`` or
     ``sample_weight`` (pseudo-labels weigh each pseudo-labelled image by its confidence).
     """
-    from stacker.learners.base import WEIGHTS
-    from stacker.learners.zoo import check_takes_weights
+    from stacker.learners.zoo import WEIGHTS, check_takes_weights
 
     what = what or WEIGHTS
     if est.executor == "ray":

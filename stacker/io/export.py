@@ -171,7 +171,8 @@ def _graph(ens, convert: bool = True):
                  for i, est in enumerate(learner.fold_models_)]
         proba = folds[0] if len(folds) == 1 else g.op("Mean", *folds)
         probas.append(proba if pixels is None else _halves_mean(g, proba, pixels))  # the mean over both views
-        feats.append(x if pixels is None else _halves_mean(g, x, pixels))
+        if ens.meta_inputs != "proba":  # no unused nodes in the file
+            feats.append(x if pixels is None else _halves_mean(g, x, pixels))
     z = g.concat({"proba": probas, "features": feats, "both": probas + feats}[ens.meta_inputs])
     proba = aligned(ens.meta_.combiner, g, onnx_proba(ens.meta_.combiner, g, z, f"level 2 ({ens.meta_.name})"), k)
     proba = calibrated(g, proba, ens.meta_.temperature, ens.meta_.floor, k)

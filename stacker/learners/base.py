@@ -34,11 +34,7 @@ from stacker.learners.fastpath import proba_function
 from stacker.learners.zoo import model_label, model_names
 from stacker.level2.arrays import align_proba, oof_dtype, score
 
-__all__ = ["WEIGHTS", "Learner", "Settings", "views_mean", "describe", "extractor_kwargs", "run_folds_here",
-           "saved_networks"]
-
-WEIGHTS = "class_weight and sample_weight"  # what needs row weights when no stage (pseudo-labels, distillation) does
-
+__all__ = ["Learner", "Settings", "views_mean", "describe", "extractor_kwargs", "run_folds_here", "saved_networks"]
 
 def describe(spec) -> str:
     """A stable text for a model entry or any parameter (names as they are, estimators with their params)."""
@@ -387,9 +383,8 @@ class Learner:
 
     def predict(self, inputs: dict, paths=None, features: bool = False):
         """``(probabilities, level-2 probabilities, level-2 features)`` for new images' cached inputs."""
-        proba = views_mean([self._test_proba(inputs[v], paths, v) for v in self.views()])  # each image's views
-        X = self.features(inputs) if features else None
-        return proba, proba, X if features else np.zeros((len(proba), 0), np.float32)
+        proba = views_mean([self._test_proba(inputs[v], paths, v) for v in self.predict_views()])
+        return proba, proba, self.features(inputs) if features else np.zeros((len(proba), 0), np.float32)
 
     # -- persistence ------------------------------------------------------------------
     def source_file(self) -> str:

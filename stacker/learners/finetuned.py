@@ -15,11 +15,11 @@ import numpy as np
 from stacker.backbones import registry as _backbones
 from stacker.features.cutpoint import CutPointExtractor, VIEWS, batched_rows, on_rows, pooled_rows
 from stacker.features.cutpoint import cut_code_fingerprint
-from stacker.learners.base import WEIGHTS, Learner, extractor_kwargs
+from stacker.learners.base import Learner, extractor_kwargs
 from stacker.learners.finetune import FineTunedClassifier, _ViewBatches
 from stacker.learners.kinds import register_learner
 from stacker.learners.streaming import streaming_code
-from stacker.learners.zoo import code_fingerprint
+from stacker.learners.zoo import WEIGHTS, code_fingerprint
 from stacker.level2.arrays import align_proba, score
 from stacker.params import Option, Param, comma_list
 
@@ -215,10 +215,8 @@ class FineTunedLearner(Learner):
         X, w = inputs["original"], getattr(self, "sample_weight_", None)
         extra = [inputs[v][tr] for v in ft["train_views"] if v != "original"]
         self._log(f"{self.name}: fine-tuning fold {i + 1} ({len(tr)} rows, views {ft['train_views']})")
-        paths = [data.paths[r] for r in tr] if len(y) == len(data.paths) else None  # None: extra rows too
-        if ft.get("mode") == "full" and paths is None:
-            raise ValueError(f"{self.name}: finetune mode 'full' reads the pixels of training images, not the "
-                             "extra rows of pseudo-labels or distillation; use mode='cached'")
+        # extra rows (pseudo-labels, distillation) have no file: mode 'full' is refused for them (check_weights)
+        paths = [data.paths[r] for r in tr] if len(y) == len(data.paths) else None
         orient = scan_images(paths)[0] if ft.get("mode") == "full" else None
         est.fit(X[tr], y[tr], None if w is None else w[tr], views=extra, pooled=state["pooled"][tr], paths=paths,
                 orientations=orient, top=state["top"], bottom=self.source.model)

@@ -40,7 +40,7 @@ from stacker.learners import dense as _dense
 from stacker.learners.dense import DenseClassifier
 
 __all__ = ["PathLogistic", "ShrinkageLDA", "PipelineModel", "PrototypeClassifier", "SignedPower", "signed_power", "MODELS", "PRESETS", "ModelSpec", "make_model", "model_names", "register_model",
-           "fresh_estimator", "code_fingerprint", "unit_rows", "fit_weighted", "check_takes_weights"]
+           "fresh_estimator", "code_fingerprint", "unit_rows", "fit_weighted", "check_takes_weights", "WEIGHTS"]
 
 
 @trusted
@@ -290,7 +290,6 @@ class PathLogistic(PipelineModel):
         return Cs[i], t, start
 
 
-
 def _temperature(log_p, y_idx, w=None, most: float = 1.0) -> float:
     """The temperature in [1/e, e ** most] minimising the (``w``-weighted) log loss of ``log_softmax(log_p / T)``."""
     rows = np.arange(len(y_idx))
@@ -453,7 +452,10 @@ def fit_weighted(est, X, y, sample_weight=None):
     return est.fit(X, y, sample_weight=sample_weight)
 
 
-def check_takes_weights(item, role: str, what: str = "class_weight and sample_weight") -> None:
+WEIGHTS = "class_weight and sample_weight"  # what needs row weights when no stage (pseudo-labels, distillation) does
+
+
+def check_takes_weights(item, role: str, what: str = WEIGHTS) -> None:
     """A TypeError unless a model entry's (or combiner's) fit takes ``sample_weight`` (``lda``'s does not).
 
     ``what``: the feature that needs the weights, for the message.
